@@ -1,0 +1,149 @@
+"""Channel groups: sets of parameter slices whose channels are kept or removed together.
+
+A :class:`ChannelGroup` is what a structured pruner decides on: it has ``size`` channels, and each
+channel stands for a fixed set of positions in the parameters listed as its :class:`Member` s
+(a conv's output filters, the next BatchNorm's entries, the following conv's input slices, ...).
+Removing channel ``c`` of a group removes, in every member, the positions mapped to ``c``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["Member", "ChannelGroup", "group_masks", "keep_from_masks", "channel_norms"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """Positions of one parameter (or buffer) dimension that belong to a group.
+
+    ``module`` is the qualified module name ('' for the root), ``param`` the parameter or buffer
+    name on it, ``dim`` the dimension. ``index[i]`` is a position along ``dim`` and ``channel[i]``
+    the group channel it belongs to; one channel may own several positions (a grouped conv's
+    whole group, a flattened ``C*H*W`` Linear input).
+    """
+
+    module: str
+    param: str
+    dim: int
+    index: tuple[int, ...]
+    channel: tuple[int, ...]
+    role: str = "out"  # "out": produces the channel; "in": consumes it; "norm": per-channel affine
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.module}.{self.param}" if self.module else self.param
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that must be pruned together; see the module docstring."""
+
+    id: int
+    size: int
+    members: tuple[Member, ...]
+    prunable: bool = True
+    reason: str | None = None  # why not prunable
+    nodes: tuple[str, ...] = field(default=(), compare=False)  # fx nodes whose tensors carry it
+
+    def member_names(self) -> list[str]:
+        return [f"{m.qualified_name}[dim {m.dim}]" for m in self.members]
+
+    def __repr__(self) -> str:  # keep it short: groups are printed in lists
+        state = "prunable" if self.prunable else f"fixed ({self.reason})"
+        return f"ChannelGroup(id={self.id}, size={self.size}, {state}, members={self.member_names()})"
+
+
+def _param(model: nn.Module, module: str, name: str) -> torch.Tensor:
+    owner = model.get_submodule(module) if module else model
+    value = getattr(owner, name, None)
+    if not isinstance(value, torch.Tensor):
+        raise KeyError(f"{module or '<root>'} has no tensor named {name!r}")
+    return value
+
+
+def group_masks(
+    model: nn.Module,
+    groups: Iterable[ChannelGroup],
+    keep: Mapping[int, torch.Tensor],
+    params: tuple[str, ...] = ("weight", "bias"),
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Turn per-group keep vectors into NNI-format masks ``{module: {param: 0/1 float tensor}}``.
+
+    ``keep[g.id]`` is a bool (or 0/1) vector of length ``g.size``; groups not in ``keep`` are
+    kept whole. Only parameters named in ``params`` get masks (NNI masks weights and biases).
+    """
+    masks: dict[str, dict[str, torch.Tensor]] = {}
+    for group in groups:
+        if group.id not in keep:
+            continue
+        k = torch.as_tensor(keep[group.id]).bool().flatten()
+        if k.numel() != group.size:
+            raise ValueError(f"keep vector for group {group.id} has {k.numel()} entries, the group has {group.size}")
+        for m in group.members:
+            if m.param not in params:
+                continue
+            tensor = _param(model, m.module, m.param)
+            mask = masks.setdefault(m.module, {}).get(m.param)
+            if mask is None:
+                mask = torch.ones_like(tensor, dtype=torch.float32)
+                masks[m.module][m.param] = mask
+            idx = torch.tensor(m.index, dtype=torch.long)
+            values = k[torch.tensor(m.channel, dtype=torch.long)].to(mask.dtype)
+            shape = [1] * mask.dim()
+            shape[m.dim] = -1
+            sel = mask.index_select(m.dim, idx) * values.view(shape)
+            mask.index_copy_(m.dim, idx, sel)
+    return masks
+
+
+def keep_from_masks(
+    groups: Iterable[ChannelGroup], masks: Mapping[str, Mapping[str, torch.Tensor]]
+) -> dict[int, torch.Tensor]:
+    """Reconcile NNI-format masks into one keep vector per group.
+
+    Rule (documented in ``ModelSpeedup``): a channel is removed only when *every* masked member
+    position of that channel is entirely zero; if any member keeps any part of it, the channel is
+    kept (and the masks are baked into the weights, so outputs still equal the masked model's).
+    Members without a mask count as neither keeping nor removing. A group none of whose members
+    is masked is kept whole. Unprunable groups are always kept whole.
+    """
+    result: dict[int, torch.Tensor] = {}
+    for group in groups:
+        kept = torch.zeros(group.size, dtype=torch.bool)
+        seen = False
+        for m in group.members:
+            mask = masks.get(m.module, {}).get(m.param)
+            if mask is None:
+                continue
+            seen = True
+            idx = torch.tensor(m.index, dtype=torch.long)
+            sel = mask.index_select(m.dim, idx).movedim(m.dim, 0).reshape(len(m.index), -1)
+            alive = (sel != 0).any(dim=1)
+            kept.index_fill_(0, torch.tensor(m.channel, dtype=torch.long)[alive], True)
+        if not seen or not group.prunable:
+            kept = torch.ones(group.size, dtype=torch.bool)
+        result[group.id] = kept
+    return result
+
+
+def channel_norms(model: nn.Module, group: ChannelGroup, p: float = 2.0, roles: tuple[str, ...] = ("out",)) -> torch.Tensor:
+    """The p-norm of each group channel over the weights of its members with the given roles.
+
+    Falls back to every ``weight`` member when no member has one of ``roles``. Used to initialise
+    importance scores (HYDRA-style magnitude initialisation, per channel).
+    """
+    chosen = [m for m in group.members if m.role in roles and m.param == "weight"]
+    if not chosen:
+        chosen = [m for m in group.members if m.param == "weight"]
+    total = torch.zeros(group.size, dtype=torch.float64)
+    for m in chosen:
+        w = _param(model, m.module, m.param).detach().to(torch.float64)
+        idx = torch.tensor(m.index, dtype=torch.long)
+        rows = w.index_select(m.dim, idx).movedim(m.dim, 0).reshape(len(m.index), -1)
+        contrib = rows.abs().pow(p).sum(dim=1)
+        total.index_add_(0, torch.tensor(m.channel, dtype=torch.long), contrib)
+    return total.pow(1.0 / p).to(torch.float32)

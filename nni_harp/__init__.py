@@ -1,0 +1,5 @@
+"""nni-harp: HARP (Holistic Adversarially Robust Pruning) as an NNI 3.0 pruner for timm models."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["__version__"]
