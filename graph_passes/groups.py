@@ -57,6 +57,9 @@ class ChannelGroup:
         return f"ChannelGroup(id={self.id}, size={self.size}, {state}, members={self.member_names()})"
 
 
+_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
 def _param(model: nn.Module, module: str, name: str) -> torch.Tensor:
     owner = model.get_submodule(module) if module else model
     value = getattr(owner, name, None)
@@ -69,12 +72,15 @@ def group_masks(
     model: nn.Module,
     groups: Iterable[ChannelGroup],
     keep: Mapping[int, torch.Tensor],
-    params: tuple[str, ...] = ("weight", "bias"),
+    params: tuple[str, ...] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Turn per-group keep vectors into NNI-format masks ``{module: {param: 0/1 float tensor}}``.
 
     ``keep[g.id]`` is a bool (or 0/1) vector of length ``g.size``; groups not in ``keep`` are
-    kept whole. Only parameters named in ``params`` get masks (NNI masks weights and biases).
+    kept whole. By default every member parameter gets a mask (weights, biases, and parameters
+    such as position embeddings, class tokens and layer scales, which must be zeroed too for the
+    masked model to equal the pruned one); BatchNorm running statistics are left alone. Pass
+    ``params=("weight", "bias")`` for masks of NNI's own kind only.
     """
     masks: dict[str, dict[str, torch.Tensor]] = {}
     for group in groups:
@@ -84,7 +90,7 @@ def group_masks(
         if k.numel() != group.size:
             raise ValueError(f"keep vector for group {group.id} has {k.numel()} entries, the group has {group.size}")
         for m in group.members:
-            if m.param not in params:
+            if (params is not None and m.param not in params) or (params is None and m.param in _STATS):
                 continue
             tensor = _param(model, m.module, m.param)
             mask = masks.setdefault(m.module, {}).get(m.param)

@@ -1,0 +1,20 @@
+"""graph_passes: torch.fx passes that find coupled channels in any traced model, count its cost
+as a function of the kept channels, and physically remove channels. No NNI dependency."""
+from __future__ import annotations
+
+from .cost_model import CostModel, Factor, LayerCost
+from .dependency import Analysis, analysis_of, analyze, channel_groups
+from .errors import GraphPassError, MissingAnalysisError, PlanError, SpeedupError, TraceError
+from .groups import ChannelGroup, Member, channel_norms, group_masks, keep_from_masks
+from .tracing import HarpTracer, register_leaf_type, trace
+
+__all__ = [
+    "Analysis", "ChannelGroup", "CostModel", "Factor", "GraphPassError", "HarpTracer", "LayerCost", "Member",
+    "MissingAnalysisError", "PlanError", "SpeedupError", "TraceError", "analysis_of", "analyze", "channel_groups",
+    "channel_norms", "group_masks", "keep_from_masks", "register_leaf_type", "trace",
+]
+
+from .modules import ExactStatsNorm, exact_stats_norm  # noqa: E402
+from .speedup import ModelSpeedup, apply_keep  # noqa: E402
+
+__all__ += ["ExactStatsNorm", "ModelSpeedup", "apply_keep", "exact_stats_norm"]

@@ -1,0 +1,103 @@
+"""Helpers shared by the op handlers: argument access, shapes, element-wise alignment."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from torch import fx
+
+from ._tracking import AnalysisState, ParamOrigin, TensorInfo
+from .errors import MissingAnalysisError
+
+__all__ = ["arg", "out_shape", "untracked_like", "combine_elementwise", "norm_axis", "axes_of"]
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of a call, given by keyword or at position ``index``."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    if index < len(node.args):
+        return node.args[index]
+    return default
+
+
+def out_shape(node: fx.Node) -> Any:
+    """Shape (tuple) of a node's tensor output, or a list of shapes for tuple outputs."""
+    meta = node.meta.get("tensor_meta")
+    if meta is None:
+        if node.op == "output":
+            return None
+        raise MissingAnalysisError(f"node {node.name} has no tensor_meta: run graph_passes.trace (ShapeProp) first")
+    return _shape_of(meta)
+
+
+def _shape_of(meta: Any) -> Any:
+    if hasattr(meta, "shape"):
+        return tuple(int(s) for s in meta.shape)
+    if isinstance(meta, (list, tuple)):
+        return [_shape_of(m) for m in meta]
+    if isinstance(meta, dict):
+        return {k: _shape_of(v) for k, v in meta.items()}
+    return None
+
+
+def untracked_like(node: fx.Node) -> Any:
+    """A value with the node's output shapes and no tracked channels."""
+    meta = node.meta.get("tensor_meta")
+    if meta is None:
+        return None
+    return _untracked(_shape_of(meta))
+
+
+def _untracked(shape: Any) -> Any:
+    if isinstance(shape, tuple):
+        return TensorInfo(shape)
+    if isinstance(shape, list):
+        return [_untracked(s) for s in shape]
+    return None
+
+
+def norm_axis(axis: int, ndim: int) -> int:
+    return axis + ndim if axis < 0 else axis
+
+
+def axes_of(dims: Any, ndim: int) -> list[int]:
+    if dims is None:
+        return list(range(ndim))
+    if isinstance(dims, int):
+        return [norm_axis(dims, ndim)]
+    return [norm_axis(int(d), ndim) for d in dims]
+
+
+def combine_elementwise(state: AnalysisState, node: fx.Node, operands: Sequence[Any], shape: tuple[int, ...]) -> TensorInfo:
+    """Broadcast ``operands`` (TensorInfo or scalars) to ``shape``: channels on the same axis are
+    united; a parameter operand becomes a member along that axis; a full-size operand whose
+    channels cannot follow pins the tracked channels of that axis."""
+    ndim = len(shape)
+    result = TensorInfo(shape)
+    infos = [op for op in operands if isinstance(op, TensorInfo)]
+    for axis in range(ndim):
+        tracked: list[np.ndarray] = []
+        params: list[tuple[ParamOrigin, int]] = []
+        blockers = 0
+        for info in infos:
+            local = axis - (ndim - info.ndim)
+            if local < 0 or info.shape[local] == 1:
+                continue
+            if local in info.track:
+                tracked.append(info.track[local])
+            elif info.origin is not None and info.origin.axes[local] is not None:
+                params.append((info.origin, info.origin.axes[local]))
+            else:
+                blockers += 1
+        if not tracked:
+            continue
+        first = tracked[0]
+        for other in tracked[1:]:
+            state.unite(first, other)
+        for origin, param_dim in params:
+            state.member(origin.module, origin.param, param_dim, first, "norm")
+        if blockers:
+            state.pin(first, f"combined at {node.name} with a tensor whose channels on axis {axis} cannot follow")
+        result.track[axis] = first
+    return result

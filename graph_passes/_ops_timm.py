@@ -1,0 +1,101 @@
+"""timm's own layer types: registered as leaves with the handler of the torch layer they behave as."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from torch import fx
+
+from . import _ops_layers as layers
+from ._ops_layers import _BN_PARAMS, _norm
+from ._registry import register_function, register_module
+from ._tracking import AnalysisState
+from .tracing import register_leaf_type
+
+logger = logging.getLogger(__name__)
+
+
+def _types(*names: str) -> list[type]:
+    try:
+        import timm.layers as tl
+    except ImportError:
+        return []
+    return [getattr(tl, n) for n in names if isinstance(getattr(tl, n, None), type)]
+
+
+def _register(handler: Callable[[AnalysisState, fx.Node], Any], *names: str) -> None:
+    types = _types(*names)
+    for t in types:
+        register_leaf_type(t)
+    if types:
+        register_module(*types)(handler)
+
+
+def _exact(kind: str, axis: int) -> Callable[[AnalysisState, fx.Node], Any]:
+    def handler(state: AnalysisState, node: fx.Node) -> Any:
+        m = state.gm.get_submodule(str(node.target))
+        if len(getattr(m, "normalized_shape", (0,))) != 1:
+            state.pin_track(state.info(node.args[0]), f"{node.name} normalises over several dims")
+            return layers.untracked_like(node)
+        return _norm(state, node, axis, ("weight", "bias"), exact=kind)
+    return handler
+
+
+def _bn_act(state: AnalysisState, node: fx.Node) -> Any:
+    return _norm(state, node, 1, _BN_PARAMS, exact=None)
+
+
+def _group_norm(state: AnalysisState, node: fx.Node) -> Any:
+    m = state.gm.get_submodule(str(node.target))
+    return _norm(state, node, 1, ("weight", "bias"), exact="group1" if m.num_groups == 1 else None, groups=m.num_groups)
+
+
+def _scaled_std_conv(state: AnalysisState, node: fx.Node) -> Any:
+    out = layers.conv_weight_standardized(state, node)
+    m = state.gm.get_submodule(str(node.target))
+    if getattr(m, "gain", None) is not None:
+        state.member(str(node.target), "gain", 0, out.track[1], "out")
+    return out
+
+
+_register(layers.conv_module, "Conv2dSame")
+_register(layers.conv_weight_standardized, "StdConv2d", "StdConv2dSame")
+_register(_scaled_std_conv, "ScaledStdConv2d", "ScaledStdConv2dSame")
+_register(layers.linear_module, "Linear")
+_register(_exact("layer", -1), "LayerNorm", "LayerNormAct")
+_register(_exact("rms", -1), "RmsNorm")
+_register(_exact("simple", -1), "SimpleNorm")
+_register(_exact("layer", 1), "LayerNorm2d", "LayerNormAct2d")
+_register(_exact("rms", 1), "RmsNorm2d")
+_register(_exact("simple", 1), "SimpleNorm2d")
+_register(_bn_act, "BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNorm2d", "FrozenBatchNormAct2d", "BatchNorm2d")
+_register(_group_norm, "GroupNorm", "GroupNorm1", "GroupNormAct")
+
+
+def _resample_pos_embed(state: AnalysisState, node: fx.Node) -> Any:
+    """timm's position-embedding resampling interpolates over tokens; channels (last dim) pass."""
+    from ._tracking import ParamOrigin, TensorInfo
+
+    info = state.info(node.args[0])
+    shape = layers.out_shape(node)
+    if not isinstance(info, TensorInfo) or not isinstance(shape, tuple) or len(shape) != info.ndim:
+        state.pin_track(info, f"{node.name} resamples an embedding")
+        return layers.untracked_like(node)
+    last = info.ndim - 1
+    out = TensorInfo(shape, {a: ids for a, ids in info.track.items() if a == last})
+    for a, ids in info.track.items():
+        if a != last:
+            state.pin(ids, f"{node.name} interpolates over axis {a}")
+    if info.origin is not None and not info.track:
+        axes = tuple(info.origin.axes[i] if i == last else None for i in range(len(shape)))
+        out.origin = ParamOrigin(info.origin.module, info.origin.param, axes)
+    return out
+
+
+try:
+    from timm.layers import pos_embed as _timm_pos_embed
+
+    register_function(*[f for f in (getattr(_timm_pos_embed, "resample_abs_pos_embed", None),
+                                    getattr(_timm_pos_embed, "resample_abs_pos_embed_nhwc", None)) if f])(_resample_pos_embed)
+except ImportError:  # timm is optional
+    pass

@@ -1,0 +1,152 @@
+"""Channel tracking state shared by the analysis handlers.
+
+Every channel position of every tracked tensor axis is an *element* (an integer id). Ops that tie
+channels together unite elements (union-find); at the end each class of united elements is one
+prunable unit. A tensor's tracking is ``Track``: ``{axis: 1-D int64 array of element ids}`` for
+the axes whose positions are channels; other axes (batch, spatial, tokens, heads) never change
+length. A parameter dimension whose positions carry elements is recorded as a member.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+from torch import fx
+
+__all__ = ["Track", "TensorInfo", "ParamOrigin", "UnionFind", "LayerRecord", "AnalysisState"]
+
+Track = dict  # dict[int, np.ndarray]; a plain dict keeps handlers short
+
+
+@dataclass(frozen=True)
+class ParamOrigin:
+    """A value that is a parameter (or buffer) seen through axis-preserving views.
+
+    ``axes[i]`` is the parameter dimension that value axis ``i`` shows, or ``None`` for an axis
+    the views added (size 1)."""
+
+    module: str
+    param: str
+    axes: tuple[int | None, ...]
+
+
+@dataclass
+class TensorInfo:
+    shape: tuple[int, ...]
+    track: Track = field(default_factory=dict)
+    origin: ParamOrigin | None = None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+class UnionFind:
+    """Union-find over element ids with path halving; grows on demand."""
+
+    def __init__(self) -> None:
+        self.parent = np.zeros(0, dtype=np.int64)
+
+    def new(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        ids = np.arange(start, start + n, dtype=np.int64)
+        self.parent = np.concatenate([self.parent, ids])
+        return ids
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = int(parent[x])
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(int(a)), self.find(int(b))
+        if ra != rb:
+            if ra < rb:
+                ra, rb = rb, ra
+            self.parent[ra] = rb
+
+    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.tolist(), b.tolist()):
+            if x != y:
+                self.union(x, y)
+
+    def roots(self, ids: np.ndarray) -> np.ndarray:
+        return np.fromiter((self.find(int(i)) for i in ids), dtype=np.int64, count=len(ids))
+
+
+@dataclass
+class LayerRecord:
+    """A compute layer for the cost model: dense FLOPs/params and the tracked dims they scale with.
+
+    Each entry of ``flops_dims``/``params_dims`` is an element-id array (or ``None`` with a size
+    for a dimension that cannot shrink); the layer's cost scales with the kept fraction of each.
+    """
+
+    name: str
+    kind: str
+    flops: int
+    params: int
+    flops_dims: list[tuple[np.ndarray | None, int]]
+    params_dims: list[tuple[np.ndarray | None, int]]
+
+
+@dataclass
+class MemberRecord:
+    module: str
+    param: str
+    dim: int
+    ids: np.ndarray
+    role: str
+
+
+class AnalysisState:
+    """What the handlers read and write while walking the graph."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.uf = UnionFind()
+        self.values: dict[fx.Node, Any] = {}
+        self.members: list[MemberRecord] = []
+        self.pinned: dict[int, str] = {}  # element -> reason (resolved to roots at the end)
+        self.layers: list[LayerRecord] = []
+        self.notes: list[str] = []
+
+    # --- elements --------------------------------------------------------------------------
+    def fresh(self, n: int) -> np.ndarray:
+        return self.uf.new(n)
+
+    def unite(self, a: np.ndarray, b: np.ndarray) -> None:
+        if len(a) != len(b):
+            raise ValueError(f"cannot unite channel arrays of lengths {len(a)} and {len(b)}")
+        self.uf.union_arrays(a, b)
+
+    def pin(self, ids: np.ndarray | Iterable[int], reason: str) -> None:
+        for e in np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids).tolist():
+            self.pinned.setdefault(int(e), reason)
+
+    def pin_track(self, info: Any, reason: str) -> None:
+        for value in _tensor_infos(info):
+            for ids in value.track.values():
+                self.pin(ids, reason)
+
+    def member(self, module: str, param: str, dim: int, ids: np.ndarray, role: str) -> None:
+        self.members.append(MemberRecord(module, param, dim, np.asarray(ids, dtype=np.int64), role))
+
+    # --- values ----------------------------------------------------------------------------
+    def info(self, arg: Any) -> Any:
+        if isinstance(arg, fx.Node):
+            return self.values.get(arg)
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(self.info(a) for a in arg)
+        return None
+
+
+def _tensor_infos(info: Any) -> list[TensorInfo]:
+    if isinstance(info, TensorInfo):
+        return [info]
+    if isinstance(info, (list, tuple)):
+        return [t for v in info for t in _tensor_infos(v)]
+    return []

@@ -1,0 +1,295 @@
+"""Physical channel removal: new, smaller modules and a graph whose shape constants fit them."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import operator
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ._ops_layers import EXACT_STATS
+from ._tracking import TensorInfo
+from .dependency import TRACK_KEY, Analysis, analyze
+from .errors import SpeedupError
+from .groups import keep_from_masks
+from .modules import ExactStatsNorm, exact_stats_norm
+from .tracing import as_tuple, trace
+
+__all__ = ["ModelSpeedup", "apply_keep"]
+
+logger = logging.getLogger(__name__)
+
+_SIZE_METHODS = ("view", "reshape", "expand", "broadcast_to", "new_zeros", "new_ones", "new_empty", "new_full")
+
+
+class _Keeper:
+    """Answers 'is this element kept?' from per-group keep vectors."""
+
+    def __init__(self, analysis: Analysis, keep: Mapping[int, torch.Tensor]) -> None:
+        self.analysis = analysis
+        self.keep = {g.id: np.ones(g.size, dtype=bool) for g in analysis.groups}
+        for gid, vec in keep.items():
+            group = analysis.groups[gid]
+            v = torch.as_tensor(vec).bool().cpu().numpy().reshape(-1)
+            if v.shape[0] != group.size:
+                raise SpeedupError(f"keep vector of group {gid} has {v.shape[0]} entries, the group has {group.size}")
+            if not group.prunable:
+                v = np.ones_like(v)
+            if not v.any():  # never empty a tensor: keep one channel (its masked weights are zero)
+                v = v.copy()
+                v[0] = True
+            self.keep[gid] = v
+
+    def kept(self, ids: np.ndarray) -> np.ndarray:
+        out = np.empty(len(ids), dtype=bool)
+        for i, e in enumerate(ids.tolist()):
+            root = self.analysis.state.uf.find(e)
+            found = self.analysis.channel_of.get(root)
+            out[i] = True if found is None else self.keep[found[0]][found[1]]
+        return out
+
+    def new_shape(self, info: TensorInfo) -> tuple[int, ...]:
+        shape = list(info.shape)
+        for axis, ids in info.track.items():
+            shape[axis] = int(self.kept(ids).sum())
+        return tuple(shape)
+
+
+def _slice_tensor(t: torch.Tensor, dims: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    for dim, idx in dims.items():
+        t = t.index_select(dim, idx.to(t.device))
+    return t
+
+
+def _fix_attributes(module: nn.Module, old: nn.Module) -> None:
+    w = getattr(module, "weight", None)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        module.out_channels = int(w.shape[0])
+        if old.groups > 1:
+            module.groups = old.groups * module.out_channels // old.out_channels
+        module.in_channels = int(w.shape[1]) * module.groups
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = int(w.shape[0]), int(w.shape[1])
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        ref = module.running_mean if module.running_mean is not None else w
+        module.num_features = int(ref.shape[0])
+    elif isinstance(module, nn.GroupNorm):
+        new = int(w.shape[0]) if w is not None else old.num_channels
+        module.num_groups = max(1, old.num_groups * new // old.num_channels) if old.num_groups > 1 else 1
+        module.num_channels = new
+    elif isinstance(module, nn.Embedding):
+        module.embedding_dim = int(w.shape[1])
+    elif hasattr(module, "normalized_shape") and w is not None:
+        module.normalized_shape = (int(w.shape[0]),)
+    if hasattr(module, "num_features") and not isinstance(module, nn.modules.batchnorm._NormBase) and w is not None:
+        module.num_features = int(w.shape[0])
+
+
+def _slice_params(gm: fx.GraphModule, plan: dict[str, dict[str, dict[int, torch.Tensor]]]) -> None:
+    for module_name, params in plan.items():
+        owner = gm.get_submodule(module_name) if module_name else gm
+        old = copy.copy(owner)
+        for pname, dims in params.items():
+            value = getattr(owner, pname)
+            new = _slice_tensor(value.data, dims).clone()
+            if isinstance(value, nn.Parameter):
+                setattr(owner, pname, nn.Parameter(new, requires_grad=value.requires_grad))
+            else:
+                owner.register_buffer(pname, new)
+        if module_name:
+            _fix_attributes(owner, old)
+
+
+def _rewrite_sizes(node: fx.Node, old: tuple[int, ...], new: tuple[int, ...]) -> None:
+    """Replace integer size arguments that named an axis whose length changed."""
+    if old == new:
+        return
+    args = list(node.args)
+    sizes = args[1:]
+    packed = len(sizes) == 1 and isinstance(sizes[0], (list, tuple))
+    if packed:
+        sizes = list(sizes[0])
+    if node.target in ("new_zeros", "new_ones", "new_empty", "new_full"):
+        sizes = sizes[: len(new)]
+    if len(sizes) != len(new):
+        if any(isinstance(s, int) and s != -1 for s in sizes):
+            raise SpeedupError(f"cannot map the size arguments of {node.name} onto its output", node=node.name)
+        return
+    lead = 0
+    fixed = [new[i + lead] if isinstance(s, int) and s not in (-1,) and s == old[i + lead] and old[i + lead] != new[i + lead] else s
+             for i, s in enumerate(sizes)]
+    node.args = (args[0], tuple(fixed)) if packed else (args[0], *fixed, *args[1 + len(fixed):])
+
+
+def _rewrite_getitem(node: fx.Node, info: TensorInfo, keeper: _Keeper) -> None:
+    index = node.args[1]
+    items = list(index) if isinstance(index, tuple) else [index]
+    if Ellipsis in items:
+        k = items.index(Ellipsis)
+        fill = info.ndim - sum(1 for it in items if it is not None and it is not Ellipsis)
+        items = items[:k] + [slice(None)] * fill + items[k + 1:]
+    src = 0
+    changed = False
+    for i, it in enumerate(items):
+        if it is None:
+            continue
+        if isinstance(it, slice) and src in info.track and (it.start is not None or it.stop is not None):
+            kept = keeper.kept(info.track[src])
+            start = None if it.start is None else int(kept[: it.start].sum())
+            stop = None if it.stop is None else int(kept[: it.stop].sum())
+            items[i] = slice(start, stop, it.step)
+            changed = True
+        src += 1
+    if changed:
+        node.args = (node.args[0], tuple(items) if isinstance(index, tuple) else items[0])
+
+
+def _rewrite_split(node: fx.Node, info: TensorInfo, keeper: _Keeper) -> None:
+    outs = node.meta.get(TRACK_KEY)
+    if not isinstance(outs, list) or node.target in ("chunk", torch.chunk, "unbind", torch.unbind):
+        return
+    spec = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections", node.kwargs.get("split_size"))
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    axis = dim % info.ndim
+    if axis not in info.track:
+        return
+    sizes = [keeper.new_shape(o)[axis] for o in outs]
+    args = list(node.args)
+    if len(args) > 1:
+        args[1] = sizes
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, "split_size_or_sections": sizes}
+    del spec
+
+
+def _rewrite_node(gm: fx.GraphModule, node: fx.Node, keeper: _Keeper) -> None:
+    info = node.meta.get(TRACK_KEY)
+    src = node.args[0].meta.get(TRACK_KEY) if node.args and isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_method" and node.target in _SIZE_METHODS and isinstance(info, TensorInfo):
+        _rewrite_sizes(node, info.shape, keeper.new_shape(info))
+    elif node.op == "call_function" and node.target in (torch.reshape, torch.broadcast_to) and isinstance(info, TensorInfo):
+        _rewrite_sizes(node, info.shape, keeper.new_shape(info))
+    elif node.target is operator.getitem and isinstance(src, TensorInfo):
+        _rewrite_getitem(node, src, keeper)
+    elif node.target in ("split", torch.split, "split_with_sizes") and isinstance(src, TensorInfo):
+        _rewrite_split(node, src, keeper)
+    elif node.target is F.scaled_dot_product_attention:
+        q = node.args[0].meta.get(TRACK_KEY)
+        if isinstance(q, TensorInfo) and node.kwargs.get("scale") is None and len(node.args) < 7:
+            d_old, d_new = q.shape[-1], keeper.new_shape(q)[-1]
+            if d_old != d_new:
+                node.kwargs = {**node.kwargs, "scale": 1.0 / math.sqrt(d_old)}
+    elif node.target is F.group_norm and isinstance(src, TensorInfo) and 1 in src.track and EXACT_STATS not in node.meta:
+        groups = int(node.args[1] if len(node.args) > 1 else node.kwargs["num_groups"])
+        new_c, old_c = keeper.new_shape(src)[1], src.shape[1]
+        if new_c != old_c and groups != 1:
+            new_groups = groups * new_c // old_c if groups != old_c else new_c
+            if len(node.args) > 1:
+                node.args = (node.args[0], new_groups, *node.args[2:])
+            else:
+                node.kwargs = {**node.kwargs, "num_groups": new_groups}
+    if EXACT_STATS in node.meta and isinstance(src, TensorInfo):
+        _swap_exact_norm(gm, node, src, keeper)
+
+
+def _swap_exact_norm(gm: fx.GraphModule, node: fx.Node, src: TensorInfo, keeper: _Keeper) -> None:
+    kind, axis = node.meta[EXACT_STATS]
+    axis = axis % src.ndim
+    old_c, new_c = src.shape[axis], keeper.new_shape(src)[axis]
+    if old_c == new_c:
+        return
+    reduce_all = kind == "group1"
+    kind = "layer" if kind == "group1" else kind
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        eps = float(getattr(m, "eps", 1e-5) or 1e-5)
+        replacement = ExactStatsNorm(kind, axis if not reduce_all else 1, reduce_all, old_c, getattr(m, "weight", None), getattr(m, "bias", None), eps)
+        parent, _, name = str(node.target).rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, replacement)
+        act = getattr(m, "act", None)
+        drop = getattr(m, "drop", None)
+        if isinstance(act, nn.Module) and not isinstance(act, nn.Identity) or isinstance(drop, nn.Module) and not isinstance(drop, nn.Identity):
+            raise SpeedupError(f"{node.target}: norm+activation layers with channel statistics are not supported yet", node=node.name)
+        return
+    x = node.args[0]
+    if node.target is F.layer_norm:
+        weight, bias, eps = (node.args[i] if len(node.args) > i else node.kwargs.get(k, d) for i, k, d in ((2, "weight", None), (3, "bias", None), (4, "eps", 1e-5)))
+    elif node.target is F.group_norm:
+        weight, bias, eps = (node.args[i] if len(node.args) > i else node.kwargs.get(k, d) for i, k, d in ((2, "weight", None), (3, "bias", None), (4, "eps", 1e-5)))
+    else:  # rms_norm(x, normalized_shape, weight, eps)
+        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        bias, eps = None, node.args[3] if len(node.args) > 3 else node.kwargs.get("eps", 1e-6)
+    node.target = exact_stats_norm
+    node.args = (x, kind, axis if not reduce_all else 1, reduce_all, old_c, weight, bias, float(eps if eps is not None else 1e-6))
+    node.kwargs = {}
+
+
+def apply_keep(gm: fx.GraphModule, analysis: Analysis, keep: Mapping[int, torch.Tensor]) -> fx.GraphModule:
+    """Remove from ``gm`` (traced and analysed) every channel whose keep entry is False."""
+    keeper = _Keeper(analysis, keep)
+    sliced: dict[tuple[str, str, int], np.ndarray] = {}
+    for rec in analysis.state.members:
+        key = (rec.module, rec.param, rec.dim)
+        if key not in sliced:
+            sliced[key] = keeper.kept(rec.ids)
+    plan: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+    for (module, param, dim), kept in sliced.items():
+        if not kept.all():
+            plan.setdefault(module, {}).setdefault(param, {})[dim] = torch.from_numpy(np.nonzero(kept)[0]).long()
+    for node in list(gm.graph.nodes):
+        _rewrite_node(gm, node, keeper)
+    _slice_params(gm, plan)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+class ModelSpeedup:
+    """Physically remove masked channels, with the call shape of NNI 3.0's ``ModelSpeedup``.
+
+    ``masks`` are NNI's ``{module_name: {'weight': Tensor, 'bias': Tensor}}`` (any parameter or
+    buffer name is accepted). Reconciliation rule for a coupled group: a channel is removed only
+    when every masked member has it fully zero; the masks are multiplied into the weights first,
+    so channels kept because one member still uses them give the masked model's outputs exactly.
+    Channels that no mask mentions are kept. The model passed in is not modified; the result is
+    a ``torch.fx.GraphModule`` with smaller modules and no masks or hooks.
+    """
+
+    def __init__(self, model: nn.Module, dummy_input: Any, masks: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        self.model = model
+        self.dummy_input = dummy_input
+        self.masks = masks
+        self.keep: dict[int, torch.Tensor] | None = None
+
+    def speedup_model(self) -> fx.GraphModule:
+        model = copy.deepcopy(self.model)
+        was_training = model.training
+        model.eval()
+        _bake(model, self.masks)
+        gm = trace(model, self.dummy_input)
+        analysis = analyze(gm)
+        self.keep = keep_from_masks(analysis.groups, self.masks)
+        gm = apply_keep(gm, analysis, self.keep)
+        with torch.no_grad():
+            gm(*as_tuple(self.dummy_input))  # fail here, naming the error, rather than later
+        gm.train(was_training)
+        return gm
+
+
+def _bake(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for module_name, params in masks.items():
+            owner = model.get_submodule(module_name) if module_name else model
+            for pname, mask in params.items():
+                value = getattr(owner, pname, None)
+                if not isinstance(value, torch.Tensor):
+                    raise SpeedupError(f"mask given for {module_name}.{pname}, which the model does not have")
+                if tuple(mask.shape) != tuple(value.shape):
+                    raise SpeedupError(f"mask for {module_name}.{pname} has shape {tuple(mask.shape)}, the tensor {tuple(value.shape)}")
+                value.mul_(mask.to(value.dtype).to(value.device))

@@ -1,0 +1,151 @@
+"""Trace a model into a ``torch.fx.GraphModule`` with timm's no-trace leaves honoured.
+
+The result carries ``tensor_meta`` (shape and dtype of every value) from ``ShapeProp`` so that
+analysis passes can read shapes without running the model again.
+"""
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import TraceError
+
+__all__ = ["HarpTracer", "trace", "as_tuple", "extra_leaf_types", "register_leaf_type"]
+
+logger = logging.getLogger(__name__)
+
+# Module types we treat as leaves in addition to torch.nn's and timm's: types the channel
+# analysis has a handler for, so their parameters can be sliced as a whole.
+_EXTRA_LEAF_TYPES: set[type[nn.Module]] = set()
+
+
+def register_leaf_type(cls: type[nn.Module]) -> type[nn.Module]:
+    """Trace ``cls`` as one ``call_module`` node (its exact type, not subclasses)."""
+    _EXTRA_LEAF_TYPES.add(cls)
+    return cls
+
+
+def extra_leaf_types() -> frozenset[type[nn.Module]]:
+    return frozenset(_EXTRA_LEAF_TYPES)
+
+
+def _timm_leaves() -> tuple[list[type[nn.Module]], list[Callable[..., Any]]]:
+    try:
+        import timm.models  # noqa: F401  (registers every model's no-trace modules/functions)
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:  # timm is optional for graph_passes
+        return [], []
+    functions = [f for f in get_notrace_functions() if callable(f)]
+    return list(get_notrace_modules()), functions
+
+
+class HarpTracer(fx.Tracer):
+    """``fx.Tracer`` whose leaves are torch.nn modules, timm's no-trace modules and the module
+    types registered with :func:`register_leaf_type`; timm's no-trace functions are autowrapped."""
+
+    def __init__(self, leaf_types: Iterable[type[nn.Module]] = (), autowrap_functions: Sequence[Callable[..., Any]] = ()) -> None:
+        timm_modules, timm_functions = _timm_leaves()
+        super().__init__(autowrap_functions=tuple(timm_functions) + tuple(autowrap_functions), param_shapes_constant=True)
+        self._leaf_types = set(timm_modules) | set(_EXTRA_LEAF_TYPES) | set(leaf_types)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if type(m) in self._leaf_types:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def as_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def _culprit(exc: BaseException) -> str:
+    """Name the innermost frame of the model's code that broke tracing."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        name = frame.filename.replace("\\", "/")
+        if "/torch/" in name or "/graph_passes/" in name:
+            continue
+        return f"{frame.name} ({name.rsplit('/', 2)[-2:][-1]}:{frame.lineno}: {frame.line})"
+    return "unknown location"
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    leaf_types: Iterable[type[nn.Module]] = (),
+    autowrap_functions: Sequence[Callable[..., Any]] = (),
+    check: bool = True,
+) -> fx.GraphModule:
+    """Symbolically trace ``model`` and propagate shapes with ``example_inputs``.
+
+    timm's no-trace modules are kept as leaves and its no-trace functions are wrapped, so every
+    timm model that timm's own FX feature extraction handles can be traced. With ``check``, the
+    traced module's outputs are compared to eager outputs (eval mode, same inputs).
+
+    Raises :class:`TraceError` naming the function or module that broke tracing, with the fix
+    (register it as a leaf with ``leaf_types=`` / ``autowrap_functions=``).
+    """
+    if isinstance(model, fx.GraphModule) and any(n.op != "placeholder" and "tensor_meta" in n.meta for n in model.graph.nodes):
+        return model
+    inputs = as_tuple(example_inputs)
+    tracer = HarpTracer(leaf_types, autowrap_functions)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises many kinds; re-raise as one that names the culprit
+        where = _culprit(exc)
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc} -- at {where}. "
+            "Data-dependent control flow or a non-traceable call is the usual cause: register the "
+            "module that contains it as a leaf (trace(..., leaf_types=[ThatModule])) or the function "
+            "(trace(..., autowrap_functions=[that_function]))",
+        ) from exc
+    name = type(model).__name__
+    gm = fx.GraphModule(tracer.root, graph, name)
+    was_training = model.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as exc:
+        raise TraceError(f"shape propagation through the traced {name} failed: {type(exc).__name__}: {exc}") from exc
+    if check:
+        model.eval()
+        with torch.no_grad():
+            expected = model(*inputs)
+            got = gm(*inputs)
+        model.train(was_training)
+        _assert_same(expected, got, name)
+    gm.train(was_training)
+    return gm
+
+
+def _assert_same(expected: Any, got: Any, name: str) -> None:
+    flat_e, flat_g = _flatten(expected), _flatten(got)
+    if len(flat_e) != len(flat_g):
+        raise TraceError(f"traced {name} returns {len(flat_g)} tensors, eager returns {len(flat_e)}")
+    for i, (e, g) in enumerate(zip(flat_e, flat_g)):
+        if e.shape != g.shape or not torch.allclose(e, g, rtol=1e-4, atol=1e-5):
+            raise TraceError(
+                f"traced {name} differs from eager at output {i} (shapes {tuple(g.shape)} vs {tuple(e.shape)}); "
+                "a module with data-dependent behaviour should be registered as a leaf"
+            )
+
+
+def _flatten(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _flatten(v)]
+    if isinstance(value, dict):
+        return [t for k in sorted(value) for t in _flatten(value[k])]
+    return []
