@@ -18,3 +18,9 @@ from .modules import ExactStatsNorm, exact_stats_norm  # noqa: E402
 from .speedup import ModelSpeedup, apply_keep  # noqa: E402
 
 __all__ += ["ExactStatsNorm", "ModelSpeedup", "apply_keep", "exact_stats_norm"]
+from .cost import cost  # noqa: E402
+
+__all__ += ["cost"]
+from .plan import PruningPlan  # noqa: E402
+
+__all__ += ["PruningPlan"]

@@ -58,11 +58,13 @@ def _step(state: AnalysisState, node: fx.Node, unsupported: list[str]) -> Any:
             for ids in value.track.values():
                 state.pin(ids, "model output")
         return None
+    inputs = [state.info(a) for a in list(node.args) + list(node.kwargs.values())]
+    if "tensor_meta" not in node.meta and not _tensor_infos(inputs) and node.op != "call_module":
+        return None  # arithmetic on sizes, asserts, shape queries: no channels involved
     handler = lookup(state.gm, node)
     if handler is None:
-        inputs = [state.info(a) for a in list(node.args) + list(node.kwargs.values())]
         if not _tensor_infos(inputs) and node.op != "call_module":
-            return untracked_like(node)  # arithmetic on sizes, asserts: no channels involved
+            return untracked_like(node)
         what = describe_target(state.gm, node)
         reason = f"{node.name}: no channel rule for {what}"
         unsupported.append(reason)
