@@ -1,0 +1,183 @@
+"""The epoch loop shared by pretraining, HARP pruning (inside NNI's training_func) and fine-tuning.
+
+One epoch: shuffle with a generator seeded from (seed, stage, epoch) so that a resumed run sees the
+same batches, take a step per batch, stop at the first non-finite loss (before the optimizer
+step, so the weights stay good), then write the stage checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .callbacks import PipelineCallback
+from .checkpoint import RunStore
+
+__all__ = ["NonFiniteLossError", "EpochLoop", "epoch_loader", "OutputTap"]
+
+logger = logging.getLogger(__name__)
+
+StepFn = Callable[[Any, nn.Module], Any]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the stage stopped before the bad update."""
+
+    def __init__(self, stage: str, epoch: int, step: int, value: float, checkpoint: str | None) -> None:
+        kept = (
+            f"the last good checkpoint ({checkpoint}) is kept; --resume continues from it"
+            if checkpoint
+            else "no epoch of this stage had finished, so there is no checkpoint of it to keep"
+        )
+        super().__init__(
+            f"stage {stage!r}, epoch {epoch + 1}, step {step + 1}: loss is {value}; stopped. {kept}. "
+            "Lower the learning rate or --eps and try again."
+        )
+        self.stage, self.epoch, self.step = stage, epoch, step
+
+
+def _stage_seed(seed: int, stage: str, epoch: int) -> int:
+    return (seed * 1_000_003 + zlib.crc32(stage.encode()) + epoch * 7919) % (2**63 - 1)
+
+
+def epoch_loader(dataset: Dataset, batch_size: int, seed: int, stage: str, epoch: int, num_workers: int = 0) -> DataLoader:
+    """A shuffled loader whose order depends only on (seed, stage, epoch)."""
+    gen = torch.Generator()
+    gen.manual_seed(_stage_seed(seed, stage, epoch))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers, drop_last=False)
+
+
+class OutputTap:
+    """Remembers the last training-mode output of a model whose batch matches the labels.
+
+    Attacks run in eval mode and are ignored, so for PGD-AT this is the adversarial batch the loss
+    was computed on; it gives the running (training) accuracy without an extra forward pass.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.output: torch.Tensor | None = None
+        self._handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module.training and isinstance(output, torch.Tensor):
+            self.output = output.detach()
+
+    def correct(self, y: torch.Tensor) -> int | None:
+        out, self.output = self.output, None
+        if out is None or out.dim() != 2 or out.shape[0] != y.shape[0]:
+            return None
+        return int((out.argmax(dim=1).cpu() == y.cpu()).sum())
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+@dataclass
+class EpochLoop:
+    """Run epochs ``start_epoch .. epochs-1`` of one stage; see the module docstring."""
+
+    stage: str
+    dataset: Dataset
+    batch_size: int
+    seed: int
+    store: RunStore
+    callbacks: PipelineCallback
+    max_batches: int | None = None
+    num_workers: int = 0
+
+    def steps_per_epoch(self) -> int:
+        n = -(-len(self.dataset) // self.batch_size)  # type: ignore[arg-type]
+        return min(n, self.max_batches) if self.max_batches else n
+
+    def run(
+        self,
+        model: nn.Module,
+        optimizers: Sequence[torch.optim.Optimizer],
+        schedulers: Sequence[Any],
+        step_fn: StepFn,
+        epochs: int,
+        start_epoch: int,
+        state_fn: Callable[[], Mapping[str, Any]],
+        max_steps: int | None = None,
+        on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> list[dict[str, float]]:
+        """Train; after each epoch call ``state_fn()`` for the checkpoint payload and save it."""
+        total = self.steps_per_epoch()
+        cb = self.callbacks
+        cb.on_stage_start(self.stage, epochs, start_epoch, total)
+        ckpt = self.store.stage_path(self.stage)
+        last_good = str(ckpt) if start_epoch > 0 else None
+        results: list[dict[str, float]] = []
+        tap = OutputTap(model)
+        steps_done = start_epoch * total
+        try:
+            for epoch in range(start_epoch, epochs):
+                if max_steps is not None and steps_done >= max_steps:
+                    break
+                model.train()
+                cb.on_epoch_start(self.stage, epoch, total)
+                loss_sum, seen, correct, counted = 0.0, 0, 0, 0
+                loader = epoch_loader(self.dataset, self.batch_size, self.seed, self.stage, epoch, self.num_workers)
+                for step, batch in enumerate(loader):
+                    if step >= total or (max_steps is not None and steps_done >= max_steps):
+                        break
+                    for opt in optimizers:
+                        opt.zero_grad(set_to_none=True)
+                    out = step_fn(batch, model)
+                    loss = _loss_of(out)
+                    value = float(loss.detach())
+                    if not torch.isfinite(loss.detach()).all():
+                        raise NonFiniteLossError(self.stage, epoch, step, value, last_good)
+                    loss.backward()
+                    for opt in optimizers:
+                        opt.step()
+                    steps_done += 1
+                    y = batch[1]
+                    n = int(y.shape[0])
+                    loss_sum += value * n
+                    seen += n
+                    c = tap.correct(y)
+                    if c is not None:
+                        correct += c
+                        counted += n
+                    running = {"loss": loss_sum / seen}
+                    if counted:
+                        running["acc"] = correct / counted
+                    cb.on_step(self.stage, epoch, step, running)
+                for sched in schedulers:
+                    sched.step()
+                metrics = {"loss": loss_sum / max(seen, 1)}
+                if counted:
+                    metrics["acc"] = correct / counted
+                if optimizers:
+                    metrics["lr"] = float(optimizers[0].param_groups[0]["lr"])
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, metrics)
+                self.store.save_epoch(self.stage, epoch, dict(state_fn()))
+                last_good = str(ckpt)
+                logger.info("%s epoch %d/%d: %s", self.stage, epoch + 1, epochs, _fmt(metrics))
+                cb.on_epoch_end(self.stage, epoch, metrics)
+                results.append(metrics)
+        finally:
+            tap.close()
+        return results
+
+
+def _loss_of(out: Any) -> torch.Tensor:
+    """NNI's training_step may return a loss, a tuple starting with it, or a dict with 'loss'."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(out, Mapping) and isinstance(out.get("loss"), torch.Tensor):
+        return out["loss"]
+    raise TypeError(f"training step returned {type(out).__name__}; expected a loss tensor")
+
+
+def _fmt(metrics: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())

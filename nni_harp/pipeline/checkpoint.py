@@ -1,0 +1,178 @@
+"""Per-epoch stage checkpoints and the run's progress record, for ``--resume``.
+
+Layout under ``<output_dir>/checkpoints/``:
+
+- ``<stage>.pt``: written (atomically) at the end of every epoch of a training stage; holds the
+  stage name, the finished epoch, model/optimizer/scheduler state, the stage's own extra state
+  (the pruner's scores, rates and gamma) and the RNG states. Only plain tensors, dicts, lists and
+  numbers, so that it loads with ``weights_only=True``.
+- ``progress.json``: the run's config and the stages already finished, with their small results.
+
+A stage is resumed from ``<stage>.pt`` when it is not marked finished in ``progress.json``;
+a finished stage is skipped and its saved artefacts are reused.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .._io import atomic_save, atomic_write_text, safe_load
+
+__all__ = ["RunStore", "StageCheckpoint", "capture_rng", "restore_rng", "ResumeError"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+class ResumeError(RuntimeError):
+    """A run cannot be resumed (or a new one cannot start) in the given output directory."""
+
+
+def capture_rng() -> dict[str, Any]:
+    """The Python, NumPy and torch RNG states as plain values (loadable with weights_only)."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {
+            "kind": str(np_state[0]),
+            "key": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gauss": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npst = state["numpy"]
+    np.random.set_state(
+        (npst["kind"], npst["key"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gauss"])
+    )
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+@dataclass(frozen=True)
+class StageCheckpoint:
+    """One stage's state at the end of a finished epoch (``epoch`` counts from 0)."""
+
+    stage: str
+    epoch: int
+    state: dict[str, Any]
+
+    @property
+    def next_epoch(self) -> int:
+        return self.epoch + 1
+
+
+class RunStore:
+    """The checkpoints and the progress record of one run in ``<output_dir>/checkpoints``."""
+
+    def __init__(self, output_dir: str | Path) -> None:
+        self.root = Path(output_dir)
+        self.dir = self.root / "checkpoints"
+        self.progress_path = self.dir / "progress.json"
+        self._progress: dict[str, Any] = {"format": FORMAT_VERSION, "config": {}, "stages": {}}
+
+    # -- run lifecycle --------------------------------------------------------------------
+    def start(self, config: Mapping[str, Any], resume: bool, overwrite: bool, keys: tuple[str, ...]) -> bool:
+        """Open the store for a new or resumed run; returns True when resuming earlier progress.
+
+        Without ``resume``, an output directory that already holds a run is refused unless
+        ``overwrite`` (then its checkpoints are removed). With ``resume``, the stored config must
+        agree with ``config`` on ``keys``.
+        """
+        exists = self.progress_path.is_file()
+        if exists and not resume:
+            if not overwrite:
+                raise ResumeError(
+                    f"{self.root} already holds a run; pass --resume to continue it or --overwrite "
+                    "to start again (or choose another --output-dir)"
+                )
+            shutil.rmtree(self.dir, ignore_errors=True)
+            exists = False
+        if resume and not exists:
+            logger.warning("nothing to resume in %s: starting a new run", self.root)
+        if exists:
+            try:
+                stored = json.loads(self.progress_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ResumeError(f"cannot read {self.progress_path}: {exc}") from exc
+            if stored.get("format") != FORMAT_VERSION:
+                raise ResumeError(f"{self.progress_path} has format {stored.get('format')}, expected {FORMAT_VERSION}")
+            old = stored.get("config", {})
+            diff = [k for k in keys if old.get(k) != config.get(k)]
+            if diff:
+                details = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
+                raise ResumeError(
+                    f"cannot resume the run in {self.root}: its settings differ ({details}); "
+                    "use the same settings or another --output-dir"
+                )
+            self._progress = stored
+            self._progress["config"] = dict(config)
+            self._write()
+            return True
+        self._progress = {"format": FORMAT_VERSION, "config": dict(config), "stages": {}}
+        self._write()
+        return False
+
+    def _write(self) -> None:
+        atomic_write_text(self.progress_path, json.dumps(self._progress, indent=2, sort_keys=True, default=str))
+
+    # -- stage records --------------------------------------------------------------------
+    def is_done(self, stage: str) -> bool:
+        return stage in self._progress["stages"]
+
+    def result(self, stage: str) -> dict[str, Any]:
+        return dict(self._progress["stages"][stage])
+
+    def mark_done(self, stage: str, result: Mapping[str, Any] | None = None) -> None:
+        self._progress["stages"][stage] = dict(result or {})
+        self._write()
+
+    @property
+    def finished_stages(self) -> list[str]:
+        return list(self._progress["stages"])
+
+    # -- epoch checkpoints ----------------------------------------------------------------
+    def stage_path(self, stage: str) -> Path:
+        return self.dir / f"{stage}.pt"
+
+    def save_epoch(self, stage: str, epoch: int, state: Mapping[str, Any]) -> Path:
+        payload = {"format": FORMAT_VERSION, "stage": stage, "epoch": int(epoch), "rng": capture_rng()}
+        payload.update(state)
+        path = atomic_save(payload, self.stage_path(stage))
+        logger.debug("saved %s checkpoint, epoch %d, to %s", stage, epoch, path)
+        return path
+
+    def load_epoch(self, stage: str) -> StageCheckpoint | None:
+        path = self.stage_path(stage)
+        if not path.is_file():
+            return None
+        try:
+            payload = safe_load(path)
+        except Exception as exc:  # a truncated file cannot happen with atomic_save, but say so if it does
+            raise ResumeError(f"cannot load checkpoint {path}: {exc}") from exc
+        if payload.get("stage") != stage:
+            raise ResumeError(f"{path} holds stage {payload.get('stage')!r}, expected {stage!r}")
+        return StageCheckpoint(stage=stage, epoch=int(payload["epoch"]), state=payload)
+
+    # -- artefacts kept between stages -----------------------------------------------------
+    def artefact(self, name: str) -> Path:
+        return self.dir / name
