@@ -1,0 +1,84 @@
+"""Report formatting/persistence and the PNG plots."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from nni_harp.pipeline.plots import plot_history, plot_layer_rates
+from nni_harp.pipeline.report import ModelMetrics, Report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _metrics(scale: float) -> ModelMetrics:
+    return ModelMetrics(
+        clean_acc=0.9 * scale, pgd_acc=0.5 * scale, autoattack_acc=0.45 * scale, eval_samples=200,
+        params=int(1_000_000 * scale), nonzero_params=int(900_000 * scale), flops=int(3e9 * scale),
+        effective_flops=int(2e9 * scale), file_bytes=int(4e6 * scale), compressed_bytes=int(3e6 * scale),
+        latency_ms_torch=2.0 * scale, latency_ms_onnx=None,
+    )
+
+
+def _report() -> Report:
+    return Report(
+        model="test_resnet", mode="structured", dataset="digits", target={"flops_kept": 0.5},
+        dense=_metrics(1.0), pruned=_metrics(0.5), layer_rates={"model.conv1": 0.7, "model.fc": 0.4},
+        history=[{"epoch": 0, "gamma": 0.01, "kept_fraction": 0.8, "adv_loss": 2.0, "hw_loss": 0.6}],
+        stage_seconds={"prune": 1.5}, files={"model": "model.pt"}, checks={"speedup_max_abs_diff": 1e-6},
+    )
+
+
+def test_table_has_dense_pruned_and_ratio():
+    text = _report().table()
+    lines = text.splitlines()
+    assert "flops_kept 0.5" in lines[0] and "200 test images" in lines[0]
+    assert lines[1].split() == ["metric", "dense", "pruned", "pruned/dense"]
+    clean = next(line for line in lines if line.startswith("clean accuracy"))
+    assert "90.00 %" in clean and "45.00 %" in clean and "-45.00 pt" in clean
+    params = next(line for line in lines if line.startswith("parameters"))
+    assert "1.000 M" in params and "500.000 k" in params and "x0.500" in params
+    assert "n/a" in next(line for line in lines if "onnxruntime" in line)
+
+
+def test_json_and_markdown_hold_the_table_numbers(tmp_path):
+    report = _report()
+    js, md = report.save(tmp_path)
+    data = json.loads(js.read_text())
+    assert data["pruned"]["params"] == 500_000
+    assert [tuple(r) for r in data["table_rows"]] == report.rows()
+    text = md.read_text()
+    for row in report.rows():
+        assert "| " + " | ".join(row) + " |" in text
+    assert "| model.conv1 | 0.7000 |" in text and "speedup_max_abs_diff" in text
+    assert Report.from_dict(data) == report
+
+
+def test_single_model_report_has_one_value_column():
+    report = Report(model="test_resnet", mode="dense", dataset="digits", target={}, dense=_metrics(1.0), pruned=None)
+    assert report.headers() == ("metric", "dense")
+    assert all(len(r) == 2 for r in report.rows())
+    assert "90.00 %" in report.table()
+
+
+def _check_png(path, min_width=200):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size[0] >= min_width and img.size[1] >= 150
+
+
+@pytest.mark.parametrize("n_layers", [0, 3, 60])
+def test_layer_rate_plot_is_png(tmp_path, n_layers):
+    rates = {f"model.layer{i}.conv": 0.05 + 0.9 * i / max(n_layers, 1) for i in range(n_layers)}
+    path = plot_layer_rates(rates, 0.1, tmp_path / "rates.png")
+    _check_png(path, min_width=300 if n_layers > 20 else 200)
+
+
+def test_history_plot_is_png(tmp_path):
+    history = [{"epoch": e, "gamma": 0.01 * (e + 1), "kept_fraction": 1 - 0.2 * e} for e in range(4)]
+    _check_png(plot_history(history, 0.3, tmp_path / "h.png"))
+    _check_png(plot_history([], None, tmp_path / "empty.png"))
