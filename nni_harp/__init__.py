@@ -2,4 +2,6 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["__version__"]
+from .loading import load_pruned
+
+__all__ = ["__version__", "load_pruned"]

@@ -46,10 +46,16 @@ def _stage_seed(seed: int, stage: str, epoch: int) -> int:
 
 
 def epoch_loader(dataset: Dataset, batch_size: int, seed: int, stage: str, epoch: int, num_workers: int = 0) -> DataLoader:
-    """A shuffled loader whose order depends only on (seed, stage, epoch)."""
+    """A shuffled loader whose order depends only on (seed, stage, epoch).
+
+    A last batch of a single sample is dropped: BatchNorm cannot train on it when the spatial
+    size has shrunk to 1x1 (a ResNet at 32 px).
+    """
     gen = torch.Generator()
     gen.manual_seed(_stage_seed(seed, stage, epoch))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers, drop_last=False)
+    drop_last = len(dataset) % batch_size == 1 and len(dataset) > 1  # type: ignore[arg-type]
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers,
+                      drop_last=drop_last)
 
 
 class OutputTap:
@@ -91,7 +97,8 @@ class EpochLoop:
     num_workers: int = 0
 
     def steps_per_epoch(self) -> int:
-        n = -(-len(self.dataset) // self.batch_size)  # type: ignore[arg-type]
+        size = len(self.dataset)  # type: ignore[arg-type]
+        n = size // self.batch_size + (size % self.batch_size > 1 or (size % self.batch_size == 1 and size == 1))
         return min(n, self.max_batches) if self.max_batches else n
 
     def run(

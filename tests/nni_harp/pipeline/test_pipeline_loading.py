@@ -1,0 +1,79 @@
+"""load_pruned rebuilds a pruned model from its timm name and an output folder."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import graph_passes
+from nni_harp import load_pruned
+from nni_harp._io import atomic_save
+from nni_harp.loading import LoadError, create_model, load_weights, write_meta
+
+MEAN, STD = (0.3, 0.3, 0.3), (0.4, 0.4, 0.4)
+
+
+def _meta(plan):
+    return {"model": "test_resnet", "num_classes": 10, "in_chans": 3, "image_size": 32, "mean": list(MEAN),
+            "std": list(STD), "create_kwargs": None, "mode": "structured" if plan else "unstructured",
+            "state_dict": "model.pt", "plan": plan}
+
+
+def _model():
+    torch.manual_seed(0)
+    model, kwargs = create_model("test_resnet", 10, 3, 32, MEAN, STD)
+    return model.eval(), kwargs
+
+
+def test_create_model_passes_img_size_only_where_accepted():
+    _, kwargs = create_model("test_resnet", 10, 3, 32, MEAN, STD)
+    assert "img_size" not in kwargs and kwargs["num_classes"] == 10
+    vit, kwargs = create_model("test_vit", 10, 3, 32, MEAN, STD)
+    assert kwargs["img_size"] == 32
+    assert vit(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_unstructured_round_trip(tmp_path):
+    model, _ = _model()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_((torch.rand_like(p) > 0.8).float())
+    atomic_save(model.state_dict(), tmp_path / "model.pt")
+    write_meta(tmp_path, _meta(None))
+    loaded = load_pruned("test_resnet", tmp_path)
+    x = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert not loaded.training
+
+
+def test_structured_round_trip_through_plan(tmp_path):
+    model, _ = _model()
+    x = torch.rand(4, 3, 32, 32)
+    groups = graph_passes.channel_groups(model, (x[:1],))
+    keep = {g.id: torch.arange(g.size) % 3 != 0 for g in groups if g.prunable}
+    masks = graph_passes.group_masks(model, groups, keep)
+    small = graph_passes.ModelSpeedup(model, x[:1], masks).speedup_model().eval()
+    graph_passes.PruningPlan.from_masks(model, (x[:1],), masks).save(tmp_path / "plan.json")
+    atomic_save(small.state_dict(), tmp_path / "model.pt")
+    write_meta(tmp_path, _meta("plan.json"))
+    loaded = load_pruned("test_resnet", tmp_path)
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(loaded(x), small(x))
+
+
+def test_wrong_name_or_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(LoadError, match="not an nni-harp output folder"):
+        load_pruned("test_resnet", tmp_path)
+    write_meta(tmp_path, _meta(None))
+    with pytest.raises(LoadError, match="holds a pruned 'test_resnet', not 'resnet18'"):
+        load_pruned("resnet18", tmp_path)
+
+
+def test_load_weights_accepts_bare_timm_keys_and_rejects_others():
+    model, _ = _model()
+    other, _ = create_model("test_resnet", 10, 3, 32, MEAN, STD)
+    load_weights(other, model.model.state_dict())  # keys without the wrapper's "model." prefix
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(other.eval()(x), model(x))
+    with pytest.raises(LoadError, match="does not fit the model"):
+        load_weights(other, {"model.nope": torch.zeros(1)})
