@@ -17,7 +17,7 @@ def exact_stats_norm(
     original: int,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    eps: float,
+    eps: float | None,
 ) -> torch.Tensor:
     """Normalise ``x`` as if the removed channels were still present and zero.
 
@@ -26,6 +26,8 @@ def exact_stats_norm(
     original count keeps the pruned model equal to the masked one. ``kind``: 'layer' (centre and
     scale), 'rms' (scale by the root mean square), 'simple' (scale by the standard deviation).
     """
+    if eps is None:  # torch's RMSNorm default: the machine epsilon of the input's dtype
+        eps = torch.finfo(x.dtype).eps
     axis = axis % x.dim()
     dims = tuple(range(1, x.dim())) if reduce_all else (axis,)
     kept = x.shape[axis]
@@ -53,11 +55,11 @@ class ExactStatsNorm(nn.Module):
     ``original_channels``; see :func:`exact_stats_norm`."""
 
     def __init__(self, kind: str, axis: int, reduce_all: bool, original_channels: int,
-                 weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> None:
+                 weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float | None) -> None:
         super().__init__()
         if kind not in ("layer", "rms", "simple"):
             raise ValueError(f"kind must be 'layer', 'rms' or 'simple', got {kind!r}")
-        self.kind, self.axis, self.reduce_all, self.eps = kind, axis, reduce_all, float(eps)
+        self.kind, self.axis, self.reduce_all, self.eps = kind, axis, reduce_all, None if eps is None else float(eps)
         self.original_channels = int(original_channels)
         self.weight = nn.Parameter(weight.detach().clone()) if weight is not None else None
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None

@@ -208,7 +208,7 @@ def _swap_exact_norm(gm: fx.GraphModule, node: fx.Node, src: TensorInfo, keeper:
     kind = "layer" if kind == "group1" else kind
     if node.op == "call_module":
         m = gm.get_submodule(str(node.target))
-        eps = float(getattr(m, "eps", 1e-5) or 1e-5)
+        eps = getattr(m, "eps", 1e-5)  # None (RMSNorm's default) means the dtype's epsilon
         replacement = ExactStatsNorm(kind, axis if not reduce_all else 1, reduce_all, old_c, getattr(m, "weight", None), getattr(m, "bias", None), eps)
         parent, _, name = str(node.target).rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, name, replacement)
@@ -224,9 +224,9 @@ def _swap_exact_norm(gm: fx.GraphModule, node: fx.Node, src: TensorInfo, keeper:
         weight, bias, eps = (node.args[i] if len(node.args) > i else node.kwargs.get(k, d) for i, k, d in ((2, "weight", None), (3, "bias", None), (4, "eps", 1e-5)))
     else:  # rms_norm(x, normalized_shape, weight, eps)
         weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
-        bias, eps = None, node.args[3] if len(node.args) > 3 else node.kwargs.get("eps", 1e-6)
+        bias, eps = None, node.args[3] if len(node.args) > 3 else node.kwargs.get("eps")
     node.target = exact_stats_norm
-    node.args = (x, kind, axis if not reduce_all else 1, reduce_all, old_c, weight, bias, float(eps if eps is not None else 1e-6))
+    node.args = (x, kind, axis if not reduce_all else 1, reduce_all, old_c, weight, bias, None if eps is None else float(eps))
     node.kwargs = {}
 
 
