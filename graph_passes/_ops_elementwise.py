@@ -106,15 +106,28 @@ for _kind in _REDUCTIONS:
         register_function(getattr(torch, _kind))(lambda state, node, _k=_kind: _reduce(state, node, _k))
 
 
-@register_function(torch.softmax, F.softmax, F.log_softmax, torch.log_softmax, torch.cumsum, F.normalize)
-@register_method("softmax", "log_softmax", "cumsum")
+@register_module(nn.Softmax, nn.LogSoftmax)
+@register_function(torch.softmax, F.softmax, F.log_softmax, torch.log_softmax, torch.cumsum, F.normalize, torch.roll)
+@register_method("softmax", "log_softmax", "cumsum", "roll")
 def along_dim(state: AnalysisState, node: fx.Node) -> Any:
-    """Ops that mix the positions along one dim: channels on that dim are pinned."""
+    """Ops that mix (or shift) the positions along one dim: channels on that dim are pinned."""
     info = _first(state, node)
     if not isinstance(info, TensorInfo):
         return untracked_like(node)
-    default = 1 if node.target is F.normalize else None
-    dim = arg(node, 1 if node.target is not F.normalize else 2, "dim", default)
+    if node.op == "call_module":
+        dim = getattr(state.gm.get_submodule(str(node.target)), "dim", None)
+    elif node.target in (torch.roll, "roll"):
+        dims = arg(node, 2, "dims", None)
+        if dims is None:
+            state.pin_track(info, f"{node.name} rolls the flattened tensor")
+            return TensorInfo(out_shape(node))
+        for d in ([dims] if isinstance(dims, int) else dims):
+            axis = d % info.ndim
+            if axis in info.track:
+                state.pin(info.track[axis], f"{node.name} rolls channels along dim {d}")
+        return TensorInfo(out_shape(node), dict(info.track))
+    else:
+        dim = arg(node, 1 if node.target is not F.normalize else 2, "dim", 1 if node.target is F.normalize else None)
     if dim is None:
         state.pin_track(info, f"{node.name} mixes every position")
         return TensorInfo(info.shape, dict(info.track))
@@ -142,9 +155,12 @@ def _spatial_count(state: AnalysisState, node: fx.Node, ndim: int) -> int:
         count = _POOL_MODULES[type(state.gm.get_submodule(str(node.target)))]
     else:
         count = _POOL_FUNCTIONS[node.target]
-    if count == -2:  # F.pad: number of padded trailing dims from the pad tuple
+    if count == -2:  # F.pad: trailing dims are padded only where their pad amounts are non-zero
         pad = arg(node, 1, "pad", ())
-        return len(pad) // 2 if isinstance(pad, (list, tuple)) else ndim - 1
+        if not isinstance(pad, (list, tuple)) or any(not isinstance(p, int) for p in pad):
+            return ndim - 1
+        padded = [k for k in range(len(pad) // 2) if pad[2 * k] or pad[2 * k + 1]]
+        return max(padded) + 1 if padded else 0
     if count in (-1,):
         return ndim  # pixel (un)shuffle mixes channels with space: every axis is "spatial"
     if node.target is F.interpolate:

@@ -99,3 +99,46 @@ try:
                                     getattr(_timm_pos_embed, "resample_abs_pos_embed_nhwc", None)) if f])(_resample_pos_embed)
 except ImportError:  # timm is optional
     pass
+
+
+def _channel_axis_passes(axis: int) -> Callable[[AnalysisState, fx.Node], Any]:
+    """timm's window/grid (un)partition helpers move spatial blocks; the channel axis passes."""
+
+    def handler(state: AnalysisState, node: fx.Node) -> Any:
+        from ._tracking import TensorInfo
+
+        info = state.info(node.args[0])
+        shape = layers.out_shape(node)
+        if not isinstance(info, TensorInfo) or not isinstance(shape, tuple):
+            return layers.untracked_like(node)
+        src, dst = axis % info.ndim, axis % len(shape)
+        out = TensorInfo(shape)
+        for a, ids in info.track.items():
+            if a == src and shape[dst] == info.shape[src]:
+                out.track[dst] = ids
+            else:
+                state.pin(ids, f"{node.name} moves channels on axis {a}")
+        return out
+
+    return handler
+
+
+def _register_model_functions() -> None:
+    import importlib
+
+    table = {
+        -1: [("swin_transformer", "window_reverse"), ("swin_transformer_v2", "window_reverse"),
+             ("swin_transformer_v2_cr", "window_reverse"), ("davit", "window_reverse"), ("gcvit", "window_reverse"),
+             ("maxxvit", "window_reverse"), ("maxxvit", "grid_reverse"), ("nest", "deblockify")],
+        1: [("maxxvit", "window_reverse_nchw"), ("maxxvit", "grid_reverse_nchw")],
+    }
+    for axis, entries in table.items():
+        for module_name, fn_name in entries:
+            try:
+                fn = getattr(importlib.import_module(f"timm.models.{module_name}"), fn_name)
+            except (ImportError, AttributeError):
+                continue
+            register_function(fn)(_channel_axis_passes(axis))
+
+
+_register_model_functions()
