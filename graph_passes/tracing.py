@@ -6,6 +6,7 @@ analysis passes can read shapes without running the model again.
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 from typing import Any, Callable, Iterable, Sequence
 
@@ -67,12 +68,15 @@ def as_tuple(example_inputs: Any) -> tuple[Any, ...]:
     return (example_inputs,)
 
 
+_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (torch.__file__, __file__))
+
+
 def _culprit(exc: BaseException) -> str:
     """Name the innermost frame of the model's code that broke tracing."""
     frames = traceback.extract_tb(exc.__traceback__)
     for frame in reversed(frames):
         name = frame.filename.replace("\\", "/")
-        if "/torch/" in name or "/graph_passes/" in name:
+        if os.path.abspath(frame.filename).startswith(_LIBRARY_DIRS):  # by location, not by a substring of the path
             continue
         return f"{frame.name} ({name.rsplit('/', 2)[-2:][-1]}:{frame.lineno}: {frame.line})"
     return "unknown location"
