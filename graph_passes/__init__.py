@@ -24,3 +24,6 @@ __all__ += ["cost"]
 from .plan import PruningPlan  # noqa: E402
 
 __all__ += ["PruningPlan"]
+from .onnx_export import OnnxExportError, export_onnx, run_onnx  # noqa: E402
+
+__all__ += ["OnnxExportError", "export_onnx", "run_onnx"]

@@ -1,0 +1,59 @@
+"""Helpers shared by the benchmark scripts (not a package API)."""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import graph_passes as gp
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def n_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops()
+
+
+def random_keep(groups: list[gp.ChannelGroup], ratio: float, seed: int) -> dict[int, torch.Tensor]:
+    """Remove round(ratio * size) random channels of every prunable group (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = {}
+    for group in groups:
+        if group.prunable:
+            k = torch.ones(group.size, dtype=torch.bool)
+            k[torch.randperm(group.size, generator=gen)[: int(round(ratio * group.size))]] = False
+            keep[group.id] = k
+    return keep
+
+
+def apply_masks(model: torch.nn.Module, masks: dict[str, dict[str, torch.Tensor]]) -> torch.nn.Module:
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for mod, params in masks.items():
+            owner = masked.get_submodule(mod) if mod else masked
+            for pname, mask in params.items():
+                getattr(owner, pname).mul_(mask)
+    return masked
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
