@@ -1,0 +1,90 @@
+"""The cost model against torch's FlopCounterMode, dense and on the physically pruned model."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import graph_passes as gp
+from _gp_helpers import prune
+from test_gp_attention import Attention
+from test_gp_layers import ConvBn, ConvChain2d, Depthwise, Grouped, Mlp
+from test_gp_ops import Concat, FlattenHead, SE, Residual
+
+
+def measured_flops(model: nn.Module, x: torch.Tensor) -> int:
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def fractions(groups: list[gp.ChannelGroup], keep: dict[int, torch.Tensor]) -> dict[int, float]:
+    return {gid: float(vec.float().mean()) for gid, vec in keep.items() if groups[gid].prunable}
+
+
+CASES = {
+    "conv": (ConvChain2d, (2, 3, 12, 12)),
+    "conv_bn": (ConvBn, (2, 3, 8, 8)),
+    "grouped": (Grouped, (2, 3, 8, 8)),
+    "depthwise": (Depthwise, (2, 3, 8, 8)),
+    "mlp_tokens": (Mlp, (2, 7, 10)),
+    "residual": (Residual, (2, 3, 8, 8)),
+    "se": (SE, (2, 3, 8, 8)),
+    "concat": (Concat, (2, 3, 5, 5)),
+    "flatten": (lambda: FlattenHead("view"), (2, 3, 6, 6)),
+    "attention_sdpa": (lambda: Attention(False), (2, 5, 6)),
+    "attention_explicit": (lambda: Attention(True), (2, 5, 6)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cost_matches_flop_counter_dense_and_pruned(name):
+    factory, shape = CASES[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = torch.randn(*shape)
+    cm = gp.cost(model, x)
+    assert cm.total_flops == measured_flops(model, x) > 0
+    assert cm.flops() == pytest.approx(cm.total_flops)
+    assert cm.params() == pytest.approx(n_params(model))
+    r = prune(model, x)
+    frac = fractions(r.groups, r.keep)
+    assert any(f < 1 for f in frac.values())
+    pruned_flops = measured_flops(r.pruned, x)
+    assert pruned_flops < cm.total_flops
+    assert cm.flops(frac) == pytest.approx(pruned_flops, rel=1e-9)
+    assert cm.params(frac) == pytest.approx(n_params(r.pruned), rel=1e-9)
+
+
+def test_cost_flops_is_differentiable_in_the_fractions():
+    model = ConvChain2d().eval()
+    x = torch.randn(1, 3, 12, 12)
+    cm = gp.cost(model, x)
+    groups = gp.channel_groups(model, x)
+    frac = {g.id: torch.tensor(0.5, requires_grad=True) for g in groups if g.prunable}
+    total = cm.flops(frac)
+    total.backward()
+    assert all(f.grad is not None and f.grad > 0 for f in frac.values())
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_efficientnet", "test_resnet"])
+def test_cost_on_timm_test_model(name):
+    timm = pytest.importorskip("timm")
+    if name not in timm.list_models("test_*"):
+        pytest.skip(f"timm has no {name}")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(1, *model.pretrained_cfg["input_size"])
+    cm = gp.cost(model, x)
+    assert cm.total_flops == measured_flops(model, x)
+    r = prune(model, x)
+    frac = fractions(r.groups, r.keep)
+    assert any(f < 1 for f in frac.values())
+    assert cm.flops(frac) == pytest.approx(measured_flops(r.pruned, x), rel=1e-9)
+    assert cm.params(frac) == pytest.approx(n_params(r.pruned), rel=1e-9)
