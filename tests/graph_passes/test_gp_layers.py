@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from _gp_helpers import group_of, kept_count, prune
@@ -228,3 +229,34 @@ def test_timm_layernorm2d_keeps_exact_statistics():
     assert n < 8
     assert isinstance(r.pruned.norm, ExactStatsNorm) and r.pruned.norm.weight.shape == (n,)
     assert r.pruned.head.weight.shape == (4, n, 1, 1)
+
+
+class FunctionalNorms(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.fc1 = nn.Linear(6, 10)
+        self.w = nn.Parameter(torch.randn(10))
+        self.b = nn.Parameter(torch.randn(10))
+        self.fc2 = nn.Linear(10, 4)
+
+    def forward(self, x):
+        y = self.fc1(x)
+        if self.kind == "rms":
+            y = F.rms_norm(y, (10,), self.w)  # eps=None: the dtype's epsilon
+        else:
+            y = F.layer_norm(y, (10,), self.w, self.b)
+        return self.fc2(y)
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_functional_norms_keep_exact_statistics(kind):
+    r = prune(FunctionalNorms(kind), torch.randn(2, 5, 6))
+    n = kept_count(r, "fc1")
+    assert n < 10 and r.pruned.w.shape == (n,) and r.pruned.fc2.weight.shape == (4, n)
+
+
+def test_groupnorm_one_channel_per_group_prunes_channels():
+    r = prune(ConvGN(12), torch.randn(2, 3, 8, 8))
+    n = kept_count(r, "conv")
+    assert n < 12 and r.pruned.gn.num_groups == r.pruned.gn.num_channels == n
