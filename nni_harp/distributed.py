@@ -1,0 +1,175 @@
+"""Small ``torch.distributed`` helpers for running HARP under ``torchrun`` (DDP).
+
+``init_from_env()`` reads the variables torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``) and starts a process group: ``nccl`` when CUDA is available,
+``gloo`` otherwise. Without those variables it does nothing and every helper degrades to the
+single-process behaviour, so the same code runs with and without torchrun.
+
+HARP's scores and rates are parameters the pruner adds *after* a model would be wrapped in
+``DistributedDataParallel``, so DDP never sees them: while pruning, their gradients are averaged
+explicitly with :func:`all_reduce_grads` before the optimizer step (identical updates, hence
+identical scores, rates and masks on every rank); fine-tuning uses plain DDP.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "DistInfo",
+    "init_from_env",
+    "shutdown",
+    "is_distributed",
+    "rank",
+    "world_size",
+    "is_main",
+    "barrier",
+    "all_reduce_grads",
+    "all_reduce_mean",
+    "broadcast_module",
+    "broadcast_masks",
+    "max_difference",
+    "main_process_first",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str | None
+    device: torch.device
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process): log, checkpoint and report only there."""
+    return rank() == 0
+
+
+def init_from_env(backend: str | None = None) -> DistInfo:
+    """Start the process group described by torchrun's environment (no-op without it)."""
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available()
+    if env_world > 1 and not dist.is_initialized():
+        backend = backend or ("nccl" if use_cuda else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+        logger.info("process group %s: rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
+    elif dist.is_initialized():
+        backend = dist.get_backend()
+    else:
+        backend = None
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return DistInfo(rank(), world_size(), local_rank, backend, device)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. a download), the others after it."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def all_reduce_grads(module: nn.Module) -> None:
+    """Average the gradients of every parameter of ``module`` that has one, over all ranks.
+
+    Parameters are visited in registration order, which is the same on every rank; a parameter
+    whose gradient is ``None`` on one rank must be ``None`` on all (true for the same model and
+    the same loss).
+    """
+    if not is_distributed():
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g))
+        offset += n
+
+
+def all_reduce_mean(value: float | torch.Tensor) -> float:
+    """The mean of a scalar over all ranks (the value itself in a single process)."""
+    t = torch.as_tensor(value, dtype=torch.float64).reshape(1).clone()
+    if is_distributed():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return float(t.item())
+
+
+@torch.no_grad()
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers to every rank (same start everywhere)."""
+    if not is_distributed():
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src=src)
+
+
+def broadcast_masks(masks: Mapping[str, Mapping[str, torch.Tensor]], src: int = 0) -> None:
+    """Overwrite every rank's masks (NNI format, same keys on all ranks) with rank ``src``'s, in place."""
+    if not is_distributed():
+        return
+    for name in sorted(masks):
+        for target in sorted(masks[name]):
+            dist.broadcast(masks[name][target], src=src)
+
+
+def max_difference(tensors: Mapping[str, torch.Tensor]) -> float:
+    """The largest absolute difference of any tensor between this rank and rank 0 (all ranks
+    get the same answer; 0.0 in a single process)."""
+    if not is_distributed():
+        return 0.0
+    worst = torch.zeros(1, dtype=torch.float64)
+    for key in sorted(tensors):
+        mine = tensors[key].detach().to(torch.float64)
+        ref = mine.clone()
+        dist.broadcast(ref, src=0)
+        worst = torch.maximum(worst, (mine - ref).abs().max().reshape(1).cpu())
+    if dist.get_backend() == "nccl":
+        worst = worst.cuda()
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst.item())
