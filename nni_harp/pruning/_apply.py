@@ -1,0 +1,43 @@
+"""HARP's NNI apply method: how a wrapped module's parameter meets its mask.
+
+NNI's ``ModuleWrapper`` multiplies each pruning target by ``pruning_apply_methods[name](target,
+target_space)``. While HARP prunes, the targets it controls use ``'harp_mul'``, which asks the
+wrapper's registered masker for a differentiable straight-through mask; without a masker (before
+installation, after pruning) it multiplies by the stored 0/1 mask like NNI's ``'mul'``.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from nni.compression.base.apply_method import pruning_apply_methods
+from nni.compression.base.target_space import PruningTargetSpace
+
+__all__ = ["APPLY_METHOD", "Masker", "set_masker", "clear_masker"]
+
+APPLY_METHOD = "harp_mul"
+
+# masker(target_name, target) -> differentiable mask broadcastable to target, or None: use the stored mask
+Masker = Callable[[str, Tensor], "Tensor | None"]
+_MASKERS: "weakref.WeakKeyDictionary[nn.Module, Masker]" = weakref.WeakKeyDictionary()
+
+
+def _harp_mul(target: Tensor, target_space: PruningTargetSpace) -> Tensor:
+    masker = _MASKERS.get(target_space._wrapper)
+    mask = masker(target_space._target_name, target) if masker is not None else None
+    return torch.mul(target, target_space.mask if mask is None else mask)
+
+
+def set_masker(wrapper: nn.Module, masker: Masker) -> None:
+    """Route ``wrapper``'s ``'harp_mul'`` targets through ``masker`` (held weakly by wrapper)."""
+    _MASKERS[wrapper] = masker
+
+
+def clear_masker(wrapper: nn.Module) -> None:
+    _MASKERS.pop(wrapper, None)
+
+
+pruning_apply_methods.setdefault(APPLY_METHOD, _harp_mul)

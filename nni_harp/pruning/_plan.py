@@ -1,0 +1,153 @@
+"""Planning a HARP run before NNI wraps the model: the units (layers or channel groups) with their
+initial scores, floors, ceilings and rates, the budgets, and the config list NNI will wrap.
+
+Everything here reads the *unwrapped* model (``inner``; names of the bound model carry ``prefix``,
+``'module.'`` under DDP).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from torch import Tensor, nn
+
+from graph_passes.cost_model import CostModel
+from graph_passes.groups import ChannelGroup
+
+from ._config import ParsedConfig, ensure_nni_setting
+from ._structure import MaskFactor, controlled_groups, group_init_scores, group_names, mask_factors
+from ._units import hydra_scores
+from .budget import Budget, CostBudget, WeightedBudget, layer_flops, project_keep
+from .errors import ConfigListError, SettingsError, StructureError
+from .settings import HARPSettings
+
+__all__ = ["UnitPlan", "Plan", "plan_unstructured", "structured_target", "plan_structured"]
+
+
+@dataclass
+class UnitPlan:
+    name: str  # readable: the module (unstructured) or the group's first producing module
+    module: str  # wrapped module (bound-model naming) whose wrapper stores the unit's tensors
+    attr: str
+    init_scores: Tensor
+    floor: float
+    ceiling: float
+    init_keep: float
+
+
+@dataclass
+class Plan:
+    config_list: list[dict[str, Any]]
+    units: list[UnitPlan]
+    budgets: list[Budget]
+    overall: Budget
+    groups: list[ChannelGroup] = field(default_factory=list)
+    factors: dict[str, dict[str, list[MaskFactor]]] = field(default_factory=dict)
+
+
+def _strip(name: str, prefix: str) -> str:
+    return name[len(prefix):] if prefix and name.startswith(prefix) else name
+
+
+def _fan_in(weight: Tensor) -> int:
+    return weight.numel() // weight.shape[0] if weight.dim() >= 2 else 1
+
+
+def _weighted(members: Sequence[int], weights: Sequence[float], targets: Sequence[float]) -> WeightedBudget:
+    total = sum(weights[i] for i in members)
+    if total <= 0:
+        raise StructureError("the selected layers count no FLOPs on the dummy input; use budget='params'")
+    return WeightedBudget({i: weights[i] for i in members}, sum(weights[i] * targets[i] for i in members) / total)
+
+
+def plan_unstructured(
+    model: nn.Module, inner: nn.Module, prefix: str, parsed: ParsedConfig, settings: HARPSettings,
+    budget_kind: str, dummy_input: Any,
+) -> Plan:
+    """One unit per selected weight, started at its entry's target; one budget per entry or
+    ``global_group_id``, counting parameters or (measured on ``dummy_input``) dense FLOPs."""
+    modules = dict(model.named_modules())
+    units: list[UnitPlan] = []
+    targets: list[float] = []
+    keys: list[str] = []
+    for entry in parsed.entries:
+        floor = max(settings.alpha * entry.keep, entry.floor)
+        for name in entry.modules:
+            weight = modules[name].weight
+            units.append(UnitPlan(
+                name=name, module=name, attr="weight_harp", init_scores=hydra_scores(weight, _fan_in(weight)),
+                floor=floor, ceiling=entry.ceiling, init_keep=min(max(entry.keep, floor), entry.ceiling),
+            ))
+            targets.append(entry.keep)
+            keys.append(entry.budget_key)
+    if budget_kind == "params":
+        weights = [float(modules[u.module].weight.numel()) for u in units]
+    else:
+        if dummy_input is None:
+            raise SettingsError("budget", "flops", "'params' unless a dummy_input is given (FLOPs are measured by a forward pass)")
+        flops = layer_flops(inner, dummy_input, [_strip(u.module, prefix) for u in units])
+        weights = [flops[_strip(u.module, prefix)] for u in units]
+    budgets: list[Budget] = [
+        _weighted([i for i, k in enumerate(keys) if k == key], weights, targets) for key in dict.fromkeys(keys)
+    ]
+    overall = _weighted(list(range(len(units))), weights, targets)
+    return Plan(config_list=parsed.nni_config_list, units=units, budgets=budgets, overall=overall)
+
+
+def structured_target(parsed: ParsedConfig, budget_kind: str) -> float:
+    """The one kept fraction of the whole model's FLOPs (or params) that structured HARP aims at."""
+    keeps = {entry.keep for entry in parsed.entries}
+    if len(keeps) > 1:
+        detail = ", ".join(f"entry {e.index}: sparse_ratio {1 - e.keep:g}" for e in parsed.entries)
+        raise ConfigListError(None, f"structured HARP has one {budget_kind} budget for the whole model, "
+                                    f"so every entry needs the same sparse_ratio ({detail})")
+    return keeps.pop()
+
+
+def plan_structured(
+    inner: nn.Module, prefix: str, parsed: ParsedConfig, settings: HARPSettings, budget_kind: str,
+    target: float, groups: Sequence[ChannelGroup], cost_model: CostModel,
+) -> Plan:
+    """One unit per controlled channel group, started at the uniform kept fraction that meets the
+    budget; every member module of those groups is wrapped (an extra config entry if unselected)."""
+    selected = {_strip(n, prefix) for n in parsed.owner}
+    excluded = {_strip(n, prefix) for n in parsed.excluded}
+    # a group is only useful if one of its members has a weight or bias HARP can mask
+    chosen = [g for g in controlled_groups(groups, selected, excluded) if mask_factors(inner, [g])]
+    if not chosen:
+        raise ConfigListError(None, "selects no prunable channel group: a group is pruned when it is prunable, "
+                                    "one of its member modules is selected and none is excluded")
+    factors = mask_factors(inner, chosen, prefix)
+    names = group_names(chosen)
+    units: list[UnitPlan] = []
+    floors: dict[int, float] = {}
+    ceilings: dict[int, float] = {}
+    for i, group in enumerate(chosen):
+        entry = next(parsed.owner[prefix + m.module] for m in group.members if m.module in selected)
+        floors[i] = max(settings.alpha * target, entry.floor)
+        ceilings[i] = max(entry.ceiling, floors[i])
+        # the unit's tensors live on the wrapper of its first producing member that gets masked
+        ordered = sorted(group.members, key=lambda m: m.role != "out")
+        owner = next(m.module for m in ordered if prefix + m.module in factors)
+        units.append(UnitPlan(
+            name=names[i], module=prefix + owner, attr=f"harp_group{group.id}",
+            init_scores=group_init_scores(inner, group), floor=floors[i], ceiling=ceilings[i], init_keep=1.0,
+        ))
+    budget = CostBudget(cost_model, {i: g.id for i, g in enumerate(chosen)}, target, metric=budget_kind)
+    lowest = float(budget.kept(floors))
+    if lowest > target + 1e-9:
+        raise StructureError(
+            f"the {budget_kind} target {target:.4f} is unreachable: with every controlled channel group at its "
+            f"floor the model still keeps {lowest:.4f} of its {budget_kind} (the rest is in layers HARP does not "
+            "control: unprunable, unselected or excluded channels); select more layers or lower sparse_ratio"
+        )
+    init = project_keep(budget, dict(ceilings), floors, ceilings)
+    for i, unit in enumerate(units):
+        unit.init_keep = init[i]
+    extras = sorted(name for name in factors if name not in parsed.owner)
+    config_list = list(parsed.nni_config_list)
+    if extras:
+        for name in extras:
+            ensure_nni_setting(inner.get_submodule(_strip(name, prefix)))
+        config_list.append({"op_names": extras, "granularity": "out_channel"})
+    return Plan(config_list=config_list, units=units, budgets=[budget], overall=budget, groups=list(chosen), factors=factors)

@@ -1,0 +1,231 @@
+"""The resource HARP's hardware loss counts, as a function of the units' kept fractions.
+
+Units are indexed by ``int``. A budget maps ``{unit: k}`` (floats or differentiable 0-dim tensors)
+to the kept fraction of its resource:
+
+- :class:`WeightedBudget`: ``sum(w_u * k_u) / sum(w_u)`` -- unstructured pruning, where ``w_u`` is a
+  layer's parameter count (``'params'``) or dense FLOPs (``'flops'``);
+- :class:`CostBudget`: ``CostModel.flops(keep) / total_flops`` (or params) -- structured pruning,
+  where a layer's cost scales with the kept fractions of its input *and* output channel groups.
+
+:func:`project_keep` rescales kept fractions onto the budget preserving their ratios, and
+:func:`round_to_counts` turns them into whole entry counts as close to the target as the units'
+granularity allows; together they make the final kept fraction meet the target by construction.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from graph_passes.cost_model import CostModel
+
+__all__ = [
+    "Budget",
+    "WeightedBudget",
+    "CostBudget",
+    "hinge",
+    "project_keep",
+    "round_to_counts",
+    "layer_flops",
+]
+
+_logger = logging.getLogger(__name__)
+
+Fraction = Union[float, Tensor]
+
+
+class Budget(Protocol):
+    target: float
+
+    @property
+    def units(self) -> tuple[int, ...]:
+        """The units whose kept fractions the budget reads."""
+        ...
+
+    def kept(self, keep: Mapping[int, Fraction]) -> Fraction:
+        """Kept fraction of the resource; units not in ``keep`` count as fully kept."""
+        ...
+
+
+@dataclass(frozen=True)
+class WeightedBudget:
+    """Kept fraction ``sum(w_u * k_u) / sum(w_u)`` over the units in ``weights``."""
+
+    weights: Mapping[int, float]
+    target: float
+
+    def __post_init__(self) -> None:
+        if not self.weights or sum(self.weights.values()) <= 0:
+            raise ValueError("a weighted budget needs units with a positive total weight")
+
+    @property
+    def units(self) -> tuple[int, ...]:
+        return tuple(self.weights)
+
+    def kept(self, keep: Mapping[int, Fraction]) -> Fraction:
+        total = float(sum(self.weights.values()))
+        acc: Fraction = 0.0
+        for unit, weight in self.weights.items():
+            acc = acc + weight * keep.get(unit, 1.0)
+        return acc / total
+
+
+@dataclass(frozen=True)
+class CostBudget:
+    """Kept fraction of a model's FLOPs (or params) per its cost model; ``group_of[u]`` is unit
+    ``u``'s channel-group id."""
+
+    cost: CostModel
+    group_of: Mapping[int, int]
+    target: float
+    metric: str = "flops"
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("flops", "params"):
+            raise ValueError(f"metric must be 'flops' or 'params', got {self.metric!r}")
+        if self._total() <= 0:
+            raise ValueError(f"the cost model counts no {self.metric}")
+
+    @property
+    def units(self) -> tuple[int, ...]:
+        return tuple(self.group_of)
+
+    def _total(self) -> float:
+        return float(self.cost.total_flops if self.metric == "flops" else self.cost.total_params)
+
+    def kept(self, keep: Mapping[int, Fraction]) -> Fraction:
+        by_group = {self.group_of[u]: k for u, k in keep.items() if u in self.group_of}
+        value = self.cost.flops(by_group) if self.metric == "flops" else self.cost.params(by_group)
+        return value / self._total()
+
+
+def hinge(kept: Fraction, target: float) -> Fraction:
+    """HARP's one-sided hardware loss ``max(kept / target - 1, 0)``."""
+    if isinstance(kept, Tensor):
+        return torch.relu(kept / target - 1.0)
+    return max(float(kept) / target - 1.0, 0.0)
+
+
+def _as_float(value: Fraction) -> float:
+    return float(value.detach()) if isinstance(value, Tensor) else float(value)
+
+
+def project_keep(
+    budget: Budget,
+    keep: Mapping[int, float],
+    floors: Mapping[int, float],
+    ceilings: Mapping[int, float],
+    iterations: int = 80,
+) -> dict[int, float]:
+    """Rescale ``keep`` by one factor ``c`` (clipped per unit to ``[floor, ceiling]``) so that the
+    budget's kept fraction equals its target; the units' ratios are preserved except where clipped.
+
+    The kept fraction is non-decreasing in ``c``, so ``c`` is found by bisection. An unreachable
+    target returns all floors (target too low) or all ceilings (too high), with a warning.
+    """
+    base = {u: max(float(k), 1e-12) for u, k in keep.items()}
+
+    def scaled(c: float) -> dict[int, float]:
+        return {u: min(max(c * k, floors[u]), ceilings[u]) for u, k in base.items()}
+
+    target = budget.target
+    low_state = dict(floors.items())
+    high_state = dict(ceilings.items())
+    if _as_float(budget.kept(low_state)) > target:
+        _logger.warning("budget target %.4f is below what the floors allow; keeping every unit at its floor", target)
+        return {u: floors[u] for u in base}
+    if _as_float(budget.kept(high_state)) < target:
+        _logger.warning("budget target %.4f is above what the ceilings allow; keeping every unit at its ceiling", target)
+        return {u: ceilings[u] for u in base}
+    lo, hi = 0.0, max(ceilings[u] / k for u, k in base.items())
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if _as_float(budget.kept(scaled(mid))) > target:
+            hi = mid
+        else:
+            lo = mid
+    below, above = scaled(lo), scaled(hi)
+    err_below = abs(_as_float(budget.kept(below)) - target)
+    err_above = abs(_as_float(budget.kept(above)) - target)
+    return below if err_below <= err_above else above
+
+
+def round_to_counts(
+    budget: Budget,
+    keep: Mapping[int, float],
+    sizes: Mapping[int, int],
+    min_counts: Mapping[int, int],
+    max_counts: Mapping[int, int],
+) -> dict[int, int]:
+    """Whole entry counts per unit, close to ``keep * size`` and with a kept fraction as close to the
+    budget's target as single-entry moves can get it.
+
+    Starts from ``round(keep * size)`` and moves one entry at a time -- out of the unit rounded up
+    the most when above the target, into the unit rounded down the most when below -- while a move
+    brings the kept fraction closer to the target (largest-remainder rounding).
+    """
+    counts = {u: min(max_counts[u], max(min_counts[u], round(keep[u] * sizes[u]))) for u in keep}
+
+    def measure(state: Mapping[int, int]) -> float:
+        return _as_float(budget.kept({u: c / sizes[u] for u, c in state.items()}))
+
+    target = budget.target
+    current = measure(counts)
+    for _ in range(4 * len(counts) + 16):
+        if current == target:
+            break
+        step = -1 if current > target else 1
+        residual = {u: counts[u] - keep[u] * sizes[u] for u in counts}
+        movable = [u for u in counts if min_counts[u] <= counts[u] + step <= max_counts[u]]
+        movable.sort(key=lambda u: residual[u], reverse=step < 0)
+        for unit in movable:
+            trial = dict(counts)
+            trial[unit] += step
+            value = measure(trial)
+            if abs(value - target) < abs(current - target):
+                counts, current = trial, value
+                break
+        else:
+            break
+    return counts
+
+
+def layer_flops(model: nn.Module, example_inputs: Any, names: Sequence[str]) -> dict[str, float]:
+    """Dense FLOPs (2 per multiply-accumulate) of the named weight layers for one sample, measured
+    with forward hooks: ``2 * outputs_per_sample * weight.numel() / weight.shape[0]`` for weights of
+    two or more dims (conv, linear), ``outputs_per_sample`` for 1-d weights (norms)."""
+    modules = dict(model.named_modules())
+    counts: dict[str, float] = {}
+    handles = []
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            weight = getattr(module, "weight", None)
+            if not isinstance(out, Tensor) or not isinstance(weight, Tensor) or out.dim() == 0:
+                return
+            per_sample = out.numel() / max(out.shape[0], 1)
+            per_output = weight.numel() / weight.shape[0] if weight.dim() >= 2 else 0.5
+            counts[name] = counts.get(name, 0.0) + 2.0 * per_sample * per_output
+
+        return hook
+
+    for name in names:
+        if name not in modules:
+            raise KeyError(f"model has no module named {name!r}")
+        handles.append(modules[name].register_forward_hook(hook_for(name)))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+            model(*args)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return {name: counts.get(name, 0.0) for name in names}

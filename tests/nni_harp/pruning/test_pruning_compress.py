@@ -1,0 +1,149 @@
+"""Unstructured HARP / HYDRA driven by an NNI TorchEvaluator on a tiny CNN trained on digits."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nni_harp.pruning import HARPPruner, HydraPruner, apply_masks
+
+from _pruning_helpers import Digits, accuracy, make_evaluator
+
+CONFIG = [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": 0.9}]
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n.replace("_nni_wrapper.", ""): p.detach().clone() for n, p in model.named_parameters() if "harp" not in n}
+
+
+def test_harp_compress_meets_the_target_with_learned_non_uniform_rates(
+    pretrained: Callable[[], nn.Sequential], digits: Digits, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.manual_seed(0)
+    model = pretrained()
+    dense = copy.deepcopy(model)
+    seen: list[tuple[type, frozenset[str]]] = []
+    evaluator = make_evaluator(model, digits, log=seen)
+    pruner = HARPPruner(model, CONFIG, evaluator, gamma_0=0.5)
+    weights_before = _weights(model)
+    with caplog.at_level(logging.INFO, logger="nni_harp.pruning.harp"):
+        pruned, masks = pruner.compress(max_steps=None, max_epochs=4)
+
+    # the target holds within 1 percentage point (measured from the returned masks)
+    kept = sum(float(m["weight"].sum()) for m in masks.values()) / sum(m["weight"].numel() for m in masks.values())
+    assert abs(kept - 0.1) <= 0.01
+    assert kept == pytest.approx(pruner.kept_fraction())
+    # masks: NNI format, float 0/1, full parameter shape, every layer keeps something
+    assert set(masks) == {"0", "3", "6", "11"}
+    for name, targets in masks.items():
+        weight = targets["weight"]
+        assert weight.dtype == torch.float32 and set(weight.unique().tolist()) <= {0.0, 1.0}
+        assert weight.shape == dense.get_submodule(name).weight.shape and weight.sum() >= 1
+    # rates are learned: non-uniform, each above its floor alpha * target
+    rates = pruner.layer_rates()
+    assert set(rates) == set(masks)
+    assert max(rates.values()) - min(rates.values()) > 0.05
+    assert min(rates.values()) >= 0.1 * 0.1 - 1e-9
+    # weights were frozen while pruning and their flags restored afterwards
+    after = _weights(pruned)
+    assert all(torch.equal(after[n], weights_before[n]) for n in weights_before)
+    assert all(p.requires_grad for n, p in pruned.named_parameters())
+    assert not any("harp" in n for n, _ in pruned.named_parameters())  # HARP's tensors are gone
+    # the wrapped model applies the final masks: same outputs as its unwrapped self with masks baked in
+    # (BatchNorm statistics moved while pruning ran in train mode; the weights did not)
+    pruner.unwrap_model()
+    masked = apply_masks(copy.deepcopy(pruned), masks)
+    pruner.wrap_model()
+    x = digits.x_test[:16]
+    pruned.eval(), masked.eval()
+    torch.testing.assert_close(pruned(x), masked(x))
+    # pruning kept the network useful (chance is 0.1)
+    assert accuracy(pruned, digits) > 0.3
+    # history: one record per epoch, gamma follows the schedule and is frozen once the target was met
+    assert [h["epoch"] for h in pruner.history] == [0, 1, 2, 3]
+    gammas = [h["gamma"] for h in pruner.history]
+    first_met = next((h["epoch"] for h in pruner.history if h["target_met"]), None)
+    for h in pruner.history:
+        growing = first_met is None or h["epoch"] <= first_met
+        expected = 0.5 * (h["epoch"] + 1) if growing else gammas[first_met]
+        assert h["gamma"] == pytest.approx(expected)
+        assert math.isfinite(h["adv_loss"]) and h["hw_loss"] >= 0 and 0 < h["kept_fraction"] < 1
+    assert sum("epoch" in r.getMessage() and "gamma=" in r.getMessage() for r in caplog.records) == 4
+    # during pruning only HARP's scores and rates were trainable
+    assert seen and all(names and all(n.endswith(("_harp_score", "_harp_rate")) for n in names) for _, names in seen)
+
+
+def test_hydra_keeps_uniform_rates_and_learns_scores(pretrained: Callable[[], nn.Sequential], digits: Digits) -> None:
+    torch.manual_seed(0)
+    model = pretrained()
+    dense = copy.deepcopy(model)
+    pruner = HydraPruner(model, CONFIG, make_evaluator(model, digits))
+    _, masks = pruner.compress(max_epochs=2)
+    rates = pruner.layer_rates()
+    for name, rate in rates.items():
+        n = dense.get_submodule(name).weight.numel()
+        assert abs(rate - 0.1) <= 1.0 / n + 1e-9  # fixed at the target, up to one weight
+    assert all(h["gamma"] == 0.0 and h["hw_loss"] == 0.0 for h in pruner.history)
+    # learned scores moved the masks away from HYDRA's magnitude initialisation
+    changed = 0
+    for name, targets in masks.items():
+        w = dense.get_submodule(name).weight.detach().abs().flatten()
+        magnitude = torch.zeros_like(w)
+        magnitude[torch.topk(w, int(targets["weight"].sum())).indices] = 1
+        changed += int((magnitude != targets["weight"].flatten()).sum())
+    assert changed > 0
+
+
+def test_entries_without_global_group_are_separate_budgets(pretrained: Callable[[], nn.Sequential], digits: Digits) -> None:
+    model = pretrained()
+    config = [
+        {"op_types": ["Conv2d"], "sparse_ratio": 0.8, "max_sparse_ratio": 0.95},
+        {"op_names": ["11"], "sparse_ratio": 0.5},
+    ]
+    pruner = HARPPruner(model, config, make_evaluator(model, digits), gamma_0=0.5, steps_per_epoch=3)
+    _, masks = pruner.compress(max_steps=5)  # driven by steps: two gamma epochs of 3 and 2 steps
+    assert [h["steps"] for h in pruner.history] == [3, 2]
+    conv = [masks[n]["weight"] for n in ("0", "3", "6")]
+    conv_kept = sum(float(m.sum()) for m in conv) / sum(m.numel() for m in conv)
+    assert abs(conv_kept - 0.2) <= 0.01
+    assert abs(float(masks["11"]["weight"].mean()) - 0.5) <= 0.01
+    assert all(float(m.mean()) >= 0.05 - 1 / m.numel() for m in conv)  # max_sparse_ratio floor
+
+
+@pytest.mark.filterwarnings("ignore:`broadcast_buffers` is deprecated:FutureWarning")
+def test_distributed_data_parallel_model(tmp_path: Path, pretrained: Callable[[], nn.Sequential], digits: Digits) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(pretrained())
+        seen: list[tuple[type, frozenset[str]]] = []
+        pruner = HARPPruner(ddp, CONFIG, make_evaluator(ddp, digits, log=seen), gamma_0=0.5)
+        _, masks = pruner.compress(max_epochs=1)
+        assert set(masks) == {"module.0", "module.3", "module.6", "module.11"}
+        kept = sum(float(m["weight"].sum()) for m in masks.values()) / sum(m["weight"].numel() for m in masks.values())
+        assert abs(kept - 0.1) <= 0.01
+        # training ran on a DDP model whose only trainable tensors were HARP's scores and rates
+        model_type, trainable = seen[0]
+        assert model_type is nn.parallel.DistributedDataParallel
+        assert trainable and all(n.endswith(("_harp_score", "_harp_rate")) for n in trainable)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_unstructured_flops_budget_weighs_layers_by_their_flops(pretrained: Callable[[], nn.Sequential], digits: Digits) -> None:
+    model = pretrained()
+    pruner = HARPPruner(model, [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": 0.8}], make_evaluator(model, digits),
+                        budget="flops", gamma_0=0.5)
+    _, masks = pruner.compress(max_epochs=1)
+    # dense FLOPs per sample of each layer at 16 x 16 (2 per multiply-accumulate), counted by hand
+    flops = {"0": 2 * 16 * 16 * 12 * 27, "3": 2 * 8 * 8 * 24 * 108, "6": 2 * 4 * 4 * 24 * 216, "11": 2 * 10 * 24}
+    kept = sum(flops[n] * float(masks[n]["weight"].mean()) for n in flops) / sum(flops.values())
+    assert pruner.budget_kind == "flops"
+    assert abs(kept - 0.2) <= 0.01
+    assert kept == pytest.approx(pruner.kept_fraction(), abs=1e-9)
