@@ -10,6 +10,8 @@ from torch import fx, nn
 from ._tracking import LayerRecord
 from .cost_model import CostModel, Factor, LayerCost
 from .dependency import Analysis, analysis_of, analyze
+from .errors import GraphPassError, MissingAnalysisError
+from .groups import ChannelGroup
 from .tracing import trace
 
 __all__ = ["cost", "cost_of_analysis"]
@@ -45,17 +47,21 @@ def cost_of_analysis(gm: fx.GraphModule, analysis: Analysis) -> CostModel:
     return CostModel(tuple(layers), 0)
 
 
-def cost(model: nn.Module, example_inputs: Any) -> CostModel:
+def cost(model: nn.Module, example_inputs: Any, groups: list[ChannelGroup] | None = None) -> CostModel:
     """Dense FLOPs (2 per multiply-accumulate, for conv, linear, matmul and attention, as
     ``torch.utils.flop_counter.FlopCounterMode`` counts them on ``example_inputs``) and
     parameters of every layer, each with the factors by which channel pruning scales it.
 
     ``CostModel.flops(keep)`` gives the FLOPs when group ``g`` keeps the fraction ``keep[g]``
-    of its channels; it is differentiable when the fractions are tensors.
+    of its channels; it is differentiable when the fractions are tensors. ``groups``, when
+    given, must be the groups ``channel_groups`` found for the same model and inputs: group ids
+    in ``keep`` refer to them (a mismatch raises :class:`GraphPassError`).
     """
     gm = trace(model, example_inputs)
     try:
         analysis = analysis_of(gm)
-    except Exception:
+    except MissingAnalysisError:
         analysis = analyze(gm)
+    if groups is not None and [(g.id, g.size) for g in groups] != [(g.id, g.size) for g in analysis.groups]:
+        raise GraphPassError("the groups passed to cost() are not this model's: call channel_groups(model, x) with the same inputs")
     return cost_of_analysis(gm, analysis)

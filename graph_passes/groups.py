@@ -97,8 +97,8 @@ def group_masks(
             if mask is None:
                 mask = torch.ones_like(tensor, dtype=torch.float32)
                 masks[m.module][m.param] = mask
-            idx = torch.tensor(m.index, dtype=torch.long)
-            values = k[torch.tensor(m.channel, dtype=torch.long)].to(mask.dtype)
+            idx = torch.tensor(m.index, dtype=torch.long, device=mask.device)
+            values = k.to(mask.device)[torch.tensor(m.channel, dtype=torch.long, device=mask.device)].to(mask.dtype)
             shape = [1] * mask.dim()
             shape[m.dim] = -1
             sel = mask.index_select(m.dim, idx) * values.view(shape)
@@ -126,8 +126,8 @@ def keep_from_masks(
             if mask is None:
                 continue
             seen = True
-            idx = torch.tensor(m.index, dtype=torch.long)
-            sel = mask.index_select(m.dim, idx).movedim(m.dim, 0).reshape(len(m.index), -1)
+            idx = torch.tensor(m.index, dtype=torch.long, device=mask.device)
+            sel = mask.index_select(m.dim, idx).cpu().movedim(m.dim, 0).reshape(len(m.index), -1)
             alive = (sel != 0).any(dim=1)
             kept.index_fill_(0, torch.tensor(m.channel, dtype=torch.long)[alive], True)
         if not seen or not group.prunable:
@@ -148,8 +148,8 @@ def channel_norms(model: nn.Module, group: ChannelGroup, p: float = 2.0, roles: 
     total = torch.zeros(group.size, dtype=torch.float64)
     for m in chosen:
         w = _param(model, m.module, m.param).detach().to(torch.float64)
-        idx = torch.tensor(m.index, dtype=torch.long)
+        idx = torch.tensor(m.index, dtype=torch.long, device=w.device)
         rows = w.index_select(m.dim, idx).movedim(m.dim, 0).reshape(len(m.index), -1)
-        contrib = rows.abs().pow(p).sum(dim=1)
+        contrib = rows.abs().pow(p).sum(dim=1).cpu()
         total.index_add_(0, torch.tensor(m.channel, dtype=torch.long), contrib)
     return total.pow(1.0 / p).to(torch.float32)
