@@ -46,6 +46,19 @@ def reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[lis
     return groups
 
 
+def _size_args(node: fx.Node) -> list[Any]:
+    """The per-axis size arguments of a view/reshape call (empty when it takes none)."""
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        sizes = list(node.args[1:])
+    elif node.op == "call_function" and node.target is torch.reshape:
+        sizes = [arg(node, 1, "shape", ())]
+    else:
+        return []
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes = list(sizes[0])
+    return sizes
+
+
 @register_module(nn.Flatten, nn.Unflatten)
 @register_method("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as")
 @register_function(torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten)
@@ -65,6 +78,7 @@ def reshape(state: AnalysisState, node: fx.Node) -> Any:
             return TensorInfo(shape, {}, ParamOrigin(info.origin.module, info.origin.param, axes))
         return TensorInfo(shape)
     out = TensorInfo(shape)
+    size_args = _size_args(node)
     for src_axes, dst_axes in reshape_groups(info.shape, shape):
         tracked = [a for a in src_axes if a in info.track]
         if not tracked or not dst_axes:
@@ -83,6 +97,11 @@ def reshape(state: AnalysisState, node: fx.Node) -> Any:
             continue
         sizes_out = [shape[d] for d in dst_axes]
         keep_local = max(range(len(dst_axes)), key=lambda k: (sizes_out[k], k))
+        runtime = [k for k, d in enumerate(dst_axes) if d < len(size_args) and isinstance(size_args[d], fx.Node)]
+        if len(runtime) == 1:
+            # the one size computed at run time (``C // groups``) absorbs the pruned channels; the
+            # literal sizes (the group count) stay true in the pruned graph
+            keep_local = runtime[0]
         moved = np.moveaxis(arr, keep_local, -1).reshape(-1, sizes_out[keep_local])
         for row in moved[1:]:
             state.unite(moved[0], row)

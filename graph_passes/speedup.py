@@ -121,8 +121,10 @@ def _rewrite_sizes(node: fx.Node, old: tuple[int, ...], new: tuple[int, ...]) ->
             raise SpeedupError(f"cannot map the size arguments of {node.name} onto its output", node=node.name)
         return
     lead = 0
-    fixed = [new[i + lead] if isinstance(s, int) and s not in (-1,) and s == old[i + lead] and old[i + lead] != new[i + lead] else s
-             for i, s in enumerate(sizes)]
+    # a size computed at run time (``x.shape[-1]`` of another tensor) may read a different group's
+    # width: every changed axis gets its new, static length
+    fixed = [new[i + lead] if old[i + lead] != new[i + lead] and (isinstance(s, fx.Node) or isinstance(s, int) and s != -1 and s == old[i + lead])
+             else s for i, s in enumerate(sizes)]
     node.args = (args[0], tuple(fixed)) if packed else (args[0], *fixed, *args[1 + len(fixed):])
 
 
