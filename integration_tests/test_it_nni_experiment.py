@@ -18,6 +18,7 @@ TARGET = 0.9
 TINY = ("--param max_train_batches=2 --param pretrain_epochs=1 --param prune_epochs=2 --param finetune_epochs=1 "
         "--param eval_batches=1 --param eval_attack_steps=2 --param attack_steps=1 --param batch_size=32")
 FINISHED = {"DONE", "STOPPED", "ERROR", "NO_MORE_TRIAL"}
+ENDED = {"SUCCEEDED", "FAILED", "USER_CANCELED", "SYS_CANCELED", "EARLY_STOPPED"}
 
 
 def _free_port() -> int:
@@ -27,12 +28,30 @@ def _free_port() -> int:
 
 
 def _port_is_free(port: int) -> bool:
+    """Nobody listens on ``port`` and a new server could bind it (connections the stopped manager
+    closed may linger in TIME_WAIT; SO_REUSEADDR, which servers such as NNI's set, ignores them)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            return False
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
             return False
         return True
+
+
+def _finished(exp, n_trials: int) -> bool:
+    """DONE, or every trial submitted (NO_MORE_TRIAL) and ended; NO_MORE_TRIAL alone still has
+    the last trial running."""
+    status = exp.get_status()
+    if status in FINISHED - {"NO_MORE_TRIAL"}:
+        return True
+    if status != "NO_MORE_TRIAL":
+        return False
+    jobs = exp.list_trial_jobs()
+    return len(jobs) >= n_trials and all(j.status in ENDED for j in jobs)
 
 
 def _load_launcher():
@@ -55,10 +74,9 @@ def test_local_experiment_runs_trials_and_reports_metrics(tmp_path):
     try:
         exp.start(port)
         deadline = time.monotonic() + 1200
-        status = exp.get_status()
-        while status not in FINISHED and time.monotonic() < deadline:
+        while not _finished(exp, len(PRUNERS)) and time.monotonic() < deadline:
             time.sleep(5)
-            status = exp.get_status()
+        status = exp.get_status()
         jobs = exp.list_trial_jobs()
         data = exp.export_data()
         metrics = exp.get_job_metrics()

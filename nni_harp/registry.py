@@ -51,14 +51,22 @@ PRUNERS: dict[str, PrunerSpec] = {}
 
 def register_pruner(
     name: str, modes: tuple[str, ...] = ("unstructured", "structured"), global_budget: bool = False,
-    training: bool = True, by_steps: bool = False, description: str = "",
+    training: bool = True, by_steps: bool = False, self_timed: bool = False, description: str = "",
 ) -> Callable[[Callable[[PruneRequest], Any]], Callable[[PruneRequest], Any]]:
-    """Decorator: register a builder ``(PruneRequest) -> pruner`` under ``name``."""
+    """Decorator: register a builder ``(PruneRequest) -> pruner`` under ``name``.
+
+    ``training``: the pruner needs the evaluator; ``by_steps``: ``compress`` counts optimizer steps
+    (epochs x steps per epoch) instead of epochs; ``self_timed``: the pruner got its training length
+    in its constructor and ``compress()`` takes no arguments (TaylorPruner).
+    """
 
     def wrap(build: Callable[[PruneRequest], Any]) -> Callable[[PruneRequest], Any]:
         if name in PRUNERS:
             raise ValueError(f"pruner {name!r} is already registered")
-        compress = _compress_oneshot if not training else _compress_steps if by_steps else _compress_epochs
+        if self_timed or not training:
+            compress = _compress_oneshot
+        else:
+            compress = _compress_steps if by_steps else _compress_epochs
         PRUNERS[name] = PrunerSpec(name, build, compress, modes, global_budget, training, description)
         return build
 
@@ -143,7 +151,7 @@ def _fpgm(req: PruneRequest) -> Any:
     return FPGMPruner(req.model, req.config_list)
 
 
-@register_pruner("taylor", by_steps=True, description="NNI TaylorPruner: first-order Taylor importance over the pruning epochs")
+@register_pruner("taylor", self_timed=True, description="NNI TaylorPruner: first-order Taylor importance over the pruning epochs")
 def _taylor(req: PruneRequest) -> Any:
     from nni.compression.pruning import TaylorPruner
 

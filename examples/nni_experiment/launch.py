@@ -18,8 +18,24 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 
+def check_filelock() -> None:
+    """NNI 3.0's experiment registry lock (nni.tools.nnictl.common_utils.SimplePreemptiveLock)
+    subclasses filelock internals that changed in filelock 3.12: with a newer filelock,
+    Experiment.start() never returns (it spins on the lock). nni 3.0 declares filelock<3.12;
+    installing tox into the same environment upgrades it."""
+    from importlib.metadata import version
+
+    major, minor = (int(x) for x in version("filelock").split(".")[:2])
+    if (major, minor) >= (3, 12):
+        raise RuntimeError(
+            f"filelock {version('filelock')} is installed; NNI 3.0 experiments need filelock<3.12 "
+            "(pip install 'filelock<3.12'; keep tox in its own environment)"
+        )
+
+
 def build(trials: int, trial_args: str = "--param max_train_batches=10 --param pretrain_epochs=2",
           search_space: dict | None = None) -> Experiment:
+    check_filelock()
     exp = Experiment("local")
     exp.config.experiment_name = "nni-harp-pruners"
     exp.config.trial_command = f"{sys.executable} -m nni_harp.trial {trial_args}"
@@ -42,7 +58,8 @@ def main() -> int:
     exp = build(args.trials)
     exp.start(args.port)
     try:
-        while exp.get_status() not in ("DONE", "STOPPED", "ERROR", "NO_MORE_TRIAL"):
+        # NO_MORE_TRIAL only means every trial was submitted; DONE means they all ended
+        while exp.get_status() not in ("DONE", "STOPPED", "ERROR"):
             time.sleep(10)
         for row in exp.export_data():
             print(row.parameter, row.value)
