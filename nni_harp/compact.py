@@ -125,6 +125,7 @@ def prune(
     if hasattr(pruner, "history"):
         info["history"] = [dict(h) for h in pruner.history]
     pruner.unwrap_model()
+    hd.broadcast_buffers(model)  # BatchNorm statistics were updated from each rank's own shard
     if not spec.training and on_epoch_end is not None:
         on_epoch_end("prune", 0, {})
     return masks_from_model(model, masks), info
@@ -157,6 +158,7 @@ def finetune(
                      sync_grads=not use_ddp, stage="finetune", on_epoch_end=on_epoch_end)
     release_masks(model)
     apply_masks(model, masks)
+    hd.broadcast_buffers(model)
     return model
 
 

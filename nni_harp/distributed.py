@@ -35,6 +35,7 @@ __all__ = [
     "all_reduce_mean",
     "broadcast_module",
     "broadcast_masks",
+    "broadcast_buffers",
     "max_difference",
     "main_process_first",
 ]
@@ -146,6 +147,16 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
     if not is_distributed():
         return
     for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src=src)
+
+
+@torch.no_grad()
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics: each rank updates them from its
+    own shard) to every rank, as DDP does before each forward."""
+    if not is_distributed():
+        return
+    for t in module.buffers():
         dist.broadcast(t.data, src=src)
 
 

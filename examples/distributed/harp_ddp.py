@@ -80,7 +80,7 @@ def main() -> int:
             atomic_write_text(out / "result.json", json.dumps({**result, "layer_rates": pinfo.get("layer_rates", {})}, indent=2))
             log.info("result: %s", result)
             print(json.dumps(result))
-        return 0 if mask_diff == 0.0 and rate_diff == 0.0 else 1
+        return 0 if mask_diff == 0.0 and rate_diff == 0.0 and weight_diff == 0.0 else 1
     finally:
         hd.shutdown()
 
