@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--families", default=None, help="comma-separated family names (timm module names)")
     ap.add_argument("--timeout-per-model", type=float, default=300.0, help="seconds per model and tool")
     ap.add_argument("--output", type=Path, default=RESULTS / "coverage.md")
-    ap.add_argument("--resume", action="store_true", help="reuse results of families in the JSON sidecar")
+    ap.add_argument("--resume", action="store_true", help="reuse the JSON sidecar's results, rerunning the families graph_passes failed")
     args = ap.parse_args(argv)
 
     fams = families()
@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     sidecar = args.output.with_suffix(".json")
     rows: dict[str, dict[str, Any]] = {}
     if args.resume and sidecar.exists():
-        rows = {f: r for f, r in json.loads(sidecar.read_text()).items() if f in chosen and r["model"] == chosen[f]}
+        rows = {f: r for f, r in json.loads(sidecar.read_text()).items()
+                if f in chosen and r["model"] == chosen[f] and ours_status(r["ours"]) != "FAIL"}
     for i, (fam, name) in enumerate(chosen.items()):
         if fam in rows:
             continue

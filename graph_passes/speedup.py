@@ -105,9 +105,10 @@ def _slice_params(gm: fx.GraphModule, plan: dict[str, dict[str, dict[int, torch.
             _fix_attributes(owner, old)
 
 
-def _rewrite_sizes(node: fx.Node, old: tuple[int, ...], new: tuple[int, ...]) -> None:
-    """Replace integer size arguments that named an axis whose length changed."""
-    if old == new:
+def _rewrite_sizes(node: fx.Node, old: tuple[int, ...], new: tuple[int, ...], channel_axes: frozenset[int] = frozenset()) -> None:
+    """Replace integer size arguments that named an axis whose length changed, and sizes computed
+    at run time on channel axes (they may read another group's width, e.g. ``C // heads``)."""
+    if old == new and not channel_axes:
         return
     args = list(node.args)
     sizes = args[1:]
@@ -123,7 +124,8 @@ def _rewrite_sizes(node: fx.Node, old: tuple[int, ...], new: tuple[int, ...]) ->
     lead = 0
     # a size computed at run time (``x.shape[-1]`` of another tensor) may read a different group's
     # width: every changed axis gets its new, static length
-    fixed = [new[i + lead] if old[i + lead] != new[i + lead] and (isinstance(s, fx.Node) or isinstance(s, int) and s != -1 and s == old[i + lead])
+    fixed = [new[i + lead] if isinstance(s, fx.Node) and (i + lead in channel_axes or old[i + lead] != new[i + lead])
+             or isinstance(s, int) and s != -1 and s == old[i + lead] and old[i + lead] != new[i + lead]
              else s for i, s in enumerate(sizes)]
     node.args = (args[0], tuple(fixed)) if packed else (args[0], *fixed, *args[1 + len(fixed):])
 
@@ -174,9 +176,9 @@ def _rewrite_node(gm: fx.GraphModule, node: fx.Node, keeper: _Keeper) -> None:
     info = node.meta.get(TRACK_KEY)
     src = node.args[0].meta.get(TRACK_KEY) if node.args and isinstance(node.args[0], fx.Node) else None
     if node.op == "call_method" and node.target in _SIZE_METHODS and isinstance(info, TensorInfo):
-        _rewrite_sizes(node, info.shape, keeper.new_shape(info))
+        _rewrite_sizes(node, info.shape, keeper.new_shape(info), frozenset(info.track))
     elif node.op == "call_function" and node.target in (torch.reshape, torch.broadcast_to) and isinstance(info, TensorInfo):
-        _rewrite_sizes(node, info.shape, keeper.new_shape(info))
+        _rewrite_sizes(node, info.shape, keeper.new_shape(info), frozenset(info.track))
     elif node.target is operator.getitem and isinstance(src, TensorInfo):
         _rewrite_getitem(node, src, keeper)
     elif node.target in ("split", torch.split, "split_with_sizes") and isinstance(src, TensorInfo):
