@@ -7,6 +7,7 @@ step, so the weights stay good), then write the stage checkpoint.
 from __future__ import annotations
 
 import logging
+import warnings
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -109,21 +110,29 @@ class EpochLoop:
         step_fn: StepFn,
         epochs: int,
         start_epoch: int,
-        state_fn: Callable[[], Mapping[str, Any]],
+        state_fn: Callable[[], Mapping[str, Any]] | None,
         max_steps: int | None = None,
         on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+        stop_epoch: int | None = None,
+        announce: bool = True,
     ) -> list[dict[str, float]]:
-        """Train; after each epoch call ``state_fn()`` for the checkpoint payload and save it."""
+        """Train epochs ``start_epoch .. min(stop_epoch, epochs) - 1`` of ``epochs``.
+
+        After each epoch ``state_fn()`` gives the checkpoint payload, which is saved (``None``:
+        the caller checkpoints itself, as the prune stage does once NNI's pruner has finished its
+        own end-of-epoch bookkeeping). ``announce`` sends ``on_stage_start`` first.
+        """
         total = self.steps_per_epoch()
         cb = self.callbacks
-        cb.on_stage_start(self.stage, epochs, start_epoch, total)
+        if announce:
+            cb.on_stage_start(self.stage, epochs, start_epoch, total)
         ckpt = self.store.stage_path(self.stage)
-        last_good = str(ckpt) if start_epoch > 0 else None
         results: list[dict[str, float]] = []
         tap = OutputTap(model)
-        steps_done = start_epoch * total
+        steps_done = 0
+        end = epochs if stop_epoch is None else min(stop_epoch, epochs)
         try:
-            for epoch in range(start_epoch, epochs):
+            for epoch in range(start_epoch, end):
                 if max_steps is not None and steps_done >= max_steps:
                     break
                 model.train()
@@ -139,7 +148,7 @@ class EpochLoop:
                     loss = _loss_of(out)
                     value = float(loss.detach())
                     if not torch.isfinite(loss.detach()).all():
-                        raise NonFiniteLossError(self.stage, epoch, step, value, last_good)
+                        raise NonFiniteLossError(self.stage, epoch, step, value, str(ckpt) if ckpt.is_file() else None)
                     loss.backward()
                     for opt in optimizers:
                         opt.step()
@@ -156,17 +165,20 @@ class EpochLoop:
                     if counted:
                         running["acc"] = correct / counted
                     cb.on_step(self.stage, epoch, step, running)
-                for sched in schedulers:
-                    sched.step()
                 metrics = {"loss": loss_sum / max(seen, 1)}
                 if counted:
                     metrics["acc"] = correct / counted
                 if optimizers:
                     metrics["lr"] = float(optimizers[0].param_groups[0]["lr"])
+                with warnings.catch_warnings():
+                    # NNI patches optimizer.step after the scheduler was built, which torch flags
+                    warnings.filterwarnings("ignore", message=".*optimizer.step\\(\\)` has been overridden.*")
+                    for sched in schedulers:
+                        sched.step()
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, metrics)
-                self.store.save_epoch(self.stage, epoch, dict(state_fn()))
-                last_good = str(ckpt)
+                if state_fn is not None:
+                    self.store.save_epoch(self.stage, epoch, dict(state_fn()))
                 logger.info("%s epoch %d/%d: %s", self.stage, epoch + 1, epochs, _fmt(metrics))
                 cb.on_epoch_end(self.stage, epoch, metrics)
                 results.append(metrics)

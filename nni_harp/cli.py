@@ -1,0 +1,352 @@
+"""``nni-harp``: prune any timm model with HARP, evaluate saved models, list supported models.
+
+    nni-harp prune resnet18                                 # digits, unstructured, 90 % sparsity
+    nni-harp prune resnet18 --mode structured --flops-target 0.3
+    nni-harp prune resnet18 --resume --output-dir runs/resnet18-unstructured
+    nni-harp evaluate resnet18 --checkpoint runs/resnet18-unstructured
+    nni-harp list-models 'resnet*' --check
+
+User errors (bad model name, bad target, missing data) print one line on stderr and exit with
+status 2; a run stopped by a NaN/inf loss exits with 3; an interrupted run (Ctrl-C) with 130.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from fractions import Fraction
+from typing import Any, Mapping, Sequence
+
+from tqdm import tqdm
+
+from .pipeline.callbacks import PipelineCallback
+
+__all__ = ["main", "build_parser", "TqdmProgress"]
+
+EXIT_USER_ERROR = 2
+EXIT_NONFINITE = 3
+EXIT_INTERRUPTED = 130
+
+
+def _number(text: str) -> float:
+    """A float, also written as a fraction: ``8/255``."""
+    try:
+        return float(Fraction(text.strip())) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError) as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+
+
+_DEFAULTS_EPILOG = """\
+defaults (chosen so that `nni-harp prune resnet18` on digits takes a few minutes on a 2-core CPU):
+  32 px images; PGD-AT with 3 steps (step 2.5*eps/steps) for training; 4 pretraining,
+  3 pruning and 2 fine-tuning epochs; batch 64; SGD momentum 0.9, cosine schedule, lr
+  0.05 / 0.1 / 0.01 (pretrain / prune / fine-tune), weight decay 5e-4; gamma_0 0.01.
+  Evaluation on the first 200 test images: PGD-10 and AutoAttack ('standard' from
+  torchattacks; 'apgd-ce' is a quick approximation, 'off' skips it). Latency: median of
+  20 batch-1 CPU runs, PyTorch eager and onnxruntime.
+  The HARP paper's recipe is 100 + 20 + 100 epochs with PGD-10 and batch 128:
+  --pretrain-epochs 100 --prune-epochs 20 --finetune-epochs 100 --attack-steps 10 --batch-size 128
+
+outputs in --output-dir (default runs/MODEL-MODE):
+  model.pt, model_meta.json, plan.json (structured)  -> nni_harp.load_pruned(MODEL, DIR)
+  model.onnx, dense_model.pt, report.json, report.md, kept_fraction.png,
+  pruning_history.png, checkpoints/ (one per stage, rewritten every epoch, for --resume)
+"""
+
+
+def _add_eval_options(p: argparse.ArgumentParser, default_batch: int | None) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-samples", type=int, default=200, metavar="N",
+                   help="test images attacked with PGD and AutoAttack (default: %(default)s)")
+    g.add_argument("--eval-attack-steps", type=int, default=10, metavar="N",
+                   help="PGD steps at evaluation (default: %(default)s)")
+    g.add_argument("--autoattack", default="standard", metavar="VERSION",
+                   help="AutoAttack version: standard, apgd-ce, apgd-ce+apgd-t, plus, rand, or off "
+                        "(default: %(default)s)")
+    g.add_argument("--latency-runs", type=int, default=20, metavar="N",
+                   help="timed runs per latency measurement (default: %(default)s)")
+    g.add_argument("--no-onnx", dest="export_onnx", action="store_false",
+                   help="skip the ONNX export (and the onnxruntime latency)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (the final table still prints)")
+    p.add_argument("--verbose", "-v", action="store_true", help="log INFO messages of the library")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nni-harp",
+        description="HARP (Holistic Adversarially Robust Pruning) for timm models, as an NNI 3.0 pruner.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "prune", help="pretrain adversarially, prune with HARP, fine-tune, speed up, export, evaluate",
+        description="Prune a timm model (random init, pretrained=False) with HARP and report dense vs pruned.",
+        epilog=_DEFAULTS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL", help="a timm model name (see `nni-harp list-models`)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="digits", choices=["digits", "cifar10", "svhn", "imagefolder"],
+                   help="digits ships with scikit-learn; the others read --data-dir (default: %(default)s)")
+    g.add_argument("--data-dir", default=None, help="dataset folder (cifar10, svhn, imagefolder); nothing is downloaded")
+    g.add_argument("--image-size", type=int, default=32, help="input resolution in pixels (default: %(default)s)")
+    g = p.add_argument_group("pruning target")
+    g.add_argument("--mode", default="unstructured", choices=["unstructured", "structured"],
+                   help="unstructured: single weights (budget: parameters); structured: channels, "
+                        "physically removed (budget: FLOPs) (default: %(default)s)")
+    g.add_argument("--sparsity", type=_number, default=0.9,
+                   help="unstructured: fraction of parameters removed, in (0, 1) (default: %(default)s)")
+    g.add_argument("--flops-target", type=_number, default=0.5,
+                   help="structured: fraction of FLOPs kept, in (0, 1) (default: %(default)s)")
+    g.add_argument("--gamma0", dest="gamma_0", type=_number, default=0.01,
+                   help="initial weight of the hardware loss (default: %(default)s)")
+    g = p.add_argument_group("adversarial training")
+    g.add_argument("--adv-loss", default="pgd", choices=["pgd", "trades", "mart"],
+                   help="PGD-AT, TRADES or MART (default: %(default)s)")
+    g.add_argument("--eps", type=_number, default=8 / 255, help="L-inf radius in pixel units, e.g. 8/255 (default: 8/255)")
+    g.add_argument("--attack-steps", type=int, default=3, help="PGD steps during training (default: %(default)s)")
+    g.add_argument("--trades-beta", type=_number, default=6.0, help="TRADES/MART beta (default: %(default)s)")
+    g = p.add_argument_group("schedule")
+    g.add_argument("--pretrain-epochs", type=int, default=4, help="default: %(default)s (ignored with --checkpoint)")
+    g.add_argument("--prune-epochs", type=int, default=3, help="default: %(default)s")
+    g.add_argument("--finetune-epochs", type=int, default=2, help="default: %(default)s")
+    g.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
+    g.add_argument("--pretrain-lr", type=_number, default=0.05, help="default: %(default)s")
+    g.add_argument("--prune-lr", type=_number, default=0.1, help="default: %(default)s")
+    g.add_argument("--finetune-lr", type=_number, default=0.01, help="default: %(default)s")
+    g.add_argument("--weight-decay", type=_number, default=5e-4, help="default: %(default)s")
+    g.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    g = p.add_argument_group("files")
+    g.add_argument("--output-dir", default=None, help="where everything is written (default: runs/MODEL-MODE)")
+    g.add_argument("--checkpoint", default=None,
+                   help="start from this trained dense model (a state dict file, or an earlier run's "
+                        "output folder) instead of pretraining")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last finished epoch")
+    g.add_argument("--overwrite", action="store_true", help="start again in an --output-dir that holds a run")
+    _add_eval_options(p, None)
+    # testing knobs, not shown in --help
+    p.add_argument("--max-train-batches", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--num-workers", type=int, default=0, help=argparse.SUPPRESS)
+    _add_common(p)
+
+    e = sub.add_parser(
+        "evaluate", help="clean / PGD / AutoAttack accuracy, size and latency of a saved model",
+        description="Evaluate a saved model: a dense state dict, or the output folder of `nni-harp prune`.",
+    )
+    e.add_argument("model", metavar="MODEL", help="the timm model name the weights belong to")
+    e.add_argument("--checkpoint", required=True, help="dense state dict file, or a `nni-harp prune` output folder")
+    e.add_argument("--dataset", default=None, choices=["digits", "cifar10", "svhn", "imagefolder"],
+                   help="default: the run's dataset (output folder) or digits")
+    e.add_argument("--data-dir", default=None)
+    e.add_argument("--image-size", type=int, default=None, help="default: the run's (output folder) or 32")
+    e.add_argument("--eps", type=_number, default=8 / 255, help="default: 8/255")
+    e.add_argument("--batch-size", type=int, default=100, help="default: %(default)s")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--output-dir", default=None, help="also write evaluate_report.json/.md (and model.onnx) here")
+    _add_eval_options(e, 100)
+    _add_common(e)
+
+    lm = sub.add_parser(
+        "list-models", help="list timm model names; --check marks those the pruning graph cannot handle",
+        description=(
+            "List timm models matching PATTERN (shell-style, default '*'). Without --check this is "
+            "instant. With --check each model is built (random weights) and analysed by graph_passes "
+            "at --image-size; results stream as they come (about 0.1-5 s per model, so narrow the "
+            "pattern). Marks: 'ok' (structured and unstructured), 'unstructured only' (no channel "
+            "group can be pruned), 'unsupported: REASON' (the graph could not be traced/analysed)."
+        ),
+    )
+    lm.add_argument("pattern", nargs="?", default="*", metavar="PATTERN")
+    lm.add_argument("--check", action="store_true", help="analyse each model with graph_passes")
+    lm.add_argument("--image-size", type=int, default=32, help="input size for --check (default: %(default)s)")
+    lm.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+class TqdmProgress(PipelineCallback):
+    """Progress bars for the pipeline callbacks: one bar per epoch with running loss/accuracy."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.epochs: dict[str, int] = {}
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_stage_start(self, stage: str, epochs: int, start_epoch: int, total: int | None) -> None:
+        self.epochs[stage] = epochs
+        if start_epoch:
+            tqdm.write(f"{stage}: resuming at epoch {start_epoch + 1}/{epochs}", file=sys.stderr)
+
+    def on_epoch_start(self, stage: str, epoch: int, total: int | None) -> None:
+        self._close()
+        epochs = self.epochs.get(stage, 1)
+        desc = f"{stage} {epoch + 1}/{epochs}" if epochs > 1 else stage
+        self.bar = tqdm(total=total, desc=desc, unit="batch", leave=True, dynamic_ncols=True, file=sys.stderr)
+
+    def on_step(self, stage: str, epoch: int, step: int, metrics: Mapping[str, float]) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        if metrics:
+            self.bar.set_postfix(_postfix(metrics), refresh=False)
+
+    def on_epoch_end(self, stage: str, epoch: int, metrics: Mapping[str, float]) -> None:
+        if self.bar is not None:
+            if metrics:
+                self.bar.set_postfix(_postfix(metrics), refresh=False)
+            self.bar.refresh()
+        self._close()
+
+    def on_stage_end(self, stage: str, result: Mapping[str, Any]) -> None:
+        self._close()
+
+    def on_message(self, text: str) -> None:
+        self._close()
+        tqdm.write(text, file=sys.stderr)
+
+
+def _postfix(metrics: Mapping[str, float]) -> dict[str, str]:
+    out = {}
+    for k, v in metrics.items():
+        if k in ("acc", "clean", "pgd", "autoattack", "kept_fraction"):
+            out[k] = f"{100 * v:.1f}%"
+        elif k == "lr":
+            out[k] = f"{v:.2g}"
+        else:
+            out[k] = f"{v:.4g}"
+    return out
+
+
+class _TqdmLoggingHandler(logging.Handler):
+    """Log records through tqdm.write, so they do not break the progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = _TqdmLoggingHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    for name in ("nni_harp", "graph_passes"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("nni").setLevel(logging.WARNING if verbose else logging.ERROR)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean 'the request cannot be done as asked', shown without a traceback."""
+    from .data import DatasetError
+    from .loading import LoadError
+    from .pipeline import ConfigError, ResumeError
+
+    errors: list[type[BaseException]] = [ConfigError, DatasetError, ResumeError, LoadError, FileNotFoundError]
+    try:
+        from .adversarial import AdversarialError
+
+        errors.append(AdversarialError)
+    except ImportError:  # pragma: no cover - the package is always there once installed
+        pass
+    return tuple(errors)
+
+
+def _fail(message: str, code: int = EXIT_USER_ERROR) -> int:
+    print(f"nni-harp: error: {message}", file=sys.stderr)
+    return code
+
+
+# ---------------------------------------------------------------------------------------------
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from .pipeline import PipelineConfig, run
+
+    output_dir = args.output_dir or f"runs/{args.model}-{args.mode}"
+    config = PipelineConfig(
+        model=args.model, dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
+        mode=args.mode, sparsity=args.sparsity, flops_target=args.flops_target, adv_loss=args.adv_loss,
+        eps=args.eps, attack_steps=args.attack_steps, pretrain_epochs=args.pretrain_epochs,
+        prune_epochs=args.prune_epochs, finetune_epochs=args.finetune_epochs, batch_size=args.batch_size,
+        seed=args.seed, output_dir=output_dir, checkpoint=args.checkpoint, resume=args.resume,
+        overwrite=args.overwrite, pretrain_lr=args.pretrain_lr, prune_lr=args.prune_lr,
+        finetune_lr=args.finetune_lr, weight_decay=args.weight_decay, gamma_0=args.gamma_0,
+        trades_beta=args.trades_beta, eval_samples=args.eval_samples,
+        eval_attack_steps=args.eval_attack_steps, autoattack=args.autoattack,
+        latency_runs=args.latency_runs, export_onnx=args.export_onnx,
+        max_train_batches=args.max_train_batches, num_workers=args.num_workers,
+    )
+    callbacks = [] if args.quiet else [TqdmProgress()]
+    start = time.perf_counter()
+    report = run(config, callbacks=callbacks)
+    print(report.table())
+    print(f"\nwrote {config.out_path}/report.json, report.md, model.pt, plots "
+          f"({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .pipeline import EvaluateConfig, evaluate
+
+    config = EvaluateConfig(
+        model=args.model, checkpoint=args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
+        image_size=args.image_size, eps=args.eps, eval_attack_steps=args.eval_attack_steps,
+        eval_samples=args.eval_samples, autoattack=args.autoattack, batch_size=args.batch_size,
+        seed=args.seed, latency_runs=args.latency_runs, export_onnx=args.export_onnx, output_dir=args.output_dir,
+    )
+    report = evaluate(config, callbacks=[] if args.quiet else [TqdmProgress()])
+    print(report.table())
+    return 0
+
+
+def _cmd_list_models(args: argparse.Namespace) -> int:
+    import timm
+
+    from .pipeline.support import check_model
+
+    names = timm.list_models(args.pattern)
+    if not names:
+        return _fail(f"no timm model matches {args.pattern!r}")
+    if not args.check:
+        for name in names:
+            print(name)
+        print(f"{len(names)} models; add --check to mark the ones the pruning graph does not support yet",
+              file=sys.stderr)
+        return 0
+    unsupported = 0
+    for name in names:
+        status = check_model(name, args.image_size)
+        unsupported += not status.ok
+        print(f"{name}\t{status.describe()}", flush=True)
+    print(f"{len(names)} models checked, {unsupported} not supported for structured pruning", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "verbose", False))
+    commands = {"prune": _cmd_prune, "evaluate": _cmd_evaluate, "list-models": _cmd_list_models}
+    from .pipeline._loop import NonFiniteLossError
+
+    try:
+        return commands[args.command](args)
+    except NonFiniteLossError as exc:
+        return _fail(str(exc), EXIT_NONFINITE)
+    except KeyboardInterrupt:
+        return _fail("interrupted; `--resume` continues from the last finished epoch", EXIT_INTERRUPTED)
+    except _user_errors() as exc:
+        return _fail(str(exc))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The end-to-end HARP pipeline: ``run(PipelineConfig) -> Report``; the command line wraps it.
+
+    from nni_harp.pipeline import PipelineConfig, run
+    report = run(PipelineConfig(model="resnet18", mode="structured", flops_target=0.3))
+    print(report.table())
+
+Stages: adversarial pretraining (unless ``checkpoint``), dense evaluation, HARP pruning,
+adversarial fine-tuning with fixed masks, speedup (structured), ONNX export, pruned evaluation.
+Everything lands in ``config.output_dir``: ``model.pt`` + ``model_meta.json`` (+ ``plan.json``)
+for :func:`nni_harp.load_pruned`, ``model.onnx``, ``report.json``/``report.md``, the plots and
+``checkpoints/`` (per-epoch checkpoints for ``resume=True``).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from .callbacks import CallbackList, PipelineCallback
+from .checkpoint import ResumeError, RunStore
+from .config import ConfigError, EvaluateConfig, PipelineConfig
+from .report import ModelMetrics, Report
+
+__all__ = [
+    "run",
+    "evaluate",
+    "PipelineConfig",
+    "EvaluateConfig",
+    "ConfigError",
+    "ResumeError",
+    "PipelineCallback",
+    "Report",
+    "ModelMetrics",
+    "PLOT_RATES",
+    "PLOT_HISTORY",
+]
+
+logger = logging.getLogger(__name__)
+
+PLOT_RATES = "kept_fraction.png"
+PLOT_HISTORY = "pruning_history.png"
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run(config: PipelineConfig, callbacks: Iterable[PipelineCallback] | PipelineCallback | None = None) -> Report:
+    """Run (or, with ``config.resume``, continue) the whole pipeline and return its report."""
+    from . import stages as st
+    from ._harp import stage_prune
+    from .plots import plot_history, plot_layer_rates
+
+    if not isinstance(config, PipelineConfig):
+        raise TypeError(f"run() takes a PipelineConfig, got {type(config).__name__}")
+    cb = CallbackList(callbacks)
+    out = config.out_path
+    store = RunStore(out)
+    store.start(config.to_dict(), config.resume, config.overwrite, PipelineConfig.RESUME_KEYS)
+    _seed_everything(config.seed)
+    ctx = st.make_context(config, store, cb)
+    model = st.new_model(ctx)
+
+    st.stage_pretrain(ctx, model)
+    onnx_dense = None if store.is_done("evaluate-dense") else st.dense_onnx(ctx, model)
+    dense = st.stage_evaluate(ctx, model, "evaluate-dense", out / st.DENSE_MODEL_FILE, onnx_dense)
+    model, masks, pruned_result = stage_prune(ctx, model)
+    st.stage_finetune(ctx, model, masks)
+    model = st.stage_speedup(ctx, model, masks)
+    onnx_path = st.stage_export(ctx, model)
+    pruned = st.stage_evaluate(ctx, model, "evaluate-pruned", out / "model.pt", onnx_path)
+
+    rates = pruned_result.get("layer_rates", {})
+    history = pruned_result.get("history", [])
+    target = {"sparsity": config.sparsity} if config.mode == "unstructured" else {"flops_kept": config.flops_target}
+    title = f"{config.model} ({config.mode}, {next(iter(target))} {next(iter(target.values())):g})"
+    plot_layer_rates(rates, pruned_result.get("uniform"), out / PLOT_RATES, title=f"kept fraction per layer: {title}")
+    plot_history(history, config.target_keep, out / PLOT_HISTORY, title=f"pruning schedule: {title}")
+    files = {
+        "model": "model.pt",
+        "meta": "model_meta.json",
+        "dense_model": st.DENSE_MODEL_FILE,
+        "plot_rates": PLOT_RATES,
+        "plot_history": PLOT_HISTORY,
+    }
+    if (out / "plan.json").is_file() and config.mode == "structured":
+        files["plan"] = "plan.json"
+    if onnx_path is not None:
+        files["onnx"] = onnx_path.name
+    report = Report(
+        model=config.model, mode=config.mode, dataset=config.dataset, target=target,
+        dense=dense, pruned=pruned, layer_rates=rates, history=history,
+        stage_seconds=dict(ctx.stage_seconds), files=files, config=config.to_dict(),
+        checks=dict(ctx.checks),
+    )
+    report.save(out)
+    store.mark_done("report", {"report": "report.json"})
+    return report
+
+
+def evaluate(config: EvaluateConfig, callbacks: Iterable[PipelineCallback] | PipelineCallback | None = None) -> Report:
+    """Measure one saved model (dense state dict or a pruned output folder) like a prune run does."""
+    from ..data import build_datasets
+    from ..loading import META_FILE, create_model, load_pruned, load_weights, read_meta
+    from . import stages as st
+
+    cb = CallbackList(callbacks)
+    ckpt = Path(config.checkpoint).expanduser()
+    pruned_dir = ckpt.is_dir() and (ckpt / META_FILE).is_file()
+    meta = read_meta(ckpt) if pruned_dir else {}
+    dataset = config.dataset or meta.get("dataset") or "digits"
+    image_size = config.image_size or meta.get("image_size") or 32
+    _seed_everything(config.seed)
+    _, test_ds, info = build_datasets(dataset, config.data_dir, image_size, config.seed)
+    if pruned_dir:
+        if meta.get("num_classes") != info.num_classes:
+            raise ConfigError("dataset", f"{dataset} has {info.num_classes} classes, the model {meta.get('num_classes')}")
+        model = load_pruned(config.model, ckpt)
+    else:
+        model, _ = create_model(config.model, info.num_classes, info.in_chans, image_size, info.mean, info.std)
+        load_weights(model, st.read_source_weights(ckpt), str(ckpt))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    example = test_ds[0][0].unsqueeze(0).float()
+    out = Path(config.output_dir).expanduser() if config.output_dir else None
+    with tempfile.TemporaryDirectory(prefix="nni-harp-eval-") as tmp:
+        work = out or Path(tmp)
+        onnx = None
+        if config.export_onnx:
+            try:
+                onnx = st.export_onnx(model, example, work / "model.onnx")
+            except Exception as exc:  # noqa: BLE001 - onnx latency is optional here
+                logger.warning("ONNX export failed, no onnxruntime latency: %s", exc)
+            model.to(device)
+        metrics, checks = st.measure_model(
+            model, "evaluate", cb, test_ds, example, eps=config.eps, attack_steps=config.eval_attack_steps,
+            samples=config.eval_samples, batch_size=config.batch_size, autoattack=config.autoattack,
+            seed=config.seed, latency_runs=config.latency_runs, state_file=work / "evaluated_model.pt",
+            onnx_file=onnx, device=device,
+        )
+    report = Report(
+        model=config.model, mode=meta.get("mode", "dense") if pruned_dir else "dense", dataset=dataset, target={},
+        dense=None if pruned_dir else metrics, pruned=metrics if pruned_dir else None,
+        files={"checkpoint": str(ckpt)}, config=dict(config.__dict__), checks=checks,
+    )
+    if out is not None:
+        report.save(out, stem="evaluate_report")
+    cb.on_stage_end("evaluate", {"metrics": metrics.__dict__})
+    return report

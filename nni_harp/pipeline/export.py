@@ -1,0 +1,169 @@
+"""ONNX export and the static / timed measurements of a model: parameters, FLOPs, size, latency."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import statistics
+import time
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._io import atomic_save
+
+__all__ = [
+    "ExportError",
+    "count_params",
+    "measure_flops",
+    "state_dict_sizes",
+    "torch_latency_ms",
+    "export_onnx",
+    "onnx_latency_ms",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported to ONNX by either exporter; carries both causes."""
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, non-zero parameters)."""
+    total = nonzero = 0
+    for p in model.parameters():
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p.detach()))
+    return total, nonzero
+
+
+def _density(module: nn.Module | None) -> float:
+    weight = getattr(module, "weight", None) if module is not None else None
+    if not isinstance(weight, torch.Tensor) or weight.numel() == 0:
+        return 1.0
+    return float(torch.count_nonzero(weight.detach())) / weight.numel()
+
+
+def measure_flops(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    """(FLOPs of one forward pass, FLOPs counting only the non-zero weights of each layer).
+
+    FLOPs are 2 x MACs per image, counted by ``torch.utils.flop_counter.FlopCounterMode`` on a real
+    forward pass (so a physically pruned model is counted as it runs; ``graph_passes.cost`` uses the
+    same convention). The effective count scales each leaf layer's FLOPs by the fraction of its
+    weight entries that are non-zero: what unstructured sparsity could save with sparse kernels.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    first = next(iter(model.parameters()), None)
+    x = example[:1].detach().to(first.device if first is not None else "cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    total = int(counter.get_total_flops())
+    per_module = counter.get_flop_counts()
+    roots = [k for k in per_module if k != "Global" and "." not in k]
+    root = roots[0] if roots else type(model).__name__
+    saved = 0.0
+    for name, module in model.named_modules():
+        if not name or next(module.children(), None) is not None:
+            continue
+        counts = per_module.get(f"{root}.{name}")
+        if counts:
+            saved += sum(counts.values()) * (1.0 - _density(module))
+    return total, int(round(total - saved))
+
+
+def state_dict_sizes(model: nn.Module, path: str | Path) -> tuple[int, int]:
+    """Save ``model.state_dict()`` to ``path``; return (file bytes, zlib-compressed bytes)."""
+    target = atomic_save(model.state_dict(), path)
+    data = target.read_bytes()
+    return len(data), len(zlib.compress(data, 6))
+
+
+def torch_latency_ms(model: nn.Module, example: torch.Tensor, runs: int = 20, warmup: int = 5) -> float:
+    """Median wall time of one eager forward pass on CPU, batch 1, in milliseconds."""
+    x = example[:1].detach().to("cpu")
+    model = model.to("cpu")
+    was_training = model.training
+    model.eval()
+    times = []
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(x)
+            for _ in range(runs):
+                start = time.perf_counter()
+                model(x)
+                times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        model.train(was_training)
+    return float(statistics.median(times))
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
+    """Export to ONNX with a dynamic batch dimension (input ``input``, output ``logits``).
+
+    Tries the ``torch.export``-based exporter first, then the TorchScript one. The file is
+    written next to its final name and renamed, so a reader never sees a partial file.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    x = example[:1].detach().to("cpu")
+    was_training = model.training
+    model = model.to("cpu").eval()
+    errors: list[str] = []
+    try:
+        for dynamo in (True, False):
+            try:
+                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                    warnings.simplefilter("ignore")
+                    if dynamo:
+                        batch = torch.export.Dim("batch", min=1, max=4096)
+                        torch.onnx.export(
+                            model, (x,), str(tmp), dynamo=True, verbose=False, external_data=False,
+                            input_names=["input"], output_names=["logits"], dynamic_shapes=({0: batch},),
+                        )
+                    else:
+                        torch.onnx.export(
+                            model, (x,), str(tmp), dynamo=False, input_names=["input"],
+                            output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                            opset_version=17,
+                        )
+                tmp.replace(target)
+                logger.info("exported ONNX (%s exporter) to %s", "dynamo" if dynamo else "torchscript", target)
+                return target
+            except Exception as exc:  # noqa: BLE001 - try the other exporter, report both
+                errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {type(exc).__name__}: {exc}")
+                tmp.unlink(missing_ok=True)
+    finally:
+        model.train(was_training)
+    raise ExportError("ONNX export failed; " + " | ".join(e[:500] for e in errors))
+
+
+def onnx_latency_ms(path: str | Path, example: torch.Tensor, runs: int = 20, warmup: int = 5) -> tuple[float, Any]:
+    """(median latency in ms of one onnxruntime CPU run at batch 1, the last output as numpy)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    x = example[:1].detach().cpu().numpy()
+    for _ in range(warmup):
+        session.run(None, {name: x})
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        out = session.run(None, {name: x})
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(statistics.median(times)), out[0]

@@ -1,0 +1,154 @@
+"""`nni-harp prune` / `evaluate` end to end on timm's tiny test_resnet, with tiny epoch counts."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nni_harp import load_pruned
+from nni_harp.cli import main
+
+FAST = ["--batch-size", "32", "--max-train-batches", "2", "--attack-steps", "1", "--eval-samples", "16",
+        "--eval-attack-steps", "2", "--autoattack", "apgd-ce", "--latency-runs", "2", "--quiet"]
+
+
+def _table_rows(stdout: str) -> list[list[str]]:
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("metric"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.strip():
+            break
+        rows.append(re.split(r"\s{2,}", line.strip()))
+    return rows
+
+
+def _check_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size[0] >= 200 and img.size[1] >= 150
+
+
+@pytest.fixture(scope="module")
+def unstructured_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("unstructured") / "run"
+    argv = ["prune", "test_resnet", "--output-dir", str(out), "--sparsity", "0.8", "--pretrain-epochs", "1",
+            "--prune-epochs", "2", "--finetune-epochs", "1", *FAST]
+    return out, argv
+
+
+def test_unstructured_prune_end_to_end(unstructured_run, capsys):
+    out, argv = unstructured_run
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    for name in ("model.pt", "model_meta.json", "model.onnx", "dense_model.pt", "report.json", "report.md",
+                 "kept_fraction.png", "pruning_history.png"):
+        assert (out / name).is_file(), name
+    assert not (out / "plan.json").exists()
+
+    report = json.loads((out / "report.json").read_text())
+    printed = _table_rows(stdout)
+    assert printed == report["table_rows"]  # the files hold the numbers the table printed
+    md = (out / "report.md").read_text()
+    assert all("| " + " | ".join(row) + " |" in md for row in printed)
+    dense, pruned = report["dense"], report["pruned"]
+    assert dense["params"] == pruned["params"]
+    assert pruned["nonzero_params"] < 0.35 * dense["nonzero_params"]  # 80 % of conv/linear weights gone
+    assert pruned["effective_flops"] < dense["effective_flops"]
+    assert pruned["compressed_bytes"] < dense["compressed_bytes"]
+    assert pruned["latency_ms_torch"] > 0 and pruned["latency_ms_onnx"] > 0
+    assert report["checks"]["pruned_onnx_max_abs_diff"] < 1e-3
+    assert len(report["history"]) == 2 and report["layer_rates"]
+    assert 0 < min(report["layer_rates"].values()) <= max(report["layer_rates"].values()) <= 1
+    _check_png(out / "kept_fraction.png")
+    _check_png(out / "pruning_history.png")
+
+    model = load_pruned("test_resnet", out)
+    x = torch.rand(4, 3, 32, 32)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(onnx_out, model(x).numpy(), atol=1e-4, rtol=1e-3)
+    weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros == pytest.approx(0.8, abs=0.02)
+
+
+def test_evaluate_a_pruned_output_folder(unstructured_run, capsys, tmp_path):
+    out, _ = unstructured_run
+    if not (out / "report.json").is_file():
+        pytest.skip("the prune run failed")
+    report = json.loads((out / "report.json").read_text())
+    assert main(["evaluate", "test_resnet", "--checkpoint", str(out), "--eval-samples", "16",
+                 "--eval-attack-steps", "2", "--autoattack", "off", "--latency-runs", "2", "--no-onnx",
+                 "--output-dir", str(tmp_path), "--quiet"]) == 0
+    rows = dict((r[0], r[1:]) for r in _table_rows(capsys.readouterr().out))
+    expected = dict((r[0], r[1:]) for r in report["table_rows"])
+    assert rows["clean accuracy"][0] == expected["clean accuracy"][1]  # same images, same pruned model
+    assert rows["non-zero parameters"][0] == expected["non-zero parameters"][1]
+    assert rows["AutoAttack accuracy"][0] == "n/a"
+    assert json.loads((tmp_path / "evaluate_report.json").read_text())["pruned"]["eval_samples"] == 16
+
+
+def test_evaluate_a_dense_checkpoint(unstructured_run, capsys):
+    out, _ = unstructured_run
+    if not (out / "dense_model.pt").is_file():
+        pytest.skip("the prune run failed")
+    assert main(["evaluate", "test_resnet", "--checkpoint", str(out / "dense_model.pt"), "--eval-samples", "8",
+                 "--eval-attack-steps", "1", "--autoattack", "off", "--latency-runs", "1", "--no-onnx", "--quiet"]) == 0
+    stdout = capsys.readouterr().out
+    assert "dense" in stdout.splitlines()[1] and "clean accuracy" in stdout
+
+
+def test_checkpoint_option_skips_pretraining_and_resume_reuses_finished_stages(unstructured_run, capsys, tmp_path):
+    out, _ = unstructured_run
+    if not (out / "dense_model.pt").is_file():
+        pytest.skip("the prune run failed")
+    run = tmp_path / "from-ckpt"
+    argv = ["prune", "test_resnet", "--checkpoint", str(out), "--output-dir", str(run), "--prune-epochs", "1",
+            "--finetune-epochs", "0", "--no-onnx", *FAST]
+    assert main(argv) == 0
+    first = json.loads((run / "report.json").read_text())
+    progress = json.loads((run / "checkpoints" / "progress.json").read_text())
+    assert progress["stages"]["pretrain"]["source"] == str(out)
+    assert not (run / "checkpoints" / "pretrain.pt").exists()  # no pretraining epoch ran
+    capsys.readouterr()
+    assert main(argv) == 2  # the folder holds a run: refuse without --resume / --overwrite
+    assert "--resume" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0  # every stage finished: reused, same numbers
+    again = json.loads((run / "report.json").read_text())
+    assert again["stage_seconds"]["prune"] == first["stage_seconds"]["prune"]  # kept from the first run
+    assert again["dense"] == first["dense"] and again["pruned"]["clean_acc"] == first["pruned"]["clean_acc"]
+    assert again["layer_rates"] == first["layer_rates"]
+
+
+def test_structured_prune_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["prune", "test_resnet", "--mode", "structured", "--flops-target", "0.5", "--output-dir", str(out),
+            "--pretrain-epochs", "1", "--prune-epochs", "2", "--finetune-epochs", "1", *FAST]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert _table_rows(stdout) == report["table_rows"]
+    dense, pruned = report["dense"], report["pruned"]
+    assert pruned["params"] < dense["params"]  # channels physically removed
+    assert pruned["flops"] == pytest.approx(0.5 * dense["flops"], rel=0.1)
+    assert report["checks"]["speedup_max_abs_diff"] < 1e-3
+    assert (out / "plan.json").is_file()
+    _check_png(out / "kept_fraction.png")
+    _check_png(out / "pruning_history.png")
+    model = load_pruned("test_resnet", out)
+    assert sum(p.numel() for p in model.parameters()) == pruned["params"]
+    x = torch.rand(2, 3, 32, 32)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], model(x).numpy(), atol=1e-4, rtol=1e-3)
