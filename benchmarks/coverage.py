@@ -31,7 +31,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from timm.models._registry import model_entrypoint  # noqa: E402
 
-from _common import RESULTS, apply_masks, n_flops, n_params, random_keep, write_atomic  # noqa: E402
+from _common import RESULTS, apply_masks, calibrate_norms, n_flops, n_params, random_keep, write_atomic  # noqa: E402
 
 RATIO = 0.3
 SEED = 0
@@ -86,7 +86,8 @@ def _model_and_input(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(SEED)
     model = timm.create_model(name, pretrained=False).eval()
     c, h, w = model.pretrained_cfg["input_size"]
-    return model, torch.randn(BATCH, c, h, w)
+    x = torch.randn(BATCH, c, h, w)
+    return calibrate_norms(model, x), x
 
 
 def _ours(name: str, send) -> None:
@@ -224,7 +225,7 @@ def render(rows: dict[str, dict[str, Any]], total_families: int, timeout: float)
     lines = [
         "# graph_passes coverage over timm families",
         "",
-        f"One smallest model per timm family (random weights, default input size, batch {BATCH}); "
+        f"One smallest model per timm family (random weights, BatchNorm statistics from one pass on the input, default input size, batch {BATCH}); "
         f"30 % of the channels of every prunable group removed at random (seed {SEED}). "
         f"'match': pruned outputs allclose to the masked model (atol {ATOL}, rtol {RTOL}). "
         f"Torch-Pruning: MetaPruner + MagnitudeImportance(p=2), pruning_ratio {RATIO}, classifier ignored; "
