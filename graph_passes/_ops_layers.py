@@ -248,7 +248,13 @@ def attention(state: AnalysisState, node: fx.Node) -> Any:
     for t, name in ((k, "keys"), (v, "values")):
         if t.ndim - 2 in t.track:
             state.pin(t.track[t.ndim - 2], f"{node.name} attends over {name}: that axis cannot shrink")
-    heads = [TensorInfo(t.shape[:-2] + (1, 1), {x: i for x, i in t.track.items() if x < t.ndim - 2}) for t in (q, k, v)]
+    mask = state.info(arg(node, 3, "attn_mask"))
+    operands = [q, k, v] + ([mask] if isinstance(mask, TensorInfo) else [])
+    heads = [TensorInfo(t.shape[:-2] + (1, 1), {x: i for x, i in t.track.items() if x < t.ndim - 2}) for t in operands]
+    if isinstance(mask, TensorInfo) and mask.ndim >= 2:  # a bias/mask over heads must follow head pruning
+        heads[-1].origin = mask.origin
+        for t, head in zip(operands, heads):
+            head.shape = t.shape[:-2] + (1, 1)
     batch = combine_elementwise(state, node, heads, shape[:-2] + (1, 1))
     out = TensorInfo(shape, dict(batch.track))
     if q.ndim - 2 in q.track:

@@ -213,13 +213,12 @@ def _swap_exact_norm(gm: fx.GraphModule, node: fx.Node, src: TensorInfo, keeper:
     if node.op == "call_module":
         m = gm.get_submodule(str(node.target))
         eps = getattr(m, "eps", 1e-5)  # None (RMSNorm's default) means the dtype's epsilon
-        replacement = ExactStatsNorm(kind, axis if not reduce_all else 1, reduce_all, old_c, getattr(m, "weight", None), getattr(m, "bias", None), eps)
+        replacement: nn.Module = ExactStatsNorm(kind, axis if not reduce_all else 1, reduce_all, old_c, getattr(m, "weight", None), getattr(m, "bias", None), eps)
+        drop, act = getattr(m, "drop", None), getattr(m, "act", None)
+        if isinstance(drop, nn.Module) or isinstance(act, nn.Module):  # timm's norm+act layers: norm, drop, act
+            replacement = nn.Sequential(replacement, *(x for x in (drop, act) if isinstance(x, nn.Module)))
         parent, _, name = str(node.target).rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, name, replacement)
-        act = getattr(m, "act", None)
-        drop = getattr(m, "drop", None)
-        if isinstance(act, nn.Module) and not isinstance(act, nn.Identity) or isinstance(drop, nn.Module) and not isinstance(drop, nn.Identity):
-            raise SpeedupError(f"{node.target}: norm+activation layers with channel statistics are not supported yet", node=node.name)
         return
     x = node.args[0]
     if node.target is F.layer_norm:
@@ -246,9 +245,9 @@ def apply_keep(gm: fx.GraphModule, analysis: Analysis, keep: Mapping[int, torch.
     for (module, param, dim), kept in sliced.items():
         if not kept.all():
             plan.setdefault(module, {}).setdefault(param, {})[dim] = torch.from_numpy(np.nonzero(kept)[0]).long()
+    _slice_params(gm, plan)  # first: the norms swapped in below take the sliced weights
     for node in list(gm.graph.nodes):
         _rewrite_node(gm, node, keeper)
-    _slice_params(gm, plan)
     gm.graph.lint()
     gm.recompile()
     return gm

