@@ -1,0 +1,36 @@
+"""A NaN loss stops the run with a clear message (exit 3) and keeps the last good checkpoint."""
+from __future__ import annotations
+
+import torch
+
+import nni_harp.pipeline.stages as stages
+from nni_harp._io import safe_load
+from nni_harp.cli import main
+
+
+def test_nan_loss_in_pretraining_stops_the_run(tmp_path, capsys, monkeypatch):
+    real = stages._training_step
+    calls = {"n": 0}
+
+    def poisoned(ctx):
+        step = real(ctx)
+
+        def training_step(batch, model):
+            calls["n"] += 1
+            loss = step(batch, model)
+            return loss * float("nan") if calls["n"] == 3 else loss  # epoch 2, step 1 (2 steps per epoch)
+
+        return training_step
+
+    monkeypatch.setattr(stages, "_training_step", poisoned)
+    out = tmp_path / "run"
+    code = main(["prune", "test_resnet", "--output-dir", str(out), "--pretrain-epochs", "3", "--batch-size", "16",
+                 "--max-train-batches", "2", "--attack-steps", "1", "--quiet"])
+    assert code == 3
+    err = capsys.readouterr().err
+    assert err.startswith("nni-harp: error: stage 'pretrain', epoch 2, step 1: loss is nan; stopped.")
+    assert "last good checkpoint" in err and "--resume" in err and "Traceback" not in err
+    saved = safe_load(out / "checkpoints" / "pretrain.pt")
+    assert saved["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    assert not (out / "report.json").exists()
