@@ -1,12 +1,15 @@
 """Can the pruning graph handle a timm model? Used by ``nni-harp list-models --check``.
 
-A model is built with random weights, wrapped like the pipeline wraps it, and analysed by
-``graph_passes.channel_groups`` at a small input. Unstructured pruning needs no graph analysis
-(FLOPs then fall back to ``torch.utils.flop_counter``), so a model whose graph fails is still
-usable with ``--mode unstructured``.
+The check builds the model with random weights, wrapped the way the pipeline wraps it, and runs
+the structured path at a small input: ``graph_passes.channel_groups``, then the removal of half
+the channels of every prunable group with ``graph_passes.ModelSpeedup``, then a comparison of the
+shrunk model's outputs with the masked model's and a FLOP count of the shrunk model. Unstructured
+pruning needs none of this, so a model that fails here can still be pruned with
+``--mode unstructured``.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -20,10 +23,10 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ModelSupport:
     name: str
-    ok: bool  # structured pruning possible
+    ok: bool  # structured pruning works end to end
     prunable_groups: int
     groups: int
-    reason: str | None = None
+    reason: str | None = None  # why not (None with ok=False: no prunable group)
 
     def describe(self) -> str:
         if self.ok:
@@ -33,21 +36,50 @@ class ModelSupport:
         return f"unsupported: {self.reason}"
 
 
+def _short(step: str, exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{step}: {type(exc).__name__}: {text}"[:240]
+
+
 def check_model(name: str, image_size: int = 32, num_classes: int = 10) -> ModelSupport:
-    """Analyse ``name`` at ``image_size``; never raises for a model the graph cannot handle."""
+    """Run the structured pruning path on ``name``; never raises for a model it cannot handle."""
     import graph_passes
 
     from ..loading import create_model
+    from .export import measure_flops
 
+    step = "build"
     try:
+        torch.manual_seed(0)
         model, _ = create_model(name, num_classes, 3, image_size, (0.5,) * 3, (0.5,) * 3)
         model.eval()
-        example = torch.rand(1, 3, image_size, image_size)
-        groups = graph_passes.channel_groups(model, (example,))
+        x = torch.rand(2, 3, image_size, image_size)
+        step = "channel groups"
+        groups = graph_passes.channel_groups(model, (x[:1],))
+        prunable = [g for g in groups if g.prunable]
+        if not prunable:
+            return ModelSupport(name, False, 0, len(groups))
+        step = "speedup"
+        keep = {g.id: torch.arange(g.size) % 2 == 0 for g in prunable}
+        masks = graph_passes.group_masks(model, groups, keep)
+        masked = copy.deepcopy(model)
+        with torch.no_grad():
+            for module, params in masks.items():
+                owner = masked.get_submodule(module)
+                for pname, mask in params.items():
+                    getattr(owner, pname).mul_(mask)
+        small = graph_passes.ModelSpeedup(model, x[:1], masks).speedup_model().eval()
+        step = "compare outputs"
+        with torch.no_grad():
+            ref, got = masked(x), small(x)
+        diff = float((ref - got).abs().max())
+        if not diff <= 1e-3 * max(1.0, float(ref.abs().max())):
+            return ModelSupport(name, False, len(prunable), len(groups),
+                                f"compare outputs: pruned model differs from the masked one by {diff:.3g}")
+        step = "FLOP count"
+        measure_flops(small, x[:1])
     except Exception as exc:  # noqa: BLE001 - every failure is an answer here
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        reason = f"{type(exc).__name__}: {text}"[:200]
+        reason = _short(step, exc)
         logger.info("%s: %s", name, reason)
         return ModelSupport(name, False, 0, 0, reason)
-    prunable = sum(1 for g in groups if g.prunable)
-    return ModelSupport(name, prunable > 0, prunable, len(groups))
+    return ModelSupport(name, True, len(prunable), len(groups))
