@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune-epochs", type=int, default=2, help="default: %(default)s")
     g.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
     g.add_argument("--pretrain-lr", type=_number, default=0.05, help="default: %(default)s")
-    g.add_argument("--prune-lr", type=_number, default=0.1, help="default: %(default)s")
+    g.add_argument("--prune-lr", type=_number, default=0.1,
+                   help="learning rate of HARP's scores and rates (weights are frozen) (default: %(default)s)")
     g.add_argument("--finetune-lr", type=_number, default=0.01, help="default: %(default)s")
     g.add_argument("--weight-decay", type=_number, default=5e-4, help="default: %(default)s")
     g.add_argument("--seed", type=int, default=0, help="default: %(default)s")
@@ -253,12 +254,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .pipeline import ConfigError, ResumeError
 
     errors: list[type[BaseException]] = [ConfigError, DatasetError, ResumeError, LoadError, FileNotFoundError]
-    try:
-        from .adversarial import AdversarialError
+    from .adversarial import AdversarialError
+    from .pruning import PruningError
 
-        errors.append(AdversarialError)
-    except ImportError:  # pragma: no cover - the package is always there once installed
-        pass
+    errors += [AdversarialError, PruningError]
     return tuple(errors)
 
 
@@ -336,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
     commands = {"prune": _cmd_prune, "evaluate": _cmd_evaluate, "list-models": _cmd_list_models}
+    from graph_passes import GraphPassError
+
     from .pipeline._loop import NonFiniteLossError
 
     try:
@@ -346,6 +347,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail("interrupted; `--resume` continues from the last finished epoch", EXIT_INTERRUPTED)
     except _user_errors() as exc:
         return _fail(str(exc))
+    except GraphPassError as exc:
+        return _fail(
+            f"the pruning graph cannot handle {getattr(args, 'model', 'this model')}: {exc}"
+            " (`nni-harp list-models PATTERN --check` shows supported models; --mode unstructured needs no graph)"
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

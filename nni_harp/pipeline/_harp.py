@@ -123,7 +123,7 @@ def stage_prune(ctx: Context, model: nn.Module) -> tuple[nn.Module, Masks, dict[
 
     from nni.compression import TorchEvaluator
 
-    from ..pruning import HARPPruner
+    from ..pruning import HARPPruner, HARPSettings
 
     start_time = time.perf_counter()
     uniform = uniform_target(model, ctx.example.to(ctx.device), cfg.mode, cfg.target_keep)
@@ -187,8 +187,11 @@ def stage_prune(ctx: Context, model: nn.Module) -> tuple[nn.Module, Masks, dict[
     example = ctx.example.to(device)
     evaluator = TorchEvaluator(training_func, optimizer, _training_step(ctx), lr_schedulers=scheduler,
                                dummy_input=example)
+    # HARP freezes the weights and trains scores and rates with its own optimizer; the evaluator's
+    # (nni.trace'd) SGD is required by NNI but has nothing to update
+    settings = HARPSettings(gamma_0=cfg.gamma_0, score_lr=cfg.prune_lr, rate_lr=cfg.prune_lr)
     pruner = HARPPruner(model, config_list_for(cfg.mode, cfg.sparsity, cfg.flops_target), evaluator,
-                        dummy_input=example, gamma_0=cfg.gamma_0)
+                        settings=settings, dummy_input=example)
     holder["pruner"] = pruner
     _, masks = pruner.compress(max_steps=None, max_epochs=cfg.prune_epochs)
     _report_epoch(pruner, cfg.prune_epochs, cb)

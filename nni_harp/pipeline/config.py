@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -125,7 +125,7 @@ class PipelineConfig:
     overwrite: bool = False
     # learning rates / schedule (SGD, momentum 0.9, cosine, weight decay)
     pretrain_lr: float = 0.05
-    prune_lr: float = 0.1
+    prune_lr: float = 0.1  # HARP's score and rate learning rate (the weights are frozen while pruning)
     finetune_lr: float = 0.01
     weight_decay: float = 5e-4
     gamma_0: float = 0.01
@@ -139,7 +139,6 @@ class PipelineConfig:
     # testing knobs: cap the number of batches per epoch / evaluation (None: whole dataset)
     max_train_batches: int | None = None
     num_workers: int = 0
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_model_name(self.model)
@@ -190,7 +189,6 @@ class PipelineConfig:
                 raise ConfigError(name, f"must be True or False, got {getattr(self, name)!r}")
         if self.resume and self.overwrite:
             raise ConfigError("resume", "--resume and --overwrite exclude each other")
-        object.__setattr__(self, "extra", dict(self.extra))
 
     # -- derived values -------------------------------------------------------------------
     @property

@@ -129,12 +129,51 @@ def test_checkpoint_option_skips_pretraining_and_resume_reuses_finished_stages(u
     assert again["layer_rates"] == first["layer_rates"]
 
 
+def test_python_api_runs_the_same_pipeline(unstructured_run, tmp_path):
+    from nni_harp.pipeline import PipelineCallback, PipelineConfig, Report, run
+
+    out, _ = unstructured_run
+    if not (out / "dense_model.pt").is_file():
+        pytest.skip("the prune run failed")
+
+    class Recorder(PipelineCallback):
+        def __init__(self):
+            self.stages, self.steps = [], 0
+
+        def on_stage_end(self, stage, result):
+            self.stages.append(stage)
+
+        def on_step(self, stage, epoch, step, metrics):
+            self.steps += 1
+
+    rec = Recorder()
+    config = PipelineConfig(model="test_resnet", checkpoint=str(out / "dense_model.pt"), output_dir=str(tmp_path),
+                            sparsity=0.5, prune_epochs=1, finetune_epochs=1, batch_size=32, max_train_batches=1,
+                            attack_steps=1, eval_samples=8, eval_attack_steps=1, autoattack="off", latency_runs=1,
+                            export_onnx=False)
+    report = run(config, callbacks=[rec])
+    assert isinstance(report, Report) and report.pruned.latency_ms_onnx is None
+    assert report.pruned.autoattack_acc is None and report.pruned.eval_samples == 8
+    assert rec.stages == ["pretrain", "evaluate-dense", "prune", "finetune", "speedup", "export", "evaluate-pruned"]
+    assert rec.steps >= 2
+    assert json.loads((tmp_path / "report.json").read_text())["target"] == {"sparsity": 0.5}
+
+
 def test_structured_prune_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
+    loud = [a for a in FAST if a != "--quiet"]
     argv = ["prune", "test_resnet", "--mode", "structured", "--flops-target", "0.5", "--output-dir", str(out),
-            "--pretrain-epochs", "1", "--prune-epochs", "2", "--finetune-epochs", "1", *FAST]
+            "--pretrain-epochs", "1", "--prune-epochs", "2", "--finetune-epochs", "1", *loud]
     assert main(argv) == 0
-    stdout = capsys.readouterr().out
+    captured = capsys.readouterr()
+    stdout = captured.out
+    # progress bars (stderr): one per epoch, with running loss and accuracy
+    err = captured.err.replace("\r", "\n")
+    for bar in ("pretrain", "evaluate-dense", "prune 1/2", "prune 2/2", "finetune", "speedup", "export",
+                "evaluate-pruned"):
+        assert f"{bar}: 100%" in err, bar
+    assert re.search(r"prune 2/2: 100%.*loss=[0-9.]+, acc=[0-9.]+%", err)
+    assert "prune epoch 2/2: gamma" in err
     report = json.loads((out / "report.json").read_text())
     assert _table_rows(stdout) == report["table_rows"]
     dense, pruned = report["dense"], report["pruned"]
