@@ -42,9 +42,11 @@ defaults (chosen so that `nni-harp prune resnet18` on digits takes a few minutes
   32 px images; PGD-AT with 3 steps (step 2.5*eps/steps) for training; 4 pretraining,
   3 pruning and 2 fine-tuning epochs; batch 64; SGD momentum 0.9, cosine schedule, lr
   0.05 / 0.1 / 0.01 (pretrain / prune / fine-tune), weight decay 5e-4; gamma_0 0.01.
-  Evaluation on the first 200 test images: PGD-10 and AutoAttack ('standard' from
-  torchattacks; 'apgd-ce' is a quick approximation, 'off' skips it). Latency: median of
-  20 batch-1 CPU runs, PyTorch eager and onnxruntime.
+  Evaluation on the first 200 test images: PGD-10 and AutoAttack's APGD-CE + APGD-T
+  (torchattacks). `--autoattack standard` adds FAB-T and Square (5000 queries), about
+  5 s per robust image for resnet18 on 2 CPU cores: use it with a small --eval-samples or
+  on a GPU. Latency: median of 20 batch-1 CPU runs, PyTorch eager and onnxruntime.
+  `nni-harp prune resnet18` with these defaults: about 6 minutes on a 2-core CPU.
   The HARP paper's recipe is 100 + 20 + 100 epochs with PGD-10 and batch 128:
   --pretrain-epochs 100 --prune-epochs 20 --finetune-epochs 100 --attack-steps 10 --batch-size 128
 
@@ -61,9 +63,10 @@ def _add_eval_options(p: argparse.ArgumentParser, default_batch: int | None) -> 
                    help="test images attacked with PGD and AutoAttack (default: %(default)s)")
     g.add_argument("--eval-attack-steps", type=int, default=10, metavar="N",
                    help="PGD steps at evaluation (default: %(default)s)")
-    g.add_argument("--autoattack", default="standard", metavar="VERSION",
-                   help="AutoAttack version: standard, apgd-ce, apgd-ce+apgd-t, plus, rand, or off "
-                        "(default: %(default)s)")
+    g.add_argument("--autoattack", default="apgd-ce+apgd-t", metavar="VERSION",
+                   help="AutoAttack version (torchattacks): apgd-ce+apgd-t (its gradient-based members), "
+                        "standard (adds FAB-T and Square: the number to publish, but slow on a CPU), "
+                        "apgd-ce, plus, rand, or off (default: %(default)s)")
     g.add_argument("--latency-runs", type=int, default=20, metavar="N",
                    help="timed runs per latency measurement (default: %(default)s)")
     g.add_argument("--no-onnx", dest="export_onnx", action="store_false",

@@ -195,7 +195,9 @@ def stage_prune(ctx: Context, model: nn.Module) -> tuple[nn.Module, Masks, dict[
     holder["pruner"] = pruner
     _, masks = pruner.compress(max_steps=None, max_epochs=cfg.prune_epochs)
     _report_epoch(pruner, cfg.prune_epochs, cb)
-    rates = {str(k): float(v) for k, v in pruner.layer_rates().items()}
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    learned = pruner.layer_rates()
+    rates = {str(k): float(learned[k]) for k in sorted(learned, key=lambda k: (order.get(k, len(order)), str(k)))}
     history = [{k: _plain(v) for k, v in h.items()} for h in pruner.history]
     pruner.unwrap_model()
     masks = {m: {p: t.detach().cpu() for p, t in d.items() if t is not None} for m, d in masks.items()}

@@ -60,7 +60,7 @@ def plot_layer_rates(
 
 def plot_history(history: Sequence[Mapping[str, Any]], target: float | None, path: str | Path, title: str = "") -> Path:
     """gamma (left axis, log scale when positive) and kept fraction (right axis) per pruning epoch."""
-    epochs = [int(h.get("epoch", i)) for i, h in enumerate(history)]
+    epochs = [int(h.get("epoch", i)) + 1 for i, h in enumerate(history)]  # 1-based, as the progress shows
     gamma = [float(h["gamma"]) if h.get("gamma") is not None else float("nan") for h in history]
     kept = [float(h["kept_fraction"]) if h.get("kept_fraction") is not None else float("nan") for h in history]
     fig = _figure(6.5, 4.0)
@@ -69,6 +69,9 @@ def plot_history(history: Sequence[Mapping[str, Any]], target: float | None, pat
         ax.plot(epochs, gamma, marker="o", color="tab:orange", label="gamma")
         if all(g > 0 for g in gamma):
             ax.set_yscale("log")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("pruning epoch")
         ax.set_ylabel("gamma", color="tab:orange")
         ax2 = ax.twinx()

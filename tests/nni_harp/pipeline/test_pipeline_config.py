@@ -82,4 +82,4 @@ def test_evaluate_config_needs_existing_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="checkpoint"):
         EvaluateConfig(model="test_resnet", checkpoint=str(tmp_path / "nope.pt"))
     (tmp_path / "w.pt").write_bytes(b"")
-    assert EvaluateConfig(model="test_resnet", checkpoint=str(tmp_path / "w.pt")).autoattack == "standard"
+    assert EvaluateConfig(model="test_resnet", checkpoint=str(tmp_path / "w.pt")).autoattack == "apgd-ce+apgd-t"
