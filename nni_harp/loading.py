@@ -27,6 +27,7 @@ __all__ = [
     "load_pruned",
     "load_weights",
     "read_meta",
+    "read_state",
     "write_meta",
 ]
 
@@ -80,6 +81,19 @@ def write_meta(out_dir: str | os.PathLike[str], meta: Mapping[str, Any]) -> Path
     return atomic_write_text(Path(out_dir) / META_FILE, json.dumps(data, indent=2, sort_keys=True))
 
 
+def read_state(path: str | os.PathLike[str]) -> Mapping[str, Any]:
+    """A state dict (or stage checkpoint) read with ``weights_only=True``; errors name the file."""
+    try:
+        state = safe_load(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unpickling errors of every kind
+        raise LoadError(f"cannot read {path} as a PyTorch state dict (weights_only): {exc}") from exc
+    if not isinstance(state, Mapping):
+        raise LoadError(f"{path} does not hold a state dict (found {type(state).__name__})")
+    return state
+
+
 def read_meta(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(out_dir) / META_FILE
     if not path.is_file():
@@ -105,7 +119,12 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: st
     inner = getattr(model, "model", None)
     prefixed = all(k.startswith("model.") for k in state)
     target = model if prefixed or inner is None else inner
-    result = target.load_state_dict(dict(state), strict=False)
+    try:
+        result = target.load_state_dict(dict(state), strict=False)
+    except RuntimeError as exc:  # shape mismatches: another architecture or number of classes
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) if len(first) > 1 else str(exc)
+        raise LoadError(f"{source} does not fit the model: {detail}") from exc
     if result.missing_keys or result.unexpected_keys:
         raise LoadError(
             f"{source} does not fit the model: missing {list(result.missing_keys)[:5]}"
@@ -141,5 +160,6 @@ def load_pruned(model_name: str, out_dir: str | os.PathLike[str], map_location: 
         plan = graph_passes.PruningPlan.load(plan_path)
         model = plan.apply(model, (example,))
     weights = out / meta.get("state_dict", MODEL_FILE)
-    load_weights(model, safe_load(weights, map_location=map_location), source=str(weights))
+    load_weights(model, read_state(weights), source=str(weights))
+    model.to(map_location)
     return model.eval()

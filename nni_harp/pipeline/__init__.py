@@ -63,10 +63,13 @@ def run(config: PipelineConfig, callbacks: Iterable[PipelineCallback] | Pipeline
     cb = CallbackList(callbacks)
     out = config.out_path
     store = RunStore(out)
-    store.start(config.to_dict(), config.resume, config.overwrite, PipelineConfig.RESUME_KEYS)
     _seed_everything(config.seed)
+    # data, model and --checkpoint are checked before anything is written to the output folder
     ctx = st.make_context(config, store, cb)
     model = st.new_model(ctx)
+    if config.checkpoint is not None:
+        st.load_weights(model, st.read_source_weights(config.checkpoint), str(config.checkpoint))
+    store.start(config.to_dict(), config.resume, config.overwrite, PipelineConfig.RESUME_KEYS)
 
     st.stage_pretrain(ctx, model)
     onnx_dense = None if store.is_done("evaluate-dense") else st.dense_onnx(ctx, model)

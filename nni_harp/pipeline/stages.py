@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .._io import atomic_save, safe_load
-from ..loading import MODEL_FILE, PLAN_FILE, create_model, load_weights, read_meta, write_meta
+from ..loading import MODEL_FILE, PLAN_FILE, LoadError, create_model, load_weights, read_state, write_meta
 from ._loop import EpochLoop
 from .callbacks import CallbackList
 from .checkpoint import RunStore, restore_rng
@@ -186,10 +186,8 @@ def read_source_weights(path: str | Path) -> dict[str, torch.Tensor]:
                 p = p / name
                 break
         else:
-            raise FileNotFoundError(f"{path} is a folder without {DENSE_MODEL_FILE}: not an nni-harp run folder")
-    state = safe_load(p)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{p} does not hold a state dict (found {type(state).__name__})")
+            raise LoadError(f"{path} is a folder without {DENSE_MODEL_FILE}: not an nni-harp run folder")
+    state = read_state(p)
     if isinstance(state.get("model"), Mapping):
         state = state["model"]
     return dict(state)
@@ -455,11 +453,3 @@ def stage_export(ctx: Context, model: nn.Module) -> Path | None:
     _timed(ctx, "export", start)
     cb.on_stage_end("export", {"path": str(path) if path else None})
     return path
-
-
-def reload_pruned_output(ctx: Context) -> nn.Module:
-    """The pruned model saved by :func:`stage_speedup` (used when resuming after it)."""
-    from ..loading import load_pruned
-
-    read_meta(ctx.out)
-    return load_pruned(ctx.config.model, ctx.out).to(ctx.device)

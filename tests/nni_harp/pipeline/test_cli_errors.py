@@ -77,3 +77,21 @@ def test_list_models_without_check_lists_names(capsys):
     assert out.out.split() == ["test_resnet"]
     assert "--check" in out.err
     assert main(["list-models", "no_such_model_*"]) == 2
+
+
+def test_unusable_checkpoints_are_user_errors(tmp_path, capsys):
+    import timm
+    import torch
+
+    wrong = tmp_path / "five_classes.pt"
+    torch.save(timm.create_model("test_resnet", num_classes=5).state_dict(), wrong)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    for path, fragment in ((wrong, "does not fit the model"), (garbage, "cannot read")):
+        assert main(["evaluate", "test_resnet", "--checkpoint", str(path), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("nni-harp: error: ") and fragment in err and str(path) in err
+    assert main(["prune", "test_resnet", "--checkpoint", str(tmp_path), "--output-dir", str(tmp_path / "o"),
+                 "--quiet"]) == 2
+    assert "not an nni-harp run folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing written before the inputs were checked
