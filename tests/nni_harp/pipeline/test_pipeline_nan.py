@@ -1,6 +1,8 @@
 """A NaN loss stops the run with a clear message (exit 3) and keeps the last good checkpoint."""
 from __future__ import annotations
 
+import json
+
 import torch
 
 import nni_harp.pipeline.stages as stages
@@ -24,8 +26,11 @@ def test_nan_loss_in_pretraining_stops_the_run(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(stages, "_training_step", poisoned)
     out = tmp_path / "run"
-    code = main(["prune", "test_resnet", "--output-dir", str(out), "--pretrain-epochs", "3", "--batch-size", "16",
-                 "--max-train-batches", "2", "--attack-steps", "1", "--quiet"])
+    argv = ["prune", "test_resnet", "--output-dir", str(out), "--pretrain-epochs", "3", "--prune-epochs", "1",
+            "--finetune-epochs", "1", "--batch-size", "16", "--max-train-batches", "2", "--attack-steps", "1",
+            "--eval-samples", "8", "--eval-attack-steps", "1", "--autoattack", "off", "--latency-runs", "1",
+            "--no-onnx", "--quiet"]
+    code = main(argv)
     assert code == 3
     err = capsys.readouterr().err
     assert err.startswith("nni-harp: error: stage 'pretrain', epoch 2, step 1: loss is nan; stopped.")
@@ -34,3 +39,10 @@ def test_nan_loss_in_pretraining_stops_the_run(tmp_path, capsys, monkeypatch):
     assert saved["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
     assert not (out / "report.json").exists()
+
+    monkeypatch.undo()  # the cause is gone: --resume continues from the kept checkpoint
+    assert main([*argv, "--resume"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["pruned"]["eval_samples"] == 8
+    progress = json.loads((out / "checkpoints" / "progress.json").read_text())
+    assert progress["stages"]["pretrain"]["epochs"] == 3
