@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", default=None,
                    help="start from this trained dense model (a state dict file, or an earlier run's "
                         "output folder) instead of pretraining")
-    g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last finished epoch")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --output-dir from its last finished epoch (give the same training "
+                        "settings; evaluation settings may change)")
     g.add_argument("--overwrite", action="store_true", help="start again in an --output-dir that holds a run")
     _add_eval_options(p, None)
     # testing knobs, not shown in --help

@@ -226,8 +226,10 @@ class PipelineConfig:
 
     # fields whose change makes a stored run incompatible with the new request
     RESUME_KEYS = (
-        "model", "dataset", "image_size", "mode", "sparsity", "flops_target", "adv_loss", "eps",
-        "attack_steps", "batch_size", "seed", "checkpoint", "max_train_batches",
+        "model", "dataset", "data_dir", "image_size", "mode", "sparsity", "flops_target", "adv_loss", "eps",
+        "attack_steps", "pretrain_epochs", "prune_epochs", "finetune_epochs", "batch_size", "seed",
+        "checkpoint", "pretrain_lr", "prune_lr", "finetune_lr", "weight_decay", "gamma_0", "trades_beta",
+        "max_train_batches",
     )
 
 
