@@ -248,6 +248,10 @@ def apply_keep(gm: fx.GraphModule, analysis: Analysis, keep: Mapping[int, torch.
     _slice_params(gm, plan)  # first: the norms swapped in below take the sliced weights
     for node in list(gm.graph.nodes):
         _rewrite_node(gm, node, keeper)
+    for node in gm.graph.nodes:  # shapes and tracking describe the model before pruning: drop them
+        for key in ("tensor_meta", TRACK_KEY, EXACT_STATS):
+            node.meta.pop(key, None)
+    gm.meta.pop("graph_passes.analysis", None)
     gm.graph.lint()
     gm.recompile()
     return gm
