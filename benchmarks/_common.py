@@ -37,13 +37,7 @@ def random_keep(groups: list[gp.ChannelGroup], ratio: float, seed: int) -> dict[
 
 
 def apply_masks(model: torch.nn.Module, masks: dict[str, dict[str, torch.Tensor]]) -> torch.nn.Module:
-    masked = copy.deepcopy(model)
-    with torch.no_grad():
-        for mod, params in masks.items():
-            owner = masked.get_submodule(mod) if mod else masked
-            for pname, mask in params.items():
-                getattr(owner, pname).mul_(mask)
-    return masked
+    return gp.masked_copy(model, masks)
 
 
 def calibrate_norms(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:

@@ -15,9 +15,9 @@ __all__ = [
 ]
 
 from .modules import ExactStatsNorm, exact_stats_norm  # noqa: E402
-from .speedup import ModelSpeedup, apply_keep  # noqa: E402
+from .speedup import ModelSpeedup, apply_keep, masked_copy  # noqa: E402
 
-__all__ += ["ExactStatsNorm", "ModelSpeedup", "apply_keep", "exact_stats_norm"]
+__all__ += ["ExactStatsNorm", "ModelSpeedup", "apply_keep", "exact_stats_norm", "masked_copy"]
 from .cost import cost  # noqa: E402
 
 __all__ += ["cost"]

@@ -20,7 +20,7 @@ from .groups import keep_from_masks
 from .modules import ExactStatsNorm, exact_stats_norm
 from .tracing import as_tuple, trace
 
-__all__ = ["ModelSpeedup", "apply_keep"]
+__all__ = ["ModelSpeedup", "apply_keep", "masked_copy"]
 
 logger = logging.getLogger(__name__)
 
@@ -300,3 +300,11 @@ def _bake(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]]) -> 
                 if tuple(mask.shape) != tuple(value.shape):
                     raise SpeedupError(f"mask for {module_name}.{pname} has shape {tuple(mask.shape)}, the tensor {tuple(value.shape)}")
                 value.mul_(mask.to(value.dtype).to(value.device))
+
+
+def masked_copy(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]]) -> nn.Module:
+    """A deep copy of ``model`` with NNI-format ``masks`` multiplied into its tensors: the masked
+    model that :class:`ModelSpeedup`'s result must equal."""
+    masked = copy.deepcopy(model)
+    _bake(masked, masks)
+    return masked
