@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .budget import CostBudget, WeightedBudget, hinge, project_keep, round_to_counts
 from .errors import ConfigListError, MaskError, PruningError, SettingsError, StructureError
-from .harp import HARPPruner, HydraPruner
+from .harp import STATE_VERSION, HARPPruner, HydraPruner
 from .masks import apply_masks, fix_masks, release_masks
 from .schedule import GammaSchedule
 from .settings import HARPSettings
@@ -11,6 +11,7 @@ from .settings import HARPSettings
 __all__ = [
     "HARPPruner",
     "HydraPruner",
+    "STATE_VERSION",
     "HARPSettings",
     "GammaSchedule",
     "WeightedBudget",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import weakref
-from dataclasses import replace
-from typing import Any, Callable
+from dataclasses import fields, replace
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,10 @@ from .errors import PruningError, SettingsError, StructureError
 from .schedule import GammaSchedule
 from .settings import HARPSettings
 
-__all__ = ["HARPPruner", "HydraPruner"]
+__all__ = ["HARPPruner", "HydraPruner", "STATE_VERSION"]
+
+#: Version of the dictionary :meth:`HARPPruner.state_dict` returns.
+STATE_VERSION = 1
 
 _logger = logging.getLogger(__name__)
 
@@ -77,6 +80,13 @@ class HARPPruner(Pruner):
     returned masks meet the target *by construction*: for unstructured pruning to within one weight,
     for structured pruning to within the cost of the coarsest channel. The returned model is still
     wrapped by NNI and applies the final masks; :meth:`layer_rates` gives the kept fraction per unit.
+
+    A pruning run can be interrupted and resumed: :meth:`state_dict` (between epochs, e.g. from the
+    evaluator's training function at the start of an epoch) holds the scores, rates, hard masks,
+    HARP's optimizer state (momentum), the gamma schedule and the history; a new pruner on the same
+    model given it through :meth:`load_state_dict` continues where the first one stopped when
+    ``compress`` is called with the same ``max_epochs``. The model's own parameters and buffers
+    (e.g. BatchNorm statistics) are not part of it: save and restore them with the model.
     """
 
     def __init__(
@@ -100,6 +110,10 @@ class HARPPruner(Pruner):
         self._units: list[ScoreUnit] = []
         self._final_counts: dict[int, int] | None = None
         self._gamma = 0.0
+        self._total_epochs: int | None = None  # of the running (or resumed) compress()
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._pending_optimizer_state: dict[str, Any] | None = None
+        self._compressing = False
         self._reset_epoch_stats()
         inner, self._prefix = _split_parallel(model)
         parsed = parse_config_list(model, config_list)
@@ -244,13 +258,19 @@ class HARPPruner(Pruner):
         self._hw_sum = self._hw_sum + hw.detach()
         return loss + self._gamma * hw
 
+    def _base_lrs(self) -> list[float]:
+        """Learning rates of the optimizer's groups (scores, then rates when learned) before scheduling."""
+        s = self.settings
+        return [s.score_lr, s.rate_lr] if s.learn_rates else [s.score_lr]
+
     def _make_optimizer(self) -> torch.optim.Optimizer:
         s = self.settings
+        lrs = self._base_lrs()
         groups: list[dict[str, Any]] = [
-            {"params": [u.scores for u in self._units], "lr": s.score_lr, "weight_decay": s.score_weight_decay}
+            {"params": [u.scores for u in self._units], "lr": lrs[0], "weight_decay": s.score_weight_decay}
         ]
         if s.learn_rates:
-            groups.append({"params": [u.rate for u in self._units], "lr": s.rate_lr, "weight_decay": 0.0})
+            groups.append({"params": [u.rate for u in self._units], "lr": lrs[1], "weight_decay": 0.0})
         if s.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=s.score_lr, momentum=s.momentum)
         return torch.optim.Adam(groups, lr=s.score_lr)
@@ -294,6 +314,12 @@ class HARPPruner(Pruner):
             if steps_per_epoch is None:
                 raise SettingsError("steps_per_epoch", None, "an int >= 1 when compress() is driven by max_steps alone")
             epochs = math.ceil(max_steps / steps_per_epoch)  # type: ignore[operator]
+        if self._total_epochs is not None and self._total_epochs != epochs:
+            raise PruningError(
+                f"the loaded state belongs to a run of {self._total_epochs} pruning epochs, but compress() was asked "
+                f"for {epochs}; resume with the same max_epochs (or max_steps and steps_per_epoch)"
+            )
+        self._total_epochs = epochs
         if self._units:  # index tensors of the structured masks live where the scores live
             device = self._units[0].scores.device
             self._factors = {
@@ -306,10 +332,16 @@ class HARPPruner(Pruner):
             self.evaluator.bind_model(self.bound_model, self._get_param_names_map())
             try:
                 optimizer = self._make_optimizer()
+                if self._pending_optimizer_state is not None:
+                    optimizer.load_state_dict(self._pending_optimizer_state)
+                    self._pending_optimizer_state = None
+                self._optimizer = optimizer
                 self.evaluator.patch_loss(self._loss_patch)
                 self.evaluator.patch_optimizer_step(before_step_tasks=[self._step_task(optimizer)], after_step_tasks=[])
+                self._compressing = True
                 self._run_epochs(optimizer, epochs, max_steps, max_epochs is not None)
             finally:
+                self._compressing = False
                 self.evaluator.unbind_model()
         finally:
             for param, flag in saved.items():
@@ -318,9 +350,10 @@ class HARPPruner(Pruner):
 
     def _run_epochs(self, optimizer: torch.optim.Optimizer, epochs: int, max_steps: int | None, by_epoch: bool) -> None:
         s = self.settings
-        base_lrs = [group["lr"] for group in optimizer.param_groups]
-        steps_left = max_steps
-        for epoch in range(epochs):
+        base_lrs = self._base_lrs()
+        start = len(self.history)  # > 0 when resumed from a state_dict
+        steps_left = None if max_steps is None else max_steps - sum(int(h["steps"]) for h in self.history)
+        for epoch in range(start, epochs):
             if steps_left is not None and steps_left <= 0:
                 break
             self._gamma = self.schedule.gamma_for(epoch) if s.learn_rates else 0.0
@@ -355,6 +388,81 @@ class HARPPruner(Pruner):
                 type(self).__name__, epoch, record["gamma"], kept, self.target_fraction,
                 ", met" if met else "", record["adv_loss"], record["hw_loss"], self._epoch_steps,
             )
+
+    # ------------------------------------------------------------------ resuming
+    def state_dict(self) -> dict[str, Any]:
+        """HARP's state after the epochs run so far, as plain tensors, numbers, lists and dicts (so it
+        can be saved with :func:`torch.save` and read back with ``weights_only=True``).
+
+        Holds ``epoch`` (epochs completed), ``total_epochs`` (of the running ``compress``; ``None``
+        before it), the settings, the gamma ``schedule`` (gamma and stage of every later epoch follow
+        from it), the ``history``, per unit its ``scores``, ``rate`` and ``hard`` mask, and HARP's
+        ``optimizer`` state (``None`` before ``compress``). Call it before ``compress`` or between
+        epochs, not halfway through one and not after ``compress`` finished.
+        """
+        if self._final_counts is not None:
+            raise PruningError(f"this {type(self).__name__} has finished pruning; its scores and rates are gone")
+        if self._compressing and self._epoch_steps:
+            raise PruningError(
+                f"state_dict() called after {self._epoch_steps} step(s) of epoch {len(self.history)}; "
+                "call it between epochs (e.g. at the start of the evaluator's training function)"
+            )
+        return {
+            "version": STATE_VERSION,
+            "pruner": type(self).__name__,
+            "settings": {f.name: _plain_setting(getattr(self.settings, f.name)) for f in fields(self.settings)},
+            "epoch": len(self.history),
+            "total_epochs": self._total_epochs,
+            "schedule": self.schedule.state_dict(),
+            "history": [dict(h) for h in self.history],
+            "units": [
+                {"name": u.name, "scores": u.scores.detach().cpu().clone(), "rate": u.rate.detach().cpu().clone(),
+                 "hard": u.hard.detach().cpu().clone()}
+                for u in self._units
+            ],
+            "optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict` of a pruner built the same way (same model, config_list,
+        settings). Call it before ``compress``; then ``compress`` runs the remaining epochs of the
+        stored run, with the stored momentum, gamma schedule and learning-rate schedule."""
+        if self._final_counts is not None or self._compressing or self.history:
+            raise PruningError("load_state_dict() must be called on a fresh pruner, before compress()")
+        if state.get("version") != STATE_VERSION:
+            raise PruningError(f"pruner state version {state.get('version')!r} is not supported (expected {STATE_VERSION})")
+        saved = dict(state.get("settings", {}))
+        for f in fields(self.settings):
+            mine = _plain_setting(getattr(self.settings, f.name))
+            if f.name not in saved or saved[f.name] != mine:
+                raise PruningError(
+                    f"the stored pruning run used HARPSettings.{f.name}={saved.get(f.name, '<missing>')!r}, "
+                    f"this pruner has {mine!r}; resume with the same settings"
+                )
+        units = list(state.get("units", []))
+        if len(units) != len(self._units):
+            raise PruningError(f"the stored run has {len(units)} pruning units, this pruner has {len(self._units)}")
+        for unit, stored in zip(self._units, units):
+            if stored["name"] != unit.name or tuple(stored["scores"].shape) != tuple(unit.scores.shape):
+                raise PruningError(
+                    f"stored unit {stored['name']!r} with {tuple(stored['scores'].shape)} scores does not match "
+                    f"unit {unit.name!r} with {tuple(unit.scores.shape)}: was the state saved for another model "
+                    "or config_list?"
+                )
+        history = [dict(h) for h in state.get("history", [])]
+        if int(state.get("epoch", -1)) != len(history):
+            raise PruningError(f"pruner state is inconsistent: epoch={state.get('epoch')!r} with {len(history)} history records")
+        self.schedule.load_state_dict(state["schedule"])
+        for unit, stored in zip(self._units, units):
+            unit.scores.copy_(stored["scores"])
+            unit.rate.copy_(stored["rate"])
+            unit.hard.copy_(stored["hard"])
+        self.history = history
+        total = state.get("total_epochs")
+        self._total_epochs = None if total is None else int(total)
+        self._pending_optimizer_state = state.get("optimizer")
+        _logger.info("%s resumes after %d pruning epoch(s)", type(self).__name__, len(history))
 
     # ------------------------------------------------------------------ finishing
     @torch.no_grad()
@@ -413,6 +521,11 @@ class HARPPruner(Pruner):
                     continue
                 mask = factor_mask(factors, channel_masks, space.mask)
                 space.mask = (torch.ones_like(space.mask) * mask).to(space.mask.dtype)
+
+
+def _plain_setting(value: Any) -> Any:
+    """A settings value as stored in a state dict (tuples become lists)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 class HydraPruner(HARPPruner):

@@ -8,7 +8,7 @@ first, then robustness and compactness held in balance.
 from __future__ import annotations
 
 import bisect
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 __all__ = ["GammaSchedule"]
 
@@ -50,6 +50,30 @@ class GammaSchedule:
         if target_met and self._frozen_gamma is None:
             self._frozen_gamma = self.gamma_for(epoch)
             self.frozen_at = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule's settings and where it froze (plain values, safe for ``weights_only`` loading)."""
+        return {
+            "gamma_0": self.gamma_0,
+            "stage_boundaries": None if self.stage_boundaries is None else list(self.stage_boundaries),
+            "frozen_at": self.frozen_at,
+            "frozen_gamma": self._frozen_gamma,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s freezing; the settings must be the ones this schedule has."""
+        bounds = state.get("stage_boundaries")
+        saved = (float(state.get("gamma_0", float("nan"))), None if bounds is None else tuple(int(b) for b in bounds))
+        if saved != (self.gamma_0, self.stage_boundaries):
+            raise ValueError(
+                f"schedule state is for gamma_0={saved[0]}, stage_boundaries={saved[1]}; this schedule has "
+                f"gamma_0={self.gamma_0}, stage_boundaries={self.stage_boundaries}"
+            )
+        frozen_at, frozen_gamma = state.get("frozen_at"), state.get("frozen_gamma")
+        if (frozen_at is None) != (frozen_gamma is None):
+            raise ValueError(f"schedule state is inconsistent: frozen_at={frozen_at!r}, frozen_gamma={frozen_gamma!r}")
+        self.frozen_at = None if frozen_at is None else int(frozen_at)
+        self._frozen_gamma = None if frozen_gamma is None else float(frozen_gamma)
 
     def __repr__(self) -> str:
         state = f"frozen at epoch {self.frozen_at}" if self.frozen else "growing"

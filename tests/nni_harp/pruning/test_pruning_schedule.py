@@ -44,3 +44,17 @@ def test_schedule_rejects_bad_arguments() -> None:
         GammaSchedule(0.0)
     with pytest.raises(ValueError, match="strictly increasing"):
         GammaSchedule(0.1, stage_boundaries=(3, 3))
+
+
+def test_schedule_state_round_trip_keeps_the_frozen_gamma() -> None:
+    schedule = GammaSchedule(0.01, stage_boundaries=(2, 5))
+    _run(schedule, [False, False, False, True])
+    restored = GammaSchedule(0.01, stage_boundaries=(2, 5))
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.frozen_at == 3
+    assert [restored.gamma_for(e) for e in range(4, 8)] == pytest.approx([0.02] * 4)
+    growing = GammaSchedule(0.01, stage_boundaries=(2, 5))
+    growing.load_state_dict(GammaSchedule(0.01, stage_boundaries=(2, 5)).state_dict())
+    assert not growing.frozen and growing.gamma_for(6) == pytest.approx(0.03)
+    with pytest.raises(ValueError, match="gamma_0=0.01"):
+        GammaSchedule(0.02, stage_boundaries=(2, 5)).load_state_dict(schedule.state_dict())
