@@ -100,7 +100,7 @@ def _slice_params(gm: fx.GraphModule, plan: dict[str, dict[str, dict[int, torch.
             if isinstance(value, nn.Parameter):
                 setattr(owner, pname, nn.Parameter(new, requires_grad=value.requires_grad))
             else:
-                owner.register_buffer(pname, new)
+                owner.register_buffer(pname, new, persistent=pname not in owner._non_persistent_buffers_set)
         if module_name:
             _fix_attributes(owner, old)
 

@@ -115,6 +115,7 @@ def trace(
         ) from exc
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
+    _keep_non_persistent_buffers(tracer.root, gm)
     was_training = model.training
     gm.eval()
     try:
@@ -131,6 +132,25 @@ def trace(
         _assert_same(expected, got, name)
     gm.train(was_training)
     return gm
+
+
+def _keep_non_persistent_buffers(root: nn.Module, gm: fx.GraphModule) -> None:
+    """Keep non-persistent buffers out of the traced module's state dict, as in ``root``.
+
+    ``fx.GraphModule`` copies the buffers the graph reads onto new container modules; older torch
+    releases (2.12 and before; 2.15 keeps the flag) register every one as persistent, so the
+    traced (and sped-up) model's state dict held keys the eager model's does not, and the model
+    rebuilt from a pruning plan refused to load it.
+    """
+    for path, module in root.named_modules():
+        names = module._non_persistent_buffers_set
+        if not names:
+            continue
+        try:
+            owner = gm.get_submodule(path) if path else gm
+        except AttributeError:  # not used by the graph, so not copied
+            continue
+        owner._non_persistent_buffers_set.update(n for n in names if n in owner._buffers)
 
 
 def _assert_same(expected: Any, got: Any, name: str) -> None:
