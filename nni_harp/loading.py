@@ -108,6 +108,25 @@ def read_meta(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
+def _non_persistent_keys(model: nn.Module) -> set[str]:
+    return {f"{path}.{name}" if path else name
+            for path, module in model.named_modules() for name in module._non_persistent_buffers_set}
+
+
+def _without_non_persistent(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """``state`` without the model's non-persistent buffers (e.g. the input normalisation's
+    ``mean``/``std``), which state dicts of traced models saved with torch <= 2.12 hold."""
+    keys = _non_persistent_keys(model)
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module):
+        keys |= _non_persistent_keys(inner)
+    dropped = [k for k in state if k in keys]
+    if not dropped:
+        return state
+    logger.debug("ignoring non-persistent buffers in the state dict: %s", dropped)
+    return {k: v for k, v in state.items() if k not in keys}
+
+
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
     """Load ``state`` into a normalisation-wrapped model, accepting plain timm keys too.
 
@@ -116,6 +135,7 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: st
     """
     if isinstance(state.get("model"), Mapping):  # a stage checkpoint
         state = state["model"]  # type: ignore[assignment]
+    state = _without_non_persistent(model, state)
     inner = getattr(model, "model", None)
     prefixed = all(k.startswith("model.") for k in state)
     target = model if prefixed or inner is None else inner
