@@ -18,9 +18,9 @@ from .modules import ExactStatsNorm, exact_stats_norm  # noqa: E402
 from .speedup import ModelSpeedup, apply_keep, masked_copy  # noqa: E402
 
 __all__ += ["ExactStatsNorm", "ModelSpeedup", "apply_keep", "exact_stats_norm", "masked_copy"]
-from .cost import cost  # noqa: E402
+from .cost import cost, count_flops, flop_counter  # noqa: E402
 
-__all__ += ["cost"]
+__all__ += ["cost", "count_flops", "flop_counter"]
 from .plan import PruningPlan  # noqa: E402
 
 __all__ += ["PruningPlan"]

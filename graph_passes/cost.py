@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import torch
 from torch import fx, nn
+from torch.utils import flop_counter as _flop_counter
 
 from ._tracking import LayerRecord
 from .cost_model import CostModel, Factor, LayerCost
@@ -14,7 +16,56 @@ from .errors import GraphPassError, MissingAnalysisError
 from .groups import ChannelGroup
 from .tracing import trace
 
-__all__ = ["cost", "cost_of_analysis"]
+__all__ = ["cost", "cost_of_analysis", "count_flops", "flop_counter"]
+
+
+# Attention kernels that torch's FlopCounterMode counts only in newer releases, with the kernel
+# whose formula applies to them. Before torch 2.15 the CPU flash-attention kernel, which
+# ``F.scaled_dot_product_attention`` runs on CPU, had no formula and counted 0 FLOPs.
+_SDPA_KERNELS = {
+    "_scaled_dot_product_flash_attention_for_cpu": "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_for_cpu_backward": "_scaled_dot_product_flash_attention_backward",
+    "_scaled_dot_product_cudnn_attention": "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_cudnn_attention_backward": "_scaled_dot_product_flash_attention_backward",
+}
+
+
+def _as_raw(formula: Callable[..., int]) -> Callable[..., int]:
+    """A registry formula (already shape-wrapped) that FlopCounterMode must not wrap again."""
+
+    def counted(*args: Any, **kwargs: Any) -> int:
+        return formula(*args, **kwargs)
+
+    counted._get_raw = True  # type: ignore[attr-defined]
+    return counted
+
+
+def _missing_sdpa_formulas() -> dict[Any, Callable[..., int]]:
+    registry = _flop_counter.flop_registry
+    extra: dict[Any, Callable[..., int]] = {}
+    for name, like in _SDPA_KERNELS.items():
+        op, ref = getattr(torch.ops.aten, name, None), getattr(torch.ops.aten, like, None)
+        if op is not None and ref is not None and op not in registry and ref in registry:
+            extra[op] = _as_raw(registry[ref])
+    return extra
+
+
+def flop_counter(**kwargs: Any) -> _flop_counter.FlopCounterMode:
+    """``torch.utils.flop_counter.FlopCounterMode(display=False, **kwargs)`` that counts attention
+    on every supported torch release: older releases have no formula for the CPU (and cuDNN)
+    scaled-dot-product-attention kernels and count them as 0; the formula torch uses for them
+    from 2.15 on (the flash-attention one) is added. This is the counter :func:`cost` matches.
+    """
+    kwargs.setdefault("display", False)
+    custom = {**_missing_sdpa_formulas(), **dict(kwargs.pop("custom_mapping", None) or {})}
+    return _flop_counter.FlopCounterMode(custom_mapping=custom, **kwargs)
+
+
+def count_flops(model: nn.Module, *inputs: Any) -> int:
+    """FLOPs of one ``model(*inputs)`` call under ``torch.no_grad()``, counted by :func:`flop_counter`."""
+    with torch.no_grad(), flop_counter() as counter:
+        model(*inputs)
+    return int(counter.get_total_flops())
 
 
 def _factor(analysis: Analysis, ids: np.ndarray | None, total: int) -> Factor:
@@ -49,7 +100,8 @@ def cost_of_analysis(gm: fx.GraphModule, analysis: Analysis) -> CostModel:
 
 def cost(model: nn.Module, example_inputs: Any, groups: list[ChannelGroup] | None = None) -> CostModel:
     """Dense FLOPs (2 per multiply-accumulate, for conv, linear, matmul and attention, as
-    ``torch.utils.flop_counter.FlopCounterMode`` counts them on ``example_inputs``) and
+    ``torch.utils.flop_counter.FlopCounterMode`` counts them on ``example_inputs``; see
+    :func:`flop_counter` for torch releases that leave attention uncounted) and
     parameters of every layer, each with the factors by which channel pruning scales it.
 
     ``CostModel.flops(keep)`` gives the FLOPs when group ``g`` keeps the fraction ``keep[g]``

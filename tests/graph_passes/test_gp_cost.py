@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+import torch.nn.functional as F
 
 import graph_passes as gp
 from _gp_helpers import prune
@@ -15,9 +16,7 @@ from test_gp_ops import Concat, FlattenHead, SE, Residual
 
 def measured_flops(model: nn.Module, x: torch.Tensor) -> int:
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops()
+    return gp.count_flops(model, x)
 
 
 def n_params(model: nn.Module) -> int:
@@ -88,3 +87,30 @@ def test_cost_on_timm_test_model(name):
     assert any(f < 1 for f in frac.values())
     assert cm.flops(frac) == pytest.approx(measured_flops(r.pruned, x), rel=1e-9)
     assert cm.params(frac) == pytest.approx(n_params(r.pruned), rel=1e-9)
+
+
+class _Sdpa(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_flop_counter_counts_sdpa_on_every_torch_release(grad):
+    # torch < 2.15 has no FlopCounterMode formula for the CPU flash-attention kernel (counts 0);
+    # gp.flop_counter adds the one torch 2.15 uses. Reference: the same attention written as two
+    # matmuls, which every release counts.
+    q, k, v = (torch.randn(2, 3, 5, 8, requires_grad=grad) for _ in range(3))
+    with gp.flop_counter() as counter:
+        out = _Sdpa()(q, k, v)
+        if grad:
+            out.sum().backward()
+    with FlopCounterMode(display=False) as reference:
+        scores = (q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1)
+        ref = scores @ v
+        if grad:
+            ref.sum().backward()
+    assert torch.allclose(out, ref, atol=1e-5)
+    matmul = 2 * (2 * 3) * 5 * 5 * 8  # 2 FLOPs per multiply-accumulate, batch 2 x 3 heads
+    expected = matmul * (7 if grad else 2)  # forward: 2 matmuls; backward: 5 (torch's flash formula recomputes the scores)
+    assert reference.get_total_flops() == matmul * (6 if grad else 2)
+    assert counter.get_total_flops() == expected
