@@ -57,14 +57,14 @@ def measure_flops(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
     same convention). The effective count scales each leaf layer's FLOPs by the fraction of its
     weight entries that are non-zero: what unstructured sparsity could save with sparse kernels.
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    from graph_passes import flop_counter  # FlopCounterMode that counts CPU attention on torch < 2.15 too
 
     first = next(iter(model.parameters()), None)
     x = example[:1].detach().to(first.device if first is not None else "cpu")
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), flop_counter() as counter:
             model(x)
     finally:
         model.train(was_training)
