@@ -296,7 +296,8 @@ class HARPPruner(Pruner):
 
     def compress(self, max_steps: int | None = None, max_epochs: int | None = None) -> tuple[nn.Module, dict[str, dict[str, Tensor]]]:
         """Prune for ``max_epochs`` epochs (or ``max_steps`` steps, whichever ends first); returns the
-        (still NNI-wrapped) model and its masks ``{module: {'weight': 0/1 tensor, 'bias': ...}}``."""
+        (still NNI-wrapped) model and its masks ``{module: {'weight': 0/1 tensor, 'bias': ...}}``
+        (tensors the module does not have, e.g. a missing bias, are left out)."""
         for name, value in (("max_steps", max_steps), ("max_epochs", max_epochs)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
@@ -304,7 +305,11 @@ class HARPPruner(Pruner):
             raise ValueError("give max_epochs (or max_steps): HARP's gamma schedule counts epochs")
         if self._final_counts is not None:
             raise PruningError(f"this {type(self).__name__} has already compressed its model; create a new pruner")
-        return super().compress(max_steps, max_epochs)
+        model, masks = super().compress(max_steps, max_epochs)
+        # NNI lists absent targets (a conv without bias) with a None mask; leave them out, so the
+        # masks name only tensors the model has (as graph_passes.ModelSpeedup and masked_copy expect)
+        return model, {module: {name: mask for name, mask in targets.items() if mask is not None}
+                       for module, targets in masks.items()}
 
     def _single_compress(self, max_steps: int | None, max_epochs: int | None) -> None:
         steps_per_epoch = self.settings.steps_per_epoch
