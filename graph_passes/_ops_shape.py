@@ -81,6 +81,11 @@ def reshape(state: AnalysisState, node: fx.Node) -> Any:
     size_args = _size_args(node)
     for src_axes, dst_axes in reshape_groups(info.shape, shape):
         tracked = [a for a in src_axes if a in info.track]
+        if len(tracked) > 1 and sum(info.shape[a] != 1 for a in tracked) <= 1:
+            # a size-1 channel axis (one channel: never removed) folds into its neighbour
+            for a in [a for a in tracked if info.shape[a] == 1][: len(tracked) - 1]:
+                state.pin(info.track[a], f"{node.name} folds a single-channel axis into another")
+                tracked.remove(a)
         if not tracked or not dst_axes:
             continue
         if len(tracked) > 1:

@@ -105,10 +105,39 @@ def _slice_params(gm: fx.GraphModule, plan: dict[str, dict[str, dict[int, torch.
             _fix_attributes(owner, old)
 
 
+def _reads_channels(size: Any, seen: set[fx.Node] | None = None) -> bool:
+    """Whether a size computed at run time reads the length of a channel axis (``x.shape[-1]``,
+    ``x.size(2)``, or arithmetic on them): after pruning it holds the pruned width, which may not
+    be the length the receiving axis keeps (CaiT's ``reshape(B, N, C)`` of pinned heads)."""
+    if not isinstance(size, fx.Node):
+        return False
+    seen = set() if seen is None else seen
+    if size in seen:
+        return False
+    seen.add(size)
+    if size.op == "call_function" and size.target is operator.getitem and isinstance(size.args[0], fx.Node):
+        src = size.args[0]
+        if src.op == "call_function" and src.target is getattr and src.args[1:] == ("shape",):
+            return _axis_tracked(src.args[0], size.args[1])
+        if src.op == "call_method" and src.target == "size" and len(src.args) == 1:
+            return _axis_tracked(src.args[0], size.args[1])
+    if size.op == "call_method" and size.target == "size" and len(size.args) > 1:
+        return _axis_tracked(size.args[0], size.args[1])
+    return any(_reads_channels(a, seen) for a in size.all_input_nodes)
+
+
+def _axis_tracked(tensor: Any, axis: Any) -> bool:
+    info = tensor.meta.get(TRACK_KEY) if isinstance(tensor, fx.Node) else None
+    if not isinstance(info, TensorInfo) or not isinstance(axis, int):
+        return isinstance(info, TensorInfo) and bool(info.track)  # a slice of the shape: be safe
+    return axis % info.ndim in info.track
+
+
 def _rewrite_sizes(node: fx.Node, old: tuple[int, ...], new: tuple[int, ...], channel_axes: frozenset[int] = frozenset()) -> None:
     """Replace integer size arguments that named an axis whose length changed, and sizes computed
-    at run time on channel axes (they may read another group's width, e.g. ``C // heads``)."""
-    if old == new and not channel_axes:
+    at run time on channel axes or from a channel axis' length (they may read another group's
+    width, e.g. ``C // heads``)."""
+    if old == new and not channel_axes and not any(_reads_channels(a) for a in node.all_input_nodes[1:]):
         return
     args = list(node.args)
     sizes = args[1:]
@@ -124,7 +153,7 @@ def _rewrite_sizes(node: fx.Node, old: tuple[int, ...], new: tuple[int, ...], ch
     lead = 0
     # a size computed at run time (``x.shape[-1]`` of another tensor) may read a different group's
     # width: every changed axis gets its new, static length
-    fixed = [new[i + lead] if isinstance(s, fx.Node) and (i + lead in channel_axes or old[i + lead] != new[i + lead])
+    fixed = [new[i + lead] if isinstance(s, fx.Node) and (i + lead in channel_axes or old[i + lead] != new[i + lead] or _reads_channels(s))
              or isinstance(s, int) and s != -1 and s == old[i + lead] and old[i + lead] != new[i + lead]
              else s for i, s in enumerate(sizes)]
     node.args = (args[0], tuple(fixed)) if packed else (args[0], *fixed, *args[1 + len(fixed):])
