@@ -1,4 +1,4 @@
-"""Small ``torch.distributed`` helpers for running HARP under ``torchrun`` (DDP).
+"""Small ``torch.distributed`` helpers for running the pipeline under ``torchrun`` (DDP).
 
 ``init_from_env()`` reads the variables torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``, ``MASTER_PORT``) and starts a process group: ``nccl`` when CUDA is available,
@@ -8,15 +8,19 @@ single-process behaviour, so the same code runs with and without torchrun.
 HARP's scores and rates are parameters the pruner adds *after* a model would be wrapped in
 ``DistributedDataParallel``, so DDP never sees them: while pruning, their gradients are averaged
 explicitly with :func:`all_reduce_grads` before the optimizer step (identical updates, hence
-identical scores, rates and masks on every rank); fine-tuning uses plain DDP.
+identical scores, rates and masks on every rank); pretraining and fine-tuning use plain DDP.
+:func:`on_main` runs a step (a file write, a check of the output folder) on rank 0 only and
+tells the other ranks whether it failed, so that an error there stops every rank instead of
+leaving the others waiting in a collective.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,7 +28,12 @@ from torch import nn
 
 __all__ = [
     "DistInfo",
+    "DistributedError",
     "init_from_env",
+    "env_world_size",
+    "env_rank",
+    "on_main",
+    "broadcast_object",
     "shutdown",
     "is_distributed",
     "rank",
@@ -33,6 +42,7 @@ __all__ = [
     "barrier",
     "all_reduce_grads",
     "all_reduce_mean",
+    "all_reduce_sum",
     "broadcast_module",
     "broadcast_masks",
     "broadcast_buffers",
@@ -41,6 +51,16 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# how long a rank waits in a collective for the others (rank 0 alone evaluates the models, which
+# can take a while on a CPU); NNI_HARP_DIST_TIMEOUT_MIN overrides it
+DEFAULT_TIMEOUT_MIN = 180
+
+
+class DistributedError(RuntimeError):
+    """A step that ran on another rank failed; the message carries that rank's error."""
 
 
 @dataclass(frozen=True)
@@ -69,16 +89,35 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def env_world_size() -> int:
+    """``WORLD_SIZE`` as torchrun set it (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_rank() -> int:
+    """``RANK`` as torchrun set it (0 outside torchrun); readable before the group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _timeout() -> datetime.timedelta:
+    text = os.environ.get("NNI_HARP_DIST_TIMEOUT_MIN", str(DEFAULT_TIMEOUT_MIN))
+    try:
+        minutes = float(text)
+    except ValueError as exc:
+        raise ValueError(f"NNI_HARP_DIST_TIMEOUT_MIN must be a number of minutes, got {text!r}") from exc
+    return datetime.timedelta(minutes=minutes)
+
+
 def init_from_env(backend: str | None = None) -> DistInfo:
     """Start the process group described by torchrun's environment (no-op without it)."""
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    env_world = env_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available()
     if env_world > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if use_cuda else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=_timeout())
         logger.info("process group %s: rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
     elif dist.is_initialized():
         backend = dist.get_backend()
@@ -106,6 +145,36 @@ def main_process_first() -> Iterator[None]:
     yield
     if is_main():
         barrier()
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` (any picklable value) on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def on_main(fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` on rank 0 only; every rank returns when it is done (``fn``'s result on rank 0,
+    None elsewhere). An exception on rank 0 is re-raised there and, as a
+    :class:`DistributedError` with its message, on the other ranks."""
+    if not is_distributed():
+        return fn()
+    failure: BaseException | None = None
+    result: T | None = None
+    if is_main():
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after telling the others
+            failure = exc
+    message = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise DistributedError(f"rank 0 failed: {message}")
+    return result
 
 
 def all_reduce_grads(module: nn.Module) -> None:
@@ -141,6 +210,16 @@ def all_reduce_mean(value: float | torch.Tensor) -> float:
     return float(t.item())
 
 
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sums of ``values`` over all ranks (the values themselves in a single process)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if is_distributed():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [float(v) for v in t.cpu()]
+
+
 @torch.no_grad()
 def broadcast_module(module: nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s parameters and buffers to every rank (same start everywhere)."""
@@ -160,13 +239,26 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
         dist.broadcast(t.data, src=src)
 
 
+def _comm_device() -> torch.device:
+    """Where tensors must be for a collective: the current GPU with nccl, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@torch.no_grad()
 def broadcast_masks(masks: Mapping[str, Mapping[str, torch.Tensor]], src: int = 0) -> None:
     """Overwrite every rank's masks (NNI format, same keys on all ranks) with rank ``src``'s, in place."""
     if not is_distributed():
         return
+    device = _comm_device()
     for name in sorted(masks):
         for target in sorted(masks[name]):
-            dist.broadcast(masks[name][target], src=src)
+            tensor = masks[name][target]
+            moved = tensor.to(device)
+            dist.broadcast(moved, src=src)
+            if moved is not tensor:
+                tensor.copy_(moved)
 
 
 def max_difference(tensors: Mapping[str, torch.Tensor]) -> float:
@@ -174,13 +266,13 @@ def max_difference(tensors: Mapping[str, torch.Tensor]) -> float:
     get the same answer; 0.0 in a single process)."""
     if not is_distributed():
         return 0.0
-    worst = torch.zeros(1, dtype=torch.float64)
+    device = _comm_device()
+    worst = torch.zeros(1, dtype=torch.float64, device=device)
     for key in sorted(tensors):
-        mine = tensors[key].detach().to(torch.float64)
+        mine = tensors[key].detach().to(device=device, dtype=torch.float64)
         ref = mine.clone()
         dist.broadcast(ref, src=0)
-        worst = torch.maximum(worst, (mine - ref).abs().max().reshape(1).cpu())
-    if dist.get_backend() == "nccl":
-        worst = worst.cuda()
+        if mine.numel():
+            worst = torch.maximum(worst, (mine - ref).abs().max().reshape(1))
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     return float(worst.item())

@@ -3,6 +3,11 @@
 One epoch: shuffle with a generator seeded from (seed, stage, epoch) so that a resumed run sees the
 same batches, take a step per batch, stop at the first non-finite loss (before the optimizer
 step, so the weights stay good), then write the stage checkpoint.
+
+Under ``torchrun`` (``world > 1``) a ``DistributedSampler`` with the same seed gives each rank
+its share of every batch: the ranks' batches at step s together are exactly the batch a single
+process with the same ``batch_size`` (the *global* batch) takes at step s. Epoch metrics are
+summed over the ranks before they are reported.
 """
 from __future__ import annotations
 
@@ -14,8 +19,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .. import distributed as hd
 from .callbacks import PipelineCallback
 from .checkpoint import RunStore
 
@@ -46,17 +52,31 @@ def _stage_seed(seed: int, stage: str, epoch: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(stage.encode()) + epoch * 7919) % (2**63 - 1)
 
 
-def epoch_loader(dataset: Dataset, batch_size: int, seed: int, stage: str, epoch: int, num_workers: int = 0) -> DataLoader:
+def _shard(size: int, batch_size: int, world: int) -> tuple[int, int]:
+    """(samples, batch size) of one rank: the sampler pads ``size`` to a multiple of ``world``."""
+    return -(-size // world), batch_size // world
+
+
+def epoch_loader(
+    dataset: Dataset, batch_size: int, seed: int, stage: str, epoch: int, num_workers: int = 0,
+    rank: int = 0, world: int = 1,
+) -> DataLoader:
     """A shuffled loader whose order depends only on (seed, stage, epoch).
 
-    A last batch of a single sample is dropped: BatchNorm cannot train on it when the spatial
-    size has shrunk to 1x1 (a ResNet at 32 px).
+    ``batch_size`` is the global batch; with ``world > 1`` this rank gets ``batch_size // world``
+    of each (see the module docstring). A last batch of a single sample is dropped: BatchNorm
+    cannot train on it when the spatial size has shrunk to 1x1 (a ResNet at 32 px).
     """
+    stage_seed = _stage_seed(seed, stage, epoch)
+    size, per_rank = _shard(len(dataset), batch_size, world)  # type: ignore[arg-type]
+    drop_last = size % per_rank == 1 and size > 1
+    # one permutation per (seed, stage, epoch), dealt out over the ranks (world 1: all of it).
+    # The loader's own generator only seeds its workers, so it draws nothing from the global RNG
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=stage_seed)
     gen = torch.Generator()
-    gen.manual_seed(_stage_seed(seed, stage, epoch))
-    drop_last = len(dataset) % batch_size == 1 and len(dataset) > 1  # type: ignore[arg-type]
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers,
-                      drop_last=drop_last)
+    gen.manual_seed(stage_seed)
+    return DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+                      generator=gen)
 
 
 class OutputTap:
@@ -96,10 +116,12 @@ class EpochLoop:
     callbacks: PipelineCallback
     max_batches: int | None = None
     num_workers: int = 0
+    rank: int = 0
+    world: int = 1
 
     def steps_per_epoch(self) -> int:
-        size = len(self.dataset)  # type: ignore[arg-type]
-        n = size // self.batch_size + (size % self.batch_size > 1 or (size % self.batch_size == 1 and size == 1))
+        size, batch = _shard(len(self.dataset), self.batch_size, self.world)  # type: ignore[arg-type]
+        n = size // batch + (size % batch > 1 or (size % batch == 1 and size == 1))
         return min(n, self.max_batches) if self.max_batches else n
 
     def run(
@@ -115,12 +137,17 @@ class EpochLoop:
         on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
         stop_epoch: int | None = None,
         announce: bool = True,
+        grad_sync: Callable[[], None] | None = None,
+        evaluate: Callable[[], Mapping[str, float]] | None = None,
     ) -> list[dict[str, float]]:
         """Train epochs ``start_epoch .. min(stop_epoch, epochs) - 1`` of ``epochs``.
 
         After each epoch ``state_fn()`` gives the checkpoint payload, which is saved (``None``:
         the caller checkpoints itself, as the prune stage does once NNI's pruner has finished its
         own end-of-epoch bookkeeping). ``announce`` sends ``on_stage_start`` first.
+        ``grad_sync`` runs between backward and the optimizer steps (averaging gradients over
+        ranks for a model DDP does not wrap); ``evaluate()`` adds its values to each epoch's
+        metrics.
         """
         total = self.steps_per_epoch()
         cb = self.callbacks
@@ -138,7 +165,8 @@ class EpochLoop:
                 model.train()
                 cb.on_epoch_start(self.stage, epoch, total)
                 loss_sum, seen, correct, counted = 0.0, 0, 0, 0
-                loader = epoch_loader(self.dataset, self.batch_size, self.seed, self.stage, epoch, self.num_workers)
+                loader = epoch_loader(self.dataset, self.batch_size, self.seed, self.stage, epoch, self.num_workers,
+                                      self.rank, self.world)
                 for step, batch in enumerate(loader):
                     if step >= total or (max_steps is not None and steps_done >= max_steps):
                         break
@@ -147,9 +175,14 @@ class EpochLoop:
                     out = step_fn(batch, model)
                     loss = _loss_of(out)
                     value = float(loss.detach())
-                    if not torch.isfinite(loss.detach()).all():
+                    bad = not bool(torch.isfinite(loss.detach()).all())
+                    if self.world > 1:  # every rank stops together, none waits in a collective
+                        bad = hd.all_reduce_sum([float(bad)])[0] > 0
+                    if bad:
                         raise NonFiniteLossError(self.stage, epoch, step, value, str(ckpt) if ckpt.is_file() else None)
                     loss.backward()
+                    if grad_sync is not None:
+                        grad_sync()
                     for opt in optimizers:
                         opt.step()
                     steps_done += 1
@@ -165,6 +198,8 @@ class EpochLoop:
                     if counted:
                         running["acc"] = correct / counted
                     cb.on_step(self.stage, epoch, step, running)
+                if self.world > 1:
+                    loss_sum, seen, correct, counted = hd.all_reduce_sum([loss_sum, seen, correct, counted])
                 metrics = {"loss": loss_sum / max(seen, 1)}
                 if counted:
                     metrics["acc"] = correct / counted
@@ -175,6 +210,8 @@ class EpochLoop:
                     warnings.filterwarnings("ignore", message=".*optimizer.step\\(\\)` has been overridden.*")
                     for sched in schedulers:
                         sched.step()
+                if evaluate is not None:
+                    metrics.update(evaluate())
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, metrics)
                 if state_fn is not None:

@@ -10,6 +10,10 @@ Layout under ``<output_dir>/checkpoints/``:
 
 A stage is resumed from ``<stage>.pt`` when it is not marked finished in ``progress.json``;
 a finished stage is skipped and its saved artefacts are reused.
+
+Under ``torchrun`` only rank 0's store writes (``writer=True``); the other ranks keep the same
+progress record in memory (:meth:`RunStore.adopt` takes rank 0's) and read checkpoints only when
+resuming, which needs the output folder on a file system every node sees.
 """
 from __future__ import annotations
 
@@ -84,11 +88,21 @@ class StageCheckpoint:
 class RunStore:
     """The checkpoints and the progress record of one run in ``<output_dir>/checkpoints``."""
 
-    def __init__(self, output_dir: str | Path) -> None:
+    def __init__(self, output_dir: str | Path, writer: bool = True) -> None:
         self.root = Path(output_dir)
         self.dir = self.root / "checkpoints"
         self.progress_path = self.dir / "progress.json"
+        self.writer = writer
         self._progress: dict[str, Any] = {"format": FORMAT_VERSION, "config": {}, "stages": {}}
+
+    @property
+    def progress(self) -> dict[str, Any]:
+        """The progress record (config and finished stages) as plain data."""
+        return json.loads(json.dumps(self._progress, default=str))
+
+    def adopt(self, progress: Mapping[str, Any]) -> None:
+        """Take another store's progress record (rank 0's, on the other ranks); writes nothing."""
+        self._progress = json.loads(json.dumps(progress, default=str))
 
     # -- run lifecycle --------------------------------------------------------------------
     def start(self, config: Mapping[str, Any], resume: bool, overwrite: bool, keys: tuple[str, ...]) -> bool:
@@ -98,6 +112,8 @@ class RunStore:
         ``overwrite`` (then its checkpoints are removed). With ``resume``, the stored config must
         agree with ``config`` on ``keys``.
         """
+        if not self.writer:
+            raise ResumeError("a read-only RunStore (not rank 0) cannot start a run; adopt rank 0's progress")
         exists = self.progress_path.is_file()
         if exists and not resume:
             if not overwrite:
@@ -133,6 +149,8 @@ class RunStore:
         return False
 
     def _write(self) -> None:
+        if not self.writer:
+            return
         atomic_write_text(self.progress_path, json.dumps(self._progress, indent=2, sort_keys=True, default=str))
 
     # -- stage records --------------------------------------------------------------------
@@ -155,6 +173,8 @@ class RunStore:
         return self.dir / f"{stage}.pt"
 
     def save_epoch(self, stage: str, epoch: int, state: Mapping[str, Any]) -> Path:
+        if not self.writer:
+            return self.stage_path(stage)
         payload = {"format": FORMAT_VERSION, "stage": stage, "epoch": int(epoch), "rng": capture_rng()}
         payload.update(state)
         path = atomic_save(payload, self.stage_path(stage))
