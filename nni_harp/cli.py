@@ -2,12 +2,16 @@
 
     nni-harp prune resnet18                                 # digits, unstructured, 90 % sparsity
     nni-harp prune resnet18 --mode structured --flops-target 0.3
+    nni-harp prune resnet18 --pruner l1norm                 # a baseline through the same stages
+    torchrun --nproc_per_node=4 -m nni_harp prune resnet18  # DDP: nccl on GPUs, gloo on CPU
     nni-harp prune resnet18 --resume --output-dir runs/resnet18-unstructured
     nni-harp evaluate resnet18 --checkpoint runs/resnet18-unstructured
     nni-harp list-models 'resnet*' --check
 
 User errors (bad model name, bad target, missing data) print one line on stderr and exit with
 status 2; a run stopped by a NaN/inf loss exits with 3; an interrupted run (Ctrl-C) with 130.
+Under torchrun only rank 0 shows progress, logs and prints the report; the other ranks print
+errors only.
 """
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ from typing import Any, Mapping, Sequence
 
 from tqdm import tqdm
 
+from .distributed import env_rank
 from .pipeline.callbacks import PipelineCallback
+from .registry import PRUNERS
 
 __all__ = ["main", "build_parser", "TqdmProgress"]
 
@@ -51,7 +57,7 @@ defaults (chosen so that `nni-harp prune resnet18` on digits takes a few minutes
   The HARP paper's recipe is 100 + 20 + 100 epochs with PGD-10 and batch 128:
   --pretrain-epochs 100 --prune-epochs 20 --finetune-epochs 100 --attack-steps 10 --batch-size 128
 
-outputs in --output-dir (default runs/MODEL-MODE):
+outputs in --output-dir (default runs/MODEL-MODE, runs/MODEL-MODE-PRUNER for other pruners):
   model.pt, model_meta.json, plan.json (structured)  -> nni_harp.load_pruned(MODEL, DIR)
   model.onnx, dense_model.pt, report.json, report.md, kept_fraction.png,
   pruning_history.png, checkpoints/ (one per stage, rewritten every epoch, for --resume)
@@ -106,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unstructured: fraction of parameters removed, in (0, 1) (default: %(default)s)")
     g.add_argument("--flops-target", type=_number, default=0.5,
                    help="structured: fraction of FLOPs kept, in (0, 1) (default: %(default)s)")
+    g.add_argument("--pruner", default="harp", choices=list(PRUNERS),
+                   help="harp (learned per-layer rates), hydra (learned scores, uniform rates) or one of "
+                        "NNI's pruners: l1norm, l2norm, fpgm (structured only), taylor, movement "
+                        "(unstructured only); every one runs the same stages (default: %(default)s)")
     g.add_argument("--gamma0", dest="gamma_0", type=_number, default=0.01,
                    help="initial weight of the hardware loss (default: %(default)s)")
     g = p.add_argument_group("adversarial training")
@@ -118,10 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrain-epochs", type=int, default=4, help="default: %(default)s (ignored with --checkpoint)")
     g.add_argument("--prune-epochs", type=int, default=3, help="default: %(default)s")
     g.add_argument("--finetune-epochs", type=int, default=2, help="default: %(default)s")
-    g.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="the global batch; under torchrun each of N processes takes 1/N of it (default: %(default)s)")
     g.add_argument("--pretrain-lr", type=_number, default=0.05, help="default: %(default)s")
     g.add_argument("--prune-lr", type=_number, default=0.1,
-                   help="learning rate of HARP's scores and rates (weights are frozen) (default: %(default)s)")
+                   help="learning rate of HARP's (HYDRA's) scores and rates, the weights being frozen; NNI's "
+                        "training-aware pruners train the weights at --finetune-lr (default: %(default)s)")
     g.add_argument("--finetune-lr", type=_number, default=0.01, help="default: %(default)s")
     g.add_argument("--weight-decay", type=_number, default=5e-4, help="default: %(default)s")
     g.add_argument("--seed", type=int, default=0, help="default: %(default)s")
@@ -138,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     # testing knobs, not shown in --help
     p.add_argument("--max-train-batches", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--num-workers", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--epoch-eval-samples", type=int, default=0, help=argparse.SUPPRESS)
     _add_common(p)
 
     e = sub.add_parser(
@@ -244,13 +257,16 @@ class _TqdmLoggingHandler(logging.Handler):
 
 def _setup_logging(verbose: bool) -> None:
     handler = _TqdmLoggingHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    rank = env_rank()
+    prefix = f"[rank {rank}] " if rank else ""
+    handler.setFormatter(logging.Formatter(prefix + "%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
+    root.setLevel(logging.WARNING if rank == 0 else logging.ERROR)
     for name in ("nni_harp", "graph_passes"):
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
-    logging.getLogger("nni").setLevel(logging.WARNING if verbose else logging.ERROR)
+        level = logging.INFO if verbose else logging.WARNING
+        logging.getLogger(name).setLevel(level if rank == 0 else logging.ERROR)
+    logging.getLogger("nni").setLevel(logging.WARNING if verbose and rank == 0 else logging.ERROR)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -259,7 +275,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .loading import LoadError
     from .pipeline import ConfigError, ResumeError
 
-    errors: list[type[BaseException]] = [ConfigError, DatasetError, ResumeError, LoadError, FileNotFoundError]
+    from .distributed import DistributedError
+
+    errors: list[type[BaseException]] = [
+        ConfigError, DatasetError, ResumeError, LoadError, FileNotFoundError, DistributedError,
+    ]
     from .adversarial import AdversarialError
     from .pruning import PruningError
 
@@ -268,7 +288,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _fail(message: str, code: int = EXIT_USER_ERROR) -> int:
-    print(f"nni-harp: error: {message}", file=sys.stderr)
+    rank = env_rank()
+    print(f"nni-harp: error: {f'[rank {rank}] ' if rank else ''}{message}", file=sys.stderr)
     return code
 
 
@@ -276,10 +297,11 @@ def _fail(message: str, code: int = EXIT_USER_ERROR) -> int:
 def _cmd_prune(args: argparse.Namespace) -> int:
     from .pipeline import PipelineConfig, run
 
-    output_dir = args.output_dir or f"runs/{args.model}-{args.mode}"
+    suffix = "" if args.pruner == "harp" else f"-{args.pruner}"
+    output_dir = args.output_dir or f"runs/{args.model}-{args.mode}{suffix}"
     config = PipelineConfig(
         model=args.model, dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
-        mode=args.mode, sparsity=args.sparsity, flops_target=args.flops_target, adv_loss=args.adv_loss,
+        mode=args.mode, pruner=args.pruner, sparsity=args.sparsity, flops_target=args.flops_target, adv_loss=args.adv_loss,
         eps=args.eps, attack_steps=args.attack_steps, pretrain_epochs=args.pretrain_epochs,
         prune_epochs=args.prune_epochs, finetune_epochs=args.finetune_epochs, batch_size=args.batch_size,
         seed=args.seed, output_dir=output_dir, checkpoint=args.checkpoint, resume=args.resume,
@@ -289,10 +311,14 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         eval_attack_steps=args.eval_attack_steps, autoattack=args.autoattack,
         latency_runs=args.latency_runs, export_onnx=args.export_onnx,
         max_train_batches=args.max_train_batches, num_workers=args.num_workers,
+        epoch_eval_samples=args.epoch_eval_samples,
     )
-    callbacks = [] if args.quiet else [TqdmProgress()]
+    main_rank = env_rank() == 0
+    callbacks = [] if args.quiet or not main_rank else [TqdmProgress()]
     start = time.perf_counter()
     report = run(config, callbacks=callbacks)
+    if not main_rank:
+        return 0
     print(report.table())
     print(f"\nwrote {config.out_path}/report.json, report.md, model.pt, plots "
           f"({time.perf_counter() - start:.1f} s)")

@@ -17,7 +17,10 @@ from typing import Any, Callable
 
 from torch import nn
 
-__all__ = ["PruneRequest", "PrunerSpec", "PRUNERS", "register_pruner", "get_pruner", "pruner_names", "config_list"]
+__all__ = [
+    "PruneRequest", "PrunerSpec", "PRUNERS", "register_pruner", "get_pruner", "pruner_names", "pruners_for",
+    "check_mode", "config_list",
+]
 
 GRANULARITY = {"unstructured": "default", "structured": "out_channel"}
 
@@ -87,13 +90,27 @@ def get_pruner(name: str) -> PrunerSpec:
     return PRUNERS[key]
 
 
-def config_list(name: str, mode: str, sparsity: float) -> list[dict[str, Any]]:
-    """The NNI config list for pruner ``name`` at ``sparsity`` (fraction of weights removed)."""
+def pruners_for(mode: str) -> tuple[str, ...]:
+    """The registered pruners that can prune in ``mode``."""
+    return tuple(name for name, spec in PRUNERS.items() if mode in spec.modes)
+
+
+def check_mode(name: str, mode: str) -> PrunerSpec:
+    """The spec of ``name``; ``ValueError`` naming the pruner, the mode and what works otherwise."""
     spec = get_pruner(name)
     if mode not in GRANULARITY:
         raise ValueError(f"mode: must be one of {', '.join(GRANULARITY)}, got {mode!r}")
     if mode not in spec.modes:
-        raise ValueError(f"mode: pruner {spec.name!r} supports {', '.join(spec.modes)} only, got {mode!r}")
+        raise ValueError(
+            f"pruner {spec.name!r} cannot prune in mode {mode!r}: it supports {', '.join(spec.modes)} only; "
+            f"pruners for {mode}: {', '.join(pruners_for(mode))}"
+        )
+    return spec
+
+
+def config_list(name: str, mode: str, sparsity: float) -> list[dict[str, Any]]:
+    """The NNI config list for pruner ``name`` at ``sparsity`` (fraction of weights removed)."""
+    spec = check_mode(name, mode)
     if not 0.0 < sparsity < 1.0:
         raise ValueError(f"sparsity: must be in (0, 1), got {sparsity}")
     entry: dict[str, Any] = {"op_types": ["Conv2d", "Linear"], "sparse_ratio": float(sparsity),

@@ -9,6 +9,12 @@ adversarial fine-tuning with fixed masks, speedup (structured), ONNX export, pru
 Everything lands in ``config.output_dir``: ``model.pt`` + ``model_meta.json`` (+ ``plan.json``)
 for :func:`nni_harp.load_pruned`, ``model.onnx``, ``report.json``/``report.md``, the plots and
 ``checkpoints/`` (per-epoch checkpoints for ``resume=True``).
+
+``config.pruner`` picks the pruner from :mod:`nni_harp.registry` (HARP by default; HYDRA and
+NNI's own pruners go through the same stages). Under ``torchrun --nproc_per_node=N`` the run
+starts (and at the end destroys) a process group from torchrun's environment: nccl on GPUs, gloo
+on the CPU. ``config.batch_size`` is then the global batch, split over the ranks; rank 0 alone
+evaluates, writes files and calls the callbacks, and every rank returns the report.
 """
 from __future__ import annotations
 
@@ -16,11 +22,12 @@ import logging
 import random
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
+from .. import distributed as hd
 from .callbacks import CallbackList, PipelineCallback
 from .checkpoint import ResumeError, RunStore
 from .config import ConfigError, EvaluateConfig, PipelineConfig
@@ -54,28 +61,61 @@ def _seed_everything(seed: int) -> None:
 
 def run(config: PipelineConfig, callbacks: Iterable[PipelineCallback] | PipelineCallback | None = None) -> Report:
     """Run (or, with ``config.resume``, continue) the whole pipeline and return its report."""
-    from . import stages as st
-    from ._harp import stage_prune
-    from .plots import plot_history, plot_layer_rates
-
     if not isinstance(config, PipelineConfig):
         raise TypeError(f"run() takes a PipelineConfig, got {type(config).__name__}")
-    cb = CallbackList(callbacks)
+    owns_group = hd.env_world_size() > 1 and not hd.is_distributed()
+    info = hd.init_from_env()
+    try:
+        return _run(config, callbacks, info)
+    finally:
+        if owns_group:
+            hd.shutdown()
+
+
+def _run(
+    config: PipelineConfig, callbacks: Iterable[PipelineCallback] | PipelineCallback | None, info: hd.DistInfo
+) -> Report:
+    from . import stages as st
+    from ._prune import stage_prune
+
+    world = info.world_size
+    if config.batch_size % world:
+        raise ConfigError(
+            "batch_size", f"the global batch {config.batch_size} must be divisible by the {world} processes"
+        )
+    # progress goes through rank 0 only; the other ranks train silently
+    cb = CallbackList(callbacks if info.rank == 0 else None)
     out = config.out_path
-    store = RunStore(out)
+    store = RunStore(out, writer=info.rank == 0)
     _seed_everything(config.seed)
     # data, model and --checkpoint are checked before anything is written to the output folder
-    ctx = st.make_context(config, store, cb)
+    ctx = st.make_context(config, store, cb, info)
     model = st.new_model(ctx)
+    hd.broadcast_module(model)  # the same start on every rank (the seeds make it so already)
     if config.checkpoint is not None:
         st.load_weights(model, st.read_source_weights(config.checkpoint), str(config.checkpoint))
-    store.start(config.to_dict(), config.resume, config.overwrite, PipelineConfig.RESUME_KEYS)
+    hd.on_main(lambda: store.start(config.to_dict(), config.resume, config.overwrite, PipelineConfig.RESUME_KEYS))
+    store.adopt(hd.broadcast_object(store.progress))
+    if world > 1:
+        ctx.checks["world_size"] = float(world)
 
     st.stage_pretrain(ctx, model)
-    onnx_dense = None if store.is_done("evaluate-dense") else st.dense_onnx(ctx, model)
-    dense = st.stage_evaluate(ctx, model, "evaluate-dense", out / st.DENSE_MODEL_FILE, onnx_dense)
+    dense = None
+    if ctx.is_main:
+        onnx_dense = None if store.is_done("evaluate-dense") else st.dense_onnx(ctx, model)
+        dense = st.stage_evaluate(ctx, model, "evaluate-dense", out / st.DENSE_MODEL_FILE, onnx_dense)
     model, masks, pruned_result = stage_prune(ctx, model)
     st.stage_finetune(ctx, model, masks)
+    # the rest (speedup, export, evaluation, report) runs on rank 0; the others wait for its report
+    report = hd.on_main(lambda: _finish(ctx, model, masks, pruned_result, dense))
+    return hd.broadcast_object(report)
+
+
+def _finish(ctx: Any, model: torch.nn.Module, masks: Any, pruned_result: dict[str, Any], dense: Any) -> Report:
+    from . import stages as st
+    from .plots import plot_history, plot_layer_rates
+
+    config, store, out = ctx.config, ctx.store, ctx.out
     model = st.stage_speedup(ctx, model, masks)
     onnx_path = st.stage_export(ctx, model)
     pruned = st.stage_evaluate(ctx, model, "evaluate-pruned", out / "model.pt", onnx_path)
@@ -83,7 +123,8 @@ def run(config: PipelineConfig, callbacks: Iterable[PipelineCallback] | Pipeline
     rates = pruned_result.get("layer_rates", {})
     history = pruned_result.get("history", [])
     target = {"sparsity": config.sparsity} if config.mode == "unstructured" else {"flops_kept": config.flops_target}
-    title = f"{config.model} ({config.mode}, {next(iter(target))} {next(iter(target.values())):g})"
+    pruner = pruned_result.get("pruner", config.pruner)
+    title = f"{config.model} ({config.mode}, {pruner}, {next(iter(target))} {next(iter(target.values())):g})"
     plot_layer_rates(rates, pruned_result.get("uniform"), out / PLOT_RATES, title=f"kept fraction per layer: {title}")
     plot_history(history, config.target_keep, out / PLOT_HISTORY, title=f"pruning schedule: {title}")
     files = {
@@ -97,11 +138,16 @@ def run(config: PipelineConfig, callbacks: Iterable[PipelineCallback] | Pipeline
         files["plan"] = "plan.json"
     if onnx_path is not None:
         files["onnx"] = onnx_path.name
+    achieved: dict[str, float] = {}
+    if "sparsity" in pruned_result:
+        achieved["sparsity"] = float(pruned_result["sparsity"])
+    if dense is not None and dense.effective_flops:
+        achieved["flops_kept"] = pruned.effective_flops / dense.effective_flops
     report = Report(
         model=config.model, mode=config.mode, dataset=config.dataset, target=target,
         dense=dense, pruned=pruned, layer_rates=rates, history=history,
         stage_seconds=dict(ctx.stage_seconds), files=files, config=config.to_dict(),
-        checks=dict(ctx.checks),
+        checks=dict(ctx.checks), pruner=pruner, achieved=achieved,
     )
     report.save(out)
     store.mark_done("report", {"report": "report.json"})

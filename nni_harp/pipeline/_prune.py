@@ -1,40 +1,57 @@
-"""The ``prune`` stage: HARPPruner driven by an NNI ``TorchEvaluator`` whose training loop
-checkpoints every epoch (model incl. scores and rates, optimizers, schedulers, pruner state).
+"""The ``prune`` stage: the pruner named by ``config.pruner`` (see :mod:`nni_harp.registry`),
+driven by an NNI ``TorchEvaluator`` whose training loop is the pipeline's :class:`EpochLoop`.
+
+HARP and HYDRA checkpoint every epoch (model incl. scores and rates, optimizers, schedulers,
+pruner state) and resume mid-stage; NNI's training-aware pruners (Taylor, Movement) train the
+weights at ``finetune_lr`` while they prune and restart the stage on resume; the one-shot ones
+(L1/L2 norm, FPGM) prune in one pass. In structured mode NNI's pruners get the uniform channel
+fraction that meets the FLOPs target, and their per-layer masks are reconciled onto the coupled
+channel groups of ``graph_passes`` (a channel goes only when every member drops it), so that
+speedup can remove what they removed.
+
+Under ``torchrun`` the model is not wrapped in DDP here (the pruner adds its parameters after a
+wrapper would be built): every gradient is averaged over the ranks before each optimizer step, so
+scores, rates and masks stay identical; the stage measures the largest difference between ranks
+(``ranks_*_max_abs_diff`` in the report's checks) and then gives every rank rank 0's masks and
+BatchNorm statistics.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from .._io import atomic_save, safe_load
+from .. import distributed as hd
+from .._io import safe_load
 from ..loading import load_weights
 from .checkpoint import restore_rng
-from .stages import Context, _training_step, cosine, finish_stage, reuse_stage, sgd
+from .stages import Context, _training_step, cosine, epoch_evaluator, finish_stage, reuse_stage, sgd
 
-__all__ = ["stage_prune", "config_list_for", "uniform_target"]
+__all__ = ["stage_prune", "pruner_config_list", "uniform_target", "masks_sparsity"]
 
 logger = logging.getLogger(__name__)
 
 Masks = dict[str, dict[str, torch.Tensor]]
 
 
-def config_list_for(mode: str, sparsity: float, flops_target: float) -> list[dict[str, Any]]:
-    """NNI config_list: every Conv2d/Linear in one global budget.
+def pruner_config_list(pruner: str, mode: str, sparsity: float, flops_target: float, uniform: float) -> list[dict[str, Any]]:
+    """NNI config_list of ``pruner`` (see :func:`nni_harp.registry.config_list`): Conv2d/Linear.
 
-    Unstructured: ``sparsity`` of the parameters removed, per weight. Structured: the budget is
-    on FLOPs (the pruner's cost model), expressed as the sparse ratio ``1 - flops_target``,
-    per output channel.
+    Unstructured: ``sparsity`` of the weights removed. Structured, HARP/HYDRA: one global budget
+    on FLOPs (their cost model), written as the sparse ratio ``1 - flops_target``. Structured,
+    NNI's pruners: every layer loses the channel fraction ``1 - uniform`` that removes
+    ``1 - flops_target`` of the FLOPs when applied to every group.
     """
+    from ..registry import config_list, get_pruner
+
     if mode == "unstructured":
-        return [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": sparsity, "global_group_id": 0}]
-    return [{
-        "op_types": ["Conv2d", "Linear"], "sparse_ratio": 1.0 - flops_target, "global_group_id": 0,
-        "granularity": "out_channel",
-    }]
+        return config_list(pruner, mode, sparsity)
+    ratio = 1.0 - flops_target if get_pruner(pruner).global_budget else 1.0 - uniform
+    return config_list(pruner, mode, min(max(ratio, 1e-6), 1.0 - 1e-6))
 
 
 def uniform_target(model: nn.Module, example: torch.Tensor, mode: str, target_keep: float) -> float:
@@ -111,9 +128,75 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def masks_sparsity(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]]) -> float:
+    """Fraction of all Conv/Linear weight entries that ``masks`` set to zero."""
+    total = removed = 0
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            total += module.weight.numel()
+            mask = masks.get(name, {}).get("weight")
+            if mask is not None:
+                removed += int((mask == 0).sum())
+    return removed / max(total, 1)
+
+
+def _mask_rates(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], structured: bool) -> dict[str, float]:
+    """Kept fraction per masked layer, for pruners that learn no rates: of the weights
+    (unstructured) or of the output channels (structured)."""
+    rates: dict[str, float] = {}
+    for name, _ in model.named_modules():
+        mask = masks.get(name, {}).get("weight")
+        if mask is None or mask.dim() < 2:
+            continue
+        if structured:
+            rates[name] = float((mask.reshape(mask.shape[0], -1) != 0).any(dim=1).float().mean())
+        else:
+            rates[name] = float((mask != 0).float().mean())
+    return rates
+
+
+def _group_consistent(model: nn.Module, example: torch.Tensor, masks: Masks) -> Masks:
+    """Per-layer output-channel masks (NNI's pruners) reconciled onto graph_passes' coupled groups.
+
+    A channel of a prunable group is removed when every producing member (role ``out``) that has
+    a mask drops it; a group none of whose producers is masked is kept whole. Every member of the
+    group (producers, consumers, norms) then gets the group's channel mask.
+    """
+    import graph_passes
+
+    groups = graph_passes.channel_groups(model, (example,))
+    keep: dict[int, torch.Tensor] = {}
+    for group in groups:
+        if not group.prunable:
+            continue
+        kept = torch.zeros(group.size, dtype=torch.bool)
+        seen = False
+        for member in group.members:
+            mask = masks.get(member.module, {}).get(member.param)
+            if member.role != "out" or mask is None:
+                continue
+            seen = True
+            rows = mask.index_select(member.dim, torch.tensor(member.index, dtype=torch.long))
+            alive = (rows.movedim(member.dim, 0).reshape(len(member.index), -1) != 0).any(dim=1)
+            kept[torch.tensor(member.channel, dtype=torch.long)[alive]] = True
+        if seen:
+            keep[group.id] = kept
+    return graph_passes.group_masks(model, groups, keep)
+
+
+def _rank_differences(ctx: Context, masks: Masks, rates: Mapping[str, float]) -> None:
+    """Largest difference of masks and rates between this rank and rank 0 (0.0 in one process)."""
+    if ctx.world <= 1:
+        return
+    flat = {f"{m}.{t}": v for m, d in masks.items() for t, v in d.items()}
+    ctx.checks["ranks_masks_max_abs_diff"] = hd.max_difference(flat)
+    ctx.checks["ranks_rates_max_abs_diff"] = hd.max_difference({k: torch.tensor(float(v)) for k, v in rates.items()})
+
+
 def stage_prune(ctx: Context, model: nn.Module) -> tuple[nn.Module, Masks, dict[str, Any]]:
-    """Learn masks with HARP; returns the unwrapped model, NNI-format masks and the stage result
-    (``layer_rates``, ``history``, ``uniform``). Reuses the saved result when already finished."""
+    """Learn (or compute) masks with ``config.pruner``; returns the unwrapped model, NNI-format
+    masks and the stage result (``layer_rates``, ``history``, ``uniform``, ``sparsity``,
+    ``pruner``). Reuses the saved result when already finished."""
     cfg, store, cb = ctx.config, ctx.store, ctx.cb
     init_path, masks_path = store.artefact("pruned_init.pt"), store.artefact("masks.pt")
     if store.is_done("prune"):
@@ -123,25 +206,26 @@ def stage_prune(ctx: Context, model: nn.Module) -> tuple[nn.Module, Masks, dict[
 
     from nni.compression import TorchEvaluator
 
-    from ..pruning import HARPPruner, HARPSettings
+    from ..registry import PruneRequest, get_pruner
 
+    spec = get_pruner(cfg.pruner)
     start_time = time.perf_counter()
-    uniform = uniform_target(model, ctx.example.to(ctx.device), cfg.mode, cfg.target_keep)
-    ck = store.load_epoch("prune")
+    example = ctx.example.to(ctx.device)
+    uniform = uniform_target(model, example, cfg.mode, cfg.target_keep)
     loop = ctx.loop("prune")
-    holder: dict[str, Any] = {}
+    holder: dict[str, Any] = {"done": 0}
+    grad_sync = (lambda: hd.all_reduce_grads(model)) if ctx.world > 1 else None
+    evaluate = epoch_evaluator(ctx, model)
+    learned = spec.name in ("harp", "hydra")
+    ck = store.load_epoch("prune") if learned else None
     saved = {"epoch": ck.epoch if ck is not None else -1}
 
-    def training_func(
-        model: nn.Module, optimizers: Any, training_step: Any, lr_schedulers: Any = None,
-        max_steps: int | None = None, max_epochs: int | None = None, *args: Any, **kwargs: Any,
-    ) -> None:
-        # HARPPruner calls this once per epoch (max_epochs=1) and does its own end-of-epoch
-        # bookkeeping (history, gamma schedule) after it returns. So the checkpoint of epoch e is
-        # written when epoch e + 1 starts (or, for the last epoch, once compress() returned and
-        # the stage is marked finished), when the pruner's state for epoch e is complete.
+    def harp_epoch(model: nn.Module, opts: list[Any], scheds: list[Any], training_step: Any, max_steps: int | None) -> None:
+        # HARPPruner calls the training function once per epoch (max_epochs=1) and does its own
+        # end-of-epoch bookkeeping (history, gamma schedule) after it returns. So the checkpoint of
+        # epoch e is written when epoch e + 1 starts (or, for the last epoch, once compress()
+        # returned and the stage is marked finished), when the pruner's state for epoch e is complete.
         pruner = holder["pruner"]
-        opts, scheds = _as_list(optimizers), _as_list(lr_schedulers)
         epoch = len(pruner.history)
 
         def state() -> dict[str, Any]:
@@ -178,31 +262,79 @@ def stage_prune(ctx: Context, model: nn.Module) -> tuple[nn.Module, Masks, dict[
             holder["metrics"] = dict(metrics)
 
         loop.run(model, opts, scheds, training_step, cfg.prune_epochs, epoch, None, max_steps=max_steps,
-                 on_epoch_end=epoch_end, stop_epoch=epoch + 1, announce=not holder.get("announced"))
+                 on_epoch_end=epoch_end, stop_epoch=epoch + 1, announce=not holder.get("announced"),
+                 grad_sync=grad_sync, evaluate=evaluate)
         holder["announced"] = True
 
-    device = ctx.device
-    optimizer = sgd(model.parameters(), cfg.prune_lr, 0.0, traced=True)
+    def training_func(
+        model: nn.Module, optimizers: Any, training_step: Any, lr_schedulers: Any = None,
+        max_steps: int | None = None, max_epochs: int | None = None, *args: Any, **kwargs: Any,
+    ) -> None:
+        opts, scheds = _as_list(optimizers), _as_list(lr_schedulers)
+        if learned:
+            harp_epoch(model, opts, scheds, training_step, max_steps)
+            return
+        # NNI's training-aware pruners: epochs (or steps) as they ask, counted across their calls
+        first = holder["done"]
+        if max_epochs is not None:
+            epochs = first + max_epochs
+        elif max_steps is not None:
+            epochs = first + max(1, math.ceil(max_steps / max(loop.steps_per_epoch(), 1)))
+        else:
+            epochs = first + cfg.prune_epochs
+        done = loop.run(model, opts, scheds, training_step, epochs, first, None, max_steps=max_steps,
+                        announce=not holder.get("announced"), grad_sync=grad_sync, evaluate=evaluate)
+        holder["announced"] = True
+        holder["done"] = first + len(done)
+
+    # HARP and HYDRA freeze the weights and train scores and rates with their own optimizer (at
+    # prune_lr); NNI's training-aware pruners train the weights with this one, as in fine-tuning
+    weight_lr = cfg.prune_lr if learned else cfg.finetune_lr
+    optimizer = sgd(model.parameters(), weight_lr, 0.0 if learned else cfg.weight_decay, traced=True)
     scheduler = cosine(optimizer, cfg.prune_epochs, traced=True)
-    example = ctx.example.to(device)
     evaluator = TorchEvaluator(training_func, optimizer, _training_step(ctx), lr_schedulers=scheduler,
                                dummy_input=example)
-    # HARP freezes the weights and trains scores and rates with its own optimizer; the evaluator's
-    # (nni.trace'd) SGD is required by NNI but has nothing to update
-    settings = HARPSettings(gamma_0=cfg.gamma_0, score_lr=cfg.prune_lr, rate_lr=cfg.prune_lr)
-    pruner = HARPPruner(model, config_list_for(cfg.mode, cfg.sparsity, cfg.flops_target), evaluator,
-                        settings=settings, dummy_input=example)
+    options: dict[str, Any] = {}
+    if learned:
+        options = {"score_lr": cfg.prune_lr, "rate_lr": cfg.prune_lr}
+        if spec.name == "harp":
+            options["gamma_0"] = cfg.gamma_0
+    cl = pruner_config_list(spec.name, cfg.mode, cfg.sparsity, cfg.flops_target, uniform)
+    request = PruneRequest(model, cl, evaluator if spec.training else None, example,
+                           steps_per_epoch=loop.steps_per_epoch(), epochs=cfg.prune_epochs, options=options)
+    pruner = spec.build(request)
     holder["pruner"] = pruner
-    _, masks = pruner.compress(max_steps=None, max_epochs=cfg.prune_epochs)
-    _report_epoch(pruner, cfg.prune_epochs, cb)
+    if not spec.training:
+        cb.on_stage_start("prune", 1, 0, 1)
+        cb.on_epoch_start("prune", 0, 1)
+    _, masks = spec.compress(pruner, cfg.prune_epochs, loop.steps_per_epoch())
+    if learned:
+        _report_epoch(pruner, cfg.prune_epochs, cb)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    learned = pruner.layer_rates()
-    rates = {str(k): float(learned[k]) for k in sorted(learned, key=lambda k: (order.get(k, len(order)), str(k)))}
-    history = [{k: _plain(v) for k, v in h.items()} for h in pruner.history]
+    history = [{k: _plain(v) for k, v in h.items()} for h in getattr(pruner, "history", [])]
+    learned_rates = pruner.layer_rates() if hasattr(pruner, "layer_rates") else None
     pruner.unwrap_model()
     masks = {m: {p: t.detach().cpu() for p, t in d.items() if t is not None} for m, d in masks.items()}
-    atomic_save(model.state_dict(), init_path)
-    atomic_save(masks, masks_path)
-    result = {"layer_rates": rates, "history": history, "uniform": uniform}
+    if cfg.mode == "structured" and not learned:
+        masks = _group_consistent(model, example, masks)
+    if learned_rates is None:
+        learned_rates = _mask_rates(model, masks, cfg.mode == "structured")
+    rates = {str(k): float(learned_rates[k])
+             for k in sorted(learned_rates, key=lambda k: (order.get(k, len(order)), str(k)))}
+    _rank_differences(ctx, masks, rates)
+    hd.broadcast_masks(masks)  # rank 0's masks everywhere (identical already when the ranks agreed)
+    hd.broadcast_buffers(model)  # BatchNorm statistics were updated from each rank's own batches
+    sparsity = masks_sparsity(model, masks)
+    if not spec.training:
+        metrics: dict[str, float] = {"kept_fraction": 1.0 - sparsity}
+        if evaluate is not None:
+            import graph_passes
+
+            metrics.update(epoch_evaluator(ctx, graph_passes.masked_copy(model, masks))())
+        cb.on_step("prune", 0, 0, metrics)
+        cb.on_epoch_end("prune", 0, metrics)
+    ctx.save(model.state_dict(), init_path)
+    ctx.save(masks, masks_path)
+    result = {"layer_rates": rates, "history": history, "uniform": uniform, "sparsity": sparsity, "pruner": spec.name}
     finish_stage(ctx, "prune", result, start_time)
     return model, masks, result

@@ -96,6 +96,23 @@ def _choice(cfg: Any, name: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(name, f"must be one of {', '.join(allowed)}; got {value!r}")
 
 
+def _check_pruner(cfg: Any) -> None:
+    """``pruner`` must be registered and able to prune in ``mode``; stored under its registry name."""
+    from ..registry import check_mode, get_pruner, pruner_names
+
+    if not isinstance(cfg.pruner, str):
+        raise ConfigError("pruner", f"must be one of {', '.join(pruner_names())}; got {cfg.pruner!r}")
+    try:
+        get_pruner(cfg.pruner)
+    except KeyError:
+        raise ConfigError("pruner", f"must be one of {', '.join(pruner_names())}; got {cfg.pruner!r}") from None
+    try:
+        spec = check_mode(cfg.pruner, cfg.mode)
+    except ValueError as exc:
+        raise ConfigError("pruner", str(exc)) from exc
+    object.__setattr__(cfg, "pruner", spec.name)
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """Settings of one ``nni-harp prune`` run (see ``nni-harp prune --help`` for each one).
@@ -109,6 +126,9 @@ class PipelineConfig:
     data_dir: str | None = None
     image_size: int = 32
     mode: str = "unstructured"
+    # a name of nni_harp.registry: harp, hydra, or one of NNI's pruners (l1norm, l2norm, fpgm,
+    # taylor, movement); every pruner runs through the same stages
+    pruner: str = "harp"
     sparsity: float = 0.9
     flops_target: float = 0.5
     adv_loss: str = "pgd"
@@ -133,6 +153,9 @@ class PipelineConfig:
     # evaluation
     eval_samples: int = 200
     eval_attack_steps: int = 10
+    # > 0: after every pruning and fine-tuning epoch, clean and PGD accuracy on this many test
+    # images (``val_clean`` / ``val_pgd`` in the epoch metrics; the NNI trial reports them)
+    epoch_eval_samples: int = 0
     # AutoAttack version (nni_harp.adversarial.AUTOATTACK_VERSIONS) or "off". The default runs
     # its gradient-based members; "standard" adds FAB-T and Square (5000 queries), some 5 s per
     # robust image for a resnet18 on a 2-core CPU
@@ -156,6 +179,7 @@ class PipelineConfig:
                 raise ConfigError("data_dir", f"not a directory: {path}")
         _int_in(self, "image_size", 8, 1024)
         _choice(self, "mode", MODES)
+        _check_pruner(self)
         _float_in(self, "sparsity", 0.0, 1.0, low_open=True, high_open=True)
         _float_in(self, "flops_target", 0.0, 1.0, low_open=True, high_open=True)
         _choice(self, "adv_loss", ADV_LOSSES)
@@ -181,6 +205,7 @@ class PipelineConfig:
         _float_in(self, "trades_beta", 0.0, 1e3, low_open=False)
         _int_in(self, "eval_samples", 1)
         _int_in(self, "eval_attack_steps", 1, 10_000)
+        _int_in(self, "epoch_eval_samples", 0)
         _int_in(self, "latency_runs", 1, 100_000)
         _int_in(self, "max_train_batches", 1, optional=True)
         _int_in(self, "num_workers", 0, 256)
@@ -226,7 +251,7 @@ class PipelineConfig:
 
     # fields whose change makes a stored run incompatible with the new request
     RESUME_KEYS = (
-        "model", "dataset", "data_dir", "image_size", "mode", "sparsity", "flops_target", "adv_loss", "eps",
+        "model", "dataset", "data_dir", "image_size", "mode", "pruner", "sparsity", "flops_target", "adv_loss", "eps",
         "attack_steps", "pretrain_epochs", "prune_epochs", "finetune_epochs", "batch_size", "seed",
         "checkpoint", "pretrain_lr", "prune_lr", "finetune_lr", "weight_decay", "gamma_0", "trades_beta",
         "max_train_batches",

@@ -107,7 +107,9 @@ class Report:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
-    checks: dict[str, float] = field(default_factory=dict)  # max |difference| of speedup / ONNX outputs
+    checks: dict[str, float] = field(default_factory=dict)  # max |difference| of speedup / ONNX outputs, ranks
+    pruner: str = "harp"  # the registry name of the pruner that made the masks
+    achieved: dict[str, float] = field(default_factory=dict)  # sparsity (of Conv/Linear weights), flops_kept
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -156,8 +158,12 @@ class Report:
         lines = [f"# HARP report: {self.model}", ""]
         lines.append(f"- dataset: {self.dataset}")
         lines.append(f"- mode: {self.mode}")
+        if self.pruned is not None:
+            lines.append(f"- pruner: {self.pruner}")
         for k, v in self.target.items():
             lines.append(f"- target {k}: {v:g}")
+        for k, v in self.achieved.items():
+            lines.append(f"- achieved {k}: {v:.4g}")
         if self.stage_seconds:
             lines.append("- stage wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items()))
         heads = self.headers()

@@ -5,6 +5,10 @@ Order: ``pretrain`` (or load ``--checkpoint``) -> ``evaluate-dense`` -> ``prune`
 (ONNX) -> ``evaluate-pruned``. Training stages checkpoint every epoch through the
 :class:`~.checkpoint.RunStore`; a stage marked finished there is skipped on ``--resume`` and its
 saved result reused.
+
+Under ``torchrun`` every rank runs the training stages (pretraining and fine-tuning wrapped in
+``DistributedDataParallel``, pruning as :mod:`._prune` describes) on its share of each batch;
+rank 0 alone evaluates, writes files, exports and reports (:attr:`Context.is_main`).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .. import distributed as hd
 from .._io import atomic_save, safe_load
 from ..loading import MODEL_FILE, PLAN_FILE, LoadError, create_model, load_weights, read_state, write_meta
 from ._loop import EpochLoop
@@ -44,6 +49,7 @@ __all__ = [
     "adversarial_loss",
     "eval_attack",
     "stage_pretrain",
+    "epoch_evaluator",
     "stage_evaluate",
     "stage_finetune",
     "stage_speedup",
@@ -74,24 +80,50 @@ class Context:
     create_kwargs: dict[str, Any] | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     checks: dict[str, float] = field(default_factory=dict)
+    rank: int = 0
+    world: int = 1
 
     @property
     def out(self) -> Path:
         return self.config.out_path
 
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 (or the only process): the one that evaluates, writes files and reports."""
+        return self.rank == 0
+
     def loop(self, stage: str) -> EpochLoop:
         cfg = self.config
         return EpochLoop(stage, self.train_ds, cfg.batch_size, cfg.seed, self.store, self.cb,
-                         cfg.max_train_batches, cfg.num_workers)
+                         cfg.max_train_batches, cfg.num_workers, self.rank, self.world)
+
+    def save(self, obj: Any, path: Path) -> None:
+        """``atomic_save`` on rank 0; nothing on the other ranks."""
+        if self.is_main:
+            atomic_save(obj, path)
+
+    def parallel(self, model: nn.Module) -> nn.Module:
+        """``model`` wrapped in DistributedDataParallel under torchrun, else itself."""
+        if self.world <= 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
 
 
-def make_context(config: PipelineConfig, store: RunStore, cb: CallbackList) -> Context:
+def make_context(
+    config: PipelineConfig, store: RunStore, cb: CallbackList, dist_info: hd.DistInfo | None = None
+) -> Context:
     from ..data import build_datasets
 
     train_ds, test_ds, info = build_datasets(config.dataset, config.data_dir, config.image_size, config.seed)
     example = test_ds[0][0].unsqueeze(0).float()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return Context(config, store, cb, device, train_ds, test_ds, info, example)
+    if dist_info is not None:
+        device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
+    else:
+        device, rank, world = torch.device("cuda" if torch.cuda.is_available() else "cpu"), 0, 1
+    return Context(config, store, cb, device, train_ds, test_ds, info, example, rank=rank, world=world)
 
 
 def new_model(ctx: Context) -> nn.Module:
@@ -221,12 +253,13 @@ def stage_pretrain(ctx: Context, model: nn.Module) -> None:
             cb.on_message(f"pretrain: resuming after epoch {ck.epoch + 1}")
         step = _training_step(ctx)
         metrics = loop.run(
-            model, [optimizer], [scheduler], step, cfg.pretrain_epochs, start,
+            ctx.parallel(model), [optimizer], [scheduler], step, cfg.pretrain_epochs, start,
             lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict()},
         )
+        hd.broadcast_buffers(model)  # BatchNorm statistics of rank 0 (DDP syncs them only before a forward)
         result = {"epochs": cfg.pretrain_epochs, "last": metrics[-1] if metrics else {}}
-    atomic_save(model.state_dict(), dense_path)
+    ctx.save(model.state_dict(), dense_path)
     finish_stage(ctx, "pretrain", result, start_time)
 
 
@@ -234,6 +267,26 @@ def _training_step(ctx: Context) -> Any:
     from ..adversarial import training_step_for
 
     return training_step_for(adversarial_loss(ctx))
+
+
+def epoch_evaluator(ctx: Context, model: nn.Module) -> Any:
+    """With ``epoch_eval_samples > 0``: a function giving ``val_clean`` / ``val_pgd`` of ``model``
+    on the first test images (rank 0 measures; the others return nothing). Else None."""
+    cfg = ctx.config
+    if cfg.epoch_eval_samples <= 0:
+        return None
+
+    def evaluate() -> dict[str, float]:
+        if not ctx.is_main:
+            return {}
+        from ..adversarial import evaluate_robustness
+
+        loader = eval_loader(ctx.test_ds, cfg.epoch_eval_samples, max(cfg.batch_size, 100))
+        rob = evaluate_robustness(model, loader, eval_attack(cfg.eps, cfg.eval_attack_steps), autoattack=False,
+                                  device=ctx.device, seed=cfg.seed)
+        return {"val_clean": rob.clean, "val_pgd": rob.pgd}
+
+    return evaluate
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,14 +429,19 @@ def stage_finetune(ctx: Context, model: nn.Module, masks: Mapping[str, Mapping[s
                 start = ck.next_epoch
                 cb.on_message(f"finetune: resuming after epoch {ck.epoch + 1}")
             metrics = ctx.loop("finetune").run(
-                model, [optimizer], [scheduler], _training_step(ctx), cfg.finetune_epochs, start,
+                ctx.parallel(model), [optimizer], [scheduler], _training_step(ctx), cfg.finetune_epochs, start,
                 lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict()},
+                evaluate=epoch_evaluator(ctx, model),
             )
             result["last"] = metrics[-1] if metrics else {}
     finally:
         release_masks(model)
-    atomic_save(model.state_dict(), done_path)
+    hd.broadcast_buffers(model)  # BatchNorm statistics of rank 0 (DDP syncs them only before a forward)
+    if ctx.world > 1:
+        weights = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        ctx.checks["ranks_weights_max_abs_diff"] = hd.max_difference(weights)
+    ctx.save(model.state_dict(), done_path)
     finish_stage(ctx, "finetune", result, start_time)
 
 
