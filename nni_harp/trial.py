@@ -2,27 +2,33 @@
 
 Parameters come from ``nni.get_next_parameter()`` and fill in :data:`DEFAULTS` (outside an
 experiment NNI returns nothing and the defaults are used; ``--param key=value`` overrides any of
-them, for trying a trial by hand). The trial adversarially trains a timm model, prunes it with the
-pruner named by ``pruner`` (see :mod:`nni_harp.registry`: harp, hydra, l1norm, l2norm, fpgm,
-taylor, movement), fine-tunes it adversarially with the masks fixed and evaluates it.
+them, for trying a trial by hand). The trial runs the pipeline (:func:`nni_harp.pipeline.run`:
+adversarial pretraining, pruning with the pruner named by ``pruner`` from
+:mod:`nni_harp.registry` -- harp, hydra, l1norm, l2norm, fpgm, taylor, movement -- adversarial
+fine-tuning with the masks fixed, speedup when structured, evaluation) in a folder of its own.
 
-Reported to NNI: after every pruning and fine-tuning epoch an intermediate result
-``{'default': PGD accuracy on a small evaluation subset, 'clean': ..., 'stage': ..., 'epoch': ...}``;
-at the end the final result ``{'default': robust (PGD) accuracy, 'clean_acc', 'robust_acc',
-'sparsity', 'flops_kept', 'target_sparsity', 'pruner', 'seconds'}``. Accuracies are fractions.
+Reported to NNI: after every pruning and fine-tuning epoch (one pass for a one-shot pruner) an
+intermediate result ``{'default': PGD accuracy on the first eval_batches x batch_size test
+images, 'clean': ..., 'stage': ..., 'epoch': ..., 'loss': ...}``; at the end the final result
+``{'default': robust (PGD) accuracy, 'robust_acc', 'clean_acc', 'sparsity', 'flops_kept',
+'target_sparsity', 'pruner', 'seconds', ...}``. Accuracies are fractions; ``sparsity`` is the
+fraction of Conv/Linear weights removed, ``flops_kept`` the pruned model's FLOPs (non-zero
+weights) over the dense model's.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import torch
+from .pipeline.callbacks import PipelineCallback
 
-__all__ = ["DEFAULTS", "resolve_params", "run_trial", "main"]
+__all__ = ["DEFAULTS", "resolve_params", "config_for", "NNIReporter", "run_trial", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +56,9 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
 }
 
+# the pipeline stages whose epochs are reported as intermediate results
+REPORTED_STAGES = ("prune", "finetune")
+
 
 def resolve_params(received: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """DEFAULTS updated with NNI's parameters and then ``overrides``; unknown keys are an error."""
@@ -64,79 +73,101 @@ def resolve_params(received: Mapping[str, Any] | None, overrides: Mapping[str, A
     return params
 
 
-def run_trial(params: Mapping[str, Any], report: Any = None) -> dict[str, Any]:
-    """Run one trial; ``report`` has ``report_intermediate_result`` / ``report_final_result``
-    (the ``nni`` module in an experiment). Returns the final result dict."""
-    from . import compact
-    from . import distributed as hd
-    from .adversarial import AttackConfig, make_adversarial_loss
-    from .data import build_loaders
-    from .loading import create_model
+def config_for(params: Mapping[str, Any], output_dir: str | os.PathLike[str]) -> Any:
+    """The :class:`~nni_harp.pipeline.PipelineConfig` of one trial.
 
-    start = time.perf_counter()
-    torch.manual_seed(int(params["seed"]))
-    train_loader, test_loader, info = build_loaders(
-        params["dataset"], image_size=int(params["image_size"]), batch_size=int(params["batch_size"]),
-        seed=int(params["seed"]), distributed=hd.is_distributed(),
+    ``sparsity`` is the target in both modes: the fraction of weights removed (unstructured) or
+    of FLOPs removed (structured, ``flops_target = 1 - sparsity``). Evaluation (per epoch and at
+    the end) attacks the first ``eval_batches x batch_size`` test images with PGD; AutoAttack,
+    ONNX and latency runs are left out, a trial compares pruners on robust accuracy.
+    """
+    from .pipeline import PipelineConfig
+
+    samples = int(params["eval_batches"]) * int(params["batch_size"])
+    return PipelineConfig(
+        model=str(params["model"]), dataset=str(params["dataset"]), image_size=int(params["image_size"]),
+        mode=str(params["mode"]), pruner=str(params["pruner"]), sparsity=float(params["sparsity"]),
+        flops_target=1.0 - float(params["sparsity"]), adv_loss=str(params["adv_loss"]), eps=float(params["eps"]),
+        attack_steps=int(params["attack_steps"]), pretrain_epochs=int(params["pretrain_epochs"]),
+        prune_epochs=int(params["prune_epochs"]), finetune_epochs=int(params["finetune_epochs"]),
+        batch_size=int(params["batch_size"]), seed=int(params["seed"]), output_dir=str(output_dir),
+        overwrite=True, pretrain_lr=float(params["pretrain_lr"]), prune_lr=float(params["prune_lr"]),
+        finetune_lr=float(params["finetune_lr"]), gamma_0=float(params["gamma_0"]),
+        eval_samples=samples, eval_attack_steps=int(params["eval_attack_steps"]), epoch_eval_samples=samples,
+        autoattack="off", latency_runs=1, export_onnx=False,
+        max_train_batches=None if params["max_train_batches"] is None else int(params["max_train_batches"]),
     )
-    model, _ = create_model(params["model"], info.num_classes, info.in_chans, int(params["image_size"]), info.mean, info.std)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    eps, steps = float(params["eps"]), int(params["attack_steps"])
-    adv_loss = make_adversarial_loss(params["adv_loss"], AttackConfig(eps=eps, step_size=2.5 * eps / steps, steps=steps))
-    eval_steps = int(params["eval_attack_steps"])
-    eval_attack = AttackConfig(eps=eps, step_size=2.5 * eps / eval_steps, steps=eval_steps)
-    example = next(iter(test_loader))[0][:1].to(device)
-    max_batches = params["max_train_batches"]
-    eval_batches = params["eval_batches"]
 
-    epoch_count = {"n": 0}
 
-    def on_epoch_end(stage: str, epoch: int, metrics: Mapping[str, float]) -> None:
-        if stage == "pretrain":
+class NNIReporter(PipelineCallback):
+    """Sends the pipeline's pruning and fine-tuning epochs to NNI as intermediate results.
+
+    ``sink`` has ``report_intermediate_result`` (the ``nni`` module in an experiment); each
+    result is also kept in :attr:`sent`. Epochs count on across the two stages.
+    """
+
+    def __init__(self, sink: Any = None) -> None:
+        self.sink = sink
+        self.sent: list[dict[str, Any]] = []
+
+    def on_epoch_end(self, stage: str, epoch: int, metrics: Mapping[str, float]) -> None:
+        if stage not in REPORTED_STAGES or "val_pgd" not in metrics:
             return
-        quick = compact.evaluate(model, test_loader, eval_attack, max_batches=eval_batches)
-        result = {"default": quick["robust"], "clean": quick["clean"], "stage": stage, "epoch": epoch_count["n"],
-                  **{k: float(v) for k, v in metrics.items()}}
-        epoch_count["n"] += 1
-        if report is not None and hd.is_main():
-            report.report_intermediate_result(result)
+        result: dict[str, Any] = {
+            "default": float(metrics["val_pgd"]), "clean": float(metrics["val_clean"]),
+            "stage": stage, "epoch": len(self.sent),
+        }
+        result.update({k: float(v) for k, v in metrics.items() if k not in ("val_pgd", "val_clean")})
+        self.sent.append(result)
+        if self.sink is not None:
+            self.sink.report_intermediate_result(result)
         logger.info("intermediate %s", result)
 
-    # 1. adversarial pretraining of the dense model
-    if int(params["pretrain_epochs"]) > 0:
-        from .adversarial import training_step_for
 
-        opt = torch.optim.SGD(model.parameters(), lr=float(params["pretrain_lr"]), momentum=0.9, weight_decay=5e-4)
-        compact.train_epochs(model, train_loader, opt, training_step_for(adv_loss), int(params["pretrain_epochs"]),
-                             max_batches=max_batches, stage="pretrain")
-    dense = compact.evaluate(model, test_loader, eval_attack, max_batches=eval_batches)
-    # 2. prune
-    options = {"gamma_0": float(params["gamma_0"])} if params["pruner"] in ("harp", "hydra") else {}
-    masks, info_p = compact.prune(
-        model, train_loader, adv_loss, params["pruner"], params["mode"], float(params["sparsity"]),
-        int(params["prune_epochs"]), float(params["prune_lr"]), example, max_batches=max_batches,
-        options=options, on_epoch_end=on_epoch_end,
-    )
-    # 3. fine-tune with the masks fixed
-    compact.finetune(model, masks, train_loader, adv_loss, int(params["finetune_epochs"]), float(params["finetune_lr"]),
-                     max_batches=max_batches, on_epoch_end=on_epoch_end)
-    # 4. evaluate
-    final = compact.evaluate(model, test_loader, eval_attack, max_batches=eval_batches)
-    result = {
-        "default": final["robust"],
-        "robust_acc": final["robust"],
-        "clean_acc": final["clean"],
-        "dense_robust_acc": dense["robust"],
-        "dense_clean_acc": dense["clean"],
-        "sparsity": compact.sparsity_of(model),
-        "flops_kept": compact.flops_kept(model, example),
+def final_result(report: Any, params: Mapping[str, Any], seconds: float) -> dict[str, Any]:
+    """The trial's final result from the pipeline's :class:`~nni_harp.pipeline.Report`."""
+    dense, pruned = report.dense, report.pruned
+    return {
+        "default": pruned.pgd_acc,
+        "robust_acc": pruned.pgd_acc,
+        "clean_acc": pruned.clean_acc,
+        "dense_robust_acc": dense.pgd_acc if dense is not None else None,
+        "dense_clean_acc": dense.clean_acc if dense is not None else None,
+        "sparsity": report.achieved.get("sparsity"),
+        "flops_kept": report.achieved.get("flops_kept"),
         "target_sparsity": float(params["sparsity"]),
-        "pruner": str(params["pruner"]),
-        "eval_samples": int(final["n"]),
-        "seconds": time.perf_counter() - start,
+        "pruner": report.pruner,
+        "mode": report.mode,
+        "eval_samples": pruned.eval_samples,
+        "seconds": seconds,
     }
-    if report is not None and hd.is_main():
+
+
+def _default_output_dir() -> Path:
+    """The trial's own folder: NNI's ``NNI_OUTPUT_DIR`` in an experiment, else a fresh temp dir."""
+    base = os.environ.get("NNI_OUTPUT_DIR")
+    if base:
+        return Path(base) / "nni-harp"
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="nni-harp-trial-"))
+
+
+def run_trial(params: Mapping[str, Any], report: Any = None, output_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Run one trial through :func:`nni_harp.pipeline.run`; ``report`` has
+    ``report_intermediate_result`` / ``report_final_result`` (the ``nni`` module in an
+    experiment). Returns the final result dict. Under torchrun only rank 0 reports."""
+    from . import distributed as hd
+    from .pipeline import run
+
+    start = time.perf_counter()
+    out = Path(output_dir) if output_dir is not None else _default_output_dir()
+    config = config_for(params, out)
+    main_rank = hd.env_rank() == 0
+    reporter = NNIReporter(report if main_rank else None)
+    result_report = run(config, callbacks=[reporter])
+    result = final_result(result_report, params, time.perf_counter() - start)
+    if report is not None and main_rank:
         report.report_final_result(result)
     return result
 
@@ -158,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nni_harp.trial", description=__doc__.splitlines()[0])
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="override a trial parameter (value parsed as JSON when it can be)")
+    parser.add_argument("--output-dir", default=None,
+                        help="the pipeline's output folder (default: $NNI_OUTPUT_DIR/nni-harp, else a temp dir)")
     parser.add_argument("--json-out", help="also write the final result to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stdout)
@@ -166,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     received = nni.get_next_parameter()
     params = resolve_params(received, _parse_overrides(args.param))
     logger.info("trial parameters: %s", params)
-    result = run_trial(params, nni)
+    result = run_trial(params, nni, args.output_dir)
     print(json.dumps(result, sort_keys=True))
     if args.json_out:
         from ._io import atomic_write_text

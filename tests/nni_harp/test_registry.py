@@ -1,12 +1,12 @@
-"""The pruner registry and the NNI trial's parameter handling (no experiment started)."""
+"""The pruner registry, every pruner through the pipeline's prune stage, and the NNI trial
+(parameters, intermediate and final results; no experiment started)."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
-from torch import nn
 
-from nni_harp import compact
-from nni_harp.adversarial import AttackConfig, make_adversarial_loss
 from nni_harp.registry import config_list, get_pruner, pruner_names
 from nni_harp.trial import DEFAULTS, resolve_params
 
@@ -38,19 +38,98 @@ def test_trial_parameters_default_outside_nni_and_reject_unknown_keys():
         resolve_params({"sparsty": 0.8})
 
 
-def _tiny():
+def _prune_stage(tmp_path, **overrides):
+    """The pipeline's prune stage alone, on test_resnet with random weights and one tiny batch."""
+    from nni_harp.pipeline import PipelineConfig
+    from nni_harp.pipeline import stages as st
+    from nni_harp.pipeline._prune import stage_prune
+    from nni_harp.pipeline.callbacks import CallbackList
+    from nni_harp.pipeline.checkpoint import RunStore
+
+    settings = dict(model="test_resnet", batch_size=16, max_train_batches=1, attack_steps=1, prune_epochs=2,
+                    output_dir=str(tmp_path / "run"))
+    config = PipelineConfig(**{**settings, **overrides})
+    store = RunStore(config.out_path)
+    store.start(config.to_dict(), False, False, PipelineConfig.RESUME_KEYS)
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    ctx = st.make_context(config, store, CallbackList())
+    model = st.new_model(ctx)
+    return ctx, *stage_prune(ctx, model)
 
 
-@pytest.mark.parametrize("name", ["l1norm", "l2norm", "taylor", "movement", "hydra"])
-def test_compact_prune_reaches_the_target_sparsity(name):
-    model = _tiny()
-    g = torch.Generator().manual_seed(0)
-    data = [(torch.rand(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(3)]
-    adv = make_adversarial_loss("pgd", AttackConfig(eps=8 / 255, step_size=4 / 255, steps=1))
-    masks, _ = compact.prune(model, data, adv, name, "unstructured", 0.75, 2, 0.01, data[0][0][:1])
-    compact.finetune(model, masks, data, adv, 0, 0.01)
-    assert abs(compact.sparsity_of(model) - 0.75) < 0.08
-    assert 0.1 < compact.flops_kept(model, data[0][0][:1]) < 0.4
+@pytest.mark.parametrize("name", ["harp", "hydra", "l1norm", "l2norm", "taylor", "movement"])
+def test_pipeline_prune_stage_reaches_the_sparsity_with_every_pruner(tmp_path, name):
+    from nni_harp.pipeline._prune import masks_sparsity
+
+    ctx, model, masks, result = _prune_stage(tmp_path, pruner=name, sparsity=0.75)
+    assert result["pruner"] == name
+    assert result["sparsity"] == pytest.approx(masks_sparsity(model, masks))
+    assert abs(result["sparsity"] - 0.75) < 0.03
+    assert result["layer_rates"] and all(0.0 < r <= 1.0 for r in result["layer_rates"].values())
+    assert (len(result["history"]) == 2) == (name in ("harp", "hydra"))
+    assert ctx.store.is_done("prune")
+    assert not any(hasattr(m, "_nni_wrapper") for m in model.modules())  # unwrapped for fine-tuning
+
+
+@pytest.mark.parametrize("name", ["fpgm", "l1norm"])
+def test_nni_structured_masks_are_consistent_channel_groups(tmp_path, name):
+    import graph_passes
+
+    ctx, model, masks, result = _prune_stage(tmp_path, pruner=name, mode="structured", flops_target=0.5)
+    assert result["sparsity"] > 0.1  # channels really went
+    example = ctx.example.to(ctx.device)
+    groups = graph_passes.channel_groups(model, (example,))
+    # group-consistent masks are a fixed point of "reconcile onto groups, then expand again"
+    again = graph_passes.group_masks(model, groups, graph_passes.keep_from_masks(groups, masks))
+    assert again.keys() == masks.keys()
+    assert all(torch.equal(masks[m][p], again[m][p]) for m in masks for p in masks[m])
+    small = graph_passes.ModelSpeedup(model.cpu().eval(), ctx.example, masks).speedup_model()
+    x = torch.stack([ctx.test_ds[i][0] for i in range(4)])
+    with torch.no_grad():
+        assert torch.allclose(graph_passes.masked_copy(model, masks)(x), small.eval()(x), atol=1e-4)
+
+
+def test_pruner_that_does_not_fit_the_mode_is_a_config_error():
+    from nni_harp.pipeline import ConfigError, PipelineConfig
+
+    with pytest.raises(ConfigError, match=r"pruner 'movement' cannot prune in mode 'structured'.*pruners for structured: harp"):
+        PipelineConfig(model="test_resnet", pruner="movement", mode="structured")
+    with pytest.raises(ConfigError, match="pruner: must be one of harp, hydra"):
+        PipelineConfig(model="test_resnet", pruner="slim")
+    assert PipelineConfig(model="test_resnet", pruner="FPGMPruner", mode="structured").pruner == "fpgm"
+
+
+def test_cli_rejects_a_pruner_for_the_wrong_mode(capsys):
+    from nni_harp.cli import main
+
+    assert main(["prune", "test_resnet", "--pruner", "fpgm", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "pruner 'fpgm' cannot prune in mode 'unstructured'" in err and "l1norm" in err
+
+
+def test_trial_runs_the_pipeline_and_reports_each_epoch(tmp_path):
+    from nni_harp.trial import resolve_params, run_trial
+
+    class Sink:
+        def __init__(self):
+            self.intermediate, self.final = [], None
+
+        def report_intermediate_result(self, value):
+            self.intermediate.append(value)
+
+        def report_final_result(self, value):
+            self.final = value
+
+    sink = Sink()
+    params = resolve_params({"pruner": "l1norm", "sparsity": 0.8}, {
+        "max_train_batches": 1, "pretrain_epochs": 1, "finetune_epochs": 2, "eval_batches": 1,
+        "eval_attack_steps": 1, "attack_steps": 1, "batch_size": 16})
+    result = run_trial(params, sink, tmp_path / "trial")
+    assert sink.final == result
+    # the one-shot pruner's pass, then two fine-tuning epochs
+    assert [(r["stage"], r["epoch"]) for r in sink.intermediate] == [("prune", 0), ("finetune", 1), ("finetune", 2)]
+    assert all(0.0 <= r["default"] <= 1.0 and 0.0 <= r["clean"] <= 1.0 for r in sink.intermediate)
+    assert result["pruner"] == "l1norm" and result["default"] == result["robust_acc"]
+    assert abs(result["sparsity"] - 0.8) < 0.03 and 0.0 < result["flops_kept"] < 0.5
+    report = json.loads((tmp_path / "trial" / "report.json").read_text())
+    assert report["pruner"] == "l1norm" and report["pruned"]["pgd_acc"] == result["robust_acc"]
