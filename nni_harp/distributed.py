@@ -116,6 +116,11 @@ def init_from_env(backend: str | None = None) -> DistInfo:
     if env_world > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if use_cuda else "gloo")
         if backend == "nccl":
+            if local_rank >= torch.cuda.device_count():
+                raise DistributedError(
+                    f"LOCAL_RANK {local_rank} has no GPU: {torch.cuda.device_count()} visible, one per process is "
+                    "needed with nccl; start at most that many processes per machine (torchrun --nproc_per_node)"
+                )
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, timeout=_timeout())
         logger.info("process group %s: rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
