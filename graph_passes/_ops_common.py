@@ -82,7 +82,11 @@ def combine_elementwise(state: AnalysisState, node: fx.Node, operands: Sequence[
         blockers = 0
         for info in infos:
             local = axis - (ndim - info.ndim)
-            if local < 0 or info.shape[local] == 1:
+            if local < 0:
+                continue
+            if info.shape[local] == 1:
+                if local in info.track and shape[axis] != 1:  # one channel broadcast over many positions
+                    state.pin(info.track[local], f"{node.name} broadcasts a single channel along axis {axis}")
                 continue
             if local in info.track:
                 tracked.append(info.track[local])

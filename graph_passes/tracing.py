@@ -5,6 +5,7 @@ analysis passes can read shapes without running the model again.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import traceback
@@ -104,7 +105,7 @@ def trace(
     inputs = as_tuple(example_inputs)
     tracer = HarpTracer(leaf_types, autowrap_functions)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_constant_default_args(model, len(inputs)))
     except Exception as exc:  # fx raises many kinds; re-raise as one that names the culprit
         where = _culprit(exc)
         raise TraceError(
@@ -132,6 +133,23 @@ def trace(
         _assert_same(expected, got, name)
     gm.train(was_training)
     return gm
+
+
+def _constant_default_args(model: nn.Module, n_inputs: int) -> dict[str, Any] | None:
+    """``forward`` parameters past the example inputs whose default is a constant (None, a bool,
+    a number, a string), fixed to it: traced as placeholders, ``if mask is not None`` would take
+    the branch the call never takes (Hiera's ``forward(x, mask=None)``), and ``if is_causal``
+    could not be traced at all."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < len(params) and any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return None  # *args/**kwargs: leave the signature to fx
+    fixed = {p.name: p.default for p in positional[n_inputs:]
+             if p.default is None or isinstance(p.default, (bool, int, float, str))}
+    return fixed or None
 
 
 def _keep_non_persistent_buffers(root: nn.Module, gm: fx.GraphModule) -> None:

@@ -145,3 +145,54 @@ def test_single_channel_axis_folds_without_pinning_its_neighbour():
     r = prune(model, torch.randn(2, 3, 5))
     assert group_of(r.groups, "a").prunable
     assert r.pruned.head.in_features == kept_count(r, "a") < 10
+
+
+class Gates(nn.Module):
+    """FocalNet: one conv makes query, context and per-level gates; each gate is a one-channel
+    slice broadcast over the context channels."""
+
+    def __init__(self, dim: int = 8, levels: int = 2) -> None:
+        super().__init__()
+        self.dim, self.levels = dim, levels
+        self.f = nn.Conv2d(3, 2 * dim + levels, 1)
+        self.focal = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1, groups=dim) for _ in range(levels))
+        self.h = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x):
+        q, ctx, gates = torch.split(self.f(x), (self.dim, self.dim, self.levels), 1)
+        acc = 0
+        for level, conv in enumerate(self.focal):
+            ctx = conv(ctx)
+            acc = acc + ctx * gates[:, level:level + 1]
+        return (q * self.h(acc)).mean((2, 3))
+
+
+def test_single_channel_broadcast_over_channels_pins_that_channel():
+    model = Gates()
+    r = prune(model, torch.randn(2, 3, 6, 6))
+    gate_groups = [g for g in r.groups if any(m.module == "f" and set(m.index) & {16, 17} for m in g.members)]
+    assert gate_groups and all(not g.prunable and "broadcasts a single channel" in g.reason for g in gate_groups)
+    assert r.pruned.f.out_channels == kept_count(r, "f") < 18
+    assert r.pruned.h.out_channels < 8
+
+
+class OptionalMask(nn.Module):
+    """Hiera: ``forward(x, mask=None)`` with a branch on ``mask is not None``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 10), nn.Linear(10, 3)
+
+    def forward(self, x, mask=None, scale_up=False):
+        y = self.a(x)
+        if mask is not None:
+            y = y * mask.view(x.shape[0], 1)
+        if scale_up:
+            y = 2 * y
+        return self.b(y)
+
+
+def test_constant_default_arguments_are_fixed_while_tracing():
+    model = OptionalMask()
+    r = prune(model, torch.randn(2, 4))
+    assert r.pruned.a.out_features == kept_count(r, "a") < 10
