@@ -198,6 +198,7 @@ def evaluate(config: EvaluateConfig, callbacks: Iterable[PipelineCallback] | Pip
         model=config.model, mode=meta.get("mode", "dense") if pruned_dir else "dense", dataset=dataset, target={},
         dense=None if pruned_dir else metrics, pruned=metrics if pruned_dir else None,
         files={"checkpoint": str(ckpt)}, config=dict(config.__dict__), checks=checks,
+        pruner=str(meta.get("pruner", "harp")) if pruned_dir else "none",
     )
     if out is not None:
         report.save(out, stem="evaluate_report")

@@ -149,6 +149,7 @@ def model_meta(ctx: Context, plan: str | None) -> dict[str, Any]:
         "dataset": ctx.config.dataset,
         "create_kwargs": ctx.create_kwargs,
         "mode": ctx.config.mode,
+        "pruner": ctx.config.pruner,
         "state_dict": MODEL_FILE,
         "plan": plan,
     }
