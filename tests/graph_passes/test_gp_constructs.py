@@ -157,6 +157,7 @@ class Gates(nn.Module):
         self.f = nn.Conv2d(3, 2 * dim + levels, 1)
         self.focal = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1, groups=dim) for _ in range(levels))
         self.h = nn.Conv2d(dim, dim, 1)
+        self.head = nn.Linear(dim, 3)
 
     def forward(self, x):
         q, ctx, gates = torch.split(self.f(x), (self.dim, self.dim, self.levels), 1)
@@ -164,7 +165,7 @@ class Gates(nn.Module):
         for level, conv in enumerate(self.focal):
             ctx = conv(ctx)
             acc = acc + ctx * gates[:, level:level + 1]
-        return (q * self.h(acc)).mean((2, 3))
+        return self.head((q * self.h(acc)).mean((2, 3)))
 
 
 def test_single_channel_broadcast_over_channels_pins_that_channel():
