@@ -204,10 +204,11 @@ def _rewrite_split(node: fx.Node, info: TensorInfo, keeper: _Keeper) -> None:
 def _rewrite_node(gm: fx.GraphModule, node: fx.Node, keeper: _Keeper) -> None:
     info = node.meta.get(TRACK_KEY)
     src = node.args[0].meta.get(TRACK_KEY) if node.args and isinstance(node.args[0], fx.Node) else None
-    if node.op == "call_method" and node.target in _SIZE_METHODS and isinstance(info, TensorInfo):
-        _rewrite_sizes(node, info.shape, keeper.new_shape(info), frozenset(info.track))
-    elif node.op == "call_function" and node.target in (torch.reshape, torch.broadcast_to) and isinstance(info, TensorInfo):
-        _rewrite_sizes(node, info.shape, keeper.new_shape(info), frozenset(info.track))
+    sized = (node.op == "call_method" and node.target in _SIZE_METHODS
+             or node.op == "call_function" and node.target in (torch.reshape, torch.broadcast_to))
+    if sized and isinstance(info, TensorInfo):
+        new = _origin_shape(gm, info) if info.origin is not None and not info.track else keeper.new_shape(info)
+        _rewrite_sizes(node, info.shape, new, frozenset(info.track))
     elif node.target is operator.getitem and isinstance(src, TensorInfo):
         _rewrite_getitem(node, src, keeper)
     elif node.target in ("split", torch.split, "split_with_sizes") and isinstance(src, TensorInfo):
@@ -229,6 +230,18 @@ def _rewrite_node(gm: fx.GraphModule, node: fx.Node, keeper: _Keeper) -> None:
                 node.kwargs = {**node.kwargs, "num_groups": new_groups}
     if EXACT_STATS in node.meta and isinstance(src, TensorInfo):
         _swap_exact_norm(gm, node, src, keeper)
+
+
+def _origin_shape(gm: fx.GraphModule, info: TensorInfo) -> tuple[int, ...]:
+    """The shape of a view of a (sliced) parameter: each axis that shows a parameter dimension
+    takes that dimension's new length (poolformer's ``scale.view(C, 1, 1)``)."""
+    origin = info.origin
+    owner = gm.get_submodule(origin.module) if origin.module else gm
+    param = getattr(owner, origin.param, None)
+    if not isinstance(param, torch.Tensor) or len(origin.axes) != len(info.shape):
+        return info.shape
+    return tuple(int(param.shape[ax]) if ax is not None and ax < param.dim() else old
+                 for old, ax in zip(info.shape, origin.axes))
 
 
 def _swap_exact_norm(gm: fx.GraphModule, node: fx.Node, src: TensorInfo, keeper: _Keeper) -> None:

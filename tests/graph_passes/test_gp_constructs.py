@@ -197,3 +197,24 @@ def test_constant_default_arguments_are_fixed_while_tracing():
     model = OptionalMask()
     r = prune(model, torch.randn(2, 4))
     assert r.pruned.a.out_features == kept_count(r, "a") < 10
+
+
+class ViewedScale(nn.Module):
+    """PoolFormer v2: a per-channel scale stored 1-D and viewed with a constant shape (C, 1, 1)."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.shape = (dim, 1, 1)
+        self.conv = nn.Conv2d(3, dim, 1)
+        self.scale = nn.Parameter(torch.randn(dim))
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, x):
+        y = self.conv(x) * self.scale.view(self.shape)
+        return self.head(y.mean((2, 3)))
+
+
+def test_constant_view_of_a_sliced_parameter_takes_its_new_length():
+    model = ViewedScale()
+    r = prune(model, torch.randn(2, 3, 4, 4))
+    assert r.pruned.scale.shape == (kept_count(r, "conv"),) and kept_count(r, "conv") < 8
