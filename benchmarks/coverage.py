@@ -39,6 +39,8 @@ ATOL = 1e-4
 RTOL = 1e-4
 BATCH = 2
 CANDIDATES = 4
+MAX_SIDE = 256  # larger default inputs are rebuilt at REDUCED_SIDE where the model takes img_size
+REDUCED_SIDE = 224
 SIZE_WORDS = {w: i for i, w in enumerate(
     "atto femto pico nano xxxs xxs xs mini tiny t s0 small s lite m0 m b0 medium base b large l xlarge huge giant".split())}
 
@@ -83,11 +85,40 @@ def smallest(fams: dict[str, list[str]]) -> dict[str, str]:
 
 
 def _model_and_input(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model (random weights, calibrated norms) and its input. Models whose default input side
+    exceeds MAX_SIDE run at REDUCED_SIDE: built with ``img_size=REDUCED_SIDE`` when their
+    constructor takes it (ViT-style models sized 384 to 896 pixels), otherwise fed the smaller
+    input directly when the model accepts it (CNNs at 299/331, Hiera-Det at 896)."""
     torch.manual_seed(SEED)
     model = timm.create_model(name, pretrained=False).eval()
     c, h, w = model.pretrained_cfg["input_size"]
+    if max(h, w) > MAX_SIDE:
+        try:
+            torch.manual_seed(SEED)
+            model = timm.create_model(name, pretrained=False, img_size=REDUCED_SIDE).eval()
+            h = w = REDUCED_SIDE
+        except TypeError:
+            try:
+                with torch.no_grad():
+                    model(torch.randn(1, c, REDUCED_SIDE, REDUCED_SIDE))
+                h = w = REDUCED_SIDE
+            except Exception:  # noqa: BLE001 - a model fixed to its size keeps it
+                pass
     x = torch.randn(BATCH, c, h, w)
     return calibrate_norms(model, x), x
+
+
+def _flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """FLOPs with parameters' requires_grad off: FlopCounterMode's module tracker cannot hook a
+    no-grad view of a parameter (timm's attention-pool ``latent.expand(B, -1, -1)``)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        return n_flops(model, x)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def _ours(name: str, send) -> None:
@@ -96,6 +127,7 @@ def _ours(name: str, send) -> None:
     rec: dict[str, Any] = {}
     t0 = time.perf_counter()
     model, x = _model_and_input(name)
+    rec["input"] = list(x.shape[1:])
     gm = gp.trace(model, x)
     rec["traced"] = True
     send(rec)
@@ -114,7 +146,7 @@ def _ours(name: str, send) -> None:
         rec["max_err"] = float((out - ref).abs().max()) if out.shape == ref.shape else float("inf")
         rec["match"] = bool(out.shape == ref.shape and torch.allclose(out, ref, atol=ATOL, rtol=RTOL))
         rec["params_kept"] = n_params(pruned) / n_params(model)
-        rec["flops_kept"] = n_flops(pruned, x) / n_flops(model, x)
+        rec["flops_kept"] = _flops(pruned, x) / _flops(model, x)
     rec["seconds"] = time.perf_counter() - t0
     send(rec)
 
@@ -127,7 +159,7 @@ def _tp(name: str, send) -> None:
     model, x = _model_and_input(name)
     with torch.no_grad():
         ref_shape = model(x).shape
-    params0, flops0 = n_params(model), n_flops(model, x)
+    params0, flops0 = n_params(model), _flops(model, x)
     ignored = [m for m in [model.get_classifier()] if isinstance(m, torch.nn.Module) and any(True for _ in m.parameters())]
     pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
                                   pruning_ratio=RATIO, ignored_layers=ignored)
@@ -136,7 +168,7 @@ def _tp(name: str, send) -> None:
         out = model(x)
     rec["runs"] = out.shape == ref_shape
     rec["params_kept"] = n_params(model) / params0
-    rec["flops_kept"] = n_flops(model, x) / flops0
+    rec["flops_kept"] = _flops(model, x) / flops0
     rec["ok"] = bool(rec["runs"] and rec["params_kept"] < 1.0)
     rec["seconds"] = time.perf_counter() - t0
     send(rec)
@@ -212,6 +244,13 @@ def _fmt(v: Any, pct: bool = False) -> str:
     return str(v)
 
 
+def _input_text(row: dict[str, Any]) -> str:
+    size = row["ours"].get("input")
+    if size is None:  # rows from runs before the size was recorded ran at the default size
+        size = timm.models.get_pretrained_cfg(row["model"]).input_size[1:]
+    return "x".join(str(s) for s in size[-2:])
+
+
 def render(rows: dict[str, dict[str, Any]], total_families: int, timeout: float) -> tuple[str, str]:
     n = len(rows)
     st = collections.Counter(ours_status(r["ours"]) for r in rows.values())
@@ -225,7 +264,9 @@ def render(rows: dict[str, dict[str, Any]], total_families: int, timeout: float)
     lines = [
         "# graph_passes coverage over timm families",
         "",
-        f"One smallest model per timm family (random weights, BatchNorm statistics from one pass on the input, default input size, batch {BATCH}); "
+        f"One smallest model per timm family (random weights, BatchNorm statistics from one pass on the input, batch {BATCH}); "
+        f"input: the model's default input size, except that models whose default side exceeds {MAX_SIDE} px are "
+        f"built at img_size={REDUCED_SIDE} where their constructor accepts it, else fed a {REDUCED_SIDE} px input where they accept one (column 'input'). "
         f"30 % of the channels of every prunable group removed at random (seed {SEED}). "
         f"'match': pruned outputs allclose to the masked model (atol {ATOL}, rtol {RTOL}). "
         f"Torch-Pruning: MetaPruner + MagnitudeImportance(p=2), pruning_ratio {RATIO}, classifier ignored; "
@@ -235,16 +276,16 @@ def render(rows: dict[str, dict[str, Any]], total_families: int, timeout: float)
         "",
         f"**Totals:** {totals}",
         "",
-        "| family | model | status | traced | groups | prunable | runs | match | params kept | FLOPs kept | s "
+        "| family | model | input | status | traced | groups | prunable | runs | match | params kept | FLOPs kept | s "
         "| TP ok | TP params kept | TP FLOPs kept | TP s | error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for fam, r in sorted(rows.items()):
         o, t = r["ours"], r["tp"]
         err = "; ".join(x for x in (o.get("error") and f"ours: {o['error']}", t.get("error") and f"TP: {t['error']}") if x)
         err = err.replace("|", "\\|").replace("\n", " ")[:400]
         lines.append(
-            f"| {fam} | {r['model']} | {ours_status(o)} | {_fmt(o.get('traced', False))} | {_fmt(o.get('groups'))} "
+            f"| {fam} | {r['model']} | {_input_text(r)} | {ours_status(o)} | {_fmt(o.get('traced', False))} | {_fmt(o.get('groups'))} "
             f"| {_fmt(o.get('prunable'))} | {_fmt(o.get('runs'))} | {_fmt(o.get('match'))} "
             f"| {_fmt(o.get('params_kept'), True)} | {_fmt(o.get('flops_kept'), True)} | {_fmt(o.get('seconds'))} "
             f"| {_fmt(bool(t.get('ok')))} | {_fmt(t.get('params_kept'), True)} | {_fmt(t.get('flops_kept'), True)} "
