@@ -118,7 +118,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Pa
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    x = example[:1].detach().to("cpu")
+    # Two samples, not one: torch.export specialises a size-1 dimension to a constant, and torch
+    # 2.9's ONNX exporter then bakes batch 1 into the model's reshapes instead of failing.
+    x = example[:1].detach().to("cpu").expand(2, *example.shape[1:]).contiguous()
     was_training = model.training
     model = model.to("cpu").eval()
     errors: list[str] = []
