@@ -161,7 +161,10 @@ def expand(state: AnalysisState, node: fx.Node) -> Any:
         reps = shape[axis + lead] // info.shape[axis]
         out.track[axis + lead] = np.tile(ids, reps) if reps > 1 else ids
     if info.origin is not None and not info.track and node.target != "repeat":
-        out.origin = ParamOrigin(info.origin.module, info.origin.param, (None,) * lead + info.origin.axes)
+        # An axis broadcast from size 1 (a class token expanded over the batch) no longer shows
+        # the parameter's dimension: its length comes from the expand, not from the parameter.
+        axes = tuple(None if size != shape[i + lead] else ax for i, (size, ax) in enumerate(zip(info.shape, info.origin.axes)))
+        out.origin = ParamOrigin(info.origin.module, info.origin.param, (None,) * lead + axes)
     return out
 
 
