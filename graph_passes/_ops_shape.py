@@ -285,7 +285,9 @@ def getitem(state: AnalysisState, node: fx.Node) -> Any:
             dst += len(index_meta) if isinstance(index_meta, tuple) else 1
             continue
         if ids is not None:
-            if it.step not in (None, 1):
+            if any(isinstance(b, fx.Node) for b in (it.start, it.stop, it.step)):
+                state.pin(ids, f"{node.name} slices channels at bounds known only at run time")
+            elif it.step not in (None, 1):
                 state.pin(ids, f"{node.name} slices channels with a step")
             else:
                 out.track[dst] = ids[slice(it.start, it.stop)]

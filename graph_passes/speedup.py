@@ -171,7 +171,8 @@ def _rewrite_getitem(node: fx.Node, info: TensorInfo, keeper: _Keeper) -> None:
     for i, it in enumerate(items):
         if it is None:
             continue
-        if isinstance(it, slice) and src in info.track and (it.start is not None or it.stop is not None):
+        if isinstance(it, slice) and src in info.track and (it.start is not None or it.stop is not None) \
+                and not any(isinstance(b, fx.Node) for b in (it.start, it.stop)):
             kept = keeper.kept(info.track[src])
             start = None if it.start is None else int(kept[: it.start].sum())
             stop = None if it.stop is None else int(kept[: it.stop].sum())

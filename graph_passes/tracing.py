@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ._concrete_tracing import concrete_tracer
 from .errors import TraceError
 
 __all__ = ["HarpTracer", "trace", "as_tuple", "extra_leaf_types", "register_leaf_type"]
@@ -103,17 +104,24 @@ def trace(
     if isinstance(model, fx.GraphModule) and any(n.op != "placeholder" and "tensor_meta" in n.meta for n in model.graph.nodes):
         return model
     inputs = as_tuple(example_inputs)
+    concrete_args = _constant_default_args(model, len(inputs))
     tracer = HarpTracer(leaf_types, autowrap_functions)
     try:
-        graph = tracer.trace(model, concrete_args=_constant_default_args(model, len(inputs)))
+        graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises many kinds; re-raise as one that names the culprit
-        where = _culprit(exc)
-        raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc} -- at {where}. "
-            "Data-dependent control flow or a non-traceable call is the usual cause: register the "
-            "module that contains it as a leaf (trace(..., leaf_types=[ThatModule])) or the function "
-            "(trace(..., autowrap_functions=[that_function]))",
-        ) from exc
+        try:
+            tracer, graph = _trace_concretely(model, inputs, leaf_types, autowrap_functions, concrete_args)
+            logger.info("%s: symbolic tracing failed (%s: %s); traced concretely, specialised to the example "
+                        "inputs", type(model).__name__, type(exc).__name__, exc)
+        except Exception as concrete_exc:
+            where = _culprit(exc)
+            raise TraceError(
+                f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc} -- at {where}. "
+                "Data-dependent control flow or a non-traceable call is the usual cause: register the "
+                "module that contains it as a leaf (trace(..., leaf_types=[ThatModule])) or the function "
+                "(trace(..., autowrap_functions=[that_function])). Concrete tracing failed too: "
+                f"{type(concrete_exc).__name__}: {concrete_exc}",
+            ) from exc
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     _keep_non_persistent_buffers(tracer.root, gm)
@@ -133,6 +141,20 @@ def trace(
         _assert_same(expected, got, name)
     gm.train(was_training)
     return gm
+
+
+def _trace_concretely(model: nn.Module, inputs: tuple[Any, ...], leaf_types: Iterable[type[nn.Module]],
+                      autowrap_functions: Sequence[Callable[..., Any]], concrete_args: dict[str, Any] | None) -> tuple[fx.Tracer, fx.Graph]:
+    """Fallback for models with data-dependent Python control flow: trace while running every op
+    on the example inputs (eval mode), so branches follow the example (see ``_concrete_tracing``)."""
+    tracer = concrete_tracer(HarpTracer)(leaf_types, autowrap_functions, example_inputs=inputs)
+    was_training = model.training
+    model.eval()
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    finally:
+        model.train(was_training)
+    return tracer, graph
 
 
 def _constant_default_args(model: nn.Module, n_inputs: int) -> dict[str, Any] | None:

@@ -2,6 +2,7 @@
 masked one (``prune`` asserts it) and the shapes really shrink."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -218,3 +219,33 @@ def test_constant_view_of_a_sliced_parameter_takes_its_new_length():
     model = ViewedScale()
     r = prune(model, torch.randn(2, 3, 4, 4))
     assert r.pruned.scale.shape == (kept_count(r, "conv"),) and kept_count(r, "conv") < 8
+
+
+class DataDependent(nn.Module):
+    """Gemma4-style: Python control flow on tensor values and ranks, factory calls sized by
+    proxies, a buffer expanded to the batch, ``int(t.item())`` slice bounds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 10), nn.Linear(10, 3)
+        self.register_buffer("freq", torch.arange(5.0))
+
+    def forward(self, x):
+        if x.ndim != 2:
+            raise ValueError("2-D input expected")
+        y = self.a(x)
+        if (x > 100).any():  # never true for the example: the branch is left out
+            y = y * 0
+        valid = torch.ones(x.shape[0], 5, dtype=torch.bool)
+        n = int(valid.sum(dim=1).max().item())
+        extra = self.freq[None, :].expand(x.shape[0], -1)[:, :n].sum(1, keepdim=True)
+        return self.b(y) + extra
+
+
+def test_data_dependent_control_flow_is_traced_concretely():
+    model = DataDependent()
+    x = torch.randn(2, 4)
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(model)
+    r = prune(model, x)
+    assert r.pruned.a.out_features == kept_count(r, "a") < 10
