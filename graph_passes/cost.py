@@ -62,9 +62,20 @@ def flop_counter(**kwargs: Any) -> _flop_counter.FlopCounterMode:
 
 
 def count_flops(model: nn.Module, *inputs: Any) -> int:
-    """FLOPs of one ``model(*inputs)`` call under ``torch.no_grad()``, counted by :func:`flop_counter`."""
-    with torch.no_grad(), flop_counter() as counter:
-        model(*inputs)
+    """FLOPs of one ``model(*inputs)`` call under ``torch.no_grad()``, counted by :func:`flop_counter`.
+
+    Parameters are switched to ``requires_grad=False`` for the count (and restored): under no_grad
+    a view of a parameter (timm's ``latent.expand(B, -1, -1)`` in attention pooling) still requires
+    grad but has no grad_fn, which FlopCounterMode's module tracker cannot hook."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with torch.no_grad(), flop_counter() as counter:
+            model(*inputs)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
     return int(counter.get_total_flops())
 
 
