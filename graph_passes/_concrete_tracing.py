@@ -3,9 +3,10 @@
 Used by :func:`graph_passes.trace` only when plain symbolic tracing fails. Each proxy carries the
 value its op computes for the example inputs, so Python control flow on tensors (``if x.ndim !=
 4``, ``if mask.any()``), ``len()``, unpacking and ``int(t.item())`` take the value of the example
-and the graph records the branch taken: the result is specialised to inputs like the example
-(same shapes and the same data-dependent decisions), which is what channel analysis and speedup
-use it for. Ops that stay tensor-valued are still recorded as graph nodes, so the traced module
+and the graph records the branch taken: the result is specialised to inputs of the example's
+shapes. Decisions on the *values* of the inputs (``if x.sum() > 0``) would not hold for other
+inputs and are refused: values are followed from the inputs, and only shapes, parameters,
+buffers and what is computed from them alone may decide. Ops that stay tensor-valued are still recorded as graph nodes, so the traced module
 computes on new inputs like the model does along that branch.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import fx, nn
 __all__ = ["ConcreteProxy", "concrete_tracer"]
 
 
+_METADATA = ("shape", "ndim", "dtype", "device", "is_cuda", "layout", "size", "dim", "numel", "nelement", "get_device")
 _FACTORIES = ("arange", "zeros", "ones", "empty", "full", "eye", "rand", "randn", "randint", "linspace", "tensor")
 
 
@@ -30,23 +32,30 @@ class ConcreteProxy(fx.Proxy):
     def value(self) -> Any:
         return self.tracer.concrete_values[self.node]  # type: ignore[attr-defined]
 
+    def _decided(self, what: str) -> Any:
+        """The example value, for a Python-level decision; refused when it depends on the values
+        (not just the shapes) of the inputs, where the branch taken would not hold for others."""
+        if self.node in self.tracer.input_dependent:  # type: ignore[attr-defined]
+            raise fx.proxy.TraceError(f"{what} of {self.node.name} depends on the values of the inputs")
+        return self.value
+
     def __bool__(self) -> bool:
-        return bool(self.value)
+        return bool(self._decided("truth value"))
 
     def __len__(self) -> int:
-        return len(self.value)
+        return len(self.value)  # a length is a shape: it holds for every input of this shape
 
     def __int__(self) -> int:
-        return int(self.value)
+        return int(self._decided("int()"))
 
     def __index__(self) -> int:
-        return int(self.value)
+        return int(self._decided("index"))
 
     def __float__(self) -> float:
-        return float(self.value)
+        return float(self._decided("float()"))
 
     def __contains__(self, item: Any) -> bool:
-        return item in self.value
+        return item in self._decided("membership")
 
     def __iter__(self) -> Iterator[Any]:
         return iter([self[i] for i in range(len(self.value))])
@@ -69,6 +78,7 @@ def concrete_tracer(base: type[fx.Tracer]) -> type[fx.Tracer]:
             super().__init__(*args, **kwargs)
             self.example_inputs = example_inputs
             self.concrete_values: dict[fx.Node, Any] = {}
+            self.input_dependent: set[fx.Node] = set()  # nodes whose values follow the inputs' values
             self._placeholders: dict[str, Any] = {}
 
         def trace(self, root: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
@@ -112,7 +122,18 @@ def concrete_tracer(base: type[fx.Tracer]) -> type[fx.Tracer]:
             value = self._run(kind, target, args, kwargs)
             proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
             self.concrete_values[proxy.node] = value
+            if self._input_dependent(kind, target, proxy.node, value):
+                self.input_dependent.add(proxy.node)
             return proxy
+
+        def _input_dependent(self, kind: str, target: Any, node: fx.Node, value: Any) -> bool:
+            if kind == "placeholder":
+                return isinstance(value, torch.Tensor)
+            if kind == "call_function" and target is getattr and node.args[1] in _METADATA:
+                return False
+            if kind == "call_method" and target in _METADATA:
+                return False
+            return any(n in self.input_dependent for n in node.all_input_nodes)
 
         def _run(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if kind == "placeholder":

@@ -222,7 +222,7 @@ def test_constant_view_of_a_sliced_parameter_takes_its_new_length():
 
 
 class DataDependent(nn.Module):
-    """Gemma4-style: Python control flow on tensor values and ranks, factory calls sized by
+    """Gemma4-style: Python control flow on buffer values and input ranks, factory calls sized by
     proxies, a buffer expanded to the batch, ``int(t.item())`` slice bounds."""
 
     def __init__(self) -> None:
@@ -234,7 +234,7 @@ class DataDependent(nn.Module):
         if x.ndim != 2:
             raise ValueError("2-D input expected")
         y = self.a(x)
-        if (x > 100).any():  # never true for the example: the branch is left out
+        if (self.freq > 100).any():  # decided by a buffer, not by the input's values
             y = y * 0
         valid = torch.ones(x.shape[0], 5, dtype=torch.bool)
         n = int(valid.sum(dim=1).max().item())
