@@ -142,3 +142,21 @@ def _register_model_functions() -> None:
 
 
 _register_model_functions()
+
+
+def _register_same_pools() -> None:
+    """timm's MaxPool2dSame/AvgPool2dSame: 'same' padding then a 2-D pool; channels pass."""
+    from . import _ops_elementwise as elementwise
+
+    try:
+        from timm.layers import pool2d_same
+    except ImportError:
+        return
+    types = [t for t in (getattr(pool2d_same, "MaxPool2dSame", None), getattr(pool2d_same, "AvgPool2dSame", None)) if isinstance(t, type)]
+    for t in types:
+        elementwise._POOL_MODULES[t] = 2
+    if types:
+        register_module(*types)(elementwise.pooling)
+
+
+_register_same_pools()

@@ -249,3 +249,22 @@ def test_data_dependent_control_flow_is_traced_concretely():
         torch.fx.symbolic_trace(model)
     r = prune(model, x)
     assert r.pruned.a.out_features == kept_count(r, "a") < 10
+
+
+def test_timm_same_padding_pools_pass_channels():
+    pool2d_same = pytest.importorskip("timm.layers.pool2d_same")
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.pool = pool2d_same.MaxPool2dSame(3, stride=2)
+            self.avg = pool2d_same.AvgPool2dSame(3, stride=1)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.avg(self.pool(self.a(x))).mean((2, 3)))
+
+    r = prune(M(), torch.randn(2, 3, 9, 9))
+    assert group_of(r.groups, "a").prunable
+    assert r.pruned.head.in_features == kept_count(r, "a") < 8
