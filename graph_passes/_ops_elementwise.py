@@ -155,17 +155,23 @@ def _spatial_count(state: AnalysisState, node: fx.Node, ndim: int) -> int:
         count = _POOL_MODULES[type(state.gm.get_submodule(str(node.target)))]
     else:
         count = _POOL_FUNCTIONS[node.target]
-    if count == -2:  # F.pad: trailing dims are padded only where their pad amounts are non-zero
-        pad = arg(node, 1, "pad", ())
-        if not isinstance(pad, (list, tuple)) or any(not isinstance(p, int) for p in pad):
-            return ndim - 1
-        padded = [k for k in range(len(pad) // 2) if pad[2 * k] or pad[2 * k + 1]]
-        return max(padded) + 1 if padded else 0
+    if count == -2:  # F.pad: see _padded_axes
+        return ndim - 1
     if count in (-1,):
         return ndim  # pixel (un)shuffle mixes channels with space: every axis is "spatial"
     if node.target is F.interpolate:
         return ndim - 2
     return count
+
+
+def _padded_axes(node: fx.Node, ndim: int) -> set[int]:
+    """Axes F.pad may pad: all but those whose two pad amounts are literal zeros (an NHWC window
+    partition pads H and W by amounts computed at run time and the channel axis by (0, 0))."""
+    pad = arg(node, 1, "pad", ())
+    if not isinstance(pad, (list, tuple)):
+        return set(range(ndim))
+    return {ndim - 1 - k for k in range(len(pad) // 2)
+            if not (isinstance(pad[2 * k], int) and isinstance(pad[2 * k + 1], int) and pad[2 * k] == 0 and pad[2 * k + 1] == 0)}
 
 
 @register_module(*_POOL_MODULES)
@@ -178,9 +184,10 @@ def pooling(state: AnalysisState, node: fx.Node) -> Any:
         state.pin_track(info, f"{node.name} returns several tensors")
         return untracked_like(node)
     spatial = _spatial_count(state, node, info.ndim)
+    moved = _padded_axes(node, info.ndim) if node.target is F.pad else set(range(info.ndim - spatial, info.ndim))
     out = TensorInfo(shape)
     for axis, ids in info.track.items():
-        if axis >= info.ndim - spatial or shape[axis] != info.shape[axis]:
+        if axis in moved or shape[axis] != info.shape[axis]:
             state.pin(ids, f"{node.name} works across channels on axis {axis}")
         else:
             out.track[axis] = ids

@@ -268,3 +268,27 @@ def test_timm_same_padding_pools_pass_channels():
     r = prune(M(), torch.randn(2, 3, 9, 9))
     assert group_of(r.groups, "a").prunable
     assert r.pruned.head.in_features == kept_count(r, "a") < 8
+
+
+class WindowPad(nn.Module):
+    """Hiera-Det/Swin: an NHWC tensor padded on H and W by amounts computed at run time, the
+    channel axis by literal zeros."""
+
+    def __init__(self, window: int = 4) -> None:
+        super().__init__()
+        self.window = window
+        self.a = nn.Linear(3, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.a(x)  # B, H, W, C
+        H, W = y.shape[1], y.shape[2]
+        pad_h, pad_w = (self.window - H % self.window) % self.window, (self.window - W % self.window) % self.window
+        y = F.pad(y, (0, 0, 0, pad_w, 0, pad_h))
+        return self.head(y.mean((1, 2)))
+
+
+def test_pad_with_zero_amounts_on_the_channel_axis_passes_channels():
+    r = prune(WindowPad(), torch.randn(2, 6, 7, 3))
+    assert group_of(r.groups, "a").prunable
+    assert r.pruned.head.in_features == kept_count(r, "a") < 8
