@@ -272,7 +272,8 @@ def render(rows: dict[str, dict[str, Any]], total_families: int, timeout: float)
         f"Torch-Pruning: MetaPruner + MagnitudeImportance(p=2), pruning_ratio {RATIO}, classifier ignored; "
         f"'ok' = the pruned model runs with the same output shape and fewer parameters (Torch-Pruning has no "
         f"masked reference). Params/FLOPs kept: pruned / dense (FLOPs by FlopCounterMode). One CPU thread per "
-        f"model, timeout {timeout:.0f} s per model and tool.",
+        f"model, timeout {timeout:.0f} s per model and tool in the latest run (with --resume, rows of families that "
+        f"passed in an earlier run are kept from it).",
         "",
         f"**Totals:** {totals}",
         "",
