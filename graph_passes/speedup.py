@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ._ops_layers import EXACT_STATS
+from ._rewrite import origin_shape, rewrite_getitem, rewrite_sizes, rewrite_split
 from ._tracking import TensorInfo
 from .dependency import TRACK_KEY, Analysis, analyze
 from .errors import SpeedupError
@@ -105,115 +106,18 @@ def _slice_params(gm: fx.GraphModule, plan: dict[str, dict[str, dict[int, torch.
             _fix_attributes(owner, old)
 
 
-def _reads_channels(size: Any, seen: set[fx.Node] | None = None) -> bool:
-    """Whether a size computed at run time reads the length of a channel axis (``x.shape[-1]``,
-    ``x.size(2)``, or arithmetic on them): after pruning it holds the pruned width, which may not
-    be the length the receiving axis keeps (CaiT's ``reshape(B, N, C)`` of pinned heads)."""
-    if not isinstance(size, fx.Node):
-        return False
-    seen = set() if seen is None else seen
-    if size in seen:
-        return False
-    seen.add(size)
-    if size.op == "call_function" and size.target is operator.getitem and isinstance(size.args[0], fx.Node):
-        src = size.args[0]
-        if src.op == "call_function" and src.target is getattr and src.args[1:] == ("shape",):
-            return _axis_tracked(src.args[0], size.args[1])
-        if src.op == "call_method" and src.target == "size" and len(src.args) == 1:
-            return _axis_tracked(src.args[0], size.args[1])
-    if size.op == "call_method" and size.target == "size" and len(size.args) > 1:
-        return _axis_tracked(size.args[0], size.args[1])
-    return any(_reads_channels(a, seen) for a in size.all_input_nodes)
-
-
-def _axis_tracked(tensor: Any, axis: Any) -> bool:
-    info = tensor.meta.get(TRACK_KEY) if isinstance(tensor, fx.Node) else None
-    if not isinstance(info, TensorInfo) or not isinstance(axis, int):
-        return isinstance(info, TensorInfo) and bool(info.track)  # a slice of the shape: be safe
-    return axis % info.ndim in info.track
-
-
-def _rewrite_sizes(node: fx.Node, old: tuple[int, ...], new: tuple[int, ...], channel_axes: frozenset[int] = frozenset()) -> None:
-    """Replace integer size arguments that named an axis whose length changed, and sizes computed
-    at run time on channel axes or from a channel axis' length (they may read another group's
-    width, e.g. ``C // heads``)."""
-    if old == new and not channel_axes and not any(_reads_channels(a) for a in node.all_input_nodes[1:]):
-        return
-    args = list(node.args)
-    sizes = args[1:]
-    packed = len(sizes) == 1 and isinstance(sizes[0], (list, tuple))
-    if packed:
-        sizes = list(sizes[0])
-    if node.target in ("new_zeros", "new_ones", "new_empty", "new_full"):
-        sizes = sizes[: len(new)]
-    if len(sizes) != len(new):
-        if any(isinstance(s, int) and s != -1 for s in sizes):
-            raise SpeedupError(f"cannot map the size arguments of {node.name} onto its output", node=node.name)
-        return
-    lead = 0
-    # a size computed at run time (``x.shape[-1]`` of another tensor) may read a different group's
-    # width: every changed axis gets its new, static length
-    fixed = [new[i + lead] if isinstance(s, fx.Node) and (i + lead in channel_axes or old[i + lead] != new[i + lead] or _reads_channels(s))
-             or isinstance(s, int) and s != -1 and s == old[i + lead] and old[i + lead] != new[i + lead]
-             else s for i, s in enumerate(sizes)]
-    node.args = (args[0], tuple(fixed)) if packed else (args[0], *fixed, *args[1 + len(fixed):])
-
-
-def _rewrite_getitem(node: fx.Node, info: TensorInfo, keeper: _Keeper) -> None:
-    index = node.args[1]
-    items = list(index) if isinstance(index, tuple) else [index]
-    if Ellipsis in items:
-        k = items.index(Ellipsis)
-        fill = info.ndim - sum(1 for it in items if it is not None and it is not Ellipsis)
-        items = items[:k] + [slice(None)] * fill + items[k + 1:]
-    src = 0
-    changed = False
-    for i, it in enumerate(items):
-        if it is None:
-            continue
-        if isinstance(it, slice) and src in info.track and (it.start is not None or it.stop is not None) \
-                and not any(isinstance(b, fx.Node) for b in (it.start, it.stop)):
-            kept = keeper.kept(info.track[src])
-            start = None if it.start is None else int(kept[: it.start].sum())
-            stop = None if it.stop is None else int(kept[: it.stop].sum())
-            items[i] = slice(start, stop, it.step)
-            changed = True
-        src += 1
-    if changed:
-        node.args = (node.args[0], tuple(items) if isinstance(index, tuple) else items[0])
-
-
-def _rewrite_split(node: fx.Node, info: TensorInfo, keeper: _Keeper) -> None:
-    outs = node.meta.get(TRACK_KEY)
-    if not isinstance(outs, list) or node.target in ("chunk", torch.chunk, "unbind", torch.unbind):
-        return
-    spec = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections", node.kwargs.get("split_size"))
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    axis = dim % info.ndim
-    if axis not in info.track:
-        return
-    sizes = [keeper.new_shape(o)[axis] for o in outs]
-    args = list(node.args)
-    if len(args) > 1:
-        args[1] = sizes
-        node.args = tuple(args)
-    else:
-        node.kwargs = {**node.kwargs, "split_size_or_sections": sizes}
-    del spec
-
-
 def _rewrite_node(gm: fx.GraphModule, node: fx.Node, keeper: _Keeper) -> None:
     info = node.meta.get(TRACK_KEY)
     src = node.args[0].meta.get(TRACK_KEY) if node.args and isinstance(node.args[0], fx.Node) else None
     sized = (node.op == "call_method" and node.target in _SIZE_METHODS
              or node.op == "call_function" and node.target in (torch.reshape, torch.broadcast_to))
     if sized and isinstance(info, TensorInfo):
-        new = _origin_shape(gm, info) if info.origin is not None and not info.track else keeper.new_shape(info)
-        _rewrite_sizes(node, info.shape, new, frozenset(info.track))
+        new = origin_shape(gm, info) if info.origin is not None and not info.track else keeper.new_shape(info)
+        rewrite_sizes(node, info.shape, new, frozenset(info.track))
     elif node.target is operator.getitem and isinstance(src, TensorInfo):
-        _rewrite_getitem(node, src, keeper)
+        rewrite_getitem(node, src, keeper)
     elif node.target in ("split", torch.split, "split_with_sizes") and isinstance(src, TensorInfo):
-        _rewrite_split(node, src, keeper)
+        rewrite_split(node, src, keeper)
     elif node.target is F.scaled_dot_product_attention:
         q = node.args[0].meta.get(TRACK_KEY)
         if isinstance(q, TensorInfo) and node.kwargs.get("scale") is None and len(node.args) < 7:
@@ -231,18 +135,6 @@ def _rewrite_node(gm: fx.GraphModule, node: fx.Node, keeper: _Keeper) -> None:
                 node.kwargs = {**node.kwargs, "num_groups": new_groups}
     if EXACT_STATS in node.meta and isinstance(src, TensorInfo):
         _swap_exact_norm(gm, node, src, keeper)
-
-
-def _origin_shape(gm: fx.GraphModule, info: TensorInfo) -> tuple[int, ...]:
-    """The shape of a view of a (sliced) parameter: each axis that shows a parameter dimension
-    takes that dimension's new length (poolformer's ``scale.view(C, 1, 1)``)."""
-    origin = info.origin
-    owner = gm.get_submodule(origin.module) if origin.module else gm
-    param = getattr(owner, origin.param, None)
-    if not isinstance(param, torch.Tensor) or len(origin.axes) != len(info.shape):
-        return info.shape
-    return tuple(int(param.shape[ax]) if ax is not None and ax < param.dim() else old
-                 for old, ax in zip(info.shape, origin.axes))
 
 
 def _swap_exact_norm(gm: fx.GraphModule, node: fx.Node, src: TensorInfo, keeper: _Keeper) -> None:
