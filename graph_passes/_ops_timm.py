@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 from torch import fx
 
+from . import _ops_conv_linear as conv_linear
 from . import _ops_layers as layers
 from ._ops_layers import _BN_PARAMS, _norm
 from ._registry import register_function, register_module
@@ -51,17 +52,17 @@ def _group_norm(state: AnalysisState, node: fx.Node) -> Any:
 
 
 def _scaled_std_conv(state: AnalysisState, node: fx.Node) -> Any:
-    out = layers.conv_weight_standardized(state, node)
+    out = conv_linear.conv_weight_standardized(state, node)
     m = state.gm.get_submodule(str(node.target))
     if getattr(m, "gain", None) is not None:
         state.member(str(node.target), "gain", 0, out.track[1], "out")
     return out
 
 
-_register(layers.conv_module, "Conv2dSame")
-_register(layers.conv_weight_standardized, "StdConv2d", "StdConv2dSame")
+_register(conv_linear.conv_module, "Conv2dSame")
+_register(conv_linear.conv_weight_standardized, "StdConv2d", "StdConv2dSame")
 _register(_scaled_std_conv, "ScaledStdConv2d", "ScaledStdConv2dSame")
-_register(layers.linear_module, "Linear")
+_register(conv_linear.linear_module, "Linear")
 _register(_exact("layer", -1), "LayerNorm", "LayerNormAct")
 _register(_exact("rms", -1), "RmsNorm")
 _register(_exact("simple", -1), "SimpleNorm")

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from torch import fx, nn
 
-from . import _ops_elementwise, _ops_layers, _ops_shape, _ops_timm  # noqa: F401  (fill the registry)
+from . import _ops_conv_linear, _ops_elementwise, _ops_layers, _ops_shape, _ops_timm  # noqa: F401  (fill the registry)
 from ._ops_common import untracked_like
 from ._registry import describe_target, lookup
 from ._tracking import AnalysisState, ParamOrigin, TensorInfo, _tensor_infos
