@@ -28,7 +28,7 @@ from torch import nn
 from .. import distributed as hd
 from .._io import safe_load
 from ..loading import load_weights
-from .checkpoint import restore_rng
+from .checkpoint import ResumeError, StageCheckpoint, restore_rng
 from .stages import Context, _training_step, cosine, epoch_evaluator, finish_stage, reuse_stage, sgd
 
 __all__ = ["stage_prune", "pruner_config_list", "uniform_target", "masks_sparsity"]
@@ -83,25 +83,38 @@ def uniform_target(model: nn.Module, example: torch.Tensor, mode: str, target_ke
         return float(target_keep) ** 0.5
 
 
+#: Layout of the prune stage's checkpoint (``prune_format`` in ``prune.pt``). 2: ``pruner`` holds the
+#: learned pruner's full :meth:`~nni_harp.pruning.HARPPruner.state_dict`. 1 (no field): only its
+#: history and the epoch gamma froze at, from which a run cannot be continued exactly.
+PRUNE_FORMAT = 2
+
+
 def _pruner_state(pruner: Any) -> dict[str, Any]:
-    """What HARPPruner keeps outside the model: its per-epoch history and the gamma schedule.
-
-    Scores, rates and hard masks are tensors on NNI's module wrappers and travel in the model's
-    state dict. The schedule is stored as the epoch at which gamma froze (None: still growing);
-    replaying ``observe(frozen_at, True)`` on a fresh schedule restores it exactly.
-    """
-    schedule = getattr(pruner, "schedule", None)
-    return {
-        "history": [dict(h) for h in getattr(pruner, "history", [])],
-        "gamma_frozen_at": getattr(schedule, "frozen_at", None),
-    }
+    """What HARP/HYDRA keep outside the model's weights: scores, rates and hard masks, the momentum
+    of their own score/rate optimizer, the gamma schedule, the history and the epochs done
+    (:meth:`HARPPruner.state_dict`). Plain tensors and numbers: loads with ``weights_only=True``."""
+    return pruner.state_dict()
 
 
-def _restore_schedule(pruner: Any, state: Mapping[str, Any]) -> None:
-    frozen_at = state.get("gamma_frozen_at")
-    schedule = getattr(pruner, "schedule", None)
-    if frozen_at is not None and schedule is not None and not schedule.frozen:
-        schedule.observe(int(frozen_at), True)
+def _check_prune_checkpoint(ck: StageCheckpoint, path: Any, epochs: int) -> Mapping[str, Any]:
+    """The pruner state of a prune checkpoint, or a :class:`ResumeError` saying why the run cannot be
+    continued from it (written by an older nni-harp, or for another number of epochs)."""
+    state = ck.state.get("pruner")
+    if ck.state.get("prune_format") != PRUNE_FORMAT or not isinstance(state, Mapping) or "units" not in state:
+        raise ResumeError(
+            f"cannot resume pruning from {path}: it was written by an older nni-harp that did not save the "
+            "pruner's full state (scores, rates, optimizer momentum, gamma schedule), so the run cannot be "
+            "continued exactly. Start this run again with --overwrite (or choose another --output-dir)"
+        )
+    if int(state.get("epoch", -1)) != ck.epoch + 1:
+        raise ResumeError(
+            f"{path} is inconsistent: checkpoint of prune epoch {ck.epoch + 1} holds a pruner state after "
+            f"{state.get('epoch')!r} epoch(s); start this run again with --overwrite"
+        )
+    total = state.get("total_epochs")
+    if total is not None and int(total) != epochs:
+        raise ResumeError(f"{path} belongs to a run of {total} prune epochs, not {epochs}; use the same --prune-epochs")
+    return state
 
 
 def _plain(value: Any) -> Any:
@@ -218,6 +231,7 @@ def stage_prune(ctx: Context, model: nn.Module) -> tuple[nn.Module, Masks, dict[
     evaluate = epoch_evaluator(ctx, model)
     learned = spec.name in ("harp", "hydra")
     ck = store.load_epoch("prune") if learned else None
+    resume_state = _check_prune_checkpoint(ck, store.stage_path("prune"), cfg.prune_epochs) if ck is not None else None
     saved = {"epoch": ck.epoch if ck is not None else -1}
 
     def harp_epoch(model: nn.Module, opts: list[Any], scheds: list[Any], training_step: Any, max_steps: int | None) -> None:
@@ -233,29 +247,27 @@ def stage_prune(ctx: Context, model: nn.Module) -> tuple[nn.Module, Masks, dict[
                 "model": model.state_dict(),
                 "optimizers": [o.state_dict() for o in opts],
                 "schedulers": [s.state_dict() for s in scheds],
+                "prune_format": PRUNE_FORMAT,
                 "pruner": _pruner_state(pruner),
                 "metrics": holder.get("metrics", {}),
             }
 
-        if ck is not None and epoch <= ck.epoch:
-            # resuming: the finished epochs are replayed without training. Load everything at the
-            # first of them, so the pruner's bookkeeping of the replayed epochs sees the learned
-            # rates (and reaches the same gamma decisions as the interrupted run did).
-            if epoch == 0:
-                model.load_state_dict(ck.state["model"])
-                for opt, opt_state in zip(opts, ck.state["optimizers"]):
-                    opt.load_state_dict(opt_state)
-                for sched, sched_state in zip(scheds, ck.state["schedulers"]):
-                    sched.load_state_dict(sched_state)
-                _restore_schedule(pruner, ck.state["pruner"])
-                cb.on_message(f"prune: resuming after epoch {ck.epoch + 1}/{cfg.prune_epochs}")
-            return
-        if ck is not None and epoch == ck.epoch + 1:
-            pruner.history[:] = [dict(h) for h in ck.state["pruner"]["history"]]
+        if ck is not None and epoch == ck.epoch + 1 and not holder.get("resumed"):
+            # resuming: the pruner got its state (scores, rates, masks, momentum, schedule, history)
+            # before compress(), so HARP starts at the first unfinished epoch; the model's buffers
+            # (BatchNorm statistics), the evaluator's optimizer and scheduler and the RNG follow here
+            model.load_state_dict(ck.state["model"])
+            for opt, opt_state in zip(opts, ck.state["optimizers"]):
+                opt.load_state_dict(opt_state)
+            for sched, sched_state in zip(scheds, ck.state["schedulers"]):
+                sched.load_state_dict(sched_state)
             restore_rng(ck.state["rng"])
+            holder["resumed"] = True
+            cb.on_message(f"prune: resuming after epoch {ck.epoch + 1}/{cfg.prune_epochs}")
         elif epoch > 0 and epoch - 1 > saved["epoch"]:
             _report_epoch(pruner, cfg.prune_epochs, cb)
-            store.save_epoch("prune", epoch - 1, state())
+            if store.writer:  # the state is the same on every rank; rank 0 alone writes it
+                store.save_epoch("prune", epoch - 1, state())
             saved["epoch"] = epoch - 1
 
         def epoch_end(done: int, metrics: dict[str, float]) -> None:
@@ -304,6 +316,15 @@ def stage_prune(ctx: Context, model: nn.Module) -> tuple[nn.Module, Masks, dict[
                            steps_per_epoch=loop.steps_per_epoch(), epochs=cfg.prune_epochs, options=options)
     pruner = spec.build(request)
     holder["pruner"] = pruner
+    if resume_state is not None:
+        from ..pruning import PruningError
+
+        try:
+            pruner.load_state_dict(resume_state)
+        except PruningError as exc:
+            raise ResumeError(
+                f"cannot resume pruning from {store.stage_path('prune')}: {exc}; start this run again with --overwrite"
+            ) from exc
     if not spec.training:
         cb.on_stage_start("prune", 1, 0, 1)
         cb.on_epoch_start("prune", 0, 1)
