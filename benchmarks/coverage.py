@@ -8,9 +8,10 @@ the first few are built on the meta device (no memory, no init cost) and the one
 parameters wins; the choice is cached in ``results/.coverage_smallest.json``.
 
 Each family runs in a forked subprocess with a timeout, so a hang or a crash is recorded and the
-run goes on. ``results/coverage.md`` is rewritten atomically after every family.
+run goes on. ``results/coverage.md`` is rewritten atomically after every family. Models whose
+default input side exceeds 256 px run at 224 px where they accept it (see ``_model_and_input``).
 
-    python benchmarks/coverage.py [--limit N] [--families resnet,vit...] [--timeout-per-model S]
+    python benchmarks/coverage.py [--limit N] [--families resnet,vit...] [--timeout-per-model S] [--resume]
 """
 from __future__ import annotations
 
@@ -300,10 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--families", default=None, help="comma-separated family names (timm module names)")
     ap.add_argument("--timeout-per-model", type=float, default=300.0, help="seconds per model and tool")
     ap.add_argument("--output", type=Path, default=RESULTS / "coverage.md")
-    ap.add_argument("--resume", action="store_true", help="reuse the JSON sidecar's results, rerunning the families graph_passes failed")
+    ap.add_argument("--resume", action="store_true", help="reuse the JSON sidecar's results, rerunning the (selected) "
+                    "families graph_passes failed; the report keeps every family's row")
     args = ap.parse_args(argv)
 
-    fams = families()
+    all_fams = families()
+    fams = all_fams
     if args.families:
         wanted = [f.strip() for f in args.families.split(",") if f.strip()]
         unknown = [f for f in wanted if f not in fams]
@@ -313,28 +316,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit is not None:
         fams = dict(list(fams.items())[: args.limit])
     chosen = smallest(fams)
+    # with --resume the report covers every family: the selected ones are (re)run, the others kept
+    reported = smallest(all_fams) if args.resume else chosen
 
     sidecar = args.output.with_suffix(".json")
     rows: dict[str, dict[str, Any]] = {}
     if args.resume and sidecar.exists():
-        rows = {f: r for f, r in json.loads(sidecar.read_text()).items()
-                if f in chosen and r["model"] == chosen[f] and ours_status(r["ours"]) != "FAIL"}
+        rows = {f: r for f, r in json.loads(sidecar.read_text()).items() if f in reported and r["model"] == reported[f]}
     for i, (fam, name) in enumerate(chosen.items()):
-        if fam in rows:
+        if fam in rows and ours_status(rows[fam]["ours"]) != "FAIL":
             continue
         ours = run_isolated("ours", name, args.timeout_per_model)
         tpr = run_isolated("tp", name, args.timeout_per_model)
         rows[fam] = {"model": name, "ours": ours, "tp": tpr}
         print(f"[{i + 1}/{len(chosen)}] {fam:28s} {name:40s} ours={ours_status(ours):18s} tp={bool(tpr.get('ok'))} "
               f"{ours.get('error', '')[:150]}", flush=True)
-        text, _ = render(rows, len(chosen), args.timeout_per_model)
+        text, _ = render(rows, len(reported), args.timeout_per_model)
         write_atomic(sidecar, json.dumps(rows, indent=1, sort_keys=True, default=str))
         write_atomic(args.output, text)
-    text, totals = render(rows, len(chosen), args.timeout_per_model)
+    text, totals = render(rows, len(reported), args.timeout_per_model)
     write_atomic(args.output, text)
     print(totals)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
