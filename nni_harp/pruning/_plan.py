@@ -53,6 +53,14 @@ def _fan_in(weight: Tensor) -> int:
     return weight.numel() // weight.shape[0] if weight.dim() >= 2 else 1
 
 
+def _output_floor(weight: Tensor, per_output: int) -> float:
+    """The kept fraction of ``weight`` that is ``per_output`` weights per output channel (row)."""
+    if per_output <= 0 or weight.dim() == 0:
+        return 0.0
+    rows = weight.shape[0] if weight.dim() >= 2 else 1
+    return min(1.0, per_output * rows / weight.numel())
+
+
 def _weighted(members: Sequence[int], weights: Sequence[float], targets: Sequence[float]) -> WeightedBudget:
     total = sum(weights[i] for i in members)
     if total <= 0:
@@ -70,10 +78,11 @@ def plan_unstructured(
     units: list[UnitPlan] = []
     targets: list[float] = []
     keys: list[str] = []
+    per_output = settings.min_kept_per_output if settings.learn_rates else 0  # HYDRA's rates stay uniform
     for entry in parsed.entries:
-        floor = max(settings.alpha * entry.keep, entry.floor)
         for name in entry.modules:
             weight = modules[name].weight
+            floor = max(settings.alpha * entry.keep, entry.floor, min(_output_floor(weight, per_output), entry.ceiling))
             units.append(UnitPlan(
                 name=name, module=name, attr="weight_harp", init_scores=hydra_scores(weight, _fan_in(weight)),
                 floor=floor, ceiling=entry.ceiling, init_keep=min(max(entry.keep, floor), entry.ceiling),

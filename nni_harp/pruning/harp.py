@@ -276,7 +276,13 @@ class HARPPruner(Pruner):
         return torch.optim.Adam(groups, lr=s.score_lr)
 
     def _step_task(self, optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+        clip = self.settings.rate_grad_clip if self.settings.learn_rates else None
+
         def task() -> None:
+            if clip is not None:
+                for unit in self._units:
+                    if unit.rate.grad is not None:
+                        unit.rate.grad.clamp_(-clip, clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             self._epoch_steps += 1

@@ -62,6 +62,19 @@ class HARPSettings:
         freeze_weights: keep every model parameter frozen while scores and rates are learned.
         steps_per_epoch: length of a gamma epoch in optimizer steps, an ``int >= 1``; needed only
             when ``compress`` is driven by ``max_steps`` alone.
+        rate_grad_clip: bound on the magnitude of each rate's gradient before every optimizer step,
+            ``> 0``, or ``None`` for no bound. A rate's straight-through gradient sums
+            ``dL/dmask`` over the whole unit and can be huge (a nearly emptied layer in front of a
+            BatchNorm: 1e3-1e5 at 99 % sparsity), so one unbounded step throws ``r`` far into the
+            flat tail of the sigmoid, where ``k`` sticks at its floor or ceiling for good (neither
+            the task nor the hardware loss gradient can bring it back).
+        min_kept_per_output: per-layer floor in whole weights, an ``int >= 0``: an unstructured
+            layer keeps at least ``min_kept_per_output`` weights per output channel (row of its
+            weight; capped by the layer's ceiling), on top of the ``alpha`` floor. At extreme
+            sparsity ``alpha * target_keep * n`` is a handful of weights for small layers (a
+            10-class classifier keeping 2 weights can tell at most 2 classes apart). Ignored by
+            structured pruning, whose units are channels, and by HYDRA (``learn_rates=False``), whose
+            rates stay uniform. ``0`` disables it.
         met_tolerance: the target counts as met once the rates' kept fraction (the one the hardware
             loss sees) is ``<= target + met_tolerance``, in
             ``[0, 1)``.
@@ -81,6 +94,8 @@ class HARPSettings:
     freeze_weights: bool = True
     steps_per_epoch: int | None = None
     met_tolerance: float = 0.0
+    rate_grad_clip: float | None = 1.0
+    min_kept_per_output: int = 1
 
     def __post_init__(self) -> None:
         _real("gamma_0", self.gamma_0, 0.0, math.inf, low_open=True, high_open=True)
@@ -110,6 +125,11 @@ class HARPSettings:
         ):
             raise SettingsError("steps_per_epoch", self.steps_per_epoch, "None or an int >= 1")
         _real("met_tolerance", self.met_tolerance, 0.0, 1.0, low_open=False, high_open=True)
+        if self.rate_grad_clip is not None:
+            _real("rate_grad_clip", self.rate_grad_clip, 0.0, math.inf, low_open=True, high_open=True)
+        if (isinstance(self.min_kept_per_output, bool) or not isinstance(self.min_kept_per_output, int)
+                or self.min_kept_per_output < 0):
+            raise SettingsError("min_kept_per_output", self.min_kept_per_output, "an int >= 0")
 
     def budget_for(self, structured: bool) -> str:
         """The budget the hardware loss counts: the explicit one, else params/FLOPs by granularity."""

@@ -146,4 +146,4 @@ def test_unstructured_flops_budget_weighs_layers_by_their_flops(pretrained: Call
     kept = sum(flops[n] * float(masks[n]["weight"].mean()) for n in flops) / sum(flops.values())
     assert pruner.budget_kind == "flops"
     assert abs(kept - 0.2) <= 0.01
-    assert kept == pytest.approx(pruner.kept_fraction(), abs=1e-9)
+    assert kept == pytest.approx(pruner.kept_fraction(), abs=1e-7)  # the masks' means are float32

@@ -38,6 +38,10 @@ def test_defaults_follow_the_paper() -> None:
         ("lr_schedule", "step", "'cosine', 'constant'"),
         ("steps_per_epoch", 0, "int >= 1"),
         ("met_tolerance", -0.1, "[0, 1)"),
+        ("rate_grad_clip", 0.0, "(0, inf)"),
+        ("rate_grad_clip", float("inf"), "finite real number"),
+        ("min_kept_per_output", -1, "int >= 0"),
+        ("min_kept_per_output", 1.5, "int >= 0"),
     ],
 )
 def test_settings_errors_name_field_and_range(field: str, value: Any, allowed: str) -> None:
