@@ -109,19 +109,6 @@ def _model_and_input(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return calibrate_norms(model, x), x
 
 
-def _flops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """FLOPs with parameters' requires_grad off: FlopCounterMode's module tracker cannot hook a
-    no-grad view of a parameter (timm's attention-pool ``latent.expand(B, -1, -1)``)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        return n_flops(model, x)
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 def _ours(name: str, send) -> None:
     import graph_passes as gp
 
@@ -147,7 +134,7 @@ def _ours(name: str, send) -> None:
         rec["max_err"] = float((out - ref).abs().max()) if out.shape == ref.shape else float("inf")
         rec["match"] = bool(out.shape == ref.shape and torch.allclose(out, ref, atol=ATOL, rtol=RTOL))
         rec["params_kept"] = n_params(pruned) / n_params(model)
-        rec["flops_kept"] = _flops(pruned, x) / _flops(model, x)
+        rec["flops_kept"] = n_flops(pruned, x) / n_flops(model, x)
     rec["seconds"] = time.perf_counter() - t0
     send(rec)
 
@@ -160,7 +147,7 @@ def _tp(name: str, send) -> None:
     model, x = _model_and_input(name)
     with torch.no_grad():
         ref_shape = model(x).shape
-    params0, flops0 = n_params(model), _flops(model, x)
+    params0, flops0 = n_params(model), n_flops(model, x)
     ignored = [m for m in [model.get_classifier()] if isinstance(m, torch.nn.Module) and any(True for _ in m.parameters())]
     pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
                                   pruning_ratio=RATIO, ignored_layers=ignored)
@@ -169,7 +156,7 @@ def _tp(name: str, send) -> None:
         out = model(x)
     rec["runs"] = out.shape == ref_shape
     rec["params_kept"] = n_params(model) / params0
-    rec["flops_kept"] = _flops(model, x) / flops0
+    rec["flops_kept"] = n_flops(model, x) / flops0
     rec["ok"] = bool(rec["runs"] and rec["params_kept"] < 1.0)
     rec["seconds"] = time.perf_counter() - t0
     send(rec)

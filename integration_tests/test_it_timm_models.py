@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import graph_passes as gp
 from graph_passes.onnx_export import export_onnx, run_onnx
@@ -80,19 +79,7 @@ def _params(model: torch.nn.Module) -> int:
 
 
 def _flops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of one forward pass. Parameters are counted with requires_grad off: under no_grad a
-    view of a parameter (timm's ``latent.expand(B, -1, -1)`` in attention pooling) still requires
-    grad but has no grad_fn, which FlopCounterMode's module tracker cannot hook."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(x)
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-    return counter.get_total_flops()
+    return gp.count_flops(model, x)  # parameters' requires_grad off: attention-pool latent views
 
 
 def _random_keep(groups: list[gp.ChannelGroup], ratio: float, seed: int) -> dict[int, torch.Tensor]:
