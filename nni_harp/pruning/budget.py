@@ -160,15 +160,37 @@ def round_to_counts(
     sizes: Mapping[int, int],
     min_counts: Mapping[int, int],
     max_counts: Mapping[int, int],
+    multiples: Mapping[int, int] | None = None,
 ) -> dict[int, int]:
     """Whole entry counts per unit, close to ``keep * size`` and with a kept fraction as close to the
-    budget's target as single-entry moves can get it.
+    budget's target as single moves can get it.
 
-    Starts from ``round(keep * size)`` and moves one entry at a time -- out of the unit rounded up
+    Starts from ``round(keep * size)`` and moves one step at a time -- out of the unit rounded up
     the most when above the target, into the unit rounded down the most when below -- while a move
-    brings the kept fraction closer to the target (largest-remainder rounding).
+    brings the kept fraction closer to the target (largest-remainder rounding). ``multiples[u]``
+    (default 1) restricts unit ``u`` to multiples of it within its bounds (its maximum count is
+    always allowed); a unit whose bounds hold no such multiple is counted one by one.
     """
-    counts = {u: min(max_counts[u], max(min_counts[u], round(keep[u] * sizes[u]))) for u in keep}
+    grids: dict[int, list[int]] = {}  # units restricted to multiples: their allowed counts
+    for u in keep:
+        m = (multiples or {}).get(u, 1)
+        lo, hi = min_counts[u], max_counts[u]
+        grid = sorted(set(range(m * -(-lo // m), hi + 1, m)) | {hi}) if m > 1 else []
+        if len(grid) > 1:
+            grids[u] = grid
+
+    def nearest(u: int, value: float) -> int:
+        if u in grids:
+            return min(grids[u], key=lambda c: (abs(c - value), c))
+        return min(max_counts[u], max(min_counts[u], round(value)))
+
+    def neighbour(u: int, count: int, step: int) -> int | None:
+        if u in grids:
+            i = grids[u].index(count) + step
+            return grids[u][i] if 0 <= i < len(grids[u]) else None
+        return count + step if min_counts[u] <= count + step <= max_counts[u] else None
+
+    counts = {u: nearest(u, keep[u] * sizes[u]) for u in keep}
 
     def measure(state: Mapping[int, int]) -> float:
         return _as_float(budget.kept({u: c / sizes[u] for u, c in state.items()}))
@@ -180,11 +202,11 @@ def round_to_counts(
             break
         step = -1 if current > target else 1
         residual = {u: counts[u] - keep[u] * sizes[u] for u in counts}
-        movable = [u for u in counts if min_counts[u] <= counts[u] + step <= max_counts[u]]
+        movable = [u for u in counts if neighbour(u, counts[u], step) is not None]
         movable.sort(key=lambda u: residual[u], reverse=step < 0)
         for unit in movable:
             trial = dict(counts)
-            trial[unit] += step
+            trial[unit] = neighbour(unit, counts[unit], step)
             value = measure(trial)
             if abs(value - target) < abs(current - target):
                 counts, current = trial, value

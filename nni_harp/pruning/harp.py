@@ -486,11 +486,13 @@ class HARPPruner(Pruner):
         sizes = {i: unit.size for i, unit in enumerate(self._units)}
         lows = {i: unit.min_count for i, unit in enumerate(self._units)}
         highs = {i: unit.max_count for i, unit in enumerate(self._units)}
+        step = self.settings.round_to if self.structured else 1
+        multiples = {i: step if size >= 4 * step else 1 for i, size in sizes.items()}
         counts: dict[int, int] = {}
         for budget in self._budgets:
             members = budget.units
             projected = project_keep(budget, {u: keep[u] for u in members}, floors, ceilings)
-            counts.update(round_to_counts(budget, projected, sizes, lows, highs))
+            counts.update(round_to_counts(budget, projected, sizes, lows, highs, multiples))
         for i, unit in enumerate(self._units):
             unit.refresh(counts[i])
         self._write_masks()

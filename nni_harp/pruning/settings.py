@@ -75,6 +75,11 @@ class HARPSettings:
             10-class classifier keeping 2 weights can tell at most 2 classes apart). Ignored by
             structured pruning, whose units are channels, and by HYDRA (``learn_rates=False``), whose
             rates stay uniform. ``0`` disables it.
+        round_to: structured pruning keeps a multiple of ``round_to`` channels in every group of at
+            least ``4 * round_to`` channels (smaller groups are counted channel by channel), an
+            ``int >= 1``. Vectorised CPU kernels (oneDNN, ONNX Runtime's blocked layouts) work in
+            blocks of 8 or 16 channels: a pruned model with odd channel counts can run slower than
+            the dense one. ``1`` disables it; ignored by unstructured pruning.
         met_tolerance: the target counts as met once the rates' kept fraction (the one the hardware
             loss sees) is ``<= target + met_tolerance``, in
             ``[0, 1)``.
@@ -96,6 +101,7 @@ class HARPSettings:
     met_tolerance: float = 0.0
     rate_grad_clip: float | None = 1.0
     min_kept_per_output: int = 1
+    round_to: int = 8
 
     def __post_init__(self) -> None:
         _real("gamma_0", self.gamma_0, 0.0, math.inf, low_open=True, high_open=True)
@@ -130,6 +136,8 @@ class HARPSettings:
         if (isinstance(self.min_kept_per_output, bool) or not isinstance(self.min_kept_per_output, int)
                 or self.min_kept_per_output < 0):
             raise SettingsError("min_kept_per_output", self.min_kept_per_output, "an int >= 0")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise SettingsError("round_to", self.round_to, "an int >= 1 (1: no rounding)")
 
     def budget_for(self, structured: bool) -> str:
         """The budget the hardware loss counts: the explicit one, else params/FLOPs by granularity."""

@@ -81,3 +81,24 @@ def test_cost_budget_is_differentiable_through_both_groups_of_a_layer() -> None:
     assert float(k1.grad) == pytest.approx((4000 * 0.5 + 36) / 5036)
     params = CostBudget(_conv_chain_cost(), {10: 0, 11: 1}, target=0.5, metric="params")
     assert float(params.kept({10: 1.0, 11: 1.0})) == pytest.approx(1.0)
+
+
+def test_round_to_counts_keeps_multiples_where_asked_and_still_meets_the_target() -> None:
+    sizes = {0: 64, 1: 128, 2: 256, 3: 10}
+    budget = WeightedBudget({u: float(n) for u, n in sizes.items()}, target=0.37)
+    keep = project_keep(budget, {0: 0.6, 1: 0.4, 2: 0.3, 3: 0.9}, {u: 0.01 for u in sizes}, {u: 1.0 for u in sizes})
+    multiples = {0: 8, 1: 8, 2: 8, 3: 8}  # unit 3 (10 entries) has only 8 and 10 on its grid
+    counts = round_to_counts(budget, keep, sizes, {u: 1 for u in sizes}, dict(sizes), multiples)
+    assert all(counts[u] % 8 == 0 for u in (0, 1, 2))
+    assert counts[3] in (8, 10)
+    kept = sum(counts.values()) / sum(sizes.values())
+    assert abs(kept - 0.37) <= 4 / sum(sizes.values())  # within half the coarsest step (8 entries)
+    assert all(abs(counts[u] - keep[u] * sizes[u]) <= 12 for u in sizes)
+
+
+def test_round_to_counts_counts_one_by_one_when_the_bounds_hold_no_multiple() -> None:
+    sizes = {0: 7, 1: 100}
+    budget = WeightedBudget({u: float(n) for u, n in sizes.items()}, target=0.5)
+    keep = {0: 0.5, 1: 0.5}
+    counts = round_to_counts(budget, keep, sizes, {0: 1, 1: 1}, dict(sizes), {0: 8, 1: 1})
+    assert 1 <= counts[0] <= 7 and abs(sum(counts.values()) - 53.5) <= 0.5

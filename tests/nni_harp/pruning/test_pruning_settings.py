@@ -42,6 +42,8 @@ def test_defaults_follow_the_paper() -> None:
         ("rate_grad_clip", float("inf"), "finite real number"),
         ("min_kept_per_output", -1, "int >= 0"),
         ("min_kept_per_output", 1.5, "int >= 0"),
+        ("round_to", 0, "int >= 1"),
+        ("round_to", 8.0, "int >= 1"),
     ],
 )
 def test_settings_errors_name_field_and_range(field: str, value: Any, allowed: str) -> None:

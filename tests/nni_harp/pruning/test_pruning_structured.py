@@ -261,3 +261,42 @@ def test_timm_test_resnet_structured_half_flops() -> None:
     pruner.wrap_model()
     pruned.eval(), masked.eval()
     torch.testing.assert_close(pruned(x[:4]), masked(x[:4]))
+
+
+def test_structured_counts_are_multiples_of_round_to_in_wide_groups() -> None:
+    """resnet-like widths (32 and 64 channels): with round_to=8 every group of >= 32 channels keeps a
+    multiple of 8, and the FLOPs target is still met; round_to=1 gives counts off the grid."""
+    import graph_passes
+    import timm
+
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 32, 32)
+    y = torch.randint(0, 10, (64,))
+
+    def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
+        model.train()
+        for i in range(0, 64, 32):
+            optimizers.zero_grad()
+            training_step((x[i:i + 32], y[i:i + 32]), model).backward()
+            optimizers.step()
+
+    counts = {}
+    for round_to in (8, 1):
+        torch.manual_seed(0)
+        model = timm.create_model("resnet10t", num_classes=10)
+        reference = copy.deepcopy(model)
+        evaluator = TorchEvaluator(
+            training_func, nni.trace(torch.optim.SGD)(model.parameters(), lr=0.01),
+            lambda batch, m: F.cross_entropy(m(batch[0]), batch[1]), dummy_input=x[:2],
+        )
+        config = [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": 0.6, "granularity": "out_channel"}]
+        pruner = HARPPruner(model, config, evaluator, gamma_0=0.5, round_to=round_to)
+        _, masks = pruner.compress(max_epochs=1)
+        groups = graph_passes.channel_groups(reference, x[:2])
+        keep = keep_from_masks(groups, masks)
+        wide = [g for g in groups if g.prunable and g.size >= 32]
+        assert wide
+        counts[round_to] = [int(keep[g.id].sum()) for g in wide]
+        assert abs(_flops_kept(graph_passes.cost(reference, x[:2]), groups, masks) - 0.4) <= 0.01
+    assert all(c % 8 == 0 for c in counts[8]), counts[8]
+    assert any(c % 8 for c in counts[1]), counts[1]
