@@ -33,8 +33,9 @@ class StopBeforePruneEpoch(PipelineCallback):
 
 
 def _config(out: Path, **changes) -> PipelineConfig:
-    # with this seed and gamma_0 the target is missed after epoch 0 and met after epoch 1: gamma
-    # grows once and then freezes, so the schedule's state matters on either side of a stop
+    # with this seed the target is met after epoch 0 (gamma freezes at gamma_0) and missed again after
+    # epoch 1: a resumed pruner that forgot the freeze would grow gamma there, so the schedule's
+    # state matters on either side of a stop
     base = PipelineConfig(
         model="test_resnet", output_dir=str(out), sparsity=0.9, pretrain_epochs=1, prune_epochs=3,
         finetune_epochs=1, batch_size=16, max_train_batches=2, attack_steps=1, gamma_0=0.01,
@@ -74,7 +75,8 @@ def test_resumed_pruning_matches_uninterrupted_run(tmp_path, whole, stop_at):
     masks_w, rates_w, history_w = _outcome(whole)
     # Same seed, same batches, same RNG state at every epoch and the pruner's full state restored:
     # the CPU computation is the same sequence of operations, so the results are bit-identical.
-    assert [(h["epoch"], h["gamma"], h["target_met"]) for h in history_w] == [(0, 0.01, False), (1, 0.02, True), (2, 0.02, True)]
+    assert history_w[0]["target_met"] and not history_w[1]["target_met"]  # the scenario above holds
+    assert [h["gamma"] for h in history_w] == [0.01, 0.01, 0.01]
     assert history_r == history_w  # gamma, kept fraction, losses and target_met of every epoch
     assert rates_r == rates_w
     assert masks_r.keys() == masks_w.keys()
