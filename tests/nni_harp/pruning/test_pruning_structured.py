@@ -223,6 +223,22 @@ def _graph_passes_ready() -> bool:
 
 
 @pytest.mark.skipif(not _graph_passes_ready(), reason="graph_passes.channel_groups / cost not available yet")
+def _random_batches_evaluator(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> TorchEvaluator:
+    """A TorchEvaluator whose epoch is one pass over (x, y) in batches of 32, cross-entropy loss."""
+
+    def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
+        model.train()
+        for i in range(0, len(x), 32):
+            optimizers.zero_grad()
+            training_step((x[i:i + 32], y[i:i + 32]), model).backward()
+            optimizers.step()
+
+    return TorchEvaluator(
+        training_func, nni.trace(torch.optim.SGD)(model.parameters(), lr=0.01),
+        lambda batch, m: F.cross_entropy(m(batch[0]), batch[1]), dummy_input=x[:2],
+    )
+
+
 def test_timm_test_resnet_structured_half_flops() -> None:
     import graph_passes
     import timm
@@ -232,18 +248,7 @@ def test_timm_test_resnet_structured_half_flops() -> None:
     reference = copy.deepcopy(model)
     x = torch.rand(96, 3, 32, 32)
     y = torch.randint(0, 10, (96,))
-
-    def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
-        model.train()
-        for i in range(0, 96, 32):
-            optimizers.zero_grad()
-            training_step((x[i:i + 32], y[i:i + 32]), model).backward()
-            optimizers.step()
-
-    evaluator = TorchEvaluator(
-        training_func, nni.trace(torch.optim.SGD)(model.parameters(), lr=0.01),
-        lambda batch, m: F.cross_entropy(m(batch[0]), batch[1]), dummy_input=x[:2],
-    )
+    evaluator = _random_batches_evaluator(model, x, y)
     config = [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": 0.5, "granularity": "out_channel"}]
     pruner = HARPPruner(model, config, evaluator, gamma_0=0.5)
     pruned, masks = pruner.compress(max_epochs=2)
@@ -272,23 +277,12 @@ def test_structured_counts_are_multiples_of_round_to_in_wide_groups() -> None:
     torch.manual_seed(0)
     x = torch.rand(64, 3, 32, 32)
     y = torch.randint(0, 10, (64,))
-
-    def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
-        model.train()
-        for i in range(0, 64, 32):
-            optimizers.zero_grad()
-            training_step((x[i:i + 32], y[i:i + 32]), model).backward()
-            optimizers.step()
-
     counts = {}
     for round_to in (8, 1):
         torch.manual_seed(0)
         model = timm.create_model("resnet10t", num_classes=10)
         reference = copy.deepcopy(model)
-        evaluator = TorchEvaluator(
-            training_func, nni.trace(torch.optim.SGD)(model.parameters(), lr=0.01),
-            lambda batch, m: F.cross_entropy(m(batch[0]), batch[1]), dummy_input=x[:2],
-        )
+        evaluator = _random_batches_evaluator(model, x, y)
         config = [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": 0.6, "granularity": "out_channel"}]
         pruner = HARPPruner(model, config, evaluator, gamma_0=0.5, round_to=round_to)
         _, masks = pruner.compress(max_epochs=1)
