@@ -22,18 +22,6 @@ def n_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     return gp.count_flops(model, x)
 
 
-def random_keep(groups: list[gp.ChannelGroup], ratio: float, seed: int) -> dict[int, torch.Tensor]:
-    """Remove round(ratio * size) random channels of every prunable group (seeded)."""
-    gen = torch.Generator().manual_seed(seed)
-    keep = {}
-    for group in groups:
-        if group.prunable:
-            k = torch.ones(group.size, dtype=torch.bool)
-            k[torch.randperm(group.size, generator=gen)[: int(round(ratio * group.size))]] = False
-            keep[group.id] = k
-    return keep
-
-
 def apply_masks(model: torch.nn.Module, masks: dict[str, dict[str, torch.Tensor]]) -> torch.nn.Module:
     return gp.masked_copy(model, masks)
 

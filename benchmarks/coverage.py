@@ -32,7 +32,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from timm.models._registry import model_entrypoint  # noqa: E402
 
-from _common import RESULTS, apply_masks, calibrate_norms, n_flops, n_params, random_keep, write_atomic  # noqa: E402
+from _common import RESULTS, apply_masks, calibrate_norms, n_flops, n_params, write_atomic  # noqa: E402
 
 RATIO = 0.3
 SEED = 0
@@ -124,7 +124,7 @@ def _ours(name: str, send) -> None:
     rec["prunable"] = sum(g.prunable for g in groups)
     send(rec)
     if rec["prunable"]:
-        masks = gp.group_masks(model, groups, random_keep(groups, RATIO, SEED))
+        masks = gp.group_masks(model, groups, gp.random_keep(groups, RATIO, SEED))
         pruned = gp.ModelSpeedup(model, x, masks).speedup_model().eval()
         with torch.no_grad():
             out = pruned(x)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from .cost_model import CostModel, Factor, LayerCost
 from .dependency import Analysis, analysis_of, analyze, channel_groups
 from .errors import GraphPassError, MissingAnalysisError, PlanError, SpeedupError, TraceError
-from .groups import ChannelGroup, Member, channel_norms, group_masks, keep_from_masks
+from .groups import ChannelGroup, Member, channel_norms, group_masks, keep_from_masks, random_keep
 from .tracing import HarpTracer, register_leaf_type, trace
 
 __all__ = [
     "Analysis", "ChannelGroup", "CostModel", "Factor", "GraphPassError", "HarpTracer", "LayerCost", "Member",
     "MissingAnalysisError", "PlanError", "SpeedupError", "TraceError", "analysis_of", "analyze", "channel_groups",
-    "channel_norms", "group_masks", "keep_from_masks", "register_leaf_type", "trace",
+    "channel_norms", "group_masks", "keep_from_masks", "random_keep", "register_leaf_type", "trace",
 ]
 
 from .modules import ExactStatsNorm, exact_stats_norm  # noqa: E402

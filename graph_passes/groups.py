@@ -136,6 +136,19 @@ def keep_from_masks(
     return result
 
 
+def random_keep(groups: Iterable[ChannelGroup], ratio: float, seed: int) -> dict[int, torch.Tensor]:
+    """Keep vectors that remove ``round(ratio * size)`` channels of every prunable group, chosen at
+    random (seeded): the pruning the coverage benchmark and the integration tests apply."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = {}
+    for group in groups:
+        if group.prunable:
+            k = torch.ones(group.size, dtype=torch.bool)
+            k[torch.randperm(group.size, generator=gen)[: int(round(ratio * group.size))]] = False
+            keep[group.id] = k
+    return keep
+
+
 def channel_norms(model: nn.Module, group: ChannelGroup, p: float = 2.0, roles: tuple[str, ...] = ("out",)) -> torch.Tensor:
     """The p-norm of each group channel over the weights of its members with the given roles.
 

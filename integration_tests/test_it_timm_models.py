@@ -82,17 +82,6 @@ def _flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     return gp.count_flops(model, x)  # parameters' requires_grad off: attention-pool latent views
 
 
-def _random_keep(groups: list[gp.ChannelGroup], ratio: float, seed: int) -> dict[int, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    keep = {}
-    for group in groups:
-        if group.prunable:
-            k = torch.ones(group.size, dtype=torch.bool)
-            k[torch.randperm(group.size, generator=gen)[: int(round(ratio * group.size))]] = False
-            keep[group.id] = k
-    return keep
-
-
 def _masked(model: torch.nn.Module, masks: dict[str, dict[str, torch.Tensor]]) -> torch.nn.Module:
     return gp.masked_copy(model, masks)
 
@@ -110,7 +99,7 @@ def _check(case: Case, tmp_path) -> None:
         pytest.xfail(f"expected limitation: {NO_PRUNABLE_GROUP[case.name]}")
     assert prunable, f"{case.name}: no prunable channel group; reasons: {sorted({g.reason for g in groups})[:5]}"
 
-    keep = _random_keep(groups, RATIO, SEED)
+    keep = gp.random_keep(groups, RATIO, SEED)
     masks = gp.group_masks(model, groups, keep)
     masked = _masked(model, masks)
     pruned = gp.ModelSpeedup(model, x, masks).speedup_model().eval()
