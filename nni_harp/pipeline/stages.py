@@ -243,15 +243,7 @@ def stage_pretrain(ctx: Context, model: nn.Module) -> None:
         loop = ctx.loop("pretrain")
         optimizer = sgd(model.parameters(), cfg.pretrain_lr, cfg.weight_decay)
         scheduler = cosine(optimizer, cfg.pretrain_epochs)
-        start = 0
-        ck = store.load_epoch("pretrain")
-        if ck is not None:
-            model.load_state_dict(ck.state["model"])
-            optimizer.load_state_dict(ck.state["optimizer"])
-            scheduler.load_state_dict(ck.state["scheduler"])
-            restore_rng(ck.state["rng"])
-            start = ck.next_epoch
-            cb.on_message(f"pretrain: resuming after epoch {ck.epoch + 1}")
+        start = _resume_training(store, cb, "pretrain", model, optimizer, scheduler)
         step = _training_step(ctx)
         metrics = loop.run(
             ctx.parallel(model), [optimizer], [scheduler], step, cfg.pretrain_epochs, start,
@@ -262,6 +254,21 @@ def stage_pretrain(ctx: Context, model: nn.Module) -> None:
         result = {"epochs": cfg.pretrain_epochs, "last": metrics[-1] if metrics else {}}
     ctx.save(model.state_dict(), dense_path)
     finish_stage(ctx, "pretrain", result, start_time)
+
+
+def _resume_training(store: RunStore, cb: CallbackList, stage: str, model: nn.Module,
+                     optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
+    """Load the last finished epoch of a weight-training ``stage`` (model, optimizer, scheduler,
+    random state) when there is one; the epoch to start from."""
+    ck = store.load_epoch(stage)
+    if ck is None:
+        return 0
+    model.load_state_dict(ck.state["model"])
+    optimizer.load_state_dict(ck.state["optimizer"])
+    scheduler.load_state_dict(ck.state["scheduler"])
+    restore_rng(ck.state["rng"])
+    cb.on_message(f"{stage}: resuming after epoch {ck.epoch + 1}")
+    return ck.next_epoch
 
 
 def _training_step(ctx: Context) -> Any:
@@ -420,15 +427,7 @@ def stage_finetune(ctx: Context, model: nn.Module, masks: Mapping[str, Mapping[s
         if cfg.finetune_epochs > 0:
             optimizer = sgd([p for p in model.parameters() if p.requires_grad], cfg.finetune_lr, cfg.weight_decay)
             scheduler = cosine(optimizer, cfg.finetune_epochs)
-            start = 0
-            ck = store.load_epoch("finetune")
-            if ck is not None:
-                model.load_state_dict(ck.state["model"])
-                optimizer.load_state_dict(ck.state["optimizer"])
-                scheduler.load_state_dict(ck.state["scheduler"])
-                restore_rng(ck.state["rng"])
-                start = ck.next_epoch
-                cb.on_message(f"finetune: resuming after epoch {ck.epoch + 1}")
+            start = _resume_training(store, cb, "finetune", model, optimizer, scheduler)
             metrics = ctx.loop("finetune").run(
                 ctx.parallel(model), [optimizer], [scheduler], _training_step(ctx), cfg.finetune_epochs, start,
                 lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
