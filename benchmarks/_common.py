@@ -1,14 +1,12 @@
 """Helpers shared by the benchmark scripts (not a package API)."""
 from __future__ import annotations
 
-import copy
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 import graph_passes as gp
+from graph_passes._atomic import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -50,13 +48,4 @@ def calibrate_norms(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -12,6 +11,7 @@ from typing import Any, Mapping
 import torch
 from torch import fx, nn
 
+from ._atomic import atomic_write_text
 from .dependency import analyze
 from .errors import PlanError
 from .groups import ChannelGroup, keep_from_masks
@@ -101,17 +101,7 @@ class PruningPlan:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the plan as JSON, atomically (temporary file, then rename)."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(self.to_json())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return target
+        return atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "PruningPlan":
