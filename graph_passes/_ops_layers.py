@@ -13,6 +13,8 @@ from torch import fx, nn
 from ._ops_common import arg, combine_elementwise, out_shape, untracked_like
 from ._registry import register_function, register_method, register_module
 from ._tracking import AnalysisState, LayerRecord, TensorInfo
+from .modules import ExactStatsNorm, exact_stats_norm
+from .tracing import register_leaf_function, register_leaf_type
 
 EXACT_STATS = "graph_passes.exact_stats"  # node.meta key: norm whose statistics span pruned channels
 
@@ -79,6 +81,14 @@ def layer_norm(state: AnalysisState, node: fx.Node) -> Any:
 def group_norm(state: AnalysisState, node: fx.Node) -> Any:
     m = _module(state, node)
     return _norm(state, node, 1, ("weight", "bias"), exact="group1" if m.num_groups == 1 else None, groups=m.num_groups)
+
+
+@register_module(register_leaf_type(ExactStatsNorm))
+def exact_norm_module(state: AnalysisState, node: fx.Node) -> Any:
+    """The speedup's exact-statistics norm: per channel on ``axis`` (1 for the one-group GroupNorm
+    form). It already counts every removed channel (``original_channels`` is fixed, the kept count
+    comes from the input), so pruning it again only slices weight and bias: no exact swap."""
+    return _norm(state, node, _module(state, node).axis, ("weight", "bias"), exact=None)
 
 
 def _contract(state: AnalysisState, node: fx.Node, a: Any, axis_a: int, b: Any, axis_b: int) -> np.ndarray | None:
@@ -154,6 +164,16 @@ def attention(state: AnalysisState, node: fx.Node) -> Any:
     return out
 
 
+def _param_members(state: AnalysisState, node: fx.Node, ids: np.ndarray, names: tuple[tuple[int, str], ...]) -> None:
+    """A functional norm's per-channel arguments (position, name) follow the channels ``ids``."""
+    for index, name in names:
+        p = state.info(arg(node, index, name))
+        if isinstance(p, TensorInfo) and p.origin is not None and p.ndim == 1:
+            state.member(p.origin.module, p.origin.param, 0, ids, "norm")
+        elif p is not None:
+            state.pin(ids, f"{node.name} uses a computed {name}")
+
+
 def functional_norm(kind: str):
     def handler(state: AnalysisState, node: fx.Node) -> Any:
         x = state.info(node.args[0])
@@ -178,16 +198,25 @@ def functional_norm(kind: str):
             grid = ids.reshape(groups, -1)
             for k in range(1, grid.shape[1]):
                 state.unite(grid[:, 0], grid[:, k])
-        for index, name in names:
-            p = state.info(arg(node, index, name))
-            if isinstance(p, TensorInfo) and p.origin is not None and p.ndim == 1:
-                state.member(p.origin.module, p.origin.param, 0, ids, "norm")
-            elif p is not None:
-                state.pin(ids, f"{node.name} uses a computed {name}")
+        _param_members(state, node, ids, names)
         if kind in ("layer", "rms") or (kind == "group" and groups == 1):
             node.meta[EXACT_STATS] = ("group1" if kind == "group" else kind, axis)
         return out
     return handler
+
+
+@register_function(register_leaf_function(exact_stats_norm))
+def exact_norm_function(state: AnalysisState, node: fx.Node) -> Any:
+    """Functional form of :func:`exact_norm_module` (what the speedup puts in place of F.layer_norm,
+    F.rms_norm and one-group F.group_norm)."""
+    x = state.info(node.args[0])
+    if not isinstance(x, TensorInfo):
+        return untracked_like(node)
+    out = TensorInfo(out_shape(node), dict(x.track))
+    ids = x.track.get(int(arg(node, 2, "axis")) % x.ndim)
+    if ids is not None:
+        _param_members(state, node, ids, ((5, "weight"), (6, "bias")))
+    return out
 
 
 register_function(F.batch_norm)(functional_norm("batch"))

@@ -63,7 +63,13 @@ class ExactStatsNorm(nn.Module):
         self.original_channels = int(original_channels)
         self.weight = nn.Parameter(weight.detach().clone()) if weight is not None else None
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-        self.num_channels = int(weight.shape[0]) if weight is not None else -1
+
+    @property
+    def num_channels(self) -> int:
+        """Kept channels, read from the parameters (-1 without any), so it stays right when the
+        speedup slices them again."""
+        p = self.weight if self.weight is not None else self.bias
+        return int(p.shape[0]) if p is not None else -1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return exact_stats_norm(x, self.kind, self.axis, self.reduce_all, self.original_channels, self.weight, self.bias, self.eps)

@@ -18,19 +18,28 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ._concrete_tracing import concrete_tracer
 from .errors import TraceError
 
-__all__ = ["HarpTracer", "trace", "as_tuple", "extra_leaf_types", "register_leaf_type"]
+__all__ = ["HarpTracer", "trace", "as_tuple", "extra_leaf_types", "register_leaf_function", "register_leaf_type"]
 
 logger = logging.getLogger(__name__)
 
 # Module types we treat as leaves in addition to torch.nn's and timm's: types the channel
 # analysis has a handler for, so their parameters can be sliced as a whole.
 _EXTRA_LEAF_TYPES: set[type[nn.Module]] = set()
+# Functions traced as one ``call_function`` node (autowrapped), for the same reason: the ones our
+# own passes put into graphs (the speedup's ``exact_stats_norm``), so a pruned model traces again.
+_EXTRA_LEAF_FUNCTIONS: set[Callable[..., Any]] = set()
 
 
 def register_leaf_type(cls: type[nn.Module]) -> type[nn.Module]:
     """Trace ``cls`` as one ``call_module`` node (its exact type, not subclasses)."""
     _EXTRA_LEAF_TYPES.add(cls)
     return cls
+
+
+def register_leaf_function(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Trace calls of ``fn`` (a module-level function) as one ``call_function`` node."""
+    _EXTRA_LEAF_FUNCTIONS.add(fn)
+    return fn
 
 
 def extra_leaf_types() -> frozenset[type[nn.Module]]:
@@ -49,11 +58,13 @@ def _timm_leaves() -> tuple[list[type[nn.Module]], list[Callable[..., Any]]]:
 
 class HarpTracer(fx.Tracer):
     """``fx.Tracer`` whose leaves are torch.nn modules, timm's no-trace modules and the module
-    types registered with :func:`register_leaf_type`; timm's no-trace functions are autowrapped."""
+    types registered with :func:`register_leaf_type`; timm's no-trace functions and those registered
+    with :func:`register_leaf_function` are autowrapped."""
 
     def __init__(self, leaf_types: Iterable[type[nn.Module]] = (), autowrap_functions: Sequence[Callable[..., Any]] = ()) -> None:
         timm_modules, timm_functions = _timm_leaves()
-        super().__init__(autowrap_functions=tuple(timm_functions) + tuple(autowrap_functions), param_shapes_constant=True)
+        functions = tuple(timm_functions) + tuple(_EXTRA_LEAF_FUNCTIONS) + tuple(autowrap_functions)
+        super().__init__(autowrap_functions=functions, param_shapes_constant=True)
         self._leaf_types = set(timm_modules) | set(_EXTRA_LEAF_TYPES) | set(leaf_types)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
