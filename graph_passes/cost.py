@@ -9,9 +9,9 @@ import torch
 from torch import fx, nn
 from torch.utils import flop_counter as _flop_counter
 
-from ._tracking import LayerRecord
-from .cost_model import CostModel, Factor, LayerCost
-from .dependency import Analysis, analysis_of, analyze
+from ._tracking import LayerRecord, TensorInfo
+from .cost_model import CostModel, Factor, LayerCost, TensorCost
+from .dependency import TRACK_KEY, Analysis, analysis_of, analyze
 from .errors import GraphPassError, MissingAnalysisError
 from .groups import ChannelGroup
 from .tracing import trace
@@ -97,6 +97,42 @@ def _layer_cost(analysis: Analysis, rec: LayerRecord) -> LayerCost:
     return LayerCost(rec.name, rec.kind, rec.flops, 0, factors, ())
 
 
+# Ops whose result is a view of (or the same storage as) their input: they move no data.
+_VIEW_OPS = frozenset({"view", "reshape", "flatten", "unflatten", "permute", "transpose", "expand", "expand_as",
+                       "squeeze", "unsqueeze", "getitem", "chunk", "split", "unbind", "narrow", "contiguous",
+                       "identity", "size", "dim", "type_as", "to", "float", "detach"})
+
+
+def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))).__name__.lower()
+    target = node.target
+    return str(target if isinstance(target, str) else getattr(target, "__name__", target)).lower()
+
+
+def _tensor_costs(gm: fx.GraphModule, analysis: Analysis, param_dims: dict[tuple[str, str], dict[int, np.ndarray]]) -> list[TensorCost]:
+    """One TensorCost per tensor an op produces. A tensor computed from a parameter alone (a
+    resampled position embedding) has no tracked axes of its own: its channel axes are the
+    parameter's, which the ops that later combine it with activations tied to groups."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method") or _op_name(gm, node) in _VIEW_OPS:
+            continue
+        value = node.meta.get(TRACK_KEY)
+        infos = [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, TensorInfo)]
+        for i, info in enumerate(infos):
+            elements = int(np.prod(info.shape)) if info.shape else 1
+            track = dict(info.track)
+            if info.origin is not None:
+                for axis, dim in enumerate(info.origin.axes):
+                    ids = param_dims.get((info.origin.module, info.origin.param), {}).get(dim) if dim is not None else None
+                    if axis not in track and ids is not None and len(ids) == info.shape[axis]:
+                        track[axis] = ids
+            factors = tuple(_factor(analysis, ids, info.shape[d]) for d, ids in sorted(track.items()))
+            out.append(TensorCost(node.name if len(infos) == 1 else f"{node.name}[{i}]", elements, factors))
+    return out
+
+
 def cost_of_analysis(gm: fx.GraphModule, analysis: Analysis) -> CostModel:
     layers = [_layer_cost(analysis, rec) for rec in analysis.state.layers]
     dims: dict[tuple[str, str], dict[int, np.ndarray]] = {}
@@ -106,7 +142,7 @@ def cost_of_analysis(gm: fx.GraphModule, analysis: Analysis) -> CostModel:
         module, _, name = qualified.rpartition(".")
         factors = tuple(_factor(analysis, ids, param.shape[d]) for d, ids in sorted(dims.get((module, name), {}).items()))
         layers.append(LayerCost(qualified, "param", 0, param.numel(), (), factors))
-    return CostModel(tuple(layers), 0)
+    return CostModel(tuple(layers), 0, tuple(_tensor_costs(gm, analysis, dims)))
 
 
 def cost(model: nn.Module, example_inputs: Any, groups: list[ChannelGroup] | None = None) -> CostModel:

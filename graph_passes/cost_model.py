@@ -14,7 +14,7 @@ from typing import Mapping, Union
 
 import torch
 
-__all__ = ["Factor", "LayerCost", "CostModel"]
+__all__ = ["Factor", "LayerCost", "TensorCost", "CostModel"]
 
 Fraction = Union[float, torch.Tensor]
 
@@ -65,14 +65,36 @@ class LayerCost:
 
 
 @dataclass(frozen=True)
+class TensorCost:
+    """Elements of one tensor an op produces, and the factors (one per channel axis) by which
+    pruning scales it."""
+
+    name: str  # fx node name
+    elements: int
+    factors: tuple[Factor, ...]
+
+    def scaled_elements(self, keep: Mapping[int, Fraction]) -> Fraction:
+        out: Fraction = float(self.elements)
+        for f in self.factors:
+            out = out * f.fraction(keep)
+        return out
+
+
+@dataclass(frozen=True)
 class CostModel:
     """Per-layer costs of a traced model. ``flops(keep)``/``params(keep)`` are differentiable in
     the kept fractions when those are tensors. FLOPs count 2 per multiply-accumulate, the
     convention of ``torch.utils.flop_counter.FlopCounterMode``, and cover the same ops (conv,
-    linear/matmul, attention)."""
+    linear/matmul, attention).
+
+    ``activations(keep)`` counts the elements of the tensors the model's ops produce on the example
+    inputs (views excluded), a proxy for memory traffic: element-wise ops, norms and depthwise
+    convs cost little in FLOPs but read and write whole tensors, and their time on a CPU follows
+    this count rather than the FLOPs."""
 
     layers: tuple[LayerCost, ...]
     untracked_params: int  # parameters outside every layer (never pruned): embeddings, tokens, ...
+    tensors: tuple[TensorCost, ...] = ()
 
     @property
     def total_flops(self) -> int:
@@ -94,6 +116,17 @@ class CostModel:
         total: Fraction = float(self.untracked_params)
         for layer in self.layers:
             total = total + layer.scaled_params(keep)
+        return total
+
+    @property
+    def total_activations(self) -> int:
+        return sum(t.elements for t in self.tensors)
+
+    def activations(self, keep: Mapping[int, Fraction] | None = None) -> Fraction:
+        keep = keep or {}
+        total: Fraction = 0.0
+        for t in self.tensors:
+            total = total + t.scaled_elements(keep)
         return total
 
     def by_layer(self) -> dict[str, LayerCost]:

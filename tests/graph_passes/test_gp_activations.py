@@ -1,0 +1,80 @@
+"""CostModel.activations: the elements of the tensors a model's ops produce, as a function of
+the kept channel fractions (a memory-traffic proxy), against counts on the pruned models."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import graph_passes as gp
+from _gp_helpers import prune
+from test_gp_cost import CASES, fractions
+from test_gp_layers import ConvBn
+
+
+class ViewHead(nn.Module):
+    """conv -> relu -> flatten -> view -> linear: the flatten and view move no data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 1)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x)).flatten(1)
+        return self.fc(y.view(y.shape[0], -1))
+
+
+def test_activations_count_every_produced_tensor_by_hand():
+    model = ConvBn().eval()
+    x = torch.randn(2, 3, 8, 8)
+    cm = gp.cost(model, x)
+    # conv, bn and relu each produce a [2, 8, 8, 8] tensor; the head conv a [2, 4, 8, 8] one.
+    assert cm.total_activations == 3 * 2 * 8 * 8 * 8 + 2 * 4 * 8 * 8
+    # Keeping half of the 8 hidden channels halves the first three tensors, not the head's.
+    (hidden,) = [g for g in gp.channel_groups(model, x) if g.prunable]
+    assert float(cm.activations({hidden.id: 0.5})) == 3 * 2 * 4 * 8 * 8 + 2 * 4 * 8 * 8
+
+
+def test_views_are_not_counted_as_activations():
+    model = ViewHead().eval()
+    x = torch.randn(1, 3, 4, 4)
+    cm = gp.cost(model, x)
+    assert cm.total_activations == 6 * 4 * 4 * 2 + 5  # conv and relu outputs, the logits
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_predicted_activations_equal_the_pruned_models(name):
+    factory, shape = CASES[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = torch.randn(*shape)
+    cm = gp.cost(model, x)
+    assert cm.activations() == pytest.approx(cm.total_activations) and cm.total_activations > 0
+    r = prune(model, x)
+    frac = fractions(r.groups, r.keep)
+    measured = gp.cost(r.pruned, x).total_activations
+    assert measured < cm.total_activations
+    assert float(cm.activations(frac)) == pytest.approx(measured, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["test_efficientnet", "test_resnet", "test_vit", "convnext_atto"])
+def test_predicted_activations_on_timm_models(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    size = (3, 64, 64) if name == "convnext_atto" else model.pretrained_cfg["input_size"]
+    x = torch.randn(1, *size)
+    cm = gp.cost(model, x)
+    r = prune(model, x)
+    frac = fractions(r.groups, r.keep)
+    assert float(cm.activations(frac)) == pytest.approx(gp.cost(r.pruned, x).total_activations, rel=1e-9)
+
+
+def test_activations_are_differentiable_in_the_fractions():
+    model = ConvBn().eval()
+    x = torch.randn(1, 3, 8, 8)
+    cm = gp.cost(model, x)
+    frac = {g.id: torch.tensor(0.5, requires_grad=True) for g in gp.channel_groups(model, x) if g.prunable}
+    cm.activations(frac).backward()
+    assert all(f.grad is not None and f.grad > 0 for f in frac.values())
