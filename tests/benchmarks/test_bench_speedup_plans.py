@@ -1,0 +1,66 @@
+"""The two channel plans of benchmarks/speedup.py reach the FLOPs target; the 'memory' plan
+removes more activation traffic than the uniform one at the same FLOPs."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import graph_passes as gp
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "speedup.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_speedup", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def model_and_input():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", pretrained=False).eval()
+    return model, torch.randn(1, *model.pretrained_cfg["input_size"])
+
+
+def test_uniform_plan_has_unit_weights(bench, model_and_input):
+    model, x = model_and_input
+    groups = [g for g in gp.channel_groups(model, x) if g.prunable]
+    weights = bench.memory_weights(gp.cost(model, x), groups, gamma=0.0)
+    assert set(weights) == {g.id for g in groups}
+    assert set(weights.values()) == {1.0}
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5])
+def test_plans_reach_the_flops_target_on_the_pruned_model(bench, model_and_input, gamma):
+    model, x = model_and_input
+    groups, keep, frac, acts = bench.keep_for_target(model, x, 0.5, round_to=1, gamma=gamma)
+    pruned = gp.ModelSpeedup(model, x, gp.group_masks(model, groups, keep)).speedup_model().eval()
+    ratio = gp.count_flops(pruned, x) / gp.count_flops(model, x)
+    assert ratio == pytest.approx(0.5, abs=0.02)
+    assert acts == pytest.approx(gp.cost(pruned, x).total_activations / gp.cost(model, x).total_activations, rel=1e-6)
+
+
+def test_memory_plan_prunes_memory_heavy_groups_harder(bench, model_and_input):
+    model, x = model_and_input
+    cm = gp.cost(model, x)
+    prunable = [g for g in gp.channel_groups(model, x) if g.prunable]
+    weights = bench.memory_weights(cm, prunable, gamma=0.5)
+    # activation elements per FLOP of one channel, as the plan defines it
+    rho = {}
+    for g in prunable:
+        df = float(cm.total_flops - cm.flops({g.id: 0.0}))
+        if df > 0:
+            rho[g.id] = float(cm.total_activations - cm.activations({g.id: 0.0})) / df
+    ordered = sorted(rho, key=rho.get)
+    assert len(ordered) > 2 and rho[ordered[0]] < rho[ordered[-1]]
+    assert all(weights[a] >= weights[b] for a, b in zip(ordered, ordered[1:]))
+    _, _, _, uniform_acts = bench.keep_for_target(model, x, 0.5, round_to=1, gamma=0.0)
+    _, _, _, memory_acts = bench.keep_for_target(model, x, 0.5, round_to=1, gamma=0.5)
+    assert memory_acts < uniform_acts
