@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from graph_passes._atomic import atomic_write_bytes, atomic_write_text
+from graph_passes._atomic import atomic_write_bytes, atomic_write_text, temp_file_beside
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_save", "safe_load"]
 
@@ -16,8 +15,7 @@ __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_save", "safe_load"
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """``torch.save`` through a temporary file in the same directory, then an atomic rename."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = temp_file_beside(target)
     os.close(fd)
     try:
         torch.save(obj, tmp)
