@@ -28,7 +28,7 @@ from torch import nn
 from .. import distributed as hd
 from .._io import safe_load
 from ..loading import load_weights
-from .checkpoint import ResumeError, StageCheckpoint, restore_rng
+from .checkpoint import ResumeError, StageCheckpoint, restore_rank_rng
 from .stages import Context, _training_step, cosine, epoch_evaluator, finish_stage, reuse_stage, sgd
 
 __all__ = ["stage_prune", "pruner_config_list", "uniform_target", "masks_sparsity"]
@@ -261,14 +261,20 @@ def stage_prune(ctx: Context, model: nn.Module) -> tuple[nn.Module, Masks, dict[
                 opt.load_state_dict(opt_state)
             for sched, sched_state in zip(scheds, ck.state["schedulers"]):
                 sched.load_state_dict(sched_state)
-            restore_rng(ck.state["rng"])
+            restore_rank_rng(ck.state)
             holder["resumed"] = True
             cb.on_message(f"prune: resuming after epoch {ck.epoch + 1}/{cfg.prune_epochs}")
         elif epoch > 0 and epoch - 1 > saved["epoch"]:
             _report_epoch(pruner, cfg.prune_epochs, cb)
-            if store.writer:  # the state is the same on every rank; rank 0 alone writes it
-                store.save_epoch("prune", epoch - 1, state())
+            # Every rank calls it (their RNG states are gathered); the pruner state is the same on
+            # every rank, so only rank 0 builds it.
+            store.save_epoch("prune", epoch - 1, state() if store.writer else {})
             saved["epoch"] = epoch - 1
+
+        # Every epoch starts from rank 0's BatchNorm statistics on every rank (they drift apart
+        # within an epoch: each rank normalises its own batches). That is also what a resumed run
+        # has, since the checkpoint holds rank 0's model, so an interrupted run continues exactly.
+        hd.broadcast_buffers(model)
 
         def epoch_end(done: int, metrics: dict[str, float]) -> None:
             holder["metrics"] = dict(metrics)

@@ -4,7 +4,8 @@ Layout under ``<output_dir>/checkpoints/``:
 
 - ``<stage>.pt``: written (atomically) at the end of every epoch of a training stage; holds the
   stage name, the finished epoch, model/optimizer/scheduler state, the stage's own extra state
-  (the pruner's scores, rates and gamma) and the RNG states. Only plain tensors, dicts, lists and
+  (the pruner's scores, rates and gamma) and the RNG states (under torchrun, every rank's: each
+  rank resumes its own streams, e.g. its PGD random starts). Only plain tensors, dicts, lists and
   numbers, so that it loads with ``weights_only=True``.
 - ``progress.json``: the run's config and the stages already finished, with their small results.
 
@@ -28,9 +29,10 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from .. import distributed as hd
 from .._io import atomic_save, atomic_write_text, safe_load
 
-__all__ = ["RunStore", "StageCheckpoint", "capture_rng", "restore_rng", "ResumeError"]
+__all__ = ["RunStore", "StageCheckpoint", "capture_rng", "restore_rng", "restore_rank_rng", "ResumeError"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,30 @@ def restore_rng(state: Mapping[str, Any]) -> None:
     cuda = state.get("cuda") or []
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+
+
+def _gather_rng() -> list[dict[str, Any]] | None:
+    """Every rank's RNG states, in rank order (a collective: every rank must call it); None in a
+    single process."""
+    if not hd.is_distributed():
+        return None
+    states: list[Any] = [None] * hd.world_size()
+    torch.distributed.all_gather_object(states, capture_rng())
+    return states
+
+
+def restore_rank_rng(payload: Mapping[str, Any]) -> None:
+    """Restore this process's RNG states from a checkpoint ``payload``: its own rank's when the
+    checkpoint has one per rank of a run of the same size, otherwise the writer's (``rng``)."""
+    per_rank = payload.get("rng_ranks")
+    if hd.is_distributed() or per_rank:
+        if per_rank and len(per_rank) == hd.world_size():
+            restore_rng(per_rank[hd.rank()])
+            return
+        logger.warning("the checkpoint holds RNG states for %s processes and this run has %d: every process "
+                       "restores rank 0's, so random draws (PGD starts, dropout) differ from an uninterrupted run",
+                       len(per_rank) if per_rank else 1, hd.world_size())
+    restore_rng(payload["rng"])
 
 
 @dataclass(frozen=True)
@@ -173,9 +199,14 @@ class RunStore:
         return self.dir / f"{stage}.pt"
 
     def save_epoch(self, stage: str, epoch: int, state: Mapping[str, Any]) -> Path:
+        """Write ``<stage>.pt``. Under torchrun every rank calls this (it gathers their RNG
+        states); only the writer's ``state`` is used."""
+        ranks_rng = _gather_rng()
         if not self.writer:
             return self.stage_path(stage)
         payload = {"format": FORMAT_VERSION, "stage": stage, "epoch": int(epoch), "rng": capture_rng()}
+        if ranks_rng is not None:
+            payload["rng_ranks"] = ranks_rng
         payload.update(state)
         path = atomic_save(payload, self.stage_path(stage))
         logger.debug("saved %s checkpoint, epoch %d, to %s", stage, epoch, path)

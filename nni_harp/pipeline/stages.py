@@ -29,7 +29,7 @@ from .._io import atomic_save, safe_load
 from ..loading import MODEL_FILE, PLAN_FILE, LoadError, create_model, load_weights, read_state, write_meta
 from ._loop import EpochLoop
 from .callbacks import CallbackList
-from .checkpoint import RunStore, restore_rng
+from .checkpoint import RunStore, restore_rank_rng
 from .config import PipelineConfig
 from .export import (
     count_params,
@@ -266,7 +266,7 @@ def _resume_training(store: RunStore, cb: CallbackList, stage: str, model: nn.Mo
     model.load_state_dict(ck.state["model"])
     optimizer.load_state_dict(ck.state["optimizer"])
     scheduler.load_state_dict(ck.state["scheduler"])
-    restore_rng(ck.state["rng"])
+    restore_rank_rng(ck.state)
     cb.on_message(f"{stage}: resuming after epoch {ck.epoch + 1}")
     return ck.next_epoch
 
