@@ -40,6 +40,14 @@ class Factor:
         return acc / self.total
 
 
+def _scaled(dense: int, factors: tuple[Factor, ...], keep: Mapping[int, Fraction]) -> Fraction:
+    """``dense`` times the kept fraction of every factor."""
+    out: Fraction = float(dense)
+    for f in factors:
+        out = out * f.fraction(keep)
+    return out
+
+
 @dataclass(frozen=True)
 class LayerCost:
     """Dense cost of one layer and the factors by which pruning scales it."""
@@ -52,16 +60,10 @@ class LayerCost:
     params_factors: tuple[Factor, ...]
 
     def scaled_flops(self, keep: Mapping[int, Fraction]) -> Fraction:
-        out: Fraction = float(self.flops)
-        for f in self.flops_factors:
-            out = out * f.fraction(keep)
-        return out
+        return _scaled(self.flops, self.flops_factors, keep)
 
     def scaled_params(self, keep: Mapping[int, Fraction]) -> Fraction:
-        out: Fraction = float(self.params)
-        for f in self.params_factors:
-            out = out * f.fraction(keep)
-        return out
+        return _scaled(self.params, self.params_factors, keep)
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,7 @@ class TensorCost:
     factors: tuple[Factor, ...]
 
     def scaled_elements(self, keep: Mapping[int, Fraction]) -> Fraction:
-        out: Fraction = float(self.elements)
-        for f in self.factors:
-            out = out * f.fraction(keep)
-        return out
+        return _scaled(self.elements, self.factors, keep)
 
 
 @dataclass(frozen=True)

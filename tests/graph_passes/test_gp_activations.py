@@ -8,7 +8,7 @@ from torch import nn
 
 import graph_passes as gp
 from _gp_helpers import prune
-from test_gp_cost import CASES, fractions
+from test_gp_cost import fractions
 from test_gp_layers import ConvBn
 
 
@@ -43,30 +43,16 @@ def test_views_are_not_counted_as_activations():
     assert cm.total_activations == 6 * 4 * 4 * 2 + 5  # conv and relu outputs, the logits
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_predicted_activations_equal_the_pruned_models(name):
-    factory, shape = CASES[name]
-    torch.manual_seed(0)
-    model = factory().eval()
-    x = torch.randn(*shape)
-    cm = gp.cost(model, x)
-    assert cm.activations() == pytest.approx(cm.total_activations) and cm.total_activations > 0
-    r = prune(model, x)
-    frac = fractions(r.groups, r.keep)
-    measured = gp.cost(r.pruned, x).total_activations
-    assert measured < cm.total_activations
-    assert float(cm.activations(frac)) == pytest.approx(measured, rel=1e-9)
-
-
-@pytest.mark.parametrize("name", ["test_efficientnet", "test_resnet", "test_vit", "convnext_atto"])
-def test_predicted_activations_on_timm_models(name):
+def test_predicted_activations_through_exact_statistics_norms():
+    # convnext_atto's LayerNorms become ExactStatsNorm modules when pruned; the hand-built and
+    # timm test_* cases (no such norms in most) are checked in test_gp_cost.py
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False).eval()
-    size = (3, 64, 64) if name == "convnext_atto" else model.pretrained_cfg["input_size"]
-    x = torch.randn(1, *size)
+    model = timm.create_model("convnext_atto", pretrained=False).eval()
+    x = torch.randn(1, 3, 64, 64)
     cm = gp.cost(model, x)
     r = prune(model, x)
+    assert any(isinstance(m, gp.ExactStatsNorm) for m in r.pruned.modules())
     frac = fractions(r.groups, r.keep)
     assert float(cm.activations(frac)) == pytest.approx(gp.cost(r.pruned, x).total_activations, rel=1e-9)
 

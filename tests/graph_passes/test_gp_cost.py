@@ -1,4 +1,5 @@
-"""The cost model against torch's FlopCounterMode, dense and on the physically pruned model."""
+"""The cost model against torch's FlopCounterMode, dense and on the physically pruned model
+(activation elements: against the re-traced pruned model)."""
 from __future__ import annotations
 
 import pytest
@@ -59,6 +60,11 @@ def test_cost_matches_flop_counter_dense_and_pruned(name):
     assert pruned_flops < cm.total_flops
     assert cm.flops(frac) == pytest.approx(pruned_flops, rel=1e-9)
     assert cm.params(frac) == pytest.approx(n_params(r.pruned), rel=1e-9)
+    # activation elements: predicted from the fractions = counted on the re-traced pruned model
+    assert cm.activations() == pytest.approx(cm.total_activations) and cm.total_activations > 0
+    measured_acts = gp.cost(r.pruned, x).total_activations
+    assert measured_acts < cm.total_activations
+    assert float(cm.activations(frac)) == pytest.approx(measured_acts, rel=1e-9)
 
 
 def test_cost_flops_is_differentiable_in_the_fractions():
@@ -87,6 +93,7 @@ def test_cost_on_timm_test_model(name):
     assert any(f < 1 for f in frac.values())
     assert cm.flops(frac) == pytest.approx(measured_flops(r.pruned, x), rel=1e-9)
     assert cm.params(frac) == pytest.approx(n_params(r.pruned), rel=1e-9)
+    assert float(cm.activations(frac)) == pytest.approx(gp.cost(r.pruned, x).total_activations, rel=1e-9)
 
 
 class _Sdpa(nn.Module):
