@@ -1,6 +1,7 @@
-"""Cost pass: FLOPs and parameters per layer, as functions of the kept channel fractions."""
+"""Cost pass: FLOPs, parameters and activation elements, as functions of the kept channel fractions."""
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from typing import Any, Callable
 
@@ -97,17 +98,22 @@ def _layer_cost(analysis: Analysis, rec: LayerRecord) -> LayerCost:
     return LayerCost(rec.name, rec.kind, rec.flops, 0, factors, ())
 
 
-# Ops whose result is a view of (or the same storage as) their input: they move no data.
-_VIEW_OPS = frozenset({"view", "reshape", "flatten", "unflatten", "permute", "transpose", "expand", "expand_as",
-                       "squeeze", "unsqueeze", "getitem", "chunk", "split", "unbind", "narrow", "contiguous",
-                       "identity", "size", "dim", "type_as", "to", "float", "detach"})
+# Ops whose result is a view of their input (or a tuple of views): they move no data. Matched by
+# target, not by name; `contiguous`, `to` and friends can copy, so they count.
+_VIEW_METHODS = frozenset({"view", "view_as", "reshape", "flatten", "unflatten", "permute", "transpose", "expand",
+                           "expand_as", "squeeze", "unsqueeze", "chunk", "split", "unbind", "narrow", "detach"})
+_VIEW_FUNCTIONS = frozenset({torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
+                             torch.unsqueeze, torch.chunk, torch.split, torch.unbind, torch.narrow, torch.detach,
+                             operator.getitem})
+_VIEW_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity)
 
 
-def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
-    if node.op == "call_module":
-        return type(gm.get_submodule(str(node.target))).__name__.lower()
-    target = node.target
-    return str(target if isinstance(target, str) else getattr(target, "__name__", target)).lower()
+def _is_view(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    if node.op == "call_function":
+        return node.target in _VIEW_FUNCTIONS
+    return node.op == "call_module" and type(gm.get_submodule(str(node.target))) in _VIEW_MODULES
 
 
 def _tensor_costs(gm: fx.GraphModule, analysis: Analysis, param_dims: dict[tuple[str, str], dict[int, np.ndarray]]) -> list[TensorCost]:
@@ -116,7 +122,7 @@ def _tensor_costs(gm: fx.GraphModule, analysis: Analysis, param_dims: dict[tuple
     parameter's, which the ops that later combine it with activations tied to groups."""
     out = []
     for node in gm.graph.nodes:
-        if node.op not in ("call_module", "call_function", "call_method") or _op_name(gm, node) in _VIEW_OPS:
+        if node.op not in ("call_module", "call_function", "call_method") or _is_view(gm, node):
             continue
         value = node.meta.get(TRACK_KEY)
         infos = [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, TensorInfo)]
