@@ -43,6 +43,27 @@ def test_views_are_not_counted_as_activations():
     assert cm.total_activations == 6 * 4 * 4 * 2 + 5  # conv and relu outputs, the logits
 
 
+class PermuteCopy(nn.Module):
+    """conv -> permute (a view) -> contiguous (a copy) -> linear over channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 1)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).permute(0, 2, 3, 1).contiguous())
+
+
+def test_a_copy_counts_and_a_view_does_not():
+    model = PermuteCopy().eval()
+    x = torch.randn(1, 3, 4, 4)
+    cm = gp.cost(model, x)
+    assert cm.total_activations == 6 * 16 + 6 * 16 + 2 * 16  # conv, contiguous copy, linear
+    (hidden,) = [g for g in gp.channel_groups(model, x) if g.prunable]
+    assert float(cm.activations({hidden.id: 0.5})) == 3 * 16 + 3 * 16 + 2 * 16
+
+
 def test_predicted_activations_through_exact_statistics_norms():
     # convnext_atto's LayerNorms become ExactStatsNorm modules when pruned; the hand-built and
     # timm test_* cases (no such norms in most) are checked in test_gp_cost.py
