@@ -117,9 +117,9 @@ def _is_view(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _tensor_costs(gm: fx.GraphModule, analysis: Analysis, param_dims: dict[tuple[str, str], dict[int, np.ndarray]]) -> list[TensorCost]:
-    """One TensorCost per tensor an op produces. A tensor computed from a parameter alone (a
-    resampled position embedding) has no tracked axes of its own: its channel axes are the
-    parameter's, which the ops that later combine it with activations tied to groups."""
+    """One TensorCost per tensor an op produces (views excluded). A tensor computed from a
+    parameter alone (a resampled position embedding) has no tracked axes of its own; its channel
+    axes are those of the parameter, which later ops that add it to activations tie to groups."""
     out = []
     for node in gm.graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method") or _is_view(gm, node):
