@@ -7,25 +7,14 @@ from typing import Any
 
 import torch
 
-from graph_passes._atomic import atomic_write_bytes, atomic_write_text, temp_file_beside
+from graph_passes._atomic import atomic_write, atomic_write_bytes, atomic_write_text
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_save", "safe_load"]
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """``torch.save`` through a temporary file in the same directory, then an atomic rename."""
-    target = Path(path)
-    fd, tmp = temp_file_beside(target)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def safe_load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> Any:
