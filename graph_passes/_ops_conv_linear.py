@@ -58,6 +58,17 @@ def _bias(state: AnalysisState, node: fx.Node, bias: Any, out_ids: np.ndarray) -
         offset += n
 
 
+def _output_members(state: AnalysisState, name: str | None, has_bias: bool, out_ids: np.ndarray, fixed_reason: str) -> None:
+    """A conv's or linear's output channels: its weight rows (and bias) when the weight is a
+    parameter of module ``name``; pinned with ``fixed_reason`` when the weight is computed."""
+    if name is None:
+        state.pin(out_ids, fixed_reason)
+        return
+    state.member(name, "weight", 0, out_ids, "out")
+    if has_bias:
+        state.member(name, "bias", 0, out_ids, "out")
+
+
 def _conv_like(state: AnalysisState, node: fx.Node, name: str | None, cin: int, cout: int, groups: int,
                kernel: int, has_bias: bool, x: Any, slice_inputs: bool = True, pointwise: bool = False) -> TensorInfo:
     shape = out_shape(node)
@@ -83,12 +94,7 @@ def _conv_like(state: AnalysisState, node: fx.Node, name: str | None, cin: int, 
             state.unite(grid[:, 0], grid[:, k])
         out_ids = np.repeat(grid[:, 0], per_out)
         contraction = None
-    if name is None:
-        state.pin(out_ids, f"{node.name} computes its weights; its output channels are fixed")
-    else:
-        state.member(name, "weight", 0, out_ids, "out")
-        if has_bias:
-            state.member(name, "bias", 0, out_ids, "out")
+    _output_members(state, name, has_bias, out_ids, f"{node.name} computes its weights; its output channels are fixed")
     out.track[1] = out_ids
     if isinstance(x, TensorInfo):
         # channels on the spatial axes (CoaT's aggregate Conv1d over stacked tokens): a pointwise
@@ -158,12 +164,7 @@ def _linear_like(state: AnalysisState, node: fx.Node, name: str | None, fin: int
         else:
             state.pin(in_ids, f"{node.name} uses computed weights")
     out_ids = state.fresh(fout)
-    if name is None:
-        state.pin(out_ids, f"{node.name} uses computed weights")
-    else:
-        state.member(name, "weight", 0, out_ids, "out")
-        if has_bias:
-            state.member(name, "bias", 0, out_ids, "out")
+    _output_members(state, name, has_bias, out_ids, f"{node.name} uses computed weights")
     out.track[last] = out_ids
     _layer(state, node, "linear", 2 * math.prod(shape) * fin, (in_ids, fin), out)
     return out
