@@ -75,12 +75,12 @@ def restore_rng(state: Mapping[str, Any]) -> None:
 
 
 def _gather_rng() -> list[dict[str, Any]] | None:
-    """Every rank's RNG states, in rank order (a collective: every rank must call it); None in a
-    single process."""
+    """Every rank's RNG states, in rank order, on rank 0 (the checkpoint writer); a collective:
+    every rank must call it. None on the other ranks and in a single process."""
     if not hd.is_distributed():
         return None
-    states: list[Any] = [None] * hd.world_size()
-    torch.distributed.all_gather_object(states, capture_rng())
+    states: list[Any] | None = [None] * hd.world_size() if hd.rank() == 0 else None
+    torch.distributed.gather_object(capture_rng(), states, dst=0)
     return states
 
 
