@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         for plan in plans:
             gamma = args.gamma if PLANS[plan] is None else PLANS[plan]
             groups, keep, frac, act_ratio = keep_for_target(model, x1, TARGET, args.round_to, gamma)
-            pruned = gp.ModelSpeedup(model, x1, gp.group_masks(model, groups, keep)).speedup_model().eval()
+            pruned = gp.ModelSpeedup(model, x1, gp.group_masks(model, groups, keep)).speedup_model(inplace=False).eval()
             base = {"model": name, "plan": plan, "frac": frac, "acts": act_ratio,
                     "flops": n_flops(pruned, x1) / n_flops(model, x1), "params": n_params(pruned) / n_params(model)}
             pruned_session = ort_session(pruned, x1, tmp / f"{name}_{plan}.onnx", args.threads)

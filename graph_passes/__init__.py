@@ -14,10 +14,12 @@ __all__ = [
     "channel_norms", "group_masks", "keep_from_masks", "random_keep", "register_leaf_function", "register_leaf_type", "trace",
 ]
 
+from ._masks import masked_copy  # noqa: E402
+from .model_speedup import ModelSpeedup, SpeedupWarning  # noqa: E402
 from .modules import ExactStatsNorm, exact_stats_norm  # noqa: E402
-from .speedup import ModelSpeedup, apply_keep, masked_copy  # noqa: E402
+from .speedup import apply_keep  # noqa: E402
 
-__all__ += ["ExactStatsNorm", "ModelSpeedup", "apply_keep", "exact_stats_norm", "masked_copy"]
+__all__ += ["ExactStatsNorm", "ModelSpeedup", "SpeedupWarning", "apply_keep", "exact_stats_norm", "masked_copy"]
 from .cost import cost, count_flops, flop_counter  # noqa: E402
 
 __all__ += ["cost", "count_flops", "flop_counter"]

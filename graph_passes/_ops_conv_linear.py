@@ -15,7 +15,8 @@ from ._ops_layers import _layer, _module
 from ._registry import register_function, register_module
 from ._tracking import AnalysisState, TensorInfo
 
-__all__ = ["conv_module", "conv_weight_standardized", "conv_function", "linear_module", "linear_function", "embedding"]
+__all__ = ["conv_module", "conv_weight_standardized", "conv_function", "linear_module", "linear_function", "embedding",
+           "shrink_conv", "shrink_linear"]
 
 
 def _param_pieces(state: AnalysisState, value: Any) -> list[tuple[str, str, int]] | None:
@@ -118,7 +119,24 @@ def _is_pointwise(kernel: Any, stride: Any, padding: Any, dilation: Any) -> bool
     return all_equal(kernel, 1) and all_equal(stride, 1) and all_equal(dilation, 1) and no_padding
 
 
-@register_module(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def shrink_conv(module: nn.Module, old: nn.Module) -> None:
+    """Channel counts (and the group count: whole conv groups go) from the sliced weight."""
+    w = module.weight
+    module.out_channels = int(w.shape[0])
+    if old.groups > 1:
+        module.groups = old.groups * module.out_channels // old.out_channels
+    module.in_channels = int(w.shape[1]) * module.groups
+
+
+def shrink_linear(module: nn.Module, old: nn.Module) -> None:
+    module.out_features, module.in_features = int(module.weight.shape[0]), int(module.weight.shape[1])
+
+
+def _shrink_embedding(module: nn.Module, old: nn.Module) -> None:
+    module.embedding_dim = int(module.weight.shape[1])
+
+
+@register_module(nn.Conv1d, nn.Conv2d, nn.Conv3d, shrink=shrink_conv)
 def conv_module(state: AnalysisState, node: fx.Node) -> Any:
     m = _module(state, node)
     return _conv_like(state, node, str(node.target), m.in_channels, m.out_channels, m.groups,
@@ -170,7 +188,7 @@ def _linear_like(state: AnalysisState, node: fx.Node, name: str | None, fin: int
     return out
 
 
-@register_module(nn.Linear)
+@register_module(nn.Linear, shrink=shrink_linear)
 def linear_module(state: AnalysisState, node: fx.Node) -> Any:
     m = _module(state, node)
     return _linear_like(state, node, str(node.target), m.in_features, m.out_features, m.bias is not None, state.info(node.args[0]))
@@ -187,7 +205,7 @@ def linear_function(state: AnalysisState, node: fx.Node) -> Any:
     return out
 
 
-@register_module(nn.Embedding)
+@register_module(nn.Embedding, shrink=_shrink_embedding)
 def embedding(state: AnalysisState, node: fx.Node) -> Any:
     out = TensorInfo(out_shape(node))
     ids = state.fresh(_module(state, node).embedding_dim)

@@ -14,7 +14,7 @@ from ._tracking import AnalysisState, ParamOrigin, TensorInfo
 
 _ACTIVATION_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
-    nn.Mish, nn.ELU, nn.CELU, nn.SELU, nn.Softplus, nn.PReLU, nn.Hardtanh, nn.Identity, nn.Dropout,
+    nn.Mish, nn.ELU, nn.CELU, nn.SELU, nn.Softplus, nn.PReLU, nn.Hardtanh, nn.Dropout,
     nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Tanhshrink,
     nn.Softsign, nn.LogSigmoid,
 )
@@ -23,11 +23,11 @@ _UNARY_FUNCTIONS = (
     F.elu, F.celu, F.selu, F.softplus, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
     torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.abs, torch.neg,
     torch.clamp, torch.clip, torch.erf, torch.sin, torch.cos, torch.square, torch.sign, torch.nan_to_num,
-    torch.clone, torch.detach, operator.neg, operator.pos, torch.Tensor.contiguous, F.logsigmoid,
+    torch.clone, operator.neg, operator.pos, torch.Tensor.contiguous, F.logsigmoid,
 )
 _UNARY_METHODS = (
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "clamp",
-    "clamp_", "clamp_min", "clamp_max", "clip", "erf", "sin", "cos", "square", "sign", "contiguous", "clone", "detach",
+    "clamp_", "clamp_min", "clamp_max", "clip", "erf", "sin", "cos", "square", "sign", "contiguous", "clone",
     "float", "half", "bfloat16", "double", "to", "type", "type_as", "cuda", "cpu", "pow", "pow_", "exp_",
     "gelu", "silu", "hardswish", "requires_grad_", "nan_to_num",
 )
@@ -39,8 +39,11 @@ def _first(state: AnalysisState, node: fx.Node) -> Any:
 
 
 @register_module(*_ACTIVATION_MODULES)
+@register_module(nn.Identity, view=True)
 @register_function(*_UNARY_FUNCTIONS)
+@register_function(torch.detach, view=True)
 @register_method(*_UNARY_METHODS)
+@register_method("detach", view=True)
 def unary(state: AnalysisState, node: fx.Node) -> Any:
     """Position-wise ops: channels pass through unchanged (a parameter stays a parameter view)."""
     info = _first(state, node)

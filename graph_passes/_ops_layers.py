@@ -1,4 +1,5 @@
-"""Handlers for norms and for matmul/attention (conv, linear and embedding: ``_ops_conv_linear``)."""
+"""Handlers for matmul and attention, and the helpers the layer handlers share (conv, linear and
+embedding: ``_ops_conv_linear``; norms: ``_ops_norms``)."""
 from __future__ import annotations
 
 import math
@@ -11,12 +12,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ._ops_common import arg, combine_elementwise, out_shape, untracked_like
-from ._registry import register_function, register_method, register_module
-from ._tracking import AnalysisState, LayerRecord, TensorInfo
-from .modules import ExactStatsNorm, exact_stats_norm
-from .tracing import register_leaf_function, register_leaf_type
-
-EXACT_STATS = "graph_passes.exact_stats"  # node.meta key: norm whose statistics span pruned channels
+from ._registry import Keeper, register_function, register_method
+from ._tracking import AnalysisState, LayerRecord, TensorInfo, tracked
 
 
 def _layer(state: AnalysisState, node: fx.Node, kind: str, flops: int, contraction: tuple[np.ndarray | None, int] | None, out: TensorInfo) -> None:
@@ -29,66 +26,6 @@ def _layer(state: AnalysisState, node: fx.Node, kind: str, flops: int, contracti
 
 def _module(state: AnalysisState, node: fx.Node) -> nn.Module:
     return state.gm.get_submodule(str(node.target))
-
-
-def _norm(state: AnalysisState, node: fx.Node, axis: int, params: tuple[str, ...], exact: str | None, groups: int = 0) -> Any:
-    """Per-channel norm on ``axis``. ``exact`` ('layer', 'rms', 'simple', 'group1'): its
-    statistics span the channels, so the speedup swaps in a norm that counts the removed (zero)
-    channels, and the pruned model still equals the masked one.
-    ``groups`` > 1: GroupNorm, pruned by whole groups (its statistics stay per group)."""
-    x = state.info(node.args[0])
-    shape = out_shape(node)
-    if not isinstance(x, TensorInfo):
-        return untracked_like(node)
-    axis = axis % x.ndim
-    out = TensorInfo(shape, dict(x.track))
-    ids = x.track.get(axis)
-    if ids is None:
-        return out
-    if groups > 1 and groups != len(ids):
-        grid = ids.reshape(groups, -1)
-        for k in range(1, grid.shape[1]):
-            state.unite(grid[:, 0], grid[:, k])
-    module = _module(state, node)
-    for p in params:
-        if isinstance(getattr(module, p, None), torch.Tensor):
-            state.member(str(node.target), p, 0, ids, "norm")
-    if exact:
-        node.meta[EXACT_STATS] = (exact, axis)
-    return out
-
-
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm2d)
-_BN_PARAMS = ("weight", "bias", "running_mean", "running_var")
-
-
-@register_module(*_BN)
-def batch_norm(state: AnalysisState, node: fx.Node) -> Any:
-    return _norm(state, node, 1, _BN_PARAMS, exact=None)
-
-
-@register_module(nn.LayerNorm, nn.RMSNorm)
-def layer_norm(state: AnalysisState, node: fx.Node) -> Any:
-    m = _module(state, node)
-    if len(m.normalized_shape) != 1:
-        x = state.info(node.args[0])
-        state.pin_track(x, f"{node.name} normalises over several dims")
-        return untracked_like(node)
-    return _norm(state, node, -1, ("weight", "bias"), exact="rms" if isinstance(m, nn.RMSNorm) else "layer")
-
-
-@register_module(nn.GroupNorm)
-def group_norm(state: AnalysisState, node: fx.Node) -> Any:
-    m = _module(state, node)
-    return _norm(state, node, 1, ("weight", "bias"), exact="group1" if m.num_groups == 1 else None, groups=m.num_groups)
-
-
-@register_module(register_leaf_type(ExactStatsNorm))
-def exact_norm_module(state: AnalysisState, node: fx.Node) -> Any:
-    """The speedup's exact-statistics norm: per channel on ``axis`` (1 for the one-group GroupNorm
-    form). It already counts every removed channel (``original_channels`` is fixed, the kept count
-    comes from the input), so pruning it again only slices weight and bias: no exact swap."""
-    return _norm(state, node, _module(state, node).axis, ("weight", "bias"), exact=None)
 
 
 def _contract(state: AnalysisState, node: fx.Node, a: Any, axis_a: int, b: Any, axis_b: int) -> np.ndarray | None:
@@ -133,7 +70,17 @@ def matmul(state: AnalysisState, node: fx.Node) -> Any:
     return out
 
 
-@register_function(F.scaled_dot_product_attention)
+def _rewrite_attention_scale(gm: fx.GraphModule, node: fx.Node, keeper: Keeper) -> None:
+    """Fewer channels per head: the default scale ``1/sqrt(head_dim)`` would change, so the
+    original one is passed explicitly."""
+    q = tracked(node.args[0])
+    if isinstance(q, TensorInfo) and node.kwargs.get("scale") is None and len(node.args) < 7:
+        d_old, d_new = q.shape[-1], keeper.new_shape(q)[-1]
+        if d_old != d_new:
+            node.kwargs = {**node.kwargs, "scale": 1.0 / math.sqrt(d_old)}
+
+
+@register_function(F.scaled_dot_product_attention, rewrite=_rewrite_attention_scale)
 def attention(state: AnalysisState, node: fx.Node) -> Any:
     q, k, v = (state.info(arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
     shape = out_shape(node)
@@ -162,65 +109,3 @@ def attention(state: AnalysisState, node: fx.Node) -> Any:
     _layer(state, node, "attention_values", 2 * math.prod(shape[:-1]) * m * v.shape[-1], None, out)
     del n
     return out
-
-
-def _param_members(state: AnalysisState, node: fx.Node, ids: np.ndarray, names: tuple[tuple[int, str], ...]) -> None:
-    """A functional norm's per-channel arguments (position, name) follow the channels ``ids``."""
-    for index, name in names:
-        p = state.info(arg(node, index, name))
-        if isinstance(p, TensorInfo) and p.origin is not None and p.ndim == 1:
-            state.member(p.origin.module, p.origin.param, 0, ids, "norm")
-        elif p is not None:
-            state.pin(ids, f"{node.name} uses a computed {name}")
-
-
-def functional_norm(kind: str):
-    def handler(state: AnalysisState, node: fx.Node) -> Any:
-        x = state.info(node.args[0])
-        if not isinstance(x, TensorInfo):
-            return untracked_like(node)
-        if kind == "batch":
-            axis, names = 1, ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))
-        elif kind == "group":
-            axis, names = 1, ((2, "weight"), (3, "bias"))
-        else:
-            shape = arg(node, 1, "normalized_shape")
-            if len(shape) != 1:
-                state.pin_track(x, f"{node.name} normalises over several dims")
-                return TensorInfo(out_shape(node))
-            axis, names = x.ndim - 1, ((2, "weight"), (3, "bias"))
-        ids = x.track.get(axis)
-        out = TensorInfo(out_shape(node), dict(x.track))
-        if ids is None:
-            return out
-        groups = int(arg(node, 1, "num_groups")) if kind == "group" else 0
-        if kind == "group" and groups not in (1, len(ids)):
-            grid = ids.reshape(groups, -1)
-            for k in range(1, grid.shape[1]):
-                state.unite(grid[:, 0], grid[:, k])
-        _param_members(state, node, ids, names)
-        if kind in ("layer", "rms") or (kind == "group" and groups == 1):
-            node.meta[EXACT_STATS] = ("group1" if kind == "group" else kind, axis)
-        return out
-    return handler
-
-
-@register_function(register_leaf_function(exact_stats_norm))
-def exact_norm_function(state: AnalysisState, node: fx.Node) -> Any:
-    """Functional form of :func:`exact_norm_module` (what the speedup puts in place of F.layer_norm,
-    F.rms_norm and one-group F.group_norm)."""
-    x = state.info(node.args[0])
-    if not isinstance(x, TensorInfo):
-        return untracked_like(node)
-    out = TensorInfo(out_shape(node), dict(x.track))
-    ids = x.track.get(int(arg(node, 2, "axis")) % x.ndim)
-    if ids is not None:
-        _param_members(state, node, ids, ((5, "weight"), (6, "bias")))
-    return out
-
-
-register_function(F.batch_norm)(functional_norm("batch"))
-register_function(F.group_norm)(functional_norm("group"))
-register_function(F.layer_norm)(functional_norm("layer"))
-if hasattr(F, "rms_norm"):
-    register_function(F.rms_norm)(functional_norm("rms"))

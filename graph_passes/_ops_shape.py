@@ -10,6 +10,7 @@ from torch import fx, nn
 
 from ._ops_common import arg, combine_elementwise, norm_axis, out_shape, untracked_like
 from ._registry import register_function, register_method, register_module
+from ._rewrite import rewrite_getitem, rewrite_shape_args, rewrite_split
 from ._tracking import AnalysisState, ParamOrigin, TensorInfo
 
 __all__ = ["reshape_groups"]
@@ -59,9 +60,11 @@ def _size_args(node: fx.Node) -> list[Any]:
     return sizes
 
 
-@register_module(nn.Flatten, nn.Unflatten)
-@register_method("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as")
-@register_function(torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten)
+@register_module(nn.Flatten, nn.Unflatten, view=True)
+@register_method("view", "reshape", rewrite=rewrite_shape_args, view=True)
+@register_method("flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", view=True)
+@register_function(torch.reshape, rewrite=rewrite_shape_args, view=True)
+@register_function(torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten, view=True)
 def reshape(state: AnalysisState, node: fx.Node) -> Any:
     """Follow channels through a reshape. A channel axis split into several axes keeps its channels
     on the largest of them; the others become structure (heads, groups) shared by every channel,
@@ -114,8 +117,8 @@ def reshape(state: AnalysisState, node: fx.Node) -> Any:
     return out
 
 
-@register_method("permute", "transpose", "movedim", "swapaxes", "t")
-@register_function(torch.permute, torch.transpose, torch.movedim, torch.swapaxes, torch.t)
+@register_method("permute", "transpose", "movedim", "swapaxes", "t", view=True)
+@register_function(torch.permute, torch.transpose, torch.movedim, torch.swapaxes, torch.t, view=True)
 def permute(state: AnalysisState, node: fx.Node) -> Any:
     info = state.info(node.args[0])
     shape = out_shape(node)
@@ -148,8 +151,10 @@ def permute(state: AnalysisState, node: fx.Node) -> Any:
     return out
 
 
-@register_method("expand", "expand_as", "repeat", "broadcast_to")
-@register_function(torch.broadcast_to)
+@register_method("expand", "broadcast_to", rewrite=rewrite_shape_args, view=True)
+@register_method("expand_as", view=True)
+@register_method("repeat")
+@register_function(torch.broadcast_to, rewrite=rewrite_shape_args, view=True)
 def expand(state: AnalysisState, node: fx.Node) -> Any:
     info = state.info(node.args[0])
     shape = out_shape(node)
@@ -212,8 +217,10 @@ def _split_sizes(total: int, spec: Any) -> list[int]:
     return [int(s) for s in spec]
 
 
-@register_method("split", "chunk", "unbind", "tensor_split", "split_with_sizes")
-@register_function(torch.split, torch.chunk, torch.unbind, torch.tensor_split)
+@register_method("split", "split_with_sizes", rewrite=rewrite_split, view=True)
+@register_method("chunk", "unbind", "tensor_split", view=True)
+@register_function(torch.split, rewrite=rewrite_split, view=True)
+@register_function(torch.chunk, torch.unbind, torch.tensor_split, view=True)
 def split(state: AnalysisState, node: fx.Node) -> Any:
     info = state.info(node.args[0])
     shapes = out_shape(node)
@@ -247,7 +254,7 @@ def split(state: AnalysisState, node: fx.Node) -> Any:
     return outs
 
 
-@register_function(operator.getitem)
+@register_function(operator.getitem, rewrite=rewrite_getitem, view=True)
 def getitem(state: AnalysisState, node: fx.Node) -> Any:
     container, index = node.args[0], node.args[1]
     info = state.info(container)
@@ -301,3 +308,11 @@ def getitem(state: AnalysisState, node: fx.Node) -> Any:
 def metadata(state: AnalysisState, node: fx.Node) -> Any:
     """Shape and dtype queries: no tensor flows out, no channel is constrained."""
     return None
+
+
+@register_method("new_zeros", "new_ones", "new_empty", "new_full", rewrite=rewrite_shape_args)
+def new_tensor(state: AnalysisState, node: fx.Node) -> Any:
+    """``x.new_zeros(sizes)``: a new tensor of the given sizes; only the dtype and device come
+    from ``x``, so its channels are not constrained. A size read from a channel axis is rewritten
+    by the speedup; a tensor made this way and then combined with channels pins them there."""
+    return untracked_like(node)

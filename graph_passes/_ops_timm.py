@@ -4,12 +4,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from torch import fx
+from torch import fx, nn
 
 from . import _ops_conv_linear as conv_linear
-from . import _ops_layers as layers
-from ._ops_layers import _BN_PARAMS, _norm
-from ._registry import register_function, register_module
+from . import _ops_norms as norms
+from ._ops_common import out_shape, untracked_like
+from ._registry import module_handler, register_function, register_module
 from ._tracking import AnalysisState
 from .tracing import register_leaf_type
 
@@ -24,12 +24,16 @@ def _types(*names: str) -> list[type]:
     return [getattr(tl, n) for n in names if isinstance(getattr(tl, n, None), type)]
 
 
-def _register(handler: Callable[[AnalysisState, fx.Node], Any], *names: str) -> None:
+def _register(handler: Callable[[AnalysisState, fx.Node], Any], like: type[nn.Module], *names: str) -> None:
+    """timm.layers' ``names`` as leaves with ``handler``; the speedup treats them ``like`` that
+    torch layer (its rewrite and shrink rules)."""
     types = _types(*names)
+    entry = module_handler(like)
+    assert entry is not None, like
     for t in types:
         register_leaf_type(t)
     if types:
-        register_module(*types)(handler)
+        register_module(*types, rewrite=entry.rewrite, shrink=entry.shrink)(handler)
 
 
 def _exact(kind: str, axis: int) -> Callable[[AnalysisState, fx.Node], Any]:
@@ -37,18 +41,9 @@ def _exact(kind: str, axis: int) -> Callable[[AnalysisState, fx.Node], Any]:
         m = state.gm.get_submodule(str(node.target))
         if len(getattr(m, "normalized_shape", (0,))) != 1:
             state.pin_track(state.info(node.args[0]), f"{node.name} normalises over several dims")
-            return layers.untracked_like(node)
-        return _norm(state, node, axis, ("weight", "bias"), exact=kind)
+            return untracked_like(node)
+        return norms.norm(state, node, axis, ("weight", "bias"), exact=kind)
     return handler
-
-
-def _bn_act(state: AnalysisState, node: fx.Node) -> Any:
-    return _norm(state, node, 1, _BN_PARAMS, exact=None)
-
-
-def _group_norm(state: AnalysisState, node: fx.Node) -> Any:
-    m = state.gm.get_submodule(str(node.target))
-    return _norm(state, node, 1, ("weight", "bias"), exact="group1" if m.num_groups == 1 else None, groups=m.num_groups)
 
 
 def _scaled_std_conv(state: AnalysisState, node: fx.Node) -> Any:
@@ -59,18 +54,18 @@ def _scaled_std_conv(state: AnalysisState, node: fx.Node) -> Any:
     return out
 
 
-_register(conv_linear.conv_module, "Conv2dSame")
-_register(conv_linear.conv_weight_standardized, "StdConv2d", "StdConv2dSame")
-_register(_scaled_std_conv, "ScaledStdConv2d", "ScaledStdConv2dSame")
-_register(conv_linear.linear_module, "Linear")
-_register(_exact("layer", -1), "LayerNorm", "LayerNormAct")
-_register(_exact("rms", -1), "RmsNorm")
-_register(_exact("simple", -1), "SimpleNorm")
-_register(_exact("layer", 1), "LayerNorm2d", "LayerNormAct2d")
-_register(_exact("rms", 1), "RmsNorm2d")
-_register(_exact("simple", 1), "SimpleNorm2d")
-_register(_bn_act, "BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNorm2d", "FrozenBatchNormAct2d", "BatchNorm2d")
-_register(_group_norm, "GroupNorm", "GroupNorm1", "GroupNormAct")
+_register(conv_linear.conv_module, nn.Conv2d, "Conv2dSame")
+_register(conv_linear.conv_weight_standardized, nn.Conv2d, "StdConv2d", "StdConv2dSame")
+_register(_scaled_std_conv, nn.Conv2d, "ScaledStdConv2d", "ScaledStdConv2dSame")
+_register(conv_linear.linear_module, nn.Linear, "Linear")
+_register(_exact("layer", -1), nn.LayerNorm, "LayerNorm", "LayerNormAct")
+_register(_exact("rms", -1), nn.LayerNorm, "RmsNorm")
+_register(_exact("simple", -1), nn.LayerNorm, "SimpleNorm")
+_register(_exact("layer", 1), nn.LayerNorm, "LayerNorm2d", "LayerNormAct2d")
+_register(_exact("rms", 1), nn.LayerNorm, "RmsNorm2d")
+_register(_exact("simple", 1), nn.LayerNorm, "SimpleNorm2d")
+_register(norms.batch_norm, nn.BatchNorm2d, "BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNorm2d", "FrozenBatchNormAct2d", "BatchNorm2d")
+_register(norms.group_norm, nn.GroupNorm, "GroupNorm", "GroupNorm1", "GroupNormAct")
 
 
 def _resample_pos_embed(state: AnalysisState, node: fx.Node) -> Any:
@@ -78,10 +73,10 @@ def _resample_pos_embed(state: AnalysisState, node: fx.Node) -> Any:
     from ._tracking import ParamOrigin, TensorInfo
 
     info = state.info(node.args[0])
-    shape = layers.out_shape(node)
+    shape = out_shape(node)
     if not isinstance(info, TensorInfo) or not isinstance(shape, tuple) or len(shape) != info.ndim:
         state.pin_track(info, f"{node.name} resamples an embedding")
-        return layers.untracked_like(node)
+        return untracked_like(node)
     last = info.ndim - 1
     out = TensorInfo(shape, {a: ids for a, ids in info.track.items() if a == last})
     for a, ids in info.track.items():
@@ -109,9 +104,9 @@ def _channel_axis_passes(axis: int) -> Callable[[AnalysisState, fx.Node], Any]:
         from ._tracking import TensorInfo
 
         info = state.info(node.args[0])
-        shape = layers.out_shape(node)
+        shape = out_shape(node)
         if not isinstance(info, TensorInfo) or not isinstance(shape, tuple):
-            return layers.untracked_like(node)
+            return untracked_like(node)
         src, dst = axis % info.ndim, axis % len(shape)
         out = TensorInfo(shape)
         for a, ids in info.track.items():

@@ -1,61 +1,107 @@
-"""Op registry: node target (module type, function, method name) -> handler.
+"""Op registry: node target (module type, function, method name) -> everything known about the op.
 
-A handler has ``analyze(state, node) -> info`` (channel tracking, members, costs) and may have
-``rewrite(ctx, node)`` (speedup: fix constants that depend on channel counts) and, for module
-types, ``shrink(module, keep) -> module`` (build the smaller module). Ops without a handler are
-never treated as element-wise: the analysis pins their channels and records why.
+An :class:`OpHandler` holds, for one op, the channel rule (``analyze``), what the speedup does
+to it (``rewrite``: constants in the graph; ``shrink``: a module's size attributes), and whether
+it moves data (``view``, for the cost model). Module types that are traced *through* (their
+forward is inlined) but keep sizes in Python attributes their forward reads register an
+``eager`` rule instead: it is what the in-place speedup needs for the model's own forward.
+Ops without a handler are never treated as element-wise: the analysis pins their channels and
+records why.
 """
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
+import numpy as np
 import torch
 from torch import fx, nn
 
-__all__ = ["OpHandler", "register_module", "register_function", "register_method", "lookup", "describe_target"]
+from ._tracking import AnalysisState, TensorInfo
+
+__all__ = [
+    "OpHandler", "Keeper", "register_module", "register_function", "register_method", "register_eager", "lookup",
+    "module_handler", "eager_rule", "describe_target", "module_types",
+]
+
+
+class Keeper(Protocol):
+    """What a rewrite rule asks the speedup: which elements stay, and a tensor's pruned shape."""
+
+    def kept(self, ids: np.ndarray) -> np.ndarray: ...
+
+    def new_shape(self, info: TensorInfo) -> tuple[int, ...]: ...
+
+
+Analyze = Callable[[AnalysisState, fx.Node], Any]
+Rewrite = Callable[[fx.GraphModule, fx.Node, Keeper], None]
+Shrink = Callable[[nn.Module, nn.Module], None]
+Eager = Callable[[nn.Module], dict[str, Any]]
 
 
 @dataclass(frozen=True)
 class OpHandler:
-    analyze: Callable[..., Any]
-    rewrite: Optional[Callable[..., None]] = None
-    shrink: Optional[Callable[..., nn.Module]] = None
+    """``analyze(state, node) -> info``: channel tracking, members, costs.
+    ``rewrite(gm, node, keeper)``: after the parameters were sliced, make the node fit the pruned
+    tensors (size arguments, slice bounds, split sizes, attention scale, norms whose statistics
+    span removed channels); ``None`` when nothing in the node depends on channel counts.
+    ``shrink(module, old)``: module types only; set the size attributes (``in_channels``,
+    ``num_features``, ...) of ``module`` after its tensors were sliced, ``old`` being a shallow
+    copy from before. ``view``: the op's result is a view of its input (moves no data)."""
+
+    analyze: Analyze
+    rewrite: Optional[Rewrite] = None
+    shrink: Optional[Shrink] = None
+    view: bool = False
 
 
 _MODULES: dict[type, OpHandler] = {}
 _FUNCTIONS: dict[Any, OpHandler] = {}
 _METHODS: dict[str, OpHandler] = {}
+_EAGER: dict[type, Eager] = {}
 
 
-def _register(table: dict, keys: tuple, analyze: Callable, rewrite: Optional[Callable], shrink: Optional[Callable]) -> None:
-    handler = OpHandler(analyze, rewrite, shrink)
+def _register(table: dict, keys: tuple, handler: OpHandler) -> None:
     for key in keys:
         table[key] = handler
 
 
-def register_module(*types: type, rewrite: Optional[Callable] = None, shrink: Optional[Callable] = None) -> Callable:
-    """Decorator: ``analyze`` handler for modules of exactly these types (not subclasses)."""
+def register_module(*types: type, rewrite: Optional[Rewrite] = None, shrink: Optional[Shrink] = None,
+                    view: bool = False) -> Callable[[Analyze], Analyze]:
+    """Decorator: the handler of modules of exactly these types (not subclasses)."""
 
-    def deco(fn: Callable) -> Callable:
-        _register(_MODULES, types, fn, rewrite, shrink)
+    def deco(fn: Analyze) -> Analyze:
+        _register(_MODULES, types, OpHandler(fn, rewrite, shrink, view))
         return fn
 
     return deco
 
 
-def register_function(*functions: Any, rewrite: Optional[Callable] = None) -> Callable:
-    def deco(fn: Callable) -> Callable:
-        _register(_FUNCTIONS, functions, fn, rewrite, None)
+def register_function(*functions: Any, rewrite: Optional[Rewrite] = None, view: bool = False) -> Callable[[Analyze], Analyze]:
+    def deco(fn: Analyze) -> Analyze:
+        _register(_FUNCTIONS, functions, OpHandler(fn, rewrite, None, view))
         return fn
 
     return deco
 
 
-def register_method(*names: str, rewrite: Optional[Callable] = None) -> Callable:
-    def deco(fn: Callable) -> Callable:
-        _register(_METHODS, names, fn, rewrite, None)
+def register_method(*names: str, rewrite: Optional[Rewrite] = None, view: bool = False) -> Callable[[Analyze], Analyze]:
+    def deco(fn: Analyze) -> Analyze:
+        _register(_METHODS, names, OpHandler(fn, rewrite, None, view))
+        return fn
+
+    return deco
+
+
+def register_eager(*types: type) -> Callable[[Eager], Eager]:
+    """Decorator: ``fix(module) -> {attribute: value}`` for module types that are traced through
+    and whose forward reads sizes from Python attributes (an attention's ``head_dim``). Called on
+    the pruned model (its submodules already smaller) by the in-place speedup."""
+
+    def deco(fn: Eager) -> Eager:
+        for t in types:
+            _EAGER[t] = fn
         return fn
 
     return deco
@@ -69,6 +115,15 @@ def lookup(gm: fx.GraphModule, node: fx.Node) -> Optional[OpHandler]:
     if node.op == "call_method":
         return _METHODS.get(str(node.target))
     return None
+
+
+def module_handler(module: nn.Module | type) -> Optional[OpHandler]:
+    """The entry of a module (or module type), exact type."""
+    return _MODULES.get(module if isinstance(module, type) else type(module))
+
+
+def eager_rule(module: nn.Module) -> Optional[Eager]:
+    return _EAGER.get(type(module))
 
 
 def module_types() -> frozenset[type]:

@@ -1,26 +1,19 @@
-"""Speedup helpers: the arguments of shape-taking calls (view/reshape sizes, slice bounds, split
-sizes) rewritten to fit the pruned tensors."""
+"""Rewrite rules of the shape-taking ops (view/reshape/expand sizes, slice bounds, split sizes):
+their arguments rewritten to fit the pruned tensors. The ops register them in their registry
+entries (``_ops_shape``)."""
 from __future__ import annotations
 
 import operator
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import torch
 from torch import fx
 
-from ._tracking import TensorInfo
-from .dependency import TRACK_KEY
+from ._registry import Keeper
+from ._tracking import TRACK_KEY, TensorInfo, tracked
 from .errors import SpeedupError
 
-__all__ = ["rewrite_sizes", "rewrite_getitem", "rewrite_split", "origin_shape"]
-
-
-class Keeper(Protocol):
-    def kept(self, ids: np.ndarray) -> np.ndarray: ...
-
-    def new_shape(self, info: TensorInfo) -> tuple[int, ...]: ...
-
+__all__ = ["rewrite_shape_args", "rewrite_getitem", "rewrite_split"]
 
 def _reads_channels(size: Any, seen: set[fx.Node] | None = None) -> bool:
     """Whether a size computed at run time reads the length of a channel axis (``x.shape[-1]``,
@@ -44,13 +37,13 @@ def _reads_channels(size: Any, seen: set[fx.Node] | None = None) -> bool:
 
 
 def _axis_tracked(tensor: Any, axis: Any) -> bool:
-    info = tensor.meta.get(TRACK_KEY) if isinstance(tensor, fx.Node) else None
+    info = tracked(tensor)
     if not isinstance(info, TensorInfo) or not isinstance(axis, int):
         return isinstance(info, TensorInfo) and bool(info.track)  # a slice of the shape: be safe
     return axis % info.ndim in info.track
 
 
-def rewrite_sizes(node: fx.Node, old: tuple[int, ...], new: tuple[int, ...], channel_axes: frozenset[int] = frozenset()) -> None:
+def _rewrite_sizes(node: fx.Node, old: tuple[int, ...], new: tuple[int, ...], channel_axes: frozenset[int] = frozenset()) -> None:
     """Replace integer size arguments that named an axis whose length changed, and sizes computed
     at run time on channel axes or from a channel axis' length (they may read another group's
     width, e.g. ``C // heads``)."""
@@ -76,7 +69,20 @@ def rewrite_sizes(node: fx.Node, old: tuple[int, ...], new: tuple[int, ...], cha
     node.args = (args[0], tuple(fixed)) if packed else (args[0], *fixed, *args[1 + len(fixed):])
 
 
-def rewrite_getitem(node: fx.Node, info: TensorInfo, keeper: Keeper) -> None:
+def rewrite_shape_args(gm: fx.GraphModule, node: fx.Node, keeper: Keeper) -> None:
+    """view/reshape/expand/new_zeros...: every size argument fits the pruned output."""
+    info = tracked(node)
+    if not isinstance(info, TensorInfo):
+        return
+    new = _origin_shape(gm, info) if info.origin is not None and not info.track else keeper.new_shape(info)
+    _rewrite_sizes(node, info.shape, new, frozenset(info.track))
+
+
+def rewrite_getitem(gm: fx.GraphModule, node: fx.Node, keeper: Keeper) -> None:
+    """``x[..., a:b]`` on a channel axis: the bounds count the kept channels before them."""
+    info = tracked(node.args[0])
+    if not isinstance(info, TensorInfo):
+        return
     index = node.args[1]
     items = list(index) if isinstance(index, tuple) else [index]
     if Ellipsis in items:
@@ -100,11 +106,11 @@ def rewrite_getitem(node: fx.Node, info: TensorInfo, keeper: Keeper) -> None:
         node.args = (node.args[0], tuple(items) if isinstance(index, tuple) else items[0])
 
 
-def rewrite_split(node: fx.Node, info: TensorInfo, keeper: Keeper) -> None:
-    outs = node.meta.get(TRACK_KEY)
-    if not isinstance(outs, list) or node.target in ("chunk", torch.chunk, "unbind", torch.unbind):
+def rewrite_split(gm: fx.GraphModule, node: fx.Node, keeper: Keeper) -> None:
+    """split/split_with_sizes on a channel axis: the pieces' pruned sizes."""
+    info, outs = tracked(node.args[0]), node.meta.get(TRACK_KEY)
+    if not isinstance(info, TensorInfo) or not isinstance(outs, list):
         return
-    spec = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections", node.kwargs.get("split_size"))
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     axis = dim % info.ndim
     if axis not in info.track:
@@ -116,10 +122,9 @@ def rewrite_split(node: fx.Node, info: TensorInfo, keeper: Keeper) -> None:
         node.args = tuple(args)
     else:
         node.kwargs = {**node.kwargs, "split_size_or_sections": sizes}
-    del spec
 
 
-def origin_shape(gm: fx.GraphModule, info: TensorInfo) -> tuple[int, ...]:
+def _origin_shape(gm: fx.GraphModule, info: TensorInfo) -> tuple[int, ...]:
     """The shape of a view of a (sliced) parameter: each axis that shows a parameter dimension
     takes that dimension's new length (poolformer's ``scale.view(C, 1, 1)``)."""
     origin = info.origin

@@ -14,7 +14,10 @@ from typing import Any, Iterable
 import numpy as np
 from torch import fx
 
-__all__ = ["Track", "TensorInfo", "ParamOrigin", "UnionFind", "LayerRecord", "AnalysisState"]
+__all__ = ["TRACK_KEY", "EXACT_STATS", "Track", "TensorInfo", "ParamOrigin", "UnionFind", "LayerRecord", "AnalysisState", "tracked"]
+
+TRACK_KEY = "graph_passes.track"  # node.meta: the node's TensorInfo (or list of them), written by the analysis
+EXACT_STATS = "graph_passes.exact_stats"  # node.meta: (kind, axis) of a norm whose statistics span the channels
 
 Track = dict  # dict[int, np.ndarray]; a plain dict keeps handlers short
 
@@ -150,3 +153,8 @@ def _tensor_infos(info: Any) -> list[TensorInfo]:
     if isinstance(info, (list, tuple)):
         return [t for v in info for t in _tensor_infos(v)]
     return []
+
+
+def tracked(value: Any) -> Any:
+    """The analysis' record (TensorInfo, list, None) of a node argument; None for constants."""
+    return value.meta.get(TRACK_KEY) if isinstance(value, fx.Node) else None

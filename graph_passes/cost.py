@@ -1,7 +1,6 @@
 """Cost pass: FLOPs, parameters and activation elements, as functions of the kept channel fractions."""
 from __future__ import annotations
 
-import operator
 from collections import Counter
 from typing import Any, Callable
 
@@ -10,9 +9,10 @@ import torch
 from torch import fx, nn
 from torch.utils import flop_counter as _flop_counter
 
-from ._tracking import LayerRecord, TensorInfo
+from ._registry import lookup
+from ._tracking import TRACK_KEY, LayerRecord, TensorInfo
 from .cost_model import CostModel, Factor, LayerCost, TensorCost
-from .dependency import TRACK_KEY, Analysis, analysis_of, analyze
+from .dependency import Analysis, analysis_of, analyze
 from .errors import GraphPassError, MissingAnalysisError
 from .groups import ChannelGroup
 from .tracing import trace
@@ -98,22 +98,11 @@ def _layer_cost(analysis: Analysis, rec: LayerRecord) -> LayerCost:
     return LayerCost(rec.name, rec.kind, rec.flops, 0, factors, ())
 
 
-# Ops whose result is a view of their input (or a tuple of views): they move no data. Matched by
-# target, not by name; `contiguous`, `to` and friends can copy, so they count.
-_VIEW_METHODS = frozenset({"view", "view_as", "reshape", "flatten", "unflatten", "permute", "transpose", "expand",
-                           "expand_as", "squeeze", "unsqueeze", "chunk", "split", "unbind", "narrow", "detach"})
-_VIEW_FUNCTIONS = frozenset({torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
-                             torch.unsqueeze, torch.chunk, torch.split, torch.unbind, torch.narrow, torch.detach,
-                             operator.getitem})
-_VIEW_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity)
-
-
 def _is_view(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _VIEW_METHODS
-    if node.op == "call_function":
-        return node.target in _VIEW_FUNCTIONS
-    return node.op == "call_module" and type(gm.get_submodule(str(node.target))) in _VIEW_MODULES
+    """The op's result is a view of its input (its registry entry says so): it moves no data.
+    `contiguous`, `to` and friends can copy, so they count."""
+    handler = lookup(gm, node)
+    return handler is not None and handler.view
 
 
 def _tensor_costs(gm: fx.GraphModule, analysis: Analysis, param_dims: dict[tuple[str, str], dict[int, np.ndarray]]) -> list[TensorCost]:

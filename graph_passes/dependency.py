@@ -6,13 +6,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from torch import fx, nn
 
-from . import _ops_conv_linear, _ops_elementwise, _ops_layers, _ops_shape, _ops_timm  # noqa: F401  (fill the registry)
+from . import _ops_conv_linear, _ops_elementwise, _ops_layers, _ops_norms, _ops_shape, _ops_timm  # noqa: F401  (fill the registry)
 from ._ops_common import untracked_like
 from ._registry import describe_target, lookup
-from ._tracking import AnalysisState, ParamOrigin, TensorInfo, _tensor_infos
+from ._tracking import TRACK_KEY, AnalysisState, ParamOrigin, TensorInfo, _tensor_infos
 from .errors import GraphPassError, MissingAnalysisError
 from .groups import ChannelGroup, Member
 from .tracing import trace
@@ -21,7 +20,6 @@ __all__ = ["Analysis", "analyze", "analysis_of", "channel_groups", "TRACK_KEY", 
 
 logger = logging.getLogger(__name__)
 
-TRACK_KEY = "graph_passes.track"  # node.meta: the node's TensorInfo (or list of them)
 ANALYSIS_KEY = "graph_passes.analysis"  # GraphModule.meta: the Analysis
 
 

@@ -106,33 +106,67 @@ def group_masks(
     return masks
 
 
+def _alive(mask: torch.Tensor, member: Member, size: int) -> torch.Tensor:
+    """Per group channel: does ``mask`` keep any of the member's positions of it?"""
+    idx = torch.tensor(member.index, dtype=torch.long, device=mask.device)
+    sel = mask.index_select(member.dim, idx).cpu().movedim(member.dim, 0).reshape(len(member.index), -1)
+    alive = torch.zeros(size, dtype=torch.bool)
+    alive.index_fill_(0, torch.tensor(member.channel, dtype=torch.long)[(sel != 0).any(dim=1)], True)
+    return alive
+
+
+def _module_votes(group: ChannelGroup, masks: Mapping[str, Mapping[str, torch.Tensor]], role: str) -> dict[str, torch.Tensor | None]:
+    """For each module with a member of ``role``: the channels its masked tensors of that role
+    keep (``None``: none of them is masked)."""
+    votes: dict[str, torch.Tensor | None] = {}
+    for m in group.members:
+        if m.role != role:
+            continue
+        mask = masks.get(m.module, {}).get(m.param)
+        have = votes.setdefault(m.module, None)
+        if mask is not None:
+            alive = _alive(mask, m, group.size)
+            votes[m.module] = alive if have is None else have | alive
+    return votes
+
+
 def keep_from_masks(
     groups: Iterable[ChannelGroup], masks: Mapping[str, Mapping[str, torch.Tensor]]
 ) -> dict[int, torch.Tensor]:
     """Reconcile NNI-format masks into one keep vector per group.
 
-    Rule (documented in ``ModelSpeedup``): a channel is removed only when *every* masked member
-    position of that channel is entirely zero; if any member keeps any part of it, the channel is
-    kept (and the masks are baked into the weights, so outputs still equal the masked model's).
-    Members without a mask count as neither keeping nor removing. A group none of whose members
-    is masked is kept whole. Unprunable groups are always kept whole.
+    Rule (documented in ``ModelSpeedup``): a channel is removed when the masks remove it from
+    everything that produces it, or from everything that reads it:
+
+    - producers are the modules with an ``out`` member (a conv's or linear's output rows, an
+      embedding's columns). Each must have a mask on such a member and zero the channel in all of
+      its masked ones; a producer no mask mentions keeps the channel. A producer's unmasked
+      tensors (the bias, when only the weight is masked) go with the channel, as in NNI's
+      speedup: without its weights the channel is a constant, which NNI removes too.
+    - readers are the modules with an ``in`` member (the next layers' input slices); each masked
+      and zero at the channel: nothing reads it.
+    - when no producer and no reader is masked, the per-channel members (norms: SlimPruner's
+      masks) decide: every such module masked and zero at the channel.
+
+    A channel kept because some member still uses it is kept whole (the masks are baked into the
+    weights, so partly zero channels compute what the masked model computes). A group no mask
+    mentions, and every unprunable group, is kept whole.
     """
     result: dict[int, torch.Tensor] = {}
     for group in groups:
-        kept = torch.zeros(group.size, dtype=torch.bool)
-        seen = False
-        for m in group.members:
-            mask = masks.get(m.module, {}).get(m.param)
-            if mask is None:
-                continue
-            seen = True
-            idx = torch.tensor(m.index, dtype=torch.long, device=mask.device)
-            sel = mask.index_select(m.dim, idx).cpu().movedim(m.dim, 0).reshape(len(m.index), -1)
-            alive = (sel != 0).any(dim=1)
-            kept.index_fill_(0, torch.tensor(m.channel, dtype=torch.long)[alive], True)
-        if not seen or not group.prunable:
-            kept = torch.ones(group.size, dtype=torch.bool)
-        result[group.id] = kept
+        removed = torch.zeros(group.size, dtype=torch.bool)
+        if group.prunable:
+            decided = False
+            for role in ("out", "in", "norm"):
+                votes = _module_votes(group, masks, role)
+                masked = [v for v in votes.values() if v is not None]
+                if role == "norm" and decided:
+                    break
+                decided = decided or bool(masked)
+                if masked and len(masked) == len(votes):
+                    alive = torch.stack(masked).any(dim=0)
+                    removed |= ~alive
+        result[group.id] = ~removed
     return result
 
 

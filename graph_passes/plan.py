@@ -15,7 +15,8 @@ from ._atomic import atomic_write_text
 from .dependency import analyze
 from .errors import PlanError
 from .groups import ChannelGroup, keep_from_masks
-from .speedup import _bake, apply_keep
+from ._masks import bake, normalize_masks
+from .speedup import apply_keep
 from .tracing import as_tuple, trace
 
 __all__ = ["PruningPlan"]
@@ -80,7 +81,7 @@ class PruningPlan:
             example_inputs = tuple(torch.randn(*s) for s in self.input_shapes)
         model = copy.deepcopy(model).eval()
         if masks:
-            _bake(model, masks)
+            bake(model, normalize_masks(model, masks))
         gm = trace(model, example_inputs)
         analysis = analyze(gm)
         return apply_keep(gm, analysis, self.keep_vectors(analysis.groups))

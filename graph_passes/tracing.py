@@ -18,7 +18,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ._concrete_tracing import concrete_tracer
 from .errors import TraceError
 
-__all__ = ["HarpTracer", "trace", "as_tuple", "extra_leaf_types", "register_leaf_function", "register_leaf_type"]
+__all__ = ["HarpTracer", "trace", "as_tuple", "flatten_outputs", "extra_leaf_types", "register_leaf_function", "register_leaf_type"]
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def _keep_non_persistent_buffers(root: nn.Module, gm: fx.GraphModule) -> None:
 
 
 def _assert_same(expected: Any, got: Any, name: str) -> None:
-    flat_e, flat_g = _flatten(expected), _flatten(got)
+    flat_e, flat_g = flatten_outputs(expected), flatten_outputs(got)
     if len(flat_e) != len(flat_g):
         raise TraceError(f"traced {name} returns {len(flat_g)} tensors, eager returns {len(flat_e)}")
     for i, (e, g) in enumerate(zip(flat_e, flat_g)):
@@ -216,11 +216,12 @@ def _assert_same(expected: Any, got: Any, name: str) -> None:
             )
 
 
-def _flatten(value: Any) -> list[torch.Tensor]:
+def flatten_outputs(value: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output (nested tuples, lists, dicts), in a fixed order."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _flatten(v)]
+        return [t for v in value for t in flatten_outputs(v)]
     if isinstance(value, dict):
-        return [t for k in sorted(value) for t in _flatten(value[k])]
+        return [t for k in sorted(value) for t in flatten_outputs(value[k])]
     return []

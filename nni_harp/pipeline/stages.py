@@ -465,7 +465,7 @@ def stage_speedup(ctx: Context, model: nn.Module, masks: Mapping[str, Mapping[st
         masked = copy.deepcopy(model)
         example = (ctx.example,)
         plan = graph_passes.PruningPlan.from_masks(masked, example, _plain_masks(masks))
-        small = graph_passes.ModelSpeedup(model, ctx.example, _plain_masks(masks)).speedup_model()
+        small = graph_passes.ModelSpeedup(model, ctx.example, _plain_masks(masks)).speedup_model(inplace=False)
         small = small.eval()
         batch = torch.stack([ctx.test_ds[i][0] for i in range(min(16, len(ctx.test_ds)))])  # type: ignore[arg-type]
         with torch.no_grad():

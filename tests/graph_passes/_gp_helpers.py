@@ -72,7 +72,7 @@ def prune(model: nn.Module, x: Any, keep: dict[int, torch.Tensor] | None = None,
         keep = choose(groups) if choose is not None else random_keep(groups, seed)
     masks = gp.group_masks(model, groups, keep)
     masked = apply_masks(model, masks)
-    pruned = gp.ModelSpeedup(model, x, masks).speedup_model()
+    pruned = gp.ModelSpeedup(model, x, masks).speedup_model(inplace=False)
     assert_same(outputs(pruned, x), outputs(masked, x))
     return Pruned(model, pruned, masked, groups, keep, masks)
 

@@ -75,7 +75,7 @@ def prune_randomly(model: nn.Module, x: torch.Tensor, seed: int) -> tuple[fx.Gra
     keep = gp.random_keep(groups, 0.3, seed=seed)
     assert keep, "no prunable group"
     masks = gp.group_masks(model, groups, keep)
-    return gp.ModelSpeedup(model, x, masks).speedup_model().eval(), gp.masked_copy(model, masks).eval()
+    return gp.ModelSpeedup(model, x, masks).speedup_model(inplace=False).eval(), gp.masked_copy(model, masks).eval()
 
 
 def exact_norms(gm: fx.GraphModule) -> dict[str, tuple[int, int]]:

@@ -29,7 +29,7 @@ def test_disagreeing_masks_keep_the_channel_and_match_the_masked_model():
              "": {"bias": torch.cat([torch.zeros(2), torch.ones(6)]).view(8, 1, 1)}}
     masked = apply_masks(model, masks)
     speedup = gp.ModelSpeedup(model, x, masks)
-    pruned = speedup.speedup_model()
+    pruned = speedup.speedup_model(inplace=False)
     assert_same(outputs(pruned, x), outputs(masked, x))
     assert speedup.keep[g.id].tolist() == [False, False] + [True] * 6
     assert pruned.stem.out_channels == pruned.b.out_channels == 6
@@ -45,7 +45,7 @@ def test_partly_zero_channel_is_kept():
     mask[0, 0] = 0  # one input slice of filter 0: the filter is still alive
     mask[1] = 0
     speedup = gp.ModelSpeedup(model, x, {"conv": {"weight": mask}})
-    pruned = speedup.speedup_model()
+    pruned = speedup.speedup_model(inplace=False)
     assert pruned.conv.out_channels == 7 and pruned.bn.num_features == 7
     assert_same(outputs(pruned, x), outputs(apply_masks(model, {"conv": {"weight": mask}}), x))
 
@@ -60,7 +60,7 @@ def test_speedup_does_not_modify_the_input_model(factory):
     assert masks
     before = copy.deepcopy(model.state_dict())
     modules_before = {n: type(m) for n, m in model.named_modules()}
-    pruned = gp.ModelSpeedup(model, x, masks).speedup_model()
+    pruned = gp.ModelSpeedup(model, x, masks).speedup_model(inplace=False)
     assert model.training  # the caller's model is not switched to eval
     assert pruned.training  # the result comes back in the mode the model was in
     assert_same(outputs(pruned, x), outputs(apply_masks(model, masks), x))
@@ -78,7 +78,7 @@ def test_pruning_plan_save_load_apply_round_trip(tmp_path):
     groups = gp.channel_groups(model, x)
     keep = random_keep(groups, seed=3)
     masks = gp.group_masks(model, groups, keep)
-    direct = gp.ModelSpeedup(model, x, masks).speedup_model()
+    direct = gp.ModelSpeedup(model, x, masks).speedup_model(inplace=False)
     plan = gp.PruningPlan.from_masks(model, x, masks)
     assert plan.kept and set(plan.kept) <= set(keep)
     path = plan.save(tmp_path / "sub" / "plan.json")

@@ -52,7 +52,7 @@ def test_structured_round_trip_through_plan(tmp_path):
     groups = graph_passes.channel_groups(model, (x[:1],))
     keep = {g.id: torch.arange(g.size) % 3 != 0 for g in groups if g.prunable}
     masks = graph_passes.group_masks(model, groups, keep)
-    small = graph_passes.ModelSpeedup(model, x[:1], masks).speedup_model().eval()
+    small = graph_passes.ModelSpeedup(model, x[:1], masks).speedup_model(inplace=False).eval()
     graph_passes.PruningPlan.from_masks(model, (x[:1],), masks).save(tmp_path / "plan.json")
     atomic_save(small.state_dict(), tmp_path / "model.pt")
     write_meta(tmp_path, _meta("plan.json"))
