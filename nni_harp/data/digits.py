@@ -13,6 +13,7 @@ from ._info import DatasetInfo
 from ._registry import register_dataset
 from ._tensor_dataset import TensorImageDataset
 from ._transforms import ResizeClamp
+from .errors import DatasetError
 
 __all__ = ["DIGITS_MEAN", "DIGITS_STD", "DIGITS_TEST_FRACTION", "build_digits", "digits_split"]
 
@@ -39,29 +40,42 @@ def _digits_tensors() -> tuple[Tensor, Tensor]:
     return images, labels
 
 
-def digits_split(labels: Tensor, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified ``80/20`` split of ``range(len(labels))``, deterministic for a given ``seed``."""
+def _check_test_fraction(test_fraction: object) -> float:
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0.0 < test_fraction < 1.0:
+        raise DatasetError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
+    return float(test_fraction)
+
+
+def digits_split(
+    labels: Tensor, seed: int, test_fraction: float = DIGITS_TEST_FRACTION
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split of ``range(len(labels))`` holding out ``test_fraction`` (default ``0.2``:
+    80/20), deterministic for a given ``seed`` and ``test_fraction``."""
     from sklearn.model_selection import train_test_split
 
+    test_size = _check_test_fraction(test_fraction)
     indices = np.arange(labels.shape[0])
     train_idx, test_idx = train_test_split(
-        indices, test_size=DIGITS_TEST_FRACTION, stratify=labels.numpy(), random_state=seed, shuffle=True
+        indices, test_size=test_size, stratify=labels.numpy(), random_state=seed, shuffle=True
     )
     return np.sort(train_idx), np.sort(test_idx)
 
 
 @register_dataset("digits")
 def build_digits(
-    data_dir: Path | None, image_size: int, seed: int
+    data_dir: Path | None, image_size: int, seed: int, test_fraction: float = DIGITS_TEST_FRACTION
 ) -> tuple[TensorImageDataset, TensorImageDataset, DatasetInfo]:
     """Grey 8x8 digits resized (bilinear) to ``image_size`` and repeated to 3 channels.
 
     No augmentation: the split is the only randomness, so results are reproducible per ``seed``.
+    ``test_fraction`` is the stratified held-out share (the registry, hence ``build_datasets`` and
+    the pipeline, always uses the default ``0.2``; benchmarks call this builder directly for a
+    larger evaluation set).
     """
     if data_dir is not None:
         logger.info("digits ships with scikit-learn; ignoring data_dir=%s", data_dir)
     images, labels = _digits_tensors()
-    train_idx, test_idx = digits_split(labels, seed)
+    train_idx, test_idx = digits_split(labels, seed, test_fraction)
     resize = ResizeClamp(image_size)
     transform: ResizeClamp | None = None
     if images.shape[0] * image_size * image_size * 4 <= _PRECOMPUTE_LIMIT_BYTES:

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from nni_harp.data import DatasetInfo, build_datasets
-from nni_harp.data.digits import DIGITS_MEAN, DIGITS_STD, digits_split
+from nni_harp.data import DatasetError, DatasetInfo, build_datasets
+from nni_harp.data.digits import DIGITS_MEAN, DIGITS_STD, DIGITS_TEST_FRACTION, build_digits, digits_split
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +91,31 @@ def test_digits_samples_are_copies() -> None:
 def test_digits_ignores_data_dir(tmp_path: object) -> None:
     train, _, info = build_datasets("digits", data_dir=tmp_path / "not-there")  # type: ignore[operator]
     assert info.name == "digits" and len(train) == 1437
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.3])
+def test_digits_test_fraction_holds_out_a_stratified_share(raw: tuple[torch.Tensor, np.ndarray], fraction: float) -> None:
+    _, targets = raw
+    train_idx, test_idx = digits_split(torch.from_numpy(targets), 4, test_fraction=fraction)
+    assert len(set(train_idx) & set(test_idx)) == 0 and len(train_idx) + len(test_idx) == len(targets)
+    assert abs(len(test_idx) - fraction * len(targets)) <= 1
+    in_test = np.bincount(targets[test_idx], minlength=10)
+    assert np.all(np.abs(in_test - fraction * np.bincount(targets, minlength=10)) <= 1.0), in_test
+    train, test, _ = build_digits(None, 8, 4, test_fraction=fraction)
+    assert (len(train), len(test)) == (len(train_idx), len(test_idx))
+    assert torch.equal(test.labels, torch.from_numpy(targets[test_idx]))
+
+
+def test_digits_default_split_is_unchanged_by_the_option() -> None:
+    labels = torch.from_numpy(load_digits().target)
+    default_train, default_test = digits_split(labels, 5)
+    explicit_train, explicit_test = digits_split(labels, 5, test_fraction=DIGITS_TEST_FRACTION)
+    assert np.array_equal(default_train, explicit_train) and np.array_equal(default_test, explicit_test)
+    _, test, _ = build_datasets("digits", seed=5)  # what the pipeline gets: the registry's 80/20
+    assert len(test) == len(default_test) == 360
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, True, "0.5"])
+def test_digits_rejects_bad_test_fraction(fraction: object) -> None:
+    with pytest.raises(DatasetError, match="test_fraction"):
+        digits_split(torch.from_numpy(load_digits().target), 0, test_fraction=fraction)  # type: ignore[arg-type]
