@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the global batch; under torchrun each of N processes takes 1/N of it (default: %(default)s)")
     g.add_argument("--pretrain-lr", type=_number, default=0.05, help="default: %(default)s")
     g.add_argument("--prune-lr", type=_number, default=0.1,
-                   help="learning rate of HARP's (HYDRA's) scores and rates, the weights being frozen; NNI's "
+                   help="learning rate of HARP's (HYDRA's) scores, the weights being frozen (rates: HARPSettings.rate_lr); NNI's "
                         "training-aware pruners train the weights at --finetune-lr (default: %(default)s)")
     g.add_argument("--finetune-lr", type=_number, default=0.01, help="default: %(default)s")
     g.add_argument("--weight-decay", type=_number, default=5e-4, help="default: %(default)s")

@@ -314,7 +314,7 @@ def stage_prune(ctx: Context, model: nn.Module) -> tuple[nn.Module, Masks, dict[
                                dummy_input=example)
     options: dict[str, Any] = {}
     if learned:
-        options = {"score_lr": cfg.prune_lr, "rate_lr": cfg.prune_lr}
+        options = {"score_lr": cfg.prune_lr}  # the rates keep HARPSettings' own optimizer and rate
         if spec.name == "harp":
             options["gamma_0"] = cfg.gamma_0
     cl = pruner_config_list(spec.name, cfg.mode, cfg.sparsity, cfg.flops_target, uniform)

@@ -145,7 +145,7 @@ class PipelineConfig:
     overwrite: bool = False
     # learning rates / schedule (SGD, momentum 0.9, cosine, weight decay)
     pretrain_lr: float = 0.05
-    prune_lr: float = 0.1  # HARP's score and rate learning rate (the weights are frozen while pruning)
+    prune_lr: float = 0.1  # HARP's score learning rate (the weights are frozen while pruning)
     finetune_lr: float = 0.01
     weight_decay: float = 5e-4
     gamma_0: float = 0.01

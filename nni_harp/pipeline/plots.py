@@ -34,9 +34,11 @@ def _short(name: str, limit: int = 28) -> str:
 
 
 def plot_layer_rates(
-    rates: Mapping[str, float], uniform: float | None, path: str | Path, title: str = ""
+    rates: Mapping[str, float], uniform: float | None, path: str | Path, title: str = "",
+    start: Mapping[str, float] | None = None,
 ) -> Path:
-    """Bars of the learned kept fraction per layer, with the uniform target as a horizontal line."""
+    """Bars of the learned kept fraction per layer, with the uniform target as a horizontal line and,
+    when given, where each layer started (``start``, markers)."""
     names = list(rates)
     values = [float(rates[n]) for n in names]
     width = min(max(6.0, 0.28 * len(names) + 2.0), 40.0)
@@ -44,6 +46,10 @@ def plot_layer_rates(
     ax = fig.add_subplot(1, 1, 1)
     if names:
         ax.bar(range(len(names)), values, color="tab:blue", label="learned kept fraction")
+        if start:
+            xs = [i for i, n in enumerate(names) if n in start]
+            ax.scatter(xs, [float(start[names[i]]) for i in xs], marker="_", s=120, color="black", zorder=3,
+                       label="start of pruning")
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels([_short(n) for n in names], rotation=90, fontsize=7)
     else:
@@ -58,32 +64,59 @@ def plot_layer_rates(
     return _save(fig, path)
 
 
-def plot_history(history: Sequence[Mapping[str, Any]], target: float | None, path: str | Path, title: str = "") -> Path:
-    """gamma (left axis, log scale when positive) and kept fraction (right axis) per pruning epoch."""
-    epochs = [int(h.get("epoch", i)) + 1 for i, h in enumerate(history)]  # 1-based, as the progress shows
-    gamma = [float(h["gamma"]) if h.get("gamma") is not None else float("nan") for h in history]
-    kept = [float(h["kept_fraction"]) if h.get("kept_fraction") is not None else float("nan") for h in history]
-    fig = _figure(6.5, 4.0)
-    ax = fig.add_subplot(1, 1, 1)
-    if history:
-        ax.plot(epochs, gamma, marker="o", color="tab:orange", label="gamma")
-        if all(g > 0 for g in gamma):
-            ax.set_yscale("log")
-        from matplotlib.ticker import MaxNLocator
+#: Background colour and legend text of each phase of HARP's schedule (``history[i]['phase']``).
+_PHASE_STYLE = {
+    "robustness": ("#d9f0d3", "robustness first (gamma growing)"),
+    "descent": ("#fde0c5", "descent to the target (gamma growing)"),
+    "balance": ("#d6e6f5", "balance (gamma frozen)"),
+}
 
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("pruning epoch")
-        ax.set_ylabel("gamma", color="tab:orange")
-        ax2 = ax.twinx()
-        ax2.plot(epochs, kept, marker="s", color="tab:blue", label="kept fraction")
-        if target is not None:
-            ax2.axhline(target, color="tab:red", linestyle="--", label=f"target {target:.3g}")
-        ax2.set_ylabel("kept fraction", color="tab:blue")
-        ax2.set_ylim(0.0, 1.05)
-        lines = ax.get_legend_handles_labels()
-        lines2 = ax2.get_legend_handles_labels()
-        ax2.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper right", fontsize=8)
-    else:
+
+def plot_history(history: Sequence[Mapping[str, Any]], target: float | None, path: str | Path, title: str = "") -> Path:
+    """The pruning schedule: the kept fraction at every epoch boundary (right axis; the first point
+    is where pruning started), gamma per epoch (left axis, log scale when positive), the phase of
+    every epoch as background colour, and the epoch that first met the target (gamma frozen after it)."""
+    def number(h: Mapping[str, Any], key: str) -> float:
+        value = h.get(key)
+        return float(value) if value is not None else float("nan")
+
+    fig = _figure(7.0, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    if not history:
         ax.text(0.5, 0.5, "no pruning history recorded", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title or "HARP: gamma and kept fraction per epoch")
+        return _save(fig, path)
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
+    n = len(history)
+    shown: dict[str, Any] = {}
+    for i, h in enumerate(history):
+        style = _PHASE_STYLE.get(str(h.get("phase")))
+        if style is not None:
+            ax.axvspan(i, i + 1, color=style[0], zorder=0, linewidth=0)
+            shown.setdefault(str(h.get("phase")), Patch(color=style[0], label=style[1]))
+    gamma = [number(h, "gamma") for h in history]
+    ax.step(range(n + 1), gamma + gamma[-1:], where="post", color="tab:orange", label="gamma (per epoch)")
+    if all(g > 0 for g in gamma):
+        ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(0, n)
+    ax.set_xlabel("pruning epoch (end)")
+    ax.set_ylabel("gamma", color="tab:orange")
+    ax2 = ax.twinx()
+    kept = [number(history[0], "kept_start") if "kept_start" in history[0] else float("nan")]
+    kept += [number(h, "kept_fraction") for h in history]
+    ax2.plot(range(n + 1), kept, marker="s", color="tab:blue", label="kept fraction")
+    if target is not None:
+        ax2.axhline(target, color="tab:red", linestyle="--", label=f"target {target:.3g}")
+    # HYDRA's history has no phases: its rates are fixed, so there is no schedule to freeze
+    met = next((i for i, h in enumerate(history) if h.get("target_met") and h.get("phase")), None)
+    if met is not None:
+        ax2.axvline(met + 1, color="black", linestyle=":", label=f"target met after epoch {met + 1}: gamma frozen")
+    ax2.set_ylabel("kept fraction", color="tab:blue")
+    ax2.set_ylim(0.0, 1.05)
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0] + list(shown.values())
+    ax2.legend(handles=handles, loc="upper right", fontsize=7)
     ax.set_title(title or "HARP: gamma and kept fraction per epoch")
     return _save(fig, path)

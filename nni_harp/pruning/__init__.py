@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from .budget import CostBudget, WeightedBudget, hinge, project_keep, round_to_counts
 from .errors import ConfigListError, MaskError, PruningError, SettingsError, StructureError
-from .harp import STATE_VERSION, HARPPruner, HydraPruner
+from .harp import STATE_VERSION, HARPPruner
+from .hydra import HydraPruner
 from .masks import apply_masks, fix_masks, release_masks
 from .schedule import GammaSchedule
 from .settings import HARPSettings

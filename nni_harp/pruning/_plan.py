@@ -14,14 +14,15 @@ from torch import Tensor, nn
 from graph_passes.cost_model import CostModel
 from graph_passes.groups import ChannelGroup
 
+from ._allocation import UnitStats, allocate
 from ._config import ParsedConfig, ensure_nni_setting
-from ._structure import MaskFactor, controlled_groups, group_init_scores, group_names, mask_factors
+from ._structure import MaskFactor, channel_rms, controlled_groups, group_init_scores, group_names, mask_factors
 from ._units import hydra_scores
-from .budget import Budget, CostBudget, WeightedBudget, layer_flops, project_keep
+from .budget import Budget, CostBudget, WeightedBudget, layer_flops
 from .errors import ConfigListError, SettingsError, StructureError
 from .settings import HARPSettings
 
-__all__ = ["UnitPlan", "Plan", "plan_unstructured", "structured_target", "plan_structured"]
+__all__ = ["UnitPlan", "Plan", "plan_unstructured", "structured_target", "channel_structure", "plan_structured"]
 
 
 @dataclass
@@ -68,11 +69,25 @@ def _weighted(members: Sequence[int], weights: Sequence[float], targets: Sequenc
     return WeightedBudget({i: weights[i] for i in members}, sum(weights[i] * targets[i] for i in members) / total)
 
 
+def _start(units: Sequence[UnitPlan], budgets: Sequence[Budget], settings: HARPSettings,
+           stats: Sequence[UnitStats]) -> None:
+    """Set every unit's ``init_keep`` from ``settings.init_allocation`` at each budget's start
+    fraction (:meth:`HARPSettings.start_keep`); HYDRA's stay uniform at the target."""
+    for budget in budgets:
+        members = budget.units
+        floors = {u: units[u].floor for u in members}
+        ceilings = {u: units[u].ceiling for u in members}
+        kind = settings.init_allocation if settings.learn_rates else "uniform"
+        start = allocate(kind, budget, settings.start_keep(budget.target), {u: stats[u] for u in members}, floors, ceilings)
+        for u, keep in start.items():
+            units[u].init_keep = keep
+
+
 def plan_unstructured(
     model: nn.Module, inner: nn.Module, prefix: str, parsed: ParsedConfig, settings: HARPSettings,
     budget_kind: str, dummy_input: Any,
 ) -> Plan:
-    """One unit per selected weight, started at its entry's target; one budget per entry or
+    """One unit per selected weight, started per :func:`_start`; one budget per entry or
     ``global_group_id``, counting parameters or (measured on ``dummy_input``) dense FLOPs."""
     modules = dict(model.named_modules())
     units: list[UnitPlan] = []
@@ -100,6 +115,8 @@ def plan_unstructured(
         _weighted([i for i, k in enumerate(keys) if k == key], weights, targets) for key in dict.fromkeys(keys)
     ]
     overall = _weighted(list(range(len(units))), weights, targets)
+    stats = [UnitStats(modules[u.module].weight.detach().abs(), tuple(modules[u.module].weight.shape)) for u in units]
+    _start(units, budgets, settings, stats)
     return Plan(config_list=parsed.nni_config_list, units=units, budgets=budgets, overall=overall)
 
 
@@ -113,12 +130,28 @@ def structured_target(parsed: ParsedConfig, budget_kind: str) -> float:
     return keeps.pop()
 
 
+def channel_structure(model: nn.Module, example_inputs: Any) -> tuple[list[ChannelGroup], CostModel]:
+    """The model's coupled channel groups and cost model, traced on ``example_inputs``."""
+    from graph_passes import channel_groups, cost
+
+    if example_inputs is None:
+        raise StructureError("structured HARP traces the model: pass dummy_input (or give the evaluator one)")
+    groups = list(channel_groups(model, example_inputs))
+    cost_model = cost(model, example_inputs)
+    known = {g.id for g in groups}
+    stray = sorted({gid for layer in cost_model.layers for f in (*layer.flops_factors, *layer.params_factors)
+                    for gid, _ in f.parts} - known)
+    if stray:
+        raise StructureError(f"the cost model refers to channel groups {stray} that channel_groups did not return")
+    return groups, cost_model
+
+
 def plan_structured(
     inner: nn.Module, prefix: str, parsed: ParsedConfig, settings: HARPSettings, budget_kind: str,
     target: float, groups: Sequence[ChannelGroup], cost_model: CostModel,
 ) -> Plan:
-    """One unit per controlled channel group, started at the uniform kept fraction that meets the
-    budget; every member module of those groups is wrapped (an extra config entry if unselected)."""
+    """One unit per controlled channel group, started per :func:`_start`; every member module of
+    those groups is wrapped (an extra config entry if unselected)."""
     selected = {_strip(n, prefix) for n in parsed.owner}
     excluded = {_strip(n, prefix) for n in parsed.excluded}
     # a group is only useful if one of its members has a weight or bias HARP can mask
@@ -150,9 +183,7 @@ def plan_structured(
             f"floor the model still keeps {lowest:.4f} of its {budget_kind} (the rest is in layers HARP does not "
             "control: unprunable, unselected or excluded channels); select more layers or lower sparse_ratio"
         )
-    init = project_keep(budget, dict(ceilings), floors, ceilings)
-    for i, unit in enumerate(units):
-        unit.init_keep = init[i]
+    _start(units, [budget], settings, [UnitStats(channel_rms(inner, g)) for g in chosen])
     extras = sorted(name for name in factors if name not in parsed.owner)
     config_list = list(parsed.nni_config_list)
     if extras:

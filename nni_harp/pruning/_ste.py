@@ -25,11 +25,18 @@ def keep_from_rate(rate: Tensor, floor: float, ceiling: float) -> Tensor:
     return floor + (ceiling - floor) * torch.sigmoid(rate)
 
 
-def rate_for_keep(keep: float, floor: float, ceiling: float) -> float:
-    """The rate whose kept fraction is ``keep`` (clipped just inside ``(floor, ceiling)``)."""
+#: How far inside ``(floor, ceiling)`` a rate starts, as a fraction of the range (the authors' 1e-2):
+#: a unit started at its ceiling (``init_allocation='dense'``) or floor is then ``logit(0.99) = 4.6``
+#: from the middle, where the sigmoid still has 1 % of its slope, not 14 (``logit(1 - 1e-6)``).
+START_MARGIN = 1e-2
+
+
+def rate_for_keep(keep: float, floor: float, ceiling: float, margin: float = _EPS) -> float:
+    """The rate whose kept fraction is ``keep``, clipped to ``margin`` of the range inside
+    ``(floor, ceiling)``."""
     if ceiling - floor <= 0.0:
         return 0.0
-    p = min(max((keep - floor) / (ceiling - floor), _EPS), 1.0 - _EPS)
+    p = min(max((keep - floor) / (ceiling - floor), margin), 1.0 - margin)
     return math.log(p / (1.0 - p))
 
 

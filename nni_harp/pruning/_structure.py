@@ -17,7 +17,10 @@ from graph_passes.groups import ChannelGroup, channel_norms
 
 from ._units import hydra_scores
 
-__all__ = ["MaskFactor", "controlled_groups", "group_names", "group_init_scores", "mask_factors", "factor_mask"]
+__all__ = [
+    "MaskFactor", "controlled_groups", "group_names", "group_init_scores", "channel_rms", "mask_factors", "learning_factors",
+    "factor_mask",
+]
 
 MASKED_PARAMS: tuple[str, ...] = ("weight", "bias")
 
@@ -25,13 +28,15 @@ MASKED_PARAMS: tuple[str, ...] = ("weight", "bias")
 @dataclass(frozen=True)
 class MaskFactor:
     """Positions ``index`` along ``dim`` (of length ``size``) of one parameter follow the channels
-    ``channel`` of unit ``unit``'s channel mask."""
+    ``channel`` of unit ``unit``'s channel mask; ``role`` is the member's (``'out'``: produces the
+    channel, ``'in'``: consumes it, ``'norm'``: per-channel affine or similar)."""
 
     unit: int
     dim: int
     size: int
     index: Tensor
     channel: Tensor
+    role: str = "out"
 
 
 def controlled_groups(
@@ -78,6 +83,22 @@ def group_init_scores(model: nn.Module, group: ChannelGroup) -> Tensor:
     return hydra_scores(norms, fan_in)
 
 
+def channel_rms(model: nn.Module, group: ChannelGroup) -> Tensor:
+    """Each channel's root-mean-square weight over the members :func:`graph_passes.channel_norms`
+    reads (producing weights): its L2 norm over the square root of its number of entries, a
+    magnitude comparable across groups of different fan-in."""
+    producers = [m for m in group.members if m.role == "out" and m.param == "weight"]
+    chosen = producers or [m for m in group.members if m.param == "weight"]
+    counts = torch.zeros(group.size, dtype=torch.float64)
+    for member in chosen:
+        tensor = _tensor(model, member.module, member.param)
+        if tensor is not None:
+            per_position = tensor.numel() // tensor.shape[member.dim]
+            counts.index_add_(0, torch.tensor(member.channel, dtype=torch.long),
+                              torch.full((len(member.channel),), float(per_position), dtype=torch.float64))
+    return (channel_norms(model, group, p=2.0).to(torch.float64) / counts.clamp_min(1.0).sqrt()).to(torch.float32)
+
+
 def mask_factors(
     model: nn.Module, groups: Sequence[ChannelGroup], prefix: str = ""
 ) -> dict[str, dict[str, list[MaskFactor]]]:
@@ -97,9 +118,39 @@ def mask_factors(
                 size=int(tensor.shape[member.dim]),
                 index=torch.tensor(member.index, dtype=torch.long),
                 channel=torch.tensor(member.channel, dtype=torch.long),
+                role=member.role,
             )
             out.setdefault(prefix + member.module, {}).setdefault(member.param, []).append(factor)
     return out
+
+
+def learning_factors(factors: Mapping[str, Mapping[str, Sequence[MaskFactor]]]) -> dict[str, dict[str, list[MaskFactor]]]:
+    """The factors masked *while HARP learns*: one side of every unit's channels, so that a pruned
+    channel's score and its unit's rate keep a task gradient.
+
+    The final mask multiplies every member (producer rows, bias, norm affine, consumer columns):
+    a pruned channel is then exactly zero everywhere and ``dL/dmask`` of it is zero, so it could
+    never come back; and a BatchNorm after the producer makes the loss blind to the scale of the
+    channel, so even kept channels send the rate almost no gradient. While learning, a unit's mask
+    is applied to its consumers' input weights only (role ``'in'``; the authors mask conv inputs
+    the same way): the channel is still computed and normalised, and its mask gradient is the
+    loss change of feeding it to the next layers. A unit that no weight consumes (its channels
+    only reach parameter-free ops) is masked on its producing weights instead. Once pruning ends
+    the full masks are used, so the pruned model equals the masked one.
+    """
+    by_unit: dict[int, set[str]] = {}
+    for targets in factors.values():
+        for param, items in targets.items():
+            for f in items:
+                if param == "weight" and f.role in ("in", "out"):
+                    by_unit.setdefault(f.unit, set()).add(f.role)
+    side = {unit: "in" if "in" in roles else "out" for unit, roles in by_unit.items()}
+    chosen: dict[str, dict[str, list[MaskFactor]]] = {}
+    for module, targets in factors.items():
+        items = [f for f in targets.get("weight", ()) if side.get(f.unit) == f.role]
+        if items:
+            chosen[module] = {"weight": items}
+    return chosen
 
 
 def factor_mask(factors: Sequence[MaskFactor], channel_masks: Mapping[int, Tensor], like: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._ste import keep_count, keep_from_rate, rate_for_keep, straight_through_mask, topk_mask
+from ._ste import START_MARGIN, keep_count, keep_from_rate, rate_for_keep, straight_through_mask, topk_mask
 
 __all__ = ["ScoreUnit", "hydra_scores"]
 
@@ -51,7 +51,7 @@ class ScoreUnit:
             device = next(iter(owner.buffers()), None)
         where = device.device if device is not None else torch.device("cpu")
         scores = init_scores.detach().to(device=where, dtype=torch.float32).clone()
-        rate = torch.tensor(rate_for_keep(init_keep, self.floor, self.ceiling), device=where)
+        rate = torch.tensor(rate_for_keep(init_keep, self.floor, self.ceiling, START_MARGIN), device=where)
         owner.register_parameter(f"{attr}_score", nn.Parameter(scores))
         owner.register_parameter(f"{attr}_rate", nn.Parameter(rate, requires_grad=learn_rate))
         owner.register_buffer(f"{attr}_keep", torch.zeros_like(scores))

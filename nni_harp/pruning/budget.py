@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence, Union
+from typing import Any, Callable, Mapping, Protocol, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,9 @@ __all__ = [
     "CostBudget",
     "hinge",
     "project_keep",
+    "bisect_increasing",
     "round_to_counts",
+    "final_counts",
     "layer_flops",
 ]
 
@@ -114,6 +116,19 @@ def _as_float(value: Fraction) -> float:
     return float(value.detach()) if isinstance(value, Tensor) else float(value)
 
 
+def bisect_increasing(f: Callable[[float], float], target: float, lo: float, hi: float, iterations: int = 80) -> tuple[float, float]:
+    """``(below, above)``: the ends of a bracket, narrowed by bisection, of the point where the
+    non-decreasing ``f`` crosses ``target`` (``f(below) <= target < f(above)`` where it crosses
+    inside ``[lo, hi]``)."""
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if f(mid) > target:
+            hi = mid
+        else:
+            lo = mid
+    return lo, hi
+
+
 def project_keep(
     budget: Budget,
     keep: Mapping[int, float],
@@ -141,13 +156,8 @@ def project_keep(
     if _as_float(budget.kept(high_state)) < target:
         _logger.warning("budget target %.4f is above what the ceilings allow; keeping every unit at its ceiling", target)
         return {u: ceilings[u] for u in base}
-    lo, hi = 0.0, max(ceilings[u] / k for u, k in base.items())
-    for _ in range(iterations):
-        mid = 0.5 * (lo + hi)
-        if _as_float(budget.kept(scaled(mid))) > target:
-            hi = mid
-        else:
-            lo = mid
+    lo, hi = bisect_increasing(lambda c: _as_float(budget.kept(scaled(c))), target, 0.0,
+                               max(ceilings[u] / k for u, k in base.items()), iterations)
     below, above = scaled(lo), scaled(hi)
     err_below = abs(_as_float(budget.kept(below)) - target)
     err_above = abs(_as_float(budget.kept(above)) - target)
@@ -213,6 +223,25 @@ def round_to_counts(
                 break
         else:
             break
+    return counts
+
+
+def final_counts(
+    budgets: Sequence[Budget],
+    keep: Mapping[int, float],
+    floors: Mapping[int, float],
+    ceilings: Mapping[int, float],
+    sizes: Mapping[int, int],
+    min_counts: Mapping[int, int],
+    max_counts: Mapping[int, int],
+    multiples: Mapping[int, int] | None = None,
+) -> dict[int, int]:
+    """Whole entry counts per unit that meet every budget: the learned fractions ``keep`` projected
+    onto each budget (:func:`project_keep`: their ratios kept) and rounded (:func:`round_to_counts`)."""
+    counts: dict[int, int] = {}
+    for budget in budgets:
+        projected = project_keep(budget, {u: keep[u] for u in budget.units}, floors, ceilings)
+        counts.update(round_to_counts(budget, projected, sizes, min_counts, max_counts, multiples))
     return counts
 
 

@@ -4,13 +4,23 @@
 per-epoch growth) or the number of stage boundaries ``<= t``. At the end of the first epoch whose
 kept fraction meets the target, gamma is frozen at the value that epoch used, for good: robustness
 first, then robustness and compactness held in balance.
+
+Every pruning epoch is labelled with the phase it belongs to (:func:`epoch_phase`, recorded in
+``HARPPruner.history``): ``'robustness'`` (gamma growing, the kept fraction not falling: the task
+loss has the upper hand), ``'descent'`` (gamma growing, the kept fraction falling towards the
+target) and ``'balance'`` (every epoch after the one that first met the target: gamma frozen).
 """
 from __future__ import annotations
 
 import bisect
 from typing import Any, Mapping, Sequence
 
-__all__ = ["GammaSchedule"]
+__all__ = ["GammaSchedule", "PHASES", "epoch_phase"]
+
+#: The phases of a HARP run, in the order they normally come.
+PHASES: tuple[str, ...] = ("robustness", "descent", "balance")
+#: A fall of the kept fraction over an epoch smaller than this counts as no fall.
+DESCENT_TOLERANCE = 1e-3
 
 
 class GammaSchedule:
@@ -78,3 +88,10 @@ class GammaSchedule:
     def __repr__(self) -> str:
         state = f"frozen at epoch {self.frozen_at}" if self.frozen else "growing"
         return f"GammaSchedule(gamma_0={self.gamma_0}, stage_boundaries={self.stage_boundaries}, {state})"
+
+
+def epoch_phase(schedule: GammaSchedule, epoch: int, kept_start: float, kept_end: float) -> str:
+    """The phase of ``epoch`` (see the module docstring), once :meth:`GammaSchedule.observe` saw it."""
+    if schedule.frozen_at is not None and epoch > schedule.frozen_at:
+        return "balance"
+    return "descent" if kept_end < kept_start - DESCENT_TOLERANCE else "robustness"

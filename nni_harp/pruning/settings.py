@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, Mapping
 
+from ._allocation import ALLOCATIONS
 from .errors import SettingsError
 
 __all__ = ["HARPSettings", "BUDGETS", "OPTIMIZERS", "LR_SCHEDULES"]
@@ -42,8 +43,10 @@ class HARPSettings:
     """Settings of :class:`~nni_harp.pruning.HARPPruner` (and :class:`~nni_harp.pruning.HydraPruner`).
 
     Args:
-        gamma_0: initial weight of the hardware loss, ``> 0``. The paper uses 0.01 (CIFAR-10/SVHN)
-            and 0.1 (ImageNet).
+        gamma_0: initial weight of the hardware loss, ``> 0``; gamma grows by ``gamma_0`` per epoch
+            (or stage) until the target is first met. The paper uses 0.01 (CIFAR-10/SVHN) and 0.1
+            (ImageNet) with ~8,000 rate steps per run; see ``rate_optimizer`` for why the default
+            here is larger.
         alpha: floor factor, in ``(0, 1]``: a layer (or channel group) never keeps less than
             ``k_min = alpha * target_keep`` of its entries (and never fewer than one).
         stage_boundaries: epochs (0-based, strictly increasing, ``>= 1``) at which gamma grows by
@@ -51,23 +54,52 @@ class HARPSettings:
             paper. Growth stops for good once the target is first met.
         budget: what the hardware loss counts: ``'params'`` or ``'flops'``; ``None`` picks
             ``'params'`` for unstructured and ``'flops'`` for structured (``out_channel``) pruning.
+        init_allocation: where the per-unit kept fractions start, at an overall kept fraction of
+            ``init_keep``: ``'uniform'`` (every unit the same fraction), ``'magnitude'`` (one global
+            threshold on weight magnitudes; structured: on channels' RMS weight), ``'lamp'`` (one
+            global threshold on LAMP scores, Lee et al. 2021, which rescale magnitudes per unit),
+            ``'erk'`` (Erdos-Renyi-Kernel densities, unstructured only), or ``'dense'`` (every unit
+            at its ceiling; ``init_keep`` is ignored). HYDRA (``learn_rates=False``) always starts,
+            and stays, uniform at the target.
+        init_keep: overall kept fraction (of the budgeted params or FLOPs) the allocation starts
+            at, in ``[target, 1]``; ``None`` (default) starts at ``sqrt(target)``, the geometric
+            middle between the target and the dense model: 0.32 of the weights for a 90 % target,
+            0.1 for 99 % (the authors' 10 % start), 0.71 of the FLOPs for half the FLOPs.
+            Starting *above* the target is what gives HARP its stagewise schedule: while the
+            kept fraction is above the target the hardware loss is active and gamma grows
+            (robustness first, then the kept fraction is pushed down), and gamma freezes at the
+            first epoch that meets the target (then both are held in balance). Starting *at* the
+            target meets it at once, freezes gamma at ``gamma_0`` and skips the descent.
         learn_rates: learn per-layer rates (HARP). ``False`` fixes them uniformly at the target and
             only learns scores (HYDRA).
-        optimizer: ``'sgd'`` (momentum ``momentum``) or ``'adam'``, for scores and rates.
+        optimizer: ``'sgd'`` (momentum ``momentum``) or ``'adam'``, for the scores (and the norm
+            affine parameters, see ``train_norm_affine``).
         score_lr: learning rate of the importance scores, ``> 0``.
-        rate_lr: learning rate of the rate parameters, ``> 0``.
+        rate_optimizer: ``'adam'`` (AdamW: decoupled ``rate_weight_decay``) or ``'sgd'`` (with
+            ``momentum``), for the rate parameters. A rate's straight-through gradient sums
+            ``dL/dmask`` over its unit; once the scores settle it is 1e-3-1e-2, so an SGD step of
+            ``rate_lr * grad`` only moves rates in runs of thousands of steps (the paper's 20
+            epochs x 391 steps). Adam's step is ``~rate_lr`` whatever the gradient's scale, and its
+            sign is that of the mean gradient: rates move in a 3-epoch run of 20 steps per epoch as
+            in a 20-epoch run of 400 (where they settle sooner and track the gamma schedule).
+        rate_lr: learning rate of the rate parameters (logits of the kept fraction), ``> 0``; with
+            Adam about the largest move per step.
         momentum: SGD momentum, in ``[0, 1)``; ignored by Adam.
-        score_weight_decay: weight decay on the scores, ``>= 0`` (rates get none).
+        score_weight_decay: weight decay on the scores (and norm affine parameters), ``>= 0``.
+        rate_weight_decay: weight decay on the rate parameters, ``>= 0`` (the authors decay them
+            with the rest); decoupled under Adam, so it only slowly pulls unused rates to the middle.
+        train_norm_affine: train the affine weight and bias of the normalisation layers (BatchNorm,
+            LayerNorm, GroupNorm, ...) with the scores while pruning, as the authors and HYDRA do;
+            every other model parameter stays frozen (when ``freeze_weights``).
         lr_schedule: ``'cosine'`` (annealed per epoch over the pruning run) or ``'constant'``.
-        freeze_weights: keep every model parameter frozen while scores and rates are learned.
+        freeze_weights: keep the model's weights frozen while scores and rates are learned.
         steps_per_epoch: length of a gamma epoch in optimizer steps, an ``int >= 1``; needed only
             when ``compress`` is driven by ``max_steps`` alone.
         rate_grad_clip: bound on the magnitude of each rate's gradient before every optimizer step,
             ``> 0``, or ``None`` for no bound. A rate's straight-through gradient sums
             ``dL/dmask`` over the whole unit and can be huge (a nearly emptied layer in front of a
-            BatchNorm: 1e3-1e5 at 99 % sparsity), so one unbounded step throws ``r`` far into the
-            flat tail of the sigmoid, where ``k`` sticks at its floor or ceiling for good (neither
-            the task nor the hardware loss gradient can bring it back).
+            BatchNorm: 1e3-1e5 at 99 % sparsity); one such step would throw an SGD-trained ``r``
+            far into the flat tail of the sigmoid, and it would dominate Adam's second moment.
         min_kept_per_output: per-layer floor in whole weights, an ``int >= 0``: an unstructured
             layer keeps at least ``min_kept_per_output`` weights per output channel (row of its
             weight; capped by the layer's ceiling), on top of the ``alpha`` floor. At extreme
@@ -81,20 +113,24 @@ class HARPSettings:
             blocks of 8 or 16 channels: a pruned model with odd channel counts can run slower than
             the dense one. ``1`` disables it; ignored by unstructured pruning.
         met_tolerance: the target counts as met once the rates' kept fraction (the one the hardware
-            loss sees) is ``<= target + met_tolerance``, in
-            ``[0, 1)``.
+            loss sees) is ``<= target + met_tolerance``, in ``[0, 1)``.
     """
 
     gamma_0: float = 0.01
     alpha: float = 0.1
     stage_boundaries: tuple[int, ...] | None = None
     budget: Literal["params", "flops"] | None = None
+    init_allocation: Literal["uniform", "dense", "magnitude", "lamp", "erk"] = "uniform"
+    init_keep: float | None = None
     learn_rates: bool = True
     optimizer: Literal["sgd", "adam"] = "sgd"
     score_lr: float = 0.1
-    rate_lr: float = 0.1
+    rate_optimizer: Literal["sgd", "adam"] = "adam"
+    rate_lr: float = 0.05
     momentum: float = 0.9
     score_weight_decay: float = 5e-4
+    rate_weight_decay: float = 5e-4
+    train_norm_affine: bool = True
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     freeze_weights: bool = True
     steps_per_epoch: int | None = None
@@ -118,12 +154,18 @@ class HARPSettings:
             object.__setattr__(self, "stage_boundaries", bounds)
         if self.budget is not None:
             _choice("budget", self.budget, BUDGETS)
+        _choice("init_allocation", self.init_allocation, tuple(ALLOCATIONS))
+        if self.init_keep is not None:
+            _real("init_keep", self.init_keep, 0.0, 1.0, low_open=True, high_open=False)
         _flag("learn_rates", self.learn_rates)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _real("score_lr", self.score_lr, 0.0, math.inf, low_open=True, high_open=True)
+        _choice("rate_optimizer", self.rate_optimizer, OPTIMIZERS)
         _real("rate_lr", self.rate_lr, 0.0, math.inf, low_open=True, high_open=True)
         _real("momentum", self.momentum, 0.0, 1.0, low_open=False, high_open=True)
         _real("score_weight_decay", self.score_weight_decay, 0.0, math.inf, low_open=False, high_open=True)
+        _real("rate_weight_decay", self.rate_weight_decay, 0.0, math.inf, low_open=False, high_open=True)
+        _flag("train_norm_affine", self.train_norm_affine)
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _flag("freeze_weights", self.freeze_weights)
         if self.steps_per_epoch is not None and (
@@ -144,6 +186,18 @@ class HARPSettings:
         if self.budget is not None:
             return self.budget
         return "flops" if structured else "params"
+
+    def start_keep(self, target: float) -> float:
+        """The overall kept fraction the rates start at for a budget ``target``: ``init_keep`` (at
+        least the target), or ``sqrt(target)``; the target itself for HYDRA, whose rates are fixed."""
+        if not self.learn_rates:
+            return target
+        if self.init_keep is None:
+            return math.sqrt(target)
+        if self.init_keep < target:
+            raise SettingsError("init_keep", self.init_keep, f"None or in [target, 1] = [{target:.4g}, 1]: the rates start "
+                                "above the target and descend to it")
+        return float(self.init_keep)
 
     @classmethod
     def resolve(cls, settings: HARPSettings | None, overrides: Mapping[str, Any]) -> HARPSettings:

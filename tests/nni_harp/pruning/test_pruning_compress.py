@@ -23,6 +23,9 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n.replace("_nni_wrapper.", ""): p.detach().clone() for n, p in model.named_parameters() if "harp" not in n}
 
 
+NORMS = {"1.weight", "1.bias", "4.weight", "4.bias", "7.weight", "7.bias"}  # tiny_cnn's BatchNorm affine
+
+
 def test_harp_compress_meets_the_target_with_learned_non_uniform_rates(
     pretrained: Callable[[], nn.Sequential], digits: Digits, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -51,9 +54,12 @@ def test_harp_compress_meets_the_target_with_learned_non_uniform_rates(
     assert set(rates) == set(masks)
     assert max(rates.values()) - min(rates.values()) > 0.05
     assert min(rates.values()) >= 0.1 * 0.1 - 1e-9
-    # weights were frozen while pruning and their flags restored afterwards
+    # weights were frozen while pruning and their flags restored afterwards; the BatchNorm affine
+    # parameters were trained with the scores (train_norm_affine, as the authors and HYDRA do)
     after = _weights(pruned)
-    assert all(torch.equal(after[n], weights_before[n]) for n in weights_before)
+    assert set(weights_before) > NORMS
+    assert all(torch.equal(after[n], weights_before[n]) for n in weights_before if n not in NORMS)
+    assert all(not torch.equal(after[n], weights_before[n]) for n in NORMS)
     assert all(p.requires_grad for n, p in pruned.named_parameters())
     assert not any("harp" in n for n, _ in pruned.named_parameters())  # HARP's tensors are gone
     # the wrapped model applies the final masks: same outputs as its unwrapped self with masks baked in
@@ -76,8 +82,22 @@ def test_harp_compress_meets_the_target_with_learned_non_uniform_rates(
         assert h["gamma"] == pytest.approx(expected)
         assert math.isfinite(h["adv_loss"]) and h["hw_loss"] >= 0 and 0 < h["kept_fraction"] < 1
     assert sum("epoch" in r.getMessage() and "gamma=" in r.getMessage() for r in caplog.records) == 4
-    # during pruning only HARP's scores and rates were trainable
-    assert seen and all(names and all(n.endswith(("_harp_score", "_harp_rate")) for n in names) for _, names in seen)
+    # during pruning only HARP's scores and rates, and the BatchNorm affine parameters, were trainable
+    assert seen and all(names and all(n.endswith(("_harp_score", "_harp_rate")) or n in NORMS for n in names)
+                        for _, names in seen)
+    assert all(NORMS <= names for _, names in seen)
+
+
+def test_harp_without_norm_training_freezes_every_model_parameter(
+    pretrained: Callable[[], nn.Sequential], digits: Digits
+) -> None:
+    torch.manual_seed(0)
+    model = pretrained()
+    pruner = HARPPruner(model, CONFIG, make_evaluator(model, digits), train_norm_affine=False)
+    weights_before = _weights(model)
+    pruned, _ = pruner.compress(max_epochs=1)
+    after = _weights(pruned)
+    assert all(torch.equal(after[n], weights_before[n]) for n in weights_before)
 
 
 def test_hydra_keeps_uniform_rates_and_learns_scores(pretrained: Callable[[], nn.Sequential], digits: Digits) -> None:
@@ -128,10 +148,12 @@ def test_distributed_data_parallel_model(tmp_path: Path, pretrained: Callable[[]
         assert set(masks) == {"module.0", "module.3", "module.6", "module.11"}
         kept = sum(float(m["weight"].sum()) for m in masks.values()) / sum(m["weight"].numel() for m in masks.values())
         assert abs(kept - 0.1) <= 0.01
-        # training ran on a DDP model whose only trainable tensors were HARP's scores and rates
+        # training ran on a DDP model whose only trainable tensors were HARP's scores and rates and
+        # the BatchNorm affine parameters
         model_type, trainable = seen[0]
         assert model_type is nn.parallel.DistributedDataParallel
-        assert trainable and all(n.endswith(("_harp_score", "_harp_rate")) for n in trainable)
+        assert {"module." + n for n in NORMS} <= trainable
+        assert all(n.endswith(("_harp_score", "_harp_rate")) or n[len("module."):] in NORMS for n in trainable)
     finally:
         dist.destroy_process_group()
 

@@ -47,7 +47,8 @@ def test_a_huge_rate_gradient_moves_the_rate_a_bounded_step(pretrained: Callable
     model = pretrained()
     record: list[dict[str, float]] = []
     pruner = HARPPruner(model, CONFIG, _recording_evaluator(model, digits, record, loss_scale=1e4),
-                        rate_lr=0.1, momentum=0.0, lr_schedule="constant", rate_grad_clip=1.0)
+                        rate_lr=0.1, rate_optimizer="sgd", momentum=0.0, rate_weight_decay=0.0, lr_schedule="constant",
+                        rate_grad_clip=1.0)
     start = {n: float(p.detach()) for n, p in model.named_parameters() if n.endswith("_harp_rate")}
     assert start
     pruner.compress(max_epochs=1)
@@ -68,7 +69,8 @@ def test_without_the_clip_the_same_step_is_larger(pretrained: Callable[[], nn.Se
     model = pretrained()
     record: list[dict[str, float]] = []
     pruner = HARPPruner(model, CONFIG, _recording_evaluator(model, digits, record, loss_scale=1e4),
-                        rate_lr=0.1, momentum=0.0, lr_schedule="constant", rate_grad_clip=None)
+                        rate_lr=0.1, rate_optimizer="sgd", momentum=0.0, rate_weight_decay=0.0, lr_schedule="constant",
+                        rate_grad_clip=None)
     start = {n: float(p.detach()) for n, p in model.named_parameters() if n.endswith("_harp_rate")}
     pruner.compress(max_steps=1, max_epochs=1)
     assert max(abs(record[0][n] - start[n]) for n in start) > 2 * 0.1 * 1.0

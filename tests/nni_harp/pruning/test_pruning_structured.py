@@ -144,7 +144,20 @@ def test_structured_compress_keeps_coupled_channels_together_and_meets_flops(dig
     torch.testing.assert_close(pruned(digits.x_test[:8]), masked(digits.x_test[:8]))
 
 
-def test_gradients_reach_group_scores_and_rates_through_every_member() -> None:
+def _hand_forward(d: TwoBranch, x: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor, everywhere: bool) -> torch.Tensor:
+    """TwoBranch written by hand with explicit channel-mask variables ``v0`` (conv1's group) and
+    ``v1`` (the add's group): on the consumers' inputs only, or (``everywhere``) on every member."""
+    p0 = v0 if everywhere else torch.ones_like(v0)
+    p1 = v1 if everywhere else torch.ones_like(v1)
+    h = F.conv2d(x, d.conv1.weight * p0[:, None, None, None], d.conv1.bias * p0, padding=1)
+    h = F.relu(F.batch_norm(h, d.bn1.running_mean, d.bn1.running_var, d.bn1.weight * p0, d.bn1.bias * p0, False))
+    w2a = d.conv2a.weight * p1[:, None, None, None] * v0[None, :, None, None]
+    w2b = d.conv2b.weight * p1[:, None, None, None] * v0[None, :, None, None]
+    h = F.relu(F.conv2d(h, w2a, None, padding=1) + F.conv2d(h, w2b, d.conv2b.bias * p1))
+    return F.linear(h.mean((2, 3)), d.fc.weight * v1[None, :], d.fc.bias)
+
+
+def test_while_learning_consumers_are_masked_so_pruned_channels_keep_their_gradient() -> None:
     torch.manual_seed(1)
     model = TwoBranch().eval()
     dense = copy.deepcopy(model)
@@ -155,31 +168,30 @@ def test_gradients_reach_group_scores_and_rates_through_every_member() -> None:
     score0, rate0 = params["conv1._nni_wrapper.harp_group0_score"], params["conv1._nni_wrapper.harp_group0_rate"]
     score1, rate1 = params["conv2a._nni_wrapper.harp_group1_score"], params["conv2a._nni_wrapper.harp_group1_rate"]
     hard0, hard1 = buffers["conv1._nni_wrapper.harp_group0_keep"], buffers["conv2a._nni_wrapper.harp_group1_keep"]
-    assert 0 < hard0.sum() < 16 and 0 < hard1.sum() < 24  # initialised below full width to meet 50 % FLOPs
+    assert 0 < hard0.sum() < 16 and 0 < hard1.sum() < 24  # started above the target, but below full width
 
     x = torch.randn(4, 3, 16, 16)
     out = model(x)
     out.square().mean().backward()
 
-    # oracle: the same network written by hand with explicit channel-mask variables v0, v1
+    # oracle: while learning, a group's mask multiplies its consumers' inputs only
     v0 = hard0.clone().requires_grad_(True)
     v1 = hard1.clone().requires_grad_(True)
-    d = dense
-    h = F.conv2d(x, d.conv1.weight * v0[:, None, None, None], d.conv1.bias * v0, padding=1)
-    h = F.relu(F.batch_norm(h, d.bn1.running_mean, d.bn1.running_var, d.bn1.weight * v0, d.bn1.bias * v0, False))
-    w2a = d.conv2a.weight * v1[:, None, None, None] * v0[None, :, None, None]
-    w2b = d.conv2b.weight * v1[:, None, None, None] * v0[None, :, None, None]
-    h = F.relu(F.conv2d(h, w2a, None, padding=1) + F.conv2d(h, w2b, d.conv2b.bias * v1))
-    expected = F.linear(h.mean((2, 3)), d.fc.weight * v1[None, :], d.fc.bias)
+    expected = _hand_forward(dense, x, v0, v1, everywhere=False)
     torch.testing.assert_close(out, expected)
     expected.square().mean().backward()
-
-    for score, rate, v, floor in ((score0, rate0, v0, 0.05), (score1, rate1, v1, 0.05)):
+    for score, rate, v, hard in ((score0, rate0, v0, hard0), (score1, rate1, v1, hard1)):
         sig = torch.sigmoid(rate.detach())
-        dk_dr = (1.0 - floor) * sig * (1 - sig)
+        dk_dr = (1.0 - 0.05) * sig * (1 - sig)
         torch.testing.assert_close(score.grad, torch.sign(score.detach()) * v.grad)
         torch.testing.assert_close(rate.grad, v.grad.sum() * dk_dr)
-    assert rate0.grad.abs() > 0 and rate1.grad.abs() > 0
+        # a pruned channel still gets a gradient: it can come back, and its rate hears of it
+        assert bool((score.grad[hard == 0] != 0).all())
+    # masked on every member (the final masks), a pruned channel is zero everywhere and deaf
+    w0 = hard0.clone().requires_grad_(True)
+    w1 = hard1.clone().requires_grad_(True)
+    _hand_forward(dense, x, w0, w1, everywhere=True).square().mean().backward()
+    assert bool((w0.grad[hard0 == 0] == 0).all()) and bool((w1.grad[hard1 == 0] == 0).all())
     # the model's own weights are not HARP's business: no scores on them, and they stay parameters
     assert params["conv2a._nni_wrapper.weight"].shape == (24, 16, 3, 3)
 

@@ -1,0 +1,119 @@
+"""The pruning run of :class:`~nni_harp.pruning.HARPPruner`: its epochs and its end.
+
+- :func:`run_epochs`: per epoch, set gamma (the stagewise schedule) and the learning rates, let the
+  evaluator train one epoch (or ``steps_per_epoch`` steps), observe whether the target is met,
+  and append the epoch's record (with its phase) to ``pruner.history``;
+- :func:`finalize`: project the learned rates onto the budgets, fix the hard masks, hand them to
+  NNI's wrappers and remove HARP's tensors from the model.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from ._apply import APPLY_METHOD, clear_masker
+from ._optim import HarpOptimizer
+from .budget import final_counts
+from .errors import StructureError
+from .schedule import epoch_phase
+
+if TYPE_CHECKING:
+    from .harp import HARPPruner
+
+__all__ = ["run_epochs", "finalize"]
+
+_logger = logging.getLogger("nni_harp.pruning.harp")  # one logger for the pruner's whole run
+
+
+def run_epochs(pruner: HARPPruner, optimizer: HarpOptimizer, epochs: int, max_steps: int | None, by_epoch: bool) -> None:
+    """Epochs ``len(pruner.history)`` (> 0 when resumed) to ``epochs``, or until ``max_steps``."""
+    s = pruner.settings
+    steps_left = None if max_steps is None else max_steps - sum(int(h["steps"]) for h in pruner.history)
+    for epoch in range(len(pruner.history), epochs):
+        if steps_left is not None and steps_left <= 0:
+            break
+        pruner._gamma = pruner.schedule.gamma_for(epoch) if s.learn_rates else 0.0
+        optimizer.set_epoch(epoch, epochs)
+        pruner._reset_epoch_stats()
+        kept_start = pruner.kept_fraction()
+        if by_epoch:
+            pruner.evaluator.train(max_steps=steps_left, max_epochs=1)
+        else:
+            pruner.evaluator.train(max_steps=min(s.steps_per_epoch, steps_left), max_epochs=None)  # type: ignore[type-var]
+        if steps_left is not None:
+            steps_left -= pruner._epoch_steps
+        kept = pruner.kept_fraction()
+        met = pruner._targets_met()
+        if s.learn_rates:
+            pruner.schedule.observe(epoch, met)
+        batches = pruner._batches
+        record = {
+            "epoch": epoch,
+            "gamma": pruner._gamma,
+            "kept_start": kept_start,
+            "kept_fraction": kept,
+            "target_fraction": pruner.target_fraction,
+            "adv_loss": float(pruner._task_sum) / batches if batches else float("nan"),
+            "hw_loss": float(pruner._hw_sum) / batches if batches else float("nan"),
+            "target_met": met,
+            # HYDRA's rates are fixed: it has no schedule, so no phases
+            "phase": epoch_phase(pruner.schedule, epoch, kept_start, kept) if s.learn_rates else None,
+            "steps": pruner._epoch_steps,
+        }
+        pruner.history.append(record)
+        _logger.info(
+            "%s epoch %d (%s): gamma=%.4g kept=%.4f -> %.4f (target %.4f%s) task_loss=%.4f hw_loss=%.4g steps=%d",
+            type(pruner).__name__, epoch, record["phase"], record["gamma"], kept_start, kept, pruner.target_fraction,
+            ", met" if met else "", record["adv_loss"], record["hw_loss"], pruner._epoch_steps,
+        )
+
+
+@torch.no_grad()
+def finalize(pruner: HARPPruner) -> None:
+    """Fix the final masks (see the module docstring)."""
+    units = dict(enumerate(pruner._units))
+    step = pruner.settings.round_to if pruner.structured else 1
+    counts = final_counts(
+        pruner._budgets, {i: u.keep_value() for i, u in units.items()}, {i: u.floor for i, u in units.items()},
+        {i: u.ceiling for i, u in units.items()}, {i: u.size for i, u in units.items()},
+        {i: u.min_count for i, u in units.items()}, {i: u.max_count for i, u in units.items()},
+        {i: step if u.size >= 4 * step else 1 for i, u in units.items()},
+    )
+    for i, unit in units.items():
+        unit.refresh(counts[i])
+    _write_masks(pruner)
+    pruner._final_counts = counts
+    for module in pruner._masking.targets():
+        wrapper = pruner._module_wrappers[module]
+        clear_masker(wrapper)
+        for space in wrapper.pruning_target_spaces.values():
+            if space.apply_method == APPLY_METHOD:
+                space.apply_method = "mul"
+    for unit in units.values():
+        unit.detach()
+    kept, target, kind = pruner.kept_fraction(), pruner.target_fraction, pruner.budget_kind
+    _logger.info("%s done: kept %s fraction %.4f (target %.4f)", type(pruner).__name__, kind, kept, target)
+    if abs(kept - target) > 0.01:
+        _logger.warning(
+            "kept %s fraction %.4f is %.2f pp off the target %.4f: the units are too coarse (or floors/ceilings "
+            "too tight) to get closer", kind, kept, 100 * abs(kept - target), target,
+        )
+    for name, rate in pruner.layer_rates().items():
+        _logger.debug("  %s keeps %.4f", name, rate)
+
+
+def _write_masks(pruner: HARPPruner) -> None:
+    """Store the final hard masks in NNI's target spaces."""
+    for module, targets in pruner._masking.targets().items():
+        wrapper = pruner._module_wrappers.get(module)
+        if wrapper is None:
+            raise StructureError(f"masked module {module!r} is not wrapped by NNI; cannot store its mask")
+        for target_name in targets:
+            space = wrapper.pruning_target_spaces.get(target_name)
+            if space is None or space.mask is None:
+                continue
+            mask = pruner._masking.final_mask(module, target_name, space.mask)
+            if mask is not None:
+                space.mask = (torch.ones_like(space.mask) * mask).to(space.mask.dtype)

@@ -1,0 +1,101 @@
+"""HARP's own optimization: what is trained while pruning, by which optimizer, at which rate.
+
+Scores (and, with ``train_norm_affine``, the normalisation layers' affine weight and bias) are
+trained by one optimizer (``HARPSettings.optimizer``: SGD with momentum by default, as the
+authors); the rates by another (``rate_optimizer``: AdamW by default, see ``HARPSettings`` for
+why). Both follow one per-epoch learning-rate schedule. The step runs as a *before-step task* of
+the evaluator's optimizer (NNI patches only the first optimizer), after which the gradients of
+everything stepped here are cleared, so the evaluator's optimizer leaves those tensors alone.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import timm.layers
+import torch
+from torch import nn
+
+from ._units import ScoreUnit
+from .settings import HARPSettings
+
+__all__ = ["NORM_TYPES", "norm_affine_parameters", "HarpOptimizer"]
+
+#: Normalisation layers whose per-channel affine weight and bias HARP trains while pruning.
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+    timm.layers.RmsNorm, timm.layers.RmsNorm2d,
+)
+
+
+def norm_affine_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The affine weight and bias of every normalisation layer of ``model`` (NNI-wrapped or not:
+    a wrapped module's parameters live on its wrapper's target spaces)."""
+    found: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if not isinstance(module, NORM_TYPES):
+            continue
+        wrapper = getattr(module, "_nni_wrapper", None)
+        for name in ("weight", "bias"):
+            space = wrapper.pruning_target_spaces.get(name) if wrapper is not None else None
+            value = space.target if space is not None else getattr(module, name, None)
+            if isinstance(value, nn.Parameter):
+                found.setdefault(id(value), value)
+    return list(found.values())
+
+
+def _build(kind: str, groups: list[dict[str, Any]], momentum: float) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum)
+    return torch.optim.AdamW(groups, lr=groups[0]["lr"])
+
+
+class HarpOptimizer:
+    """The score (+ norm affine) optimizer and, when rates are learned, the rate optimizer."""
+
+    def __init__(self, settings: HARPSettings, units: Sequence[ScoreUnit], norm_params: Iterable[nn.Parameter]) -> None:
+        s = self.settings = settings
+        self.units = list(units)
+        score_groups: list[dict[str, Any]] = [
+            {"params": [u.scores for u in self.units], "lr": s.score_lr, "weight_decay": s.score_weight_decay}
+        ]
+        norms = list(norm_params)
+        if norms:
+            score_groups.append({"params": norms, "lr": s.score_lr, "weight_decay": s.score_weight_decay})
+        self.scores = _build(s.optimizer, score_groups, s.momentum)
+        self.rates: torch.optim.Optimizer | None = None
+        if s.learn_rates:
+            rate_group = {"params": [u.rate for u in self.units], "lr": s.rate_lr, "weight_decay": s.rate_weight_decay}
+            self.rates = _build(s.rate_optimizer, [rate_group], s.momentum)
+        self._base = [[g["lr"] for g in o.param_groups] for o in self._optimizers()]
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.scores] + ([self.rates] if self.rates is not None else [])
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Learning rates of ``epoch`` (0-based) of ``epochs``: cosine-annealed or constant."""
+        factor = 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) if self.settings.lr_schedule == "cosine" else 1.0
+        for optimizer, base in zip(self._optimizers(), self._base):
+            for group, lr in zip(optimizer.param_groups, base):
+                group["lr"] = lr * factor
+
+    def step(self) -> None:
+        """Clip the rates' gradients, step, clear every gradient stepped here, refresh the masks."""
+        clip = self.settings.rate_grad_clip
+        if self.rates is not None and clip is not None:
+            for unit in self.units:
+                if unit.rate.grad is not None:
+                    unit.rate.grad.clamp_(-clip, clip)
+        for optimizer in self._optimizers():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for unit in self.units:
+            unit.refresh()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scores": self.scores.state_dict(), "rates": None if self.rates is None else self.rates.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scores.load_state_dict(state["scores"])
+        if self.rates is not None and state.get("rates") is not None:
+            self.rates.load_state_dict(state["rates"])
