@@ -63,14 +63,21 @@ def transfer_ops(gm: fx.GraphModule, changed: Mapping[str, Iterable[str]]) -> li
 
 
 def eager_ops(root: nn.Module) -> list[SetAttr]:
-    """The size attributes the registry's ``eager`` rules compute for ``root``'s traced-through
-    modules (submodules already pruned), set on ``root`` as they are listed."""
+    """What the registry's ``eager`` rules change in ``root``'s traced-through modules (tensors
+    and submodules already pruned): size attributes, or the module replaced through its parent.
+    Applied to ``root`` as they are listed."""
     ops: list[SetAttr] = []
-    for path, module in root.named_modules():
+    for path, module in list(root.named_modules()):
         rule = eager_rule(module)
-        if rule is None:
+        if rule is None or not path:
             continue
-        for name, value in rule(module).items():
+        fix = rule(module)
+        if isinstance(fix, nn.Module):
+            parent, _, name = path.rpartition(".")
+            ops.append(SetAttr(parent, name, fix))
+            setattr(_owner(root, parent), name, fix)
+            continue
+        for name, value in fix.items():
             if getattr(module, name, None) != value:
                 ops.append(SetAttr(path, name, value))
                 setattr(module, name, value)

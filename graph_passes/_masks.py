@@ -95,14 +95,15 @@ def combine_masks(a: Masks, b: Masks) -> Masks:
     return out
 
 
-def leftover_zeros(raw: Masks, applied: Masks) -> tuple[int, int]:
+def leftover_zeros(raw: Masks, removed: Masks) -> tuple[int, int]:
     """``(zeros that stay, all zeros)`` of the ``raw`` masks: masked entries in channels the
-    speedup keeps (``applied`` is one there), i.e. element-wise sparsity it cannot remove."""
+    speedup keeps (the channel masks ``removed`` are one there), i.e. element-wise sparsity it
+    cannot remove."""
     left = total = 0
     for module, targets in raw.items():
         for name, mask in targets.items():
             zero = mask == 0
             total += int(zero.sum())
-            removed = applied.get(module, {}).get(name)
-            left += int(zero.sum()) if removed is None else int((zero & (removed != 0)).sum())
+            gone = removed.get(module, {}).get(name)
+            left += int(zero.sum()) if gone is None else int((zero & (gone != 0)).sum())
     return left, total

@@ -15,7 +15,7 @@ from ._ops_layers import _layer, _module
 from ._registry import register_function, register_module
 from ._tracking import AnalysisState, TensorInfo
 
-__all__ = ["conv_module", "conv_weight_standardized", "conv_function", "linear_module", "linear_function", "embedding",
+__all__ = ["conv_module", "conv_function", "linear_module", "linear_function", "embedding",
            "shrink_conv", "shrink_linear"]
 
 
@@ -71,19 +71,19 @@ def _output_members(state: AnalysisState, name: str | None, has_bias: bool, out_
 
 
 def _conv_like(state: AnalysisState, node: fx.Node, name: str | None, cin: int, cout: int, groups: int,
-               kernel: int, has_bias: bool, x: Any, slice_inputs: bool = True, pointwise: bool = False) -> TensorInfo:
+               kernel: int, has_bias: bool, x: Any, pointwise: bool = False) -> TensorInfo:
     shape = out_shape(node)
     in_ids = x.track.get(1) if isinstance(x, TensorInfo) else None
     out = TensorInfo(shape)
     flops = 2 * math.prod(shape) * (cin // groups) * kernel
     if groups == 1:
         if in_ids is not None:
-            if name is not None and slice_inputs:
+            if name is not None:
                 state.member(name, "weight", 1, in_ids, "in")
             else:
                 state.pin(in_ids, f"{node.name} cannot drop input channels")
         out_ids = state.fresh(cout)
-        contraction = (in_ids if slice_inputs else None, cin)
+        contraction = (in_ids, cin)
     else:
         # whole conv groups: the inputs and outputs of one group form one unit (depthwise: 1 channel)
         per_in, per_out = cin // groups, cout // groups
@@ -142,14 +142,6 @@ def conv_module(state: AnalysisState, node: fx.Node) -> Any:
     return _conv_like(state, node, str(node.target), m.in_channels, m.out_channels, m.groups,
                       math.prod(m.kernel_size), m.bias is not None, state.info(node.args[0]),
                       pointwise=_is_pointwise(m.kernel_size, m.stride, m.padding, m.dilation) and m.padding_mode == "zeros")
-
-
-def conv_weight_standardized(state: AnalysisState, node: fx.Node) -> Any:
-    """timm's StdConv2d family: weights are standardised over (in, kh, kw) per output filter, so
-    input channels cannot be dropped without changing the statistics; outputs can."""
-    m = _module(state, node)
-    return _conv_like(state, node, str(node.target), m.in_channels, m.out_channels, m.groups,
-                      math.prod(m.kernel_size), m.bias is not None, state.info(node.args[0]), slice_inputs=False)
 
 
 @register_function(F.conv1d, F.conv2d, F.conv3d)

@@ -202,3 +202,16 @@ def origin_view(info: Any, shape: tuple[int, ...], axes: tuple[int | None, ...])
     if isinstance(info, TensorInfo) and info.origin is not None and not info.track:
         return TensorInfo(shape, {}, ParamOrigin(info.origin.module, info.origin.param, axes))
     return None
+
+
+def _register_torchvision() -> None:
+    """torchvision's ``stochastic_depth`` (a wrapped function in its graphs): it scales whole
+    samples (or the batch), so channels pass as through any element-wise op."""
+    try:
+        from torchvision.ops import stochastic_depth
+    except ImportError:  # torchvision is optional for graph_passes
+        return
+    register_function(stochastic_depth)(unary)
+
+
+_register_torchvision()

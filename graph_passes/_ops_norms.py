@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ._ops_common import arg, out_shape, untracked_like
-from ._registry import Keeper, register_function, register_module
+from ._registry import Keeper, register_eager, register_function, register_module
 from ._tracking import EXACT_STATS, AnalysisState, TensorInfo, tracked
 from .modules import ExactStatsNorm, exact_stats_norm
 from .tracing import register_leaf_function, register_leaf_type
@@ -219,3 +219,24 @@ register_function(F.group_norm, rewrite=_rewrite_group_norm_function)(functional
 register_function(F.layer_norm, rewrite=rewrite_exact_norm)(functional_norm("layer"))
 if hasattr(F, "rms_norm"):
     register_function(F.rms_norm, rewrite=rewrite_exact_norm)(functional_norm("rms"))
+
+
+def _channels_first_layer_norm(module: nn.Module) -> dict[str, Any] | nn.Module:
+    """torchvision's ConvNeXt LayerNorm2d (an nn.LayerNorm traced through: permute, F.layer_norm,
+    permute): with channels gone, an exact-statistics norm over axis 1 takes its place."""
+    weight = module.weight if isinstance(module.weight, torch.Tensor) else module.bias
+    original = int(module.normalized_shape[0])
+    if weight is None or int(weight.shape[0]) == original:
+        return {}
+    return ExactStatsNorm("layer", 1, False, original, module.weight, module.bias, module.eps)
+
+
+def _register_torchvision() -> None:
+    try:
+        from torchvision.models.convnext import LayerNorm2d
+    except ImportError:  # torchvision is optional for graph_passes
+        return
+    register_eager(LayerNorm2d)(_channels_first_layer_norm)
+
+
+_register_torchvision()

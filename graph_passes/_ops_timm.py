@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
+import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from . import _ops_conv_linear as conv_linear
@@ -24,7 +26,7 @@ def _types(*names: str) -> list[type]:
     return [getattr(tl, n) for n in names if isinstance(getattr(tl, n, None), type)]
 
 
-def _register(handler: Callable[[AnalysisState, fx.Node], Any], like: type[nn.Module], *names: str) -> None:
+def _register(handler: Callable[[AnalysisState, fx.Node], Any], like: type[nn.Module], *names: str, freeze: Any = None) -> None:
     """timm.layers' ``names`` as leaves with ``handler``; the speedup treats them ``like`` that
     torch layer (its rewrite and shrink rules)."""
     types = _types(*names)
@@ -33,7 +35,7 @@ def _register(handler: Callable[[AnalysisState, fx.Node], Any], like: type[nn.Mo
     for t in types:
         register_leaf_type(t)
     if types:
-        register_module(*types, rewrite=entry.rewrite, shrink=entry.shrink)(handler)
+        register_module(*types, rewrite=entry.rewrite, shrink=entry.shrink, freeze=freeze)(handler)
 
 
 def _exact(kind: str, axis: int) -> Callable[[AnalysisState, fx.Node], Any]:
@@ -46,8 +48,31 @@ def _exact(kind: str, axis: int) -> Callable[[AnalysisState, fx.Node], Any]:
     return handler
 
 
+def _freeze_standardized(module: nn.Module, slices: Mapping[str, Mapping[int, Any]]) -> nn.Module | None:
+    """timm's StdConv2d family standardises each filter over its inputs (and ScaledStdConv2d
+    scales it by ``gain``) at every call: removing input channels from the parameters would change
+    the statistics. Before inputs go, the conv becomes a plain one holding the standardised
+    weight it computes (exact; the pruned model no longer re-standardises when fine-tuned)."""
+    if 1 not in slices.get("weight", {}):
+        return None  # output filters are standardised one by one: slicing them is exact
+    gain = getattr(module, "gain", None)
+    with torch.no_grad():
+        weight = F.batch_norm(module.weight.reshape(1, module.out_channels, -1), None, None,
+                              weight=None if gain is None else (gain * module.scale).view(-1),
+                              training=True, momentum=0.0, eps=module.eps).reshape_as(module.weight)
+    same = bool(getattr(module, "same_pad", False))
+    cls = _types("Conv2dSame")[0] if same else nn.Conv2d
+    plain = cls(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+                padding=0 if same else module.padding, dilation=module.dilation, groups=module.groups,
+                bias=module.bias is not None, device=weight.device, dtype=weight.dtype)
+    plain.weight = nn.Parameter(weight.clone(), requires_grad=module.weight.requires_grad)
+    if module.bias is not None:
+        plain.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
+    return plain.train(module.training)
+
+
 def _scaled_std_conv(state: AnalysisState, node: fx.Node) -> Any:
-    out = conv_linear.conv_weight_standardized(state, node)
+    out = conv_linear.conv_module(state, node)
     m = state.gm.get_submodule(str(node.target))
     if getattr(m, "gain", None) is not None:
         state.member(str(node.target), "gain", 0, out.track[1], "out")
@@ -55,8 +80,8 @@ def _scaled_std_conv(state: AnalysisState, node: fx.Node) -> Any:
 
 
 _register(conv_linear.conv_module, nn.Conv2d, "Conv2dSame")
-_register(conv_linear.conv_weight_standardized, nn.Conv2d, "StdConv2d", "StdConv2dSame")
-_register(_scaled_std_conv, nn.Conv2d, "ScaledStdConv2d", "ScaledStdConv2dSame")
+_register(conv_linear.conv_module, nn.Conv2d, "StdConv2d", "StdConv2dSame", freeze=_freeze_standardized)
+_register(_scaled_std_conv, nn.Conv2d, "ScaledStdConv2d", "ScaledStdConv2dSame", freeze=_freeze_standardized)
 _register(conv_linear.linear_module, nn.Linear, "Linear")
 _register(_exact("layer", -1), nn.LayerNorm, "LayerNorm", "LayerNormAct")
 _register(_exact("rms", -1), nn.LayerNorm, "RmsNorm")

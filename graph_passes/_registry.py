@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Mapping, Optional, Protocol
 
 import numpy as np
 import torch
@@ -37,7 +37,8 @@ class Keeper(Protocol):
 Analyze = Callable[[AnalysisState, fx.Node], Any]
 Rewrite = Callable[[fx.GraphModule, fx.Node, Keeper], None]
 Shrink = Callable[[nn.Module, nn.Module], None]
-Eager = Callable[[nn.Module], dict[str, Any]]
+Freeze = Callable[[nn.Module, Mapping[str, Mapping[int, Any]]], Optional[nn.Module]]
+Eager = Callable[[nn.Module], "dict[str, Any] | nn.Module"]
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,17 @@ class OpHandler:
     span removed channels); ``None`` when nothing in the node depends on channel counts.
     ``shrink(module, old)``: module types only; set the size attributes (``in_channels``,
     ``num_features``, ...) of ``module`` after its tensors were sliced, ``old`` being a shallow
-    copy from before. ``view``: the op's result is a view of its input (moves no data)."""
+    copy from before. ``freeze(module, slices) -> module or None``: module types whose layer
+    weight is computed from their parameters (weight standardisation); given the slices about to
+    be taken (``{tensor: {dim: index}}``), a plain layer computing the same to slice instead, where
+    slicing the parameters would change the computed weight. ``view``: the op's result is a view
+    of its input (moves no data)."""
 
     analyze: Analyze
     rewrite: Optional[Rewrite] = None
     shrink: Optional[Shrink] = None
     view: bool = False
+    freeze: Optional[Freeze] = None
 
 
 _MODULES: dict[type, OpHandler] = {}
@@ -68,11 +74,11 @@ def _register(table: dict, keys: tuple, handler: OpHandler) -> None:
 
 
 def register_module(*types: type, rewrite: Optional[Rewrite] = None, shrink: Optional[Shrink] = None,
-                    view: bool = False) -> Callable[[Analyze], Analyze]:
+                    view: bool = False, freeze: Optional[Freeze] = None) -> Callable[[Analyze], Analyze]:
     """Decorator: the handler of modules of exactly these types (not subclasses)."""
 
     def deco(fn: Analyze) -> Analyze:
-        _register(_MODULES, types, OpHandler(fn, rewrite, shrink, view))
+        _register(_MODULES, types, OpHandler(fn, rewrite, shrink, view, freeze))
         return fn
 
     return deco
@@ -96,8 +102,10 @@ def register_method(*names: str, rewrite: Optional[Rewrite] = None, view: bool =
 
 def register_eager(*types: type) -> Callable[[Eager], Eager]:
     """Decorator: ``fix(module) -> {attribute: value}`` for module types that are traced through
-    and whose forward reads sizes from Python attributes (an attention's ``head_dim``). Called on
-    the pruned model (its submodules already smaller) by the in-place speedup."""
+    and whose forward reads sizes from Python attributes (an attention's ``head_dim``), or
+    ``fix(module) -> replacement module`` where the forward itself cannot follow (a layer norm
+    whose statistics must count removed channels). Called on the pruned model (its tensors and
+    submodules already smaller) by the in-place speedup."""
 
     def deco(fn: Eager) -> Eager:
         for t in types:

@@ -120,7 +120,7 @@ class ModelSpeedup:
         self.keep = keep_from_masks(analysis.groups, self.masks)
         removed = group_masks(gm, analysis.groups, {g: k for g, k in self.keep.items() if not bool(k.all())})
         self.applied_masks = combine_masks(self.masks, removed)
-        self._report(self.masks, self.applied_masks)
+        self._report(self.masks, removed)
         bake(gm, removed)
         with torch.no_grad():
             expected = gm(*inputs)
@@ -146,8 +146,8 @@ class ModelSpeedup:
         self.logger.info("pruned %s in place: %d modules replaced or resized", type(model).__name__, len(ops))
         return model
 
-    def _report(self, masks: Masks, applied: Masks) -> None:
-        left, total = leftover_zeros(masks, applied)
+    def _report(self, masks: Masks, removed: Masks) -> None:
+        left, total = leftover_zeros(masks, removed)
         if not left:
             return
         what = "nothing to remove" if left == total else f"{total - left} of the {total} masked weights removed with their channels"

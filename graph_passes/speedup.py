@@ -73,6 +73,21 @@ def _slice_params(gm: fx.GraphModule, plan: dict[str, dict[str, dict[int, torch.
             entry.shrink(owner, old)
 
 
+def _freeze(gm: fx.GraphModule, plan: dict[str, dict[str, dict[int, torch.Tensor]]]) -> None:
+    """Modules whose registry entry freezes them (their weight is computed from their parameters)
+    are replaced by plain layers before slicing; tensors the plain layer lacks leave the plan."""
+    for module_name, params in plan.items():
+        owner = gm.get_submodule(module_name) if module_name else gm
+        entry = module_handler(owner) if module_name else None
+        plain = entry.freeze(owner, params) if entry is not None and entry.freeze is not None else None
+        if plain is None:
+            continue
+        parent, _, name = module_name.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, plain)
+        for pname in [p for p in params if not isinstance(getattr(plain, p, None), torch.Tensor)]:
+            del params[pname]
+
+
 def apply_keep(gm: fx.GraphModule, analysis: Analysis, keep: Mapping[int, torch.Tensor]) -> fx.GraphModule:
     """Remove from ``gm`` (traced and analysed) every channel whose keep entry is False."""
     prune_graph(gm, analysis, keep)
@@ -94,6 +109,7 @@ def prune_graph(gm: fx.GraphModule, analysis: Analysis, keep: Mapping[int, torch
     for (module, param, dim), kept in sliced.items():
         if not kept.all():
             plan.setdefault(module, {}).setdefault(param, {})[dim] = torch.from_numpy(np.nonzero(kept)[0]).long()
+    _freeze(gm, plan)
     _slice_params(gm, plan)  # first: the norms swapped in below take the sliced weights
     for node in list(gm.graph.nodes):
         entry = lookup(gm, node)

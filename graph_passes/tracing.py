@@ -57,15 +57,16 @@ def _timm_leaves() -> tuple[list[type[nn.Module]], list[Callable[..., Any]]]:
 
 
 class HarpTracer(fx.Tracer):
-    """``fx.Tracer`` whose leaves are torch.nn modules, timm's no-trace modules and the module
-    types registered with :func:`register_leaf_type`; timm's no-trace functions and those registered
-    with :func:`register_leaf_function` are autowrapped."""
+    """``fx.Tracer`` whose leaves are torch.nn modules, timm's no-trace modules (but the types in
+    ``through``) and the module types registered with :func:`register_leaf_type`; timm's no-trace
+    functions and those registered with :func:`register_leaf_function` are autowrapped."""
 
-    def __init__(self, leaf_types: Iterable[type[nn.Module]] = (), autowrap_functions: Sequence[Callable[..., Any]] = ()) -> None:
+    def __init__(self, leaf_types: Iterable[type[nn.Module]] = (), autowrap_functions: Sequence[Callable[..., Any]] = (),
+                 through: Iterable[type[nn.Module]] = ()) -> None:
         timm_modules, timm_functions = _timm_leaves()
         functions = tuple(timm_functions) + tuple(_EXTRA_LEAF_FUNCTIONS) + tuple(autowrap_functions)
         super().__init__(autowrap_functions=functions, param_shapes_constant=True)
-        self._leaf_types = set(timm_modules) | set(_EXTRA_LEAF_TYPES) | set(leaf_types)
+        self._leaf_types = (set(timm_modules) - set(through)) | set(_EXTRA_LEAF_TYPES) | set(leaf_types)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if type(m) in self._leaf_types:
@@ -105,23 +106,48 @@ def trace(
 ) -> fx.GraphModule:
     """Symbolically trace ``model`` and propagate shapes with ``example_inputs``.
 
-    timm's no-trace modules are kept as leaves and its no-trace functions are wrapped, so every
-    timm model that timm's own FX feature extraction handles can be traced. With ``check``, the
-    traced module's outputs are compared to eager outputs (eval mode, same inputs).
+    timm's no-trace functions are wrapped, and its no-trace modules that have a channel rule are
+    kept as leaves, so every timm model that timm's own FX feature extraction handles can be
+    traced. Its no-trace modules without a channel rule (``NormFreeBlock``, ``GPSA``, ...) are
+    traced through first, as leaves only where that fails. With ``check``, the traced module's
+    outputs are compared to eager outputs (eval mode, same inputs).
 
     Raises :class:`TraceError` naming the function or module that broke tracing, with the fix
     (register it as a leaf with ``leaf_types=`` / ``autowrap_functions=``).
     """
     if isinstance(model, fx.GraphModule) and any(n.op != "placeholder" and "tensor_meta" in n.meta for n in model.graph.nodes):
         return model
+    through = _through_types(model, leaf_types)
+    if through:
+        try:
+            return _trace(model, example_inputs, leaf_types, autowrap_functions, check, through)
+        except TraceError as exc:
+            logger.info("%s: tracing through %s failed (%s); they stay leaves, their channels kept", type(model).__name__,
+                        ", ".join(sorted(t.__qualname__ for t in through)), exc)
+    return _trace(model, example_inputs, leaf_types, autowrap_functions, check, frozenset())
+
+
+def _through_types(model: nn.Module, leaf_types: Iterable[type[nn.Module]]) -> frozenset[type[nn.Module]]:
+    """timm's no-trace module types in ``model`` that have no channel rule: as leaves their
+    channels could only be pinned (``NormFreeBlock``: no channel of nf_resnet could go), so they
+    are traced through first (symbolically, or concretely where their control flow needs it)."""
+    from ._registry import module_types
+
+    timm_modules, _ = _timm_leaves()
+    candidates = set(timm_modules) - module_types() - set(leaf_types) - _EXTRA_LEAF_TYPES
+    return frozenset(type(m) for m in model.modules() if type(m) in candidates)
+
+
+def _trace(model: nn.Module, example_inputs: Any, leaf_types: Iterable[type[nn.Module]],
+           autowrap_functions: Sequence[Callable[..., Any]], check: bool, through: frozenset[type[nn.Module]]) -> fx.GraphModule:
     inputs = as_tuple(example_inputs)
     concrete_args = _constant_default_args(model, len(inputs))
-    tracer = HarpTracer(leaf_types, autowrap_functions)
+    tracer = HarpTracer(leaf_types, autowrap_functions, through)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises many kinds; re-raise as one that names the culprit
         try:
-            tracer, graph = _trace_concretely(model, inputs, leaf_types, autowrap_functions, concrete_args)
+            tracer, graph = _trace_concretely(model, inputs, leaf_types, autowrap_functions, concrete_args, through)
             logger.info("%s: symbolic tracing failed (%s: %s); traced concretely, specialised to the example "
                         "inputs", type(model).__name__, type(exc).__name__, exc)
         except Exception as concrete_exc:
@@ -155,10 +181,11 @@ def trace(
 
 
 def _trace_concretely(model: nn.Module, inputs: tuple[Any, ...], leaf_types: Iterable[type[nn.Module]],
-                      autowrap_functions: Sequence[Callable[..., Any]], concrete_args: dict[str, Any] | None) -> tuple[fx.Tracer, fx.Graph]:
+                      autowrap_functions: Sequence[Callable[..., Any]], concrete_args: dict[str, Any] | None,
+                      through: frozenset[type[nn.Module]]) -> tuple[fx.Tracer, fx.Graph]:
     """Fallback for models with data-dependent Python control flow: trace while running every op
     on the example inputs (eval mode), so branches follow the example (see ``_concrete_tracing``)."""
-    tracer = concrete_tracer(HarpTracer)(leaf_types, autowrap_functions, example_inputs=inputs)
+    tracer = concrete_tracer(HarpTracer)(leaf_types, autowrap_functions, through, example_inputs=inputs)
     was_training = model.training
     model.eval()
     try:
