@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PGD-AT, TRADES or MART (default: %(default)s)")
     g.add_argument("--eps", type=_number, default=8 / 255, help="L-inf radius in pixel units, e.g. 8/255 (default: 8/255)")
     g.add_argument("--attack-steps", type=int, default=3, help="PGD steps during training (default: %(default)s)")
-    g.add_argument("--trades-beta", type=_number, default=6.0, help="TRADES/MART beta (default: %(default)s)")
+    g.add_argument("--trades-beta", type=_number, default=None,
+                   help="TRADES/MART beta (default: the loss's own, TRADES 6, MART 5)")
     g = p.add_argument_group("schedule")
     g.add_argument("--pretrain-epochs", type=int, default=4, help="default: %(default)s (ignored with --checkpoint)")
     g.add_argument("--prune-epochs", type=int, default=3, help="default: %(default)s")

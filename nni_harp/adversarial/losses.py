@@ -76,17 +76,21 @@ class AdversarialLoss(ABC):
 
     Args:
         attack: the adversary used to craft the training examples.
-        beta: weight of the robustness term, a finite number ``>= 0`` (ignored by PGD-AT).
+        beta: weight of the robustness term, a finite number ``>= 0`` (ignored by PGD-AT); ``None``
+            takes the loss's own ``default_beta`` (TRADES 6, MART 5, as their authors use them).
     """
 
     attack: AttackConfig = field(default_factory=AttackConfig)
-    beta: float = 6.0
+    beta: float | None = None
 
     name: ClassVar[str] = ""
+    default_beta: ClassVar[float] = 6.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.attack, AttackConfig):
             raise AttackConfigError("attack", self.attack, "an AttackConfig instance")
+        if self.beta is None:
+            object.__setattr__(self, "beta", float(self.default_beta))
         if (
             isinstance(self.beta, bool)
             or not isinstance(self.beta, (int, float))
@@ -174,6 +178,8 @@ def mart_objective(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: fl
 class MARTLoss(AdversarialLoss):
     """MART (Wang et al., 2020); the adversary is cross-entropy PGD."""
 
+    default_beta: ClassVar[float] = 5.0
+
     def adversarial_examples(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return pgd(model, x, y, self.attack)
 
@@ -182,11 +188,12 @@ class MARTLoss(AdversarialLoss):
         return mart_objective(logits_of(model, x), logits_of(model, x_adv), y, self.beta)
 
 
-def make_adversarial_loss(name: str, attack: AttackConfig, beta: float = 6.0) -> AdversarialLoss:
-    """Build the registered loss ``name`` (``'pgd'``, ``'trades'`` or ``'mart'``)."""
+def make_adversarial_loss(name: str, attack: AttackConfig, beta: float | None = None) -> AdversarialLoss:
+    """Build the registered loss ``name`` (``'pgd'``, ``'trades'`` or ``'mart'``); ``beta=None``: the
+    loss's own default."""
     key = name.lower() if isinstance(name, str) else name
     if key not in LOSSES:
         raise UnknownNameError("adversarial loss", name, tuple(LOSSES))
     loss = LOSSES[key](attack=attack, beta=beta)
-    logger.debug("adversarial loss %s with %s, beta=%s", key, attack, beta)
+    logger.debug("adversarial loss %s with %s, beta=%s", key, attack, loss.beta)
     return loss

@@ -149,7 +149,7 @@ class PipelineConfig:
     finetune_lr: float = 0.01
     weight_decay: float = 5e-4
     gamma_0: float = 0.01
-    trades_beta: float = 6.0
+    trades_beta: float | None = None  # TRADES/MART beta; None: the loss's own (TRADES 6, MART 5)
     # evaluation
     eval_samples: int = 200
     eval_attack_steps: int = 10
@@ -202,7 +202,8 @@ class PipelineConfig:
             _float_in(self, name, 0.0, 10.0)
         _float_in(self, "weight_decay", 0.0, 1.0, low_open=False)
         _float_in(self, "gamma_0", 0.0, 1e6, low_open=False)
-        _float_in(self, "trades_beta", 0.0, 1e3, low_open=False)
+        if self.trades_beta is not None:
+            _float_in(self, "trades_beta", 0.0, 1e3, low_open=False)
         _int_in(self, "eval_samples", 1)
         _int_in(self, "eval_attack_steps", 1, 10_000)
         _int_in(self, "epoch_eval_samples", 0)

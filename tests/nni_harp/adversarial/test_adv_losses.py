@@ -48,6 +48,9 @@ def test_registry_builds_the_right_classes() -> None:
     assert isinstance(make_adversarial_loss("TRADES", ATTACK, beta=1.0), TRADESLoss)
     mart = make_adversarial_loss("mart", ATTACK, beta=3.0)
     assert isinstance(mart, MARTLoss) and mart.beta == 3.0 and mart.attack is ATTACK
+    # without a beta each loss takes its authors' value: TRADES 6, MART 5
+    assert make_adversarial_loss("trades", ATTACK).beta == 6.0
+    assert make_adversarial_loss("mart", ATTACK).beta == 5.0
 
 
 def test_unknown_loss_name_lists_the_allowed_names() -> None:
