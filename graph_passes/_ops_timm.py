@@ -11,7 +11,7 @@ from torch import fx, nn
 from . import _ops_conv_linear as conv_linear
 from . import _ops_norms as norms
 from ._ops_common import out_shape, untracked_like
-from ._registry import module_handler, register_function, register_module
+from ._registry import module_handler, register_eager, register_function, register_module
 from ._tracking import AnalysisState
 from .tracing import register_leaf_type
 
@@ -181,3 +181,54 @@ def _register_same_pools() -> None:
 
 
 _register_same_pools()
+
+
+def _attention_sizes(module: nn.Module) -> dict[str, Any]:
+    """timm's multi-head attentions reshape their projections with ``self.num_heads`` and
+    ``self.head_dim`` (or ``dim_head``) and write ``attn_dim`` back: those follow the pruned
+    projection. The channel analysis keeps channels on the larger of the head count and the head
+    width (see ``_ops_shape.reshape``), so that one shrank. With a narrower head the fused kernel
+    would rescale by the new width: the module's own path with its stored ``scale`` is used."""
+    name = "head_dim" if hasattr(module, "head_dim") else "dim_head"
+    heads, width = int(module.num_heads), int(getattr(module, name))
+    if getattr(module, "num_kv_heads", heads) != heads:
+        return {}  # grouped-query attention: k and v have other widths
+    proj = getattr(module, "qkv", None)
+    if proj is not None:
+        total = (proj.out_features if isinstance(proj, nn.Linear) else proj.out_channels) // 3
+    else:
+        proj = getattr(module, "q_proj", None) or getattr(module, "q", None)
+        total = proj.out_features if isinstance(proj, nn.Linear) else heads * width
+    if total == heads * width:
+        return {}
+    if total % heads == 0 and (width >= heads or total % width):
+        width = total // heads
+    else:
+        heads = total // width
+    sizes: dict[str, Any] = {name: width, "num_heads": heads}
+    for attr in ("attn_dim", "all_head_dim"):
+        if isinstance(getattr(module, attr, None), int):
+            sizes[attr] = heads * width
+    if sizes[name] != getattr(module, name) and getattr(module, "fused_attn", False):
+        sizes["fused_attn"] = False
+    return sizes
+
+
+def _register_attentions() -> None:
+    import importlib
+
+    for module_name, names in (("timm.layers.attention", ("Attention", "AttentionRope")),
+                               ("timm.layers.attention_pool", ("AttentionPoolLatent",)),
+                               ("timm.models.vision_transformer_relpos", ("RelPosAttention",)),
+                               ("timm.models.eva", ("EvaAttention",)), ("timm.models.beit", ("Attention",)),
+                               ("timm.models.maxxvit", ("Attention2d", "AttentionCl"))):
+        try:
+            found = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        types = [getattr(found, n) for n in names if isinstance(getattr(found, n, None), type)]
+        if types:
+            register_eager(*types)(_attention_sizes)
+
+
+_register_attentions()

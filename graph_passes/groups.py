@@ -116,18 +116,23 @@ def _alive(mask: torch.Tensor, member: Member, size: int) -> torch.Tensor:
 
 
 def _module_votes(group: ChannelGroup, masks: Mapping[str, Mapping[str, torch.Tensor]], role: str) -> dict[str, torch.Tensor | None]:
-    """For each module with a member of ``role``: the channels its masked tensors of that role
-    keep (``None``: none of them is masked)."""
-    votes: dict[str, torch.Tensor | None] = {}
+    """For each module with a member of ``role``: the channels its masks keep (``None``: none of
+    its tensors of that role is masked). A masked ``weight`` decides for its module: the other
+    tensors (bias, gain, a norm's shift) only add a constant to a channel the weight removed."""
+    weights: dict[str, torch.Tensor | None] = {}
+    others: dict[str, torch.Tensor | None] = {}
     for m in group.members:
         if m.role != role:
             continue
+        weights.setdefault(m.module, None)
+        others.setdefault(m.module, None)
         mask = masks.get(m.module, {}).get(m.param)
-        have = votes.setdefault(m.module, None)
         if mask is not None:
+            table = weights if m.param == "weight" else others
             alive = _alive(mask, m, group.size)
-            votes[m.module] = alive if have is None else have | alive
-    return votes
+            have = table[m.module]
+            table[m.module] = alive if have is None else have | alive
+    return {module: weights[module] if weights[module] is not None else others[module] for module in weights}
 
 
 def keep_from_masks(
@@ -139,14 +144,14 @@ def keep_from_masks(
     everything that produces it, or from everything that reads it:
 
     - producers are the modules with an ``out`` member (a conv's or linear's output rows, an
-      embedding's columns). Each must have a mask on such a member and zero the channel in all of
-      its masked ones; a producer no mask mentions keeps the channel. A producer's unmasked
-      tensors (the bias, when only the weight is masked) go with the channel, as in NNI's
-      speedup: without its weights the channel is a constant, which NNI removes too.
+      embedding's columns). Each must be masked there and zero the channel in its weight (or, with
+      no weight mask, in all of its masked tensors); a producer no mask mentions keeps the
+      channel. The producer's other tensors (the bias) go with the channel, as in NNI's speedup:
+      without its weights the channel is a constant, which NNI removes too.
     - readers are the modules with an ``in`` member (the next layers' input slices); each masked
       and zero at the channel: nothing reads it.
     - when no producer and no reader is masked, the per-channel members (norms: SlimPruner's
-      masks) decide: every such module masked and zero at the channel.
+      masks) decide alike: every such module masked and its scale (weight) zero at the channel.
 
     A channel kept because some member still uses it is kept whole (the masks are baked into the
     weights, so partly zero channels compute what the masked model computes). A group no mask

@@ -151,9 +151,10 @@ class ModelSpeedup:
         if not left:
             return
         what = "nothing to remove" if left == total else f"{total - left} of the {total} masked weights removed with their channels"
-        message = (f"ModelSpeedup: {what}; {left} masked weights lie in channels that stay (element-wise sparsity) and are "
-                   "kept as zeros: the speedup removes whole channels only")
-        self.logger.warning(message)
+        message = (f"ModelSpeedup: {what}; {left} masked weights lie in channels that stay and are kept as zeros "
+                   "(element-wise sparsity, or a channel some coupled layer still uses: "
+                   "graph_passes.auto_set_dependency_group_ids makes coupled layers agree); the speedup removes whole channels only")
+        self.logger.info(message)
         warnings.warn(message, SpeedupWarning, stacklevel=3)
 
 
