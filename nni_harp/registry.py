@@ -4,10 +4,16 @@
     pruner = spec.build(PruneRequest(model, config_list, evaluator, dummy_input, steps_per_epoch=50, epochs=2))
     model, masks = spec.compress(pruner, epochs=2, steps_per_epoch=50)
 
+Every pruner is known by a short name (``harp``, ``l1norm``, ...) and by its NNI-style class name
+(``HARPPruner``, ``L1NormPruner``, ...); :func:`get_pruner` takes either, in any case, also as a
+dotted path (``nni.compression.pruning.L1NormPruner``).
+
 ``config_list(name, mode, sparsity)`` gives the NNI config list every pruner is compared with:
 all Conv2d/Linear weights; per weight (``mode='unstructured'``) or per output channel
 (``'structured'``). HARP and HYDRA share one global budget (``global_group_id``: HARP learns how to
-spread it over the layers); NNI's pruners prune every layer by the same ratio.
+spread it over the layers); NNI's pruners prune every layer by the same ratio. Structured, NNI's
+pruners get the list through ``graph_passes.auto_set_dependency_group_ids`` (with the request's
+``dummy_input``): coupled layers then drop the same channels, which the speedup can remove.
 """
 from __future__ import annotations
 
@@ -18,8 +24,8 @@ from typing import Any, Callable
 from torch import nn
 
 __all__ = [
-    "PruneRequest", "PrunerSpec", "PRUNERS", "register_pruner", "get_pruner", "pruner_names", "pruners_for",
-    "check_mode", "config_list",
+    "PruneRequest", "PrunerSpec", "PRUNERS", "register_pruner", "get_pruner", "pruner_names", "pruner_class_names",
+    "pruners_for", "check_mode", "config_list",
 ]
 
 GRANULARITY = {"unstructured": "default", "structured": "out_channel"}
@@ -41,22 +47,26 @@ class PruneRequest:
 @dataclass(frozen=True)
 class PrunerSpec:
     name: str
+    class_name: str  # the NNI-style class name, e.g. "L1NormPruner"
     build: Callable[[PruneRequest], Any]
     compress: Callable[[Any, int, int], tuple[nn.Module, dict]]
     modes: tuple[str, ...] = ("unstructured", "structured")
     global_budget: bool = False
     training: bool = True
     description: str = ""
+    aliases: tuple[str, ...] = ()
 
 
 PRUNERS: dict[str, PrunerSpec] = {}
 
 
 def register_pruner(
-    name: str, modes: tuple[str, ...] = ("unstructured", "structured"), global_budget: bool = False,
+    name: str, class_name: str, modes: tuple[str, ...] = ("unstructured", "structured"), global_budget: bool = False,
     training: bool = True, by_steps: bool = False, self_timed: bool = False, description: str = "",
+    aliases: tuple[str, ...] = (),
 ) -> Callable[[Callable[[PruneRequest], Any]], Callable[[PruneRequest], Any]]:
-    """Decorator: register a builder ``(PruneRequest) -> pruner`` under ``name``.
+    """Decorator: register a builder ``(PruneRequest) -> pruner`` under ``name`` and ``class_name``
+    (and any ``aliases``).
 
     ``training``: the pruner needs the evaluator; ``by_steps``: ``compress`` counts optimizer steps
     (epochs x steps per epoch) instead of epochs; ``self_timed``: the pruner got its training length
@@ -64,30 +74,41 @@ def register_pruner(
     """
 
     def wrap(build: Callable[[PruneRequest], Any]) -> Callable[[PruneRequest], Any]:
-        if name in PRUNERS:
-            raise ValueError(f"pruner {name!r} is already registered")
+        taken = {_key(n): spec.name for spec in PRUNERS.values() for n in (spec.name, spec.class_name, *spec.aliases)}
+        clash = next((n for n in (name, class_name, *aliases) if _key(n) in taken), None)
+        if clash is not None:
+            raise ValueError(f"pruner name {clash!r} is already registered (by {taken[_key(clash)]!r})")
         if self_timed or not training:
             compress = _compress_oneshot
         else:
             compress = _compress_steps if by_steps else _compress_epochs
-        PRUNERS[name] = PrunerSpec(name, build, compress, modes, global_budget, training, description)
+        PRUNERS[name] = PrunerSpec(name, class_name, build, compress, modes, global_budget, training, description, aliases)
         return build
 
     return wrap
+
+
+def _key(name: str) -> str:
+    return name.rpartition(".")[2].lower().replace("-", "").replace("_", "")
 
 
 def pruner_names() -> tuple[str, ...]:
     return tuple(PRUNERS)
 
 
+def pruner_class_names() -> tuple[str, ...]:
+    return tuple(spec.class_name for spec in PRUNERS.values())
+
+
 def get_pruner(name: str) -> PrunerSpec:
-    key = name.lower().replace("-", "").replace("_", "")
-    key = {"l1normpruner": "l1norm", "l2normpruner": "l2norm", "fpgmpruner": "fpgm", "taylorpruner": "taylor",
-           "movementpruner": "movement", "harppruner": "harp", "hydrapruner": "hydra", "l1": "l1norm",
-           "l2": "l2norm"}.get(key, key)
-    if key not in PRUNERS:
-        raise KeyError(f"pruner: unknown name {name!r}; known: {', '.join(PRUNERS)}")
-    return PRUNERS[key]
+    """The spec of a short name, an NNI-style class name or an alias (case, '-' and '_' ignored;
+    a dotted path is read by its last part)."""
+    key = _key(str(name))
+    for spec in PRUNERS.values():
+        if key in {_key(n) for n in (spec.name, spec.class_name, *spec.aliases)}:
+            return spec
+    known = ", ".join(f"{spec.name} ({spec.class_name})" for spec in PRUNERS.values())
+    raise KeyError(f"pruner: unknown name {name!r}; known: {known}")
 
 
 def pruners_for(mode: str) -> tuple[str, ...]:
@@ -132,14 +153,26 @@ def _compress_steps(pruner: Any, epochs: int, steps_per_epoch: int) -> tuple[nn.
     return pruner.compress(max_steps=max(1, epochs * steps_per_epoch), max_epochs=None)
 
 
-@register_pruner("harp", global_budget=True, description="HARP: learned scores and per-layer rates (nni_harp)")
+def _channel_config(req: PruneRequest) -> list[dict[str, Any]]:
+    """NNI's pruners, structured: the config list with dependency groups (coupled layers drop the
+    same channels; layers whose outputs cannot be removed are left out). Unstructured, or without
+    an example input to trace with: the list as it is."""
+    structured = any(c.get("granularity") == GRANULARITY["structured"] for c in req.config_list)
+    if not structured or req.dummy_input is None:
+        return req.config_list
+    import graph_passes
+
+    return graph_passes.auto_set_dependency_group_ids(req.model, req.dummy_input, req.config_list)
+
+
+@register_pruner("harp", "HARPPruner", global_budget=True, description="HARP: learned scores and per-layer rates (nni_harp)")
 def _harp(req: PruneRequest) -> Any:
     from .pruning import HARPPruner
 
     return HARPPruner(req.model, req.config_list, req.evaluator, dummy_input=req.dummy_input, **req.options)
 
 
-@register_pruner("hydra", global_budget=True, description="HYDRA: learned scores, uniform rates at the target")
+@register_pruner("hydra", "HydraPruner", global_budget=True, description="HYDRA: learned scores, uniform rates at the target")
 def _hydra(req: PruneRequest) -> Any:
     from .pruning import HydraPruner
 
@@ -147,35 +180,35 @@ def _hydra(req: PruneRequest) -> Any:
     return HydraPruner(req.model, req.config_list, req.evaluator, dummy_input=req.dummy_input, **options)
 
 
-@register_pruner("l1norm", training=False, description="NNI L1NormPruner (magnitude), one shot")
+@register_pruner("l1norm", "L1NormPruner", aliases=("l1",), training=False, description="NNI L1NormPruner (magnitude), one shot")
 def _l1(req: PruneRequest) -> Any:
     from nni.compression.pruning import L1NormPruner
 
-    return L1NormPruner(req.model, req.config_list)
+    return L1NormPruner(req.model, _channel_config(req))
 
 
-@register_pruner("l2norm", training=False, description="NNI L2NormPruner, one shot")
+@register_pruner("l2norm", "L2NormPruner", aliases=("l2",), training=False, description="NNI L2NormPruner, one shot")
 def _l2(req: PruneRequest) -> Any:
     from nni.compression.pruning import L2NormPruner
 
-    return L2NormPruner(req.model, req.config_list)
+    return L2NormPruner(req.model, _channel_config(req))
 
 
-@register_pruner("fpgm", modes=("structured",), training=False, description="NNI FPGMPruner (filters), one shot")
+@register_pruner("fpgm", "FPGMPruner", modes=("structured",), training=False, description="NNI FPGMPruner (filters), one shot")
 def _fpgm(req: PruneRequest) -> Any:
     from nni.compression.pruning import FPGMPruner
 
-    return FPGMPruner(req.model, req.config_list)
+    return FPGMPruner(req.model, _channel_config(req))
 
 
-@register_pruner("taylor", self_timed=True, description="NNI TaylorPruner: first-order Taylor importance over the pruning epochs")
+@register_pruner("taylor", "TaylorPruner", self_timed=True, description="NNI TaylorPruner: first-order Taylor importance over the pruning epochs")
 def _taylor(req: PruneRequest) -> Any:
     from nni.compression.pruning import TaylorPruner
 
-    return TaylorPruner(req.model, req.config_list, req.evaluator, training_steps=max(1, req.epochs * req.steps_per_epoch))
+    return TaylorPruner(req.model, _channel_config(req), req.evaluator, training_steps=max(1, req.epochs * req.steps_per_epoch))
 
 
-@register_pruner("movement", modes=("unstructured",), by_steps=True, description="NNI MovementPruner: learned movement scores")
+@register_pruner("movement", "MovementPruner", modes=("unstructured",), by_steps=True, description="NNI MovementPruner: learned movement scores")
 def _movement(req: PruneRequest) -> Any:
     from nni.compression.pruning import MovementPruner
 

@@ -4,14 +4,16 @@ Parameters come from ``nni.get_next_parameter()`` and fill in :data:`DEFAULTS` (
 experiment NNI returns nothing and the defaults are used; ``--param key=value`` overrides any of
 them, for trying a trial by hand). The trial runs the pipeline (:func:`nni_harp.pipeline.run`:
 adversarial pretraining, pruning with the pruner named by ``pruner`` from
-:mod:`nni_harp.registry` -- harp, hydra, l1norm, l2norm, fpgm, taylor, movement -- adversarial
-fine-tuning with the masks fixed, speedup when structured, evaluation) in a folder of its own.
+:mod:`nni_harp.registry` -- by its NNI class name (``HARPPruner``, ``HydraPruner``,
+``L1NormPruner``, ``L2NormPruner``, ``FPGMPruner``, ``TaylorPruner``, ``MovementPruner``) or its
+short name (harp, hydra, l1norm, ...) -- adversarial fine-tuning with the masks fixed, speedup
+when structured, evaluation) in a folder of its own.
 
 Reported to NNI: after every pruning and fine-tuning epoch (one pass for a one-shot pruner) an
 intermediate result ``{'default': PGD accuracy on the first eval_batches x batch_size test
 images, 'clean': ..., 'stage': ..., 'epoch': ..., 'loss': ...}``; at the end the final result
 ``{'default': robust (PGD) accuracy, 'robust_acc', 'clean_acc', 'sparsity', 'flops_kept',
-'target_sparsity', 'pruner', 'seconds', ...}``. Accuracies are fractions; ``sparsity`` is the
+'target_sparsity', 'pruner', 'pruner_class', 'seconds', ...}``. Accuracies are fractions; ``sparsity`` is the
 fraction of Conv/Linear weights removed, ``flops_kept`` the pruned model's FLOPs (non-zero
 weights) over the dense model's.
 """
@@ -70,6 +72,9 @@ def resolve_params(received: Mapping[str, Any] | None, overrides: Mapping[str, A
         params.update(source)
     for key in ("sparsity", "gamma_0", "eps", "pretrain_lr", "prune_lr", "finetune_lr"):
         params[key] = float(params[key])
+    from .registry import get_pruner
+
+    get_pruner(str(params["pruner"]))  # an unknown pruner fails here, listing the known names
     return params
 
 
@@ -126,6 +131,8 @@ class NNIReporter(PipelineCallback):
 
 def final_result(report: Any, params: Mapping[str, Any], seconds: float) -> dict[str, Any]:
     """The trial's final result from the pipeline's :class:`~nni_harp.pipeline.Report`."""
+    from .registry import get_pruner
+
     dense, pruned = report.dense, report.pruned
     return {
         "default": pruned.pgd_acc,
@@ -137,6 +144,7 @@ def final_result(report: Any, params: Mapping[str, Any], seconds: float) -> dict
         "flops_kept": report.achieved.get("flops_kept"),
         "target_sparsity": float(params["sparsity"]),
         "pruner": report.pruner,
+        "pruner_class": get_pruner(report.pruner).class_name,
         "mode": report.mode,
         "eval_samples": pruned.eval_samples,
         "seconds": seconds,

@@ -5,9 +5,9 @@ HARP and HYDRA checkpoint every epoch (model incl. scores and rates, optimizers,
 pruner state) and resume mid-stage; NNI's training-aware pruners (Taylor, Movement) train the
 weights at ``finetune_lr`` while they prune and restart the stage on resume; the one-shot ones
 (L1/L2 norm, FPGM) prune in one pass. In structured mode NNI's pruners get the uniform channel
-fraction that meets the FLOPs target, and their per-layer masks are reconciled onto the coupled
-channel groups of ``graph_passes`` (a channel goes only when every member drops it), so that
-speedup can remove what they removed.
+fraction that meets the FLOPs target and dependency groups (``nni_harp.registry``: coupled layers
+drop the same channels), and their masks are spread over the coupled channel groups of
+``graph_passes``, so that speedup removes what they removed.
 
 Under ``torchrun`` the model is not wrapped in DDP here (the pruner adds its parameters after a
 wrapper would be built): every gradient is averaged over the ranks before each optimizer step, so
@@ -169,32 +169,15 @@ def _mask_rates(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]
 
 
 def _group_consistent(model: nn.Module, example: torch.Tensor, masks: Masks) -> Masks:
-    """Per-layer output-channel masks (NNI's pruners) reconciled onto graph_passes' coupled groups.
-
-    A channel of a prunable group is removed when every producing member (role ``out``) that has
-    a mask drops it; a group none of whose producers is masked is kept whole. Every member of the
-    group (producers, consumers, norms) then gets the group's channel mask.
-    """
+    """NNI's per-layer output-channel masks (coupled layers agree: the registry gives NNI's pruners
+    dependency groups) read as ``graph_passes.ModelSpeedup`` reads them
+    (``graph_passes.keep_from_masks``), then spread over every member of each prunable group
+    (producers, consumers, norms): the masked model computes what the pruned one will."""
     import graph_passes
 
     groups = graph_passes.channel_groups(model, (example,))
-    keep: dict[int, torch.Tensor] = {}
-    for group in groups:
-        if not group.prunable:
-            continue
-        kept = torch.zeros(group.size, dtype=torch.bool)
-        seen = False
-        for member in group.members:
-            mask = masks.get(member.module, {}).get(member.param)
-            if member.role != "out" or mask is None:
-                continue
-            seen = True
-            rows = mask.index_select(member.dim, torch.tensor(member.index, dtype=torch.long))
-            alive = (rows.movedim(member.dim, 0).reshape(len(member.index), -1) != 0).any(dim=1)
-            kept[torch.tensor(member.channel, dtype=torch.long)[alive]] = True
-        if seen:
-            keep[group.id] = kept
-    return graph_passes.group_masks(model, groups, keep)
+    keep = graph_passes.keep_from_masks(groups, masks)
+    return graph_passes.group_masks(model, groups, {g.id: keep[g.id] for g in groups if g.prunable})
 
 
 def _rank_differences(ctx: Context, masks: Masks, rates: Mapping[str, float]) -> None:
