@@ -11,7 +11,7 @@ and names the module whose code cannot follow.
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -88,14 +88,14 @@ def outputs_close(got: Any, expected: Any) -> tuple[bool, str]:
     """Same structure and shapes, and every tensor within 1e-4 of the expected one's scale."""
     a, b = flatten_outputs(got), flatten_outputs(expected)
     if len(a) != len(b):
-        return False, f"it returns {len(a)} tensors instead of {len(b)}"
+        return False, f"{len(a)} tensors instead of {len(b)}"
     for i, (x, y) in enumerate(zip(a, b)):
         if x.shape != y.shape:
             return False, f"output {i} has shape {tuple(x.shape)} instead of {tuple(y.shape)}"
         err = float((x.float() - y.float()).abs().max()) if x.numel() else 0.0
         scale = float(y.float().abs().max()) if y.numel() else 0.0
         if not err <= 1e-4 * (1.0 + scale) or math.isnan(err):
-            return False, f"output {i} differs from the masked model's by up to {err:.3g} (scale {scale:.3g})"
+            return False, f"output {i} differs by up to {err:.3g} (scale {scale:.3g})"
     return True, ""
 
 
@@ -111,34 +111,57 @@ def _innermost_module(exc: BaseException, names: Mapping[int, str]) -> str | Non
     return found
 
 
-def _calls(root: nn.Module, targets: Iterable[str], inputs: tuple[Any, ...]) -> list[tuple[str, Any]]:
-    """The outputs of the modules ``targets`` in the order ``root``'s forward calls them."""
-    calls: list[tuple[str, Any]] = []
-    hooks = [root.get_submodule(t).register_forward_hook(lambda m, i, o, t=t: calls.append((t, o)))
-             for t in targets if _has(root, t)]
+def _module_ends(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """For each module path the graph records (``nn_module_stack``): the one node of its scope
+    that is used outside it, i.e. the module's output in the graph (where there is one)."""
+    scope: dict[fx.Node, set[str]] = {}
+    members: dict[str, list[fx.Node]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        scope[node] = {str(v[0]) if isinstance(v, tuple) else str(k) for k, v in stack.items()}
+        for path in scope[node]:
+            members[path].append(node)
+    ends = {}
+    for path, nodes in members.items():
+        outside = [n for n in nodes if any(path not in scope[u] for u in n.users)]
+        if len(outside) == 1:
+            ends[path] = outside[0]
+    return ends
+
+
+def _first_wrong_module(work: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...]) -> tuple[str | None, str]:
+    """The first module whose call in the model's own forward returns what the pruned graph does
+    not (children return before their parents: the innermost such module), and how it differs."""
+    ends = _module_ends(gm)
+    values: dict[fx.Node, Any] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            values[n] = super().run_node(n)
+            return values[n]
+
+    with torch.no_grad():
+        Recorder(gm).run(*inputs)
+    returned: list[tuple[str, Any]] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o, p=p: returned.append((p, o)))
+             for p, m in work.named_modules() if p in ends]
     try:
         with torch.no_grad():
-            root(*inputs)
+            work(*inputs)
+    except Exception:  # noqa: BLE001 - the modules that returned before it are what we look at
+        pass
     finally:
         for h in hooks:
             h.remove()
-    return calls
-
-
-def _first_divergence(work: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, ...]) -> str | None:
-    """The first module (in call order) whose output in the model's own forward differs from the
-    pruned graph's: the code that went wrong runs before it, in its parent."""
-    targets = list(dict.fromkeys(str(n.target) for n in gm.graph.nodes if n.op == "call_module"))
-    graph: dict[str, list[Any]] = defaultdict(list)
-    for t, out in _calls(gm, targets, inputs):
-        graph[t].append(out)
-    count: Counter[str] = Counter()
-    for t, out in _calls(work, targets, inputs):
-        k = count[t]
-        count[t] += 1
-        if k >= len(graph[t]) or not outputs_close(out, graph[t][k])[0]:
-            return t
-    return None
+    seen: set[str] = set()
+    for path, out in returned:
+        if path in seen:  # a module called twice: its graph node is the last call's
+            continue
+        seen.add(path)
+        ok, why = outputs_close(out, values.get(ends[path]))
+        if not ok:
+            return path, why
+    return None, ""
 
 
 def _has(root: nn.Module, path: str) -> bool:
@@ -160,23 +183,28 @@ def check_eager(work: nn.Module, gm: fx.GraphModule, dummy_input: Any, expected:
     ``expected`` (the masked model's output); a :class:`SpeedupError` naming the module whose own
     forward cannot follow the pruning otherwise."""
     inputs = as_tuple(dummy_input)
-    names = {id(m): n for n, m in work.named_modules()}
-    hint = ("Its Python code keeps a size the pruning changed. Use speedup_model(inplace=False): it returns the pruned "
-            "torch.fx.GraphModule, which runs the rewritten graph instead of this forward. The model is left unchanged.")
+    failure: Exception | None = None
     try:
         with torch.no_grad():
             got = work(*inputs)
-    except Exception as exc:
-        where = _innermost_module(exc, names)
-        raise SpeedupError(f"cannot prune {type(work).__name__} in place: {_describe(work, where)} fails on the pruned "
-                           f"layers ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). {hint}") from exc
-    ok, why = outputs_close(got, expected)
-    if not ok:
-        try:
-            culprit = _first_divergence(work, gm, inputs)
-        except Exception:  # noqa: BLE001 - naming the culprit is best effort; the mismatch is reported anyway
-            culprit = None
-        where = _describe(work, culprit.rpartition(".")[0] if culprit else None)
-        before = f", before it calls {culprit!r}" if culprit else ""
-        raise SpeedupError(f"cannot prune {type(work).__name__} in place: {where} computes differently from the pruned "
-                           f"graph{before}: {why}. {hint}")
+    except Exception as exc:  # noqa: BLE001 - reported below, with the module that caused it
+        failure = exc
+    if failure is None:
+        ok, why = outputs_close(got, expected)
+        if ok:
+            return
+    try:
+        culprit, differs = _first_wrong_module(work, gm, inputs)
+    except Exception:  # noqa: BLE001 - naming the culprit is best effort; the problem is reported anyway
+        culprit, differs = None, ""
+    parts = [f"{_describe(work, culprit)} computes differently from the pruned graph ({differs})"] if culprit else []
+    if failure is not None:
+        names = {id(m): n for n, m in work.named_modules()}
+        first = str(failure).splitlines()[0] if str(failure) else ""
+        parts.append(f"{_describe(work, _innermost_module(failure, names))} fails ({type(failure).__name__}: {first})")
+    elif not culprit:
+        parts.append(f"{_describe(work, None)} computes differently from the masked model ({why})")
+    raise SpeedupError(
+        f"cannot prune {type(work).__name__} in place: {'; then '.join(parts)}. Its Python code keeps a size the "
+        "pruning changed. Use speedup_model(inplace=False): it returns the pruned torch.fx.GraphModule, which runs "
+        "the rewritten graph instead of this forward. The model is left unchanged.") from failure
