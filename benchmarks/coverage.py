@@ -1,5 +1,8 @@
 """Coverage of graph_passes over timm: one smallest model per architecture family, pruned 30 % by
-graph_passes and by Torch-Pruning (MetaPruner + MagnitudeImportance, classifier ignored).
+graph_passes and by Torch-Pruning (MetaPruner + MagnitudeImportance, classifier ignored), and
+pruned as an NNI user would (column ``nni``): ``graph_passes.auto_set_dependency_group_ids`` on
+NNI's usual config list, ``L1NormPruner`` at 50 %, then ``graph_passes.ModelSpeedup`` in place (or,
+where it refuses with its clear error, ``speedup_model(inplace=False)``).
 
 Families are timm's model modules (``timm/models/<family>.py``), read from each entrypoint's
 ``__module__``; ``test_*`` models are left out. The smallest model of a family: the names are
@@ -12,11 +15,15 @@ run goes on. ``results/coverage.md`` is rewritten atomically after every family.
 default input side exceeds 256 px run at 224 px where they accept it (see ``_model_and_input``).
 
     python benchmarks/coverage.py [--limit N] [--families resnet,vit...] [--timeout-per-model S] [--resume]
+                                  [--tools ours,tp,nni]
+
+``--tools`` runs only those columns and keeps the others' results from the JSON sidecar.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import json
 import multiprocessing as mp
 import re
@@ -35,6 +42,8 @@ from timm.models._registry import model_entrypoint  # noqa: E402
 from _common import RESULTS, apply_masks, calibrate_norms, n_flops, n_params, write_atomic  # noqa: E402
 
 RATIO = 0.3
+NNI_RATIO = 0.5
+TOOLS = ("ours", "tp", "nni")
 SEED = 0
 ATOL = 1e-4
 RTOL = 1e-4
@@ -162,6 +171,58 @@ def _tp(name: str, send) -> None:
     send(rec)
 
 
+def _nni(name: str, send) -> None:
+    """NNI's flow: dependency groups, L1NormPruner's masks, ModelSpeedup in place; the GraphModule
+    where the in-place speedup refuses (its error must say to use ``inplace=False``)."""
+    import graph_passes as gp
+    from nni.compression.base.setting import PruningSetting
+    from nni.compression.pruning import L1NormPruner
+
+    rec: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    model, x = _model_and_input(name)
+    # every Conv2d and Linear, timm's subclasses (StdConv2d, Conv2dSame, ...) registered with NNI's default setting
+    types = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))})
+    for t in types:
+        if t not in PruningSetting.registry:
+            PruningSetting.register(t, copy.deepcopy(PruningSetting.default_setting))
+    config = gp.auto_set_dependency_group_ids(model, x, [{"op_types": types, "sparse_ratio": NNI_RATIO}])
+    rec["layers"] = len(config)
+    send(rec)
+    if config:
+        pruner = L1NormPruner(model, config)
+        _, masks = pruner.compress()
+        pruner.unwrap_model()
+        dense = copy.deepcopy(model)
+        speedup = gp.ModelSpeedup(model, x, masks)
+        try:
+            pruned = speedup.speedup_model()
+            rec["inplace"] = True
+        except gp.SpeedupError as exc:
+            if "speedup_model(inplace=False)" not in str(exc):
+                raise
+            rec["inplace"], rec["inplace_error"] = False, str(exc).split(". Its Python code")[0][:300]
+            send(rec)
+            pruned = speedup.speedup_model(inplace=False)
+        pruned.eval()
+        with torch.no_grad():
+            out, ref = pruned(x), apply_masks(dense, speedup.applied_masks)(x)
+        rec["runs"] = True
+        rec["match"] = bool(out.shape == ref.shape and torch.allclose(out, ref, atol=ATOL, rtol=RTOL))
+        rec["params_kept"] = n_params(pruned) / n_params(dense)
+        rec["flops_kept"] = n_flops(pruned, x) / n_flops(dense, x)
+    rec["seconds"] = time.perf_counter() - t0
+    send(rec)
+
+
+def nni_status(r: dict[str, Any]) -> str:
+    if "error" in r or (r.get("layers") and not r.get("match")):
+        return "FAIL"
+    if not r.get("layers") or r.get("flops_kept", 1.0) >= 1.0:
+        return "no FLOPs drop"
+    return "in place" if r.get("inplace") else "GraphModule"
+
+
 def _child(fn_name: str, name: str, conn) -> None:
     torch.set_num_threads(1)
     import warnings
@@ -169,7 +230,7 @@ def _child(fn_name: str, name: str, conn) -> None:
 
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
-    fn = {"ours": _ours, "tp": _tp}[fn_name]
+    fn = {"ours": _ours, "tp": _tp, "nni": _nni}[fn_name]
     try:
         fn(name, conn.send)
     except BaseException as exc:  # noqa: BLE001 - recorded, the parent carries on
@@ -239,16 +300,25 @@ def _input_text(row: dict[str, Any]) -> str:
     return "x".join(str(s) for s in size[-2:])
 
 
+def _status(tool: str, r: dict[str, Any]) -> str:
+    return {"ours": ours_status, "nni": nni_status, "tp": lambda t: "ok" if t.get("ok") else "FAIL"}[tool](r)
+
+
 def render(rows: dict[str, dict[str, Any]], total_families: int, timeout: float) -> tuple[str, str]:
     n = len(rows)
     st = collections.Counter(ours_status(r["ours"]) for r in rows.values())
+    ns = collections.Counter(nni_status(r["nni"]) for r in rows.values() if "nni" in r)
     tp_ok = sum(bool(r["tp"].get("ok")) for r in rows.values())
     tp_ok_ours_fail = sorted(f for f, r in rows.items() if r["tp"].get("ok") and ours_status(r["ours"]) == "FAIL")
     traced = sum(bool(r["ours"].get("traced")) for r in rows.values())
     totals = (f"families run: {n}/{total_families}; graph_passes pass end to end: {st['pass']}/{n} "
               f"({100 * st['pass'] / max(n, 1):.1f} %), traced: {traced}/{n}, no prunable group: "
               f"{st['no prunable group']}, fail: {st['FAIL']}; Torch-Pruning ok: {tp_ok}/{n}; "
-              f"Torch-Pruning ok but graph_passes fails: {len(tp_ok_ours_fail)} {tp_ok_ours_fail or ''}")
+              f"Torch-Pruning ok but graph_passes fails: {len(tp_ok_ours_fail)} {tp_ok_ours_fail or ''}; "
+              f"NNI flow (L1NormPruner {100 * NNI_RATIO:.0f} % with dependency groups, ModelSpeedup) pruned equal to "
+              f"masked with fewer FLOPs: {ns['in place'] + ns['GraphModule']}/{sum(ns.values())} ({ns['in place']} in place, "
+              f"{ns['GraphModule']} as GraphModule after the clear in-place error), no FLOPs drop: {ns['no FLOPs drop']}, "
+              f"fail: {ns['FAIL']}")
     lines = [
         "# graph_passes coverage over timm families",
         "",
@@ -259,26 +329,34 @@ def render(rows: dict[str, dict[str, Any]], total_families: int, timeout: float)
         f"'match': pruned outputs allclose to the masked model (atol {ATOL}, rtol {RTOL}). "
         f"Torch-Pruning: MetaPruner + MagnitudeImportance(p=2), pruning_ratio {RATIO}, classifier ignored; "
         f"'ok' = the pruned model runs with the same output shape and fewer parameters (Torch-Pruning has no "
-        f"masked reference). Params/FLOPs kept: pruned / dense (FLOPs by FlopCounterMode). One CPU thread per "
+        f"masked reference). NNI: graph_passes.auto_set_dependency_group_ids on the config list "
+        f"[{{'op_types': [every Conv2d and Linear type], 'sparse_ratio': {NNI_RATIO}}}] (timm's subclasses registered "
+        f"with NNI's default setting), L1NormPruner's masks, "
+        f"graph_passes.ModelSpeedup in place ('in place'), or speedup_model(inplace=False) where the in-place speedup "
+        f"refuses with its error naming the module ('GraphModule'); pruned outputs allclose to the model masked with "
+        f"ModelSpeedup.applied_masks, and fewer FLOPs. Params/FLOPs kept: pruned / dense (FLOPs by FlopCounterMode). One CPU thread per "
         f"model, timeout {timeout:.0f} s per model and tool in the latest run (with --resume, rows of families that "
         f"passed in an earlier run are kept from it).",
         "",
         f"**Totals:** {totals}",
         "",
         "| family | model | input | status | traced | groups | prunable | runs | match | params kept | FLOPs kept | s "
-        "| TP ok | TP params kept | TP FLOPs kept | TP s | error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| TP ok | TP params kept | TP FLOPs kept | TP s | NNI | NNI FLOPs kept | NNI s | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for fam, r in sorted(rows.items()):
-        o, t = r["ours"], r["tp"]
-        err = "; ".join(x for x in (o.get("error") and f"ours: {o['error']}", t.get("error") and f"TP: {t['error']}") if x)
-        err = err.replace("|", "\\|").replace("\n", " ")[:400]
+        o, t, nn_ = r["ours"], r["tp"], r.get("nni", {})
+        notes = (o.get("error") and f"ours: {o['error']}", t.get("error") and f"TP: {t['error']}",
+                 nn_.get("error") and f"NNI: {nn_['error']}", nn_.get("inplace_error") and f"NNI in place: {nn_['inplace_error']}")
+        err = "; ".join(x for x in notes if x)
+        err = err.replace("|", "\\|").replace("\n", " ")[:600]
         lines.append(
             f"| {fam} | {r['model']} | {_input_text(r)} | {ours_status(o)} | {_fmt(o.get('traced', False))} | {_fmt(o.get('groups'))} "
             f"| {_fmt(o.get('prunable'))} | {_fmt(o.get('runs'))} | {_fmt(o.get('match'))} "
             f"| {_fmt(o.get('params_kept'), True)} | {_fmt(o.get('flops_kept'), True)} | {_fmt(o.get('seconds'))} "
             f"| {_fmt(bool(t.get('ok')))} | {_fmt(t.get('params_kept'), True)} | {_fmt(t.get('flops_kept'), True)} "
-            f"| {_fmt(t.get('seconds'))} | {err} |")
+            f"| {_fmt(t.get('seconds'))} | {nni_status(nn_) if nn_ else '-'} | {_fmt(nn_.get('flops_kept'), True)} "
+            f"| {_fmt(nn_.get('seconds'))} | {err} |")
     return "\n".join(lines) + "\n", totals
 
 
@@ -289,8 +367,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-per-model", type=float, default=300.0, help="seconds per model and tool")
     ap.add_argument("--output", type=Path, default=RESULTS / "coverage.md")
     ap.add_argument("--resume", action="store_true", help="reuse the JSON sidecar's results, rerunning the (selected) "
-                    "families graph_passes failed; the report keeps every family's row")
+                    "families where a selected tool failed; the report keeps every family's row")
+    ap.add_argument("--tools", default=",".join(TOOLS), help="the columns to run (ours, tp, nni); the others keep "
+                    "their results from the JSON sidecar")
     args = ap.parse_args(argv)
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    if not tools or set(tools) - set(TOOLS):
+        ap.error(f"--tools: choose from {', '.join(TOOLS)}, got {args.tools!r}")
 
     all_fams = families()
     fams = all_fams
@@ -303,21 +386,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit is not None:
         fams = dict(list(fams.items())[: args.limit])
     chosen = smallest(fams)
-    # with --resume the report covers every family: the selected ones are (re)run, the others kept
-    reported = smallest(all_fams) if args.resume else chosen
+    # with --resume or --tools the report covers every family: the selected ones are (re)run, the others kept
+    keep_others = args.resume or set(tools) != set(TOOLS)
+    reported = smallest(all_fams) if keep_others else chosen
 
     sidecar = args.output.with_suffix(".json")
     rows: dict[str, dict[str, Any]] = {}
-    if args.resume and sidecar.exists():
+    if keep_others and sidecar.exists():
         rows = {f: r for f, r in json.loads(sidecar.read_text()).items() if f in reported and r["model"] == reported[f]}
     for i, (fam, name) in enumerate(chosen.items()):
-        if fam in rows and ours_status(rows[fam]["ours"]) != "FAIL":
+        row = rows.setdefault(fam, {"model": name})
+        todo = [t for t in tools if not (args.resume and t in row and _status(t, row[t]) != "FAIL")]
+        if not todo:
             continue
-        ours = run_isolated("ours", name, args.timeout_per_model)
-        tpr = run_isolated("tp", name, args.timeout_per_model)
-        rows[fam] = {"model": name, "ours": ours, "tp": tpr}
-        print(f"[{i + 1}/{len(chosen)}] {fam:28s} {name:40s} ours={ours_status(ours):18s} tp={bool(tpr.get('ok'))} "
-              f"{ours.get('error', '')[:150]}", flush=True)
+        for tool in todo:
+            row[tool] = run_isolated(tool, name, args.timeout_per_model)
+        for tool in TOOLS:
+            row.setdefault(tool, {"error": "not run"})
+        print(f"[{i + 1}/{len(chosen)}] {fam:28s} {name:40s} " + " ".join(f"{t}={_status(t, row[t])}" for t in todo)
+              + f" {' '.join(row[t].get('error', '')[:120] for t in todo)}", flush=True)
         text, _ = render(rows, len(reported), args.timeout_per_model)
         write_atomic(sidecar, json.dumps(rows, indent=1, sort_keys=True, default=str))
         write_atomic(args.output, text)

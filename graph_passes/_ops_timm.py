@@ -189,7 +189,9 @@ def _attention_sizes(module: nn.Module) -> dict[str, Any]:
     projection. The channel analysis keeps channels on the larger of the head count and the head
     width (see ``_ops_shape.reshape``), so that one shrank. With a narrower head the fused kernel
     would rescale by the new width: the module's own path with its stored ``scale`` is used."""
-    name = "head_dim" if hasattr(module, "head_dim") else "dim_head"
+    name = next((n for n in ("head_dim", "dim_head") if isinstance(getattr(module, n, None), int)), None)
+    if name is None:
+        return {}  # the head width is not stored: nothing to update (the check finds a forward that cannot follow)
     heads, width = int(module.num_heads), int(getattr(module, name))
     if getattr(module, "num_kv_heads", heads) != heads:
         return {}  # grouped-query attention: k and v have other widths
@@ -220,7 +222,7 @@ def _register_attentions() -> None:
     for module_name, names in (("timm.layers.attention", ("Attention", "AttentionRope")),
                                ("timm.layers.attention_pool", ("AttentionPoolLatent",)),
                                ("timm.models.vision_transformer_relpos", ("RelPosAttention",)),
-                               ("timm.models.eva", ("EvaAttention",)), ("timm.models.beit", ("Attention",)),
+                               ("timm.models.eva", ("EvaAttention",)),
                                ("timm.models.maxxvit", ("Attention2d", "AttentionCl"))):
         try:
             found = importlib.import_module(module_name)
