@@ -11,6 +11,7 @@ computes what the masked model computes.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ IMAGE_SIZE = 16
 BATCH = 64
 PRETRAIN_EPOCHS = 3
 PRUNE_EPOCHS = 2
+SCHEDULE_EPOCHS = 8  # long enough for all three phases of HARP's schedule with its default settings
 # PGD-AT with a short attack keeps the test at about a minute on two CPU cores
 ATTACK = AttackConfig(norm="linf", eps=8 / 255, step_size=3 / 255, steps=3, random_start=True)
 ATOL = RTOL = 1e-4  # as in test_it_timm_models: the pruned model equals the masked one
@@ -197,3 +199,56 @@ def test_harp_structured_half_flops_then_speedup(data: Data, robust_state: dict)
         out_small, out_masked = small(inputs), masked(inputs)
     assert torch.allclose(out_small, out_masked, atol=ATOL, rtol=RTOL)
     assert float((out_small.argmax(1) == data.y_test[:64]).float().mean()) > 0.3
+
+
+def _assert_three_phase_schedule(pruner: HARPPruner, epochs: int) -> None:
+    """Above the target at the start, down to it, gamma frozen at the first epoch that met it."""
+    history = pruner.history
+    target = pruner.target_fraction
+    assert [h["epoch"] for h in history] == list(range(epochs))
+    assert history[0]["kept_start"] >= math.sqrt(target) - 0.02  # started above the target (default: sqrt)
+    frozen = pruner.frozen_at
+    assert frozen is not None and frozen < epochs - 1, [(h["kept_fraction"], h["gamma"]) for h in history]
+    assert frozen == next(h["epoch"] for h in history if h["target_met"])
+    # the kept fraction came down: at the freeze it is near the target, far below the start
+    assert history[frozen]["kept_fraction"] <= target + 0.25 * (history[0]["kept_start"] - target)
+    assert any(h["phase"] == "descent" for h in history[: frozen + 1])
+    # gamma grew by gamma_0 per epoch until then, and stays frozen afterwards
+    gamma_0 = pruner.settings.gamma_0
+    assert [h["gamma"] for h in history[: frozen + 1]] == pytest.approx([gamma_0 * (e + 1) for e in range(frozen + 1)])
+    assert all(h["gamma"] == pytest.approx(history[frozen]["gamma"]) for h in history[frozen:])
+    assert all(h["phase"] == "balance" for h in history[frozen + 1:])
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["unstructured-90", "structured-half-flops"])
+def test_default_harp_descends_to_the_target_then_freezes_gamma(data: Data, robust_state: dict, structured: bool) -> None:
+    """HARP with its default settings shows its stagewise schedule: the kept fraction starts above
+    the target, comes down while gamma grows, and gamma freezes at the first epoch that meets it."""
+    torch.manual_seed(3)
+    model = _robust_model(data, robust_state)
+    x = data.x_test[:2]
+    entry = {"op_types": ["Conv2d", "Linear"], "global_group_id": 0}
+    entry.update({"sparse_ratio": 0.5, "granularity": "out_channel"} if structured else {"sparse_ratio": 0.9})
+    pruner = HARPPruner(model, [entry], _evaluator(model, data), dummy_input=x)
+    epochs = SCHEDULE_EPOCHS
+    _, masks = pruner.compress(max_epochs=epochs)
+    _assert_three_phase_schedule(pruner, epochs)
+    assert abs(pruner.kept_fraction() - pruner.target_fraction) <= 0.01
+    _assert_not_uniform(pruner.layer_rates(), 0.1)
+
+
+def test_nni_api_three_epochs_at_90_percent_learns_a_non_uniform_plan(data: Data, robust_state: dict) -> None:
+    """README's NNI-API call, defaults, three epochs: the target is met and the per-layer
+    sparsities are far from uniform."""
+    torch.manual_seed(4)
+    model = _robust_model(data, robust_state)
+    config = [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": 0.9, "global_group_id": "all"}]
+    pruner = HARPPruner(model, config, _evaluator(model, data))
+    pruned, masks = pruner.compress(max_steps=None, max_epochs=3)
+    sparsity = {name: 1.0 - float(m["weight"].mean()) for name, m in masks.items()}
+    total = sum(m["weight"].numel() for m in masks.values())
+    kept = sum(float(m["weight"].sum()) for m in masks.values()) / total
+    assert abs(kept - 0.1) <= 0.01
+    assert max(sparsity.values()) - min(sparsity.values()) > 0.05, sparsity
+    assert pruner.history[0]["kept_start"] > 0.2  # it started above the target and came down
+    assert pruner.history[-1]["kept_fraction"] < pruner.history[0]["kept_start"]

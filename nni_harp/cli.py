@@ -46,7 +46,7 @@ def _number(text: str) -> float:
 _DEFAULTS_EPILOG = """\
 defaults (chosen so that `nni-harp prune resnet18` on digits takes a few minutes on a 2-core CPU):
   32 px images; PGD-AT with 3 steps (step 2.5*eps/steps) for training; 4 pretraining,
-  3 pruning and 2 fine-tuning epochs; batch 64; SGD momentum 0.9, cosine schedule, lr
+  8 pruning and 2 fine-tuning epochs; batch 64; SGD momentum 0.9, cosine schedule, lr
   0.05 / 0.1 / 0.01 (pretrain / prune / fine-tune), weight decay 5e-4; gamma_0 0.01.
   Evaluation on the first 200 test images: PGD-10 and AutoAttack's APGD-CE + APGD-T
   (torchattacks). `--autoattack standard` adds FAB-T and Square (5000 queries), about
@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TRADES/MART beta (default: the loss's own, TRADES 6, MART 5)")
     g = p.add_argument_group("schedule")
     g.add_argument("--pretrain-epochs", type=int, default=4, help="default: %(default)s (ignored with --checkpoint)")
-    g.add_argument("--prune-epochs", type=int, default=3, help="default: %(default)s")
+    g.add_argument("--prune-epochs", type=int, default=8,
+                   help="HARP's gamma grows every epoch until the target is met, then freezes (default: %(default)s)")
     g.add_argument("--finetune-epochs", type=int, default=2, help="default: %(default)s")
     g.add_argument("--batch-size", type=int, default=64,
                    help="the global batch; under torchrun each of N processes takes 1/N of it (default: %(default)s)")

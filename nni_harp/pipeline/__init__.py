@@ -125,7 +125,8 @@ def _finish(ctx: Any, model: torch.nn.Module, masks: Any, pruned_result: dict[st
     target = {"sparsity": config.sparsity} if config.mode == "unstructured" else {"flops_kept": config.flops_target}
     pruner = pruned_result.get("pruner", config.pruner)
     title = f"{config.model} ({config.mode}, {pruner}, {next(iter(target))} {next(iter(target.values())):g})"
-    plot_layer_rates(rates, pruned_result.get("uniform"), out / PLOT_RATES, title=f"kept fraction per layer: {title}")
+    plot_layer_rates(rates, pruned_result.get("uniform"), out / PLOT_RATES, title=f"kept fraction per layer: {title}",
+                     start=pruned_result.get("start_rates"))
     plot_history(history, config.target_keep, out / PLOT_HISTORY, title=f"pruning schedule: {title}")
     files = {
         "model": "model.pt",

@@ -323,6 +323,7 @@ def stage_prune(ctx: Context, model: nn.Module) -> tuple[nn.Module, Masks, dict[
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     history = [{k: _plain(v) for k, v in h.items()} for h in getattr(pruner, "history", [])]
     learned_rates = pruner.layer_rates() if hasattr(pruner, "layer_rates") else None
+    start_rates = {str(k): float(v) for k, v in getattr(pruner, "start_rates", {}).items()}
     pruner.unwrap_model()
     masks = {m: {p: t.detach().cpu() for p, t in d.items() if t is not None} for m, d in masks.items()}
     if cfg.mode == "structured" and not learned:
@@ -345,6 +346,7 @@ def stage_prune(ctx: Context, model: nn.Module) -> tuple[nn.Module, Masks, dict[
         cb.on_epoch_end("prune", 0, metrics)
     ctx.save(model.state_dict(), init_path)
     ctx.save(masks, masks_path)
-    result = {"layer_rates": rates, "history": history, "uniform": uniform, "sparsity": sparsity, "pruner": spec.name}
+    result = {"layer_rates": rates, "start_rates": start_rates, "history": history, "uniform": uniform,
+              "sparsity": sparsity, "pruner": spec.name}
     finish_stage(ctx, "prune", result, start_time)
     return model, masks, result

@@ -135,7 +135,7 @@ class PipelineConfig:
     eps: float = 8 / 255
     attack_steps: int = 3
     pretrain_epochs: int = 4
-    prune_epochs: int = 3
+    prune_epochs: int = 8  # HARP's schedule: gamma grows until the target is met (~epoch 4 on digits), then holds
     finetune_epochs: int = 2
     batch_size: int = 64
     seed: int = 0

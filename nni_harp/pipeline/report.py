@@ -175,11 +175,15 @@ class Report:
             lines += ["", "## Learned kept fraction per layer", "", "| layer | kept |", "|---|---:|"]
             lines += [f"| {name} | {rate:.4f} |" for name, rate in self.layer_rates.items()]
         if self.history:
-            lines += ["", "## Pruning history", "", "| epoch | gamma | kept fraction | adv loss | hw loss |",
-                      "|---:|---:|---:|---:|---:|"]
+            lines += ["", "## Pruning history", ""]
+            met = next((h.get("epoch") for h in self.history if h.get("target_met") and h.get("phase")), None)
+            if met is not None:
+                lines += [f"The target was first met at the end of epoch {int(met) + 1}; gamma is frozen from then on.", ""]
+            lines += ["| epoch | phase | gamma | kept fraction | adv loss | hw loss |", "|---:|---|---:|---:|---:|---:|"]
             for h in self.history:
-                lines.append("| {} | {} | {} | {} | {} |".format(
-                    h.get("epoch", ""), *(_num(h.get(k)) for k in ("gamma", "kept_fraction", "adv_loss", "hw_loss"))
+                lines.append("| {} | {} | {} | {} | {} | {} |".format(
+                    int(h.get("epoch", 0)) + 1, h.get("phase") or "",
+                    *(_num(h.get(k)) for k in ("gamma", "kept_fraction", "adv_loss", "hw_loss"))
                 ))
         if self.files:
             lines += ["", "## Files", ""] + [f"- {k}: `{v}`" for k, v in self.files.items()]

@@ -95,6 +95,14 @@ def finalize(pruner: HARPPruner) -> None:
         unit.detach()
     kept, target, kind = pruner.kept_fraction(), pruner.target_fraction, pruner.budget_kind
     _logger.info("%s done: kept %s fraction %.4f (target %.4f)", type(pruner).__name__, kind, kept, target)
+    if pruner.settings.learn_rates and pruner.history and pruner.schedule.frozen_at is None:
+        last = pruner.history[-1]
+        _logger.warning(
+            "%s: the rates did not reach the target within %d pruning epoch(s) (kept %s fraction %.4f at the end, "
+            "target %.4f), so gamma never froze and the final masks were scaled down onto the budget; for HARP's "
+            "balance phase run more epochs or raise gamma_0 (now %g)", type(pruner).__name__, len(pruner.history),
+            kind, float(last["kept_fraction"]), target, pruner.settings.gamma_0,
+        )
     if abs(kept - target) > 0.01:
         _logger.warning(
             "kept %s fraction %.4f is %.2f pp off the target %.4f: the units are too coarse (or floors/ceilings "

@@ -133,6 +133,8 @@ class HARPPruner(Pruner):
             plan = plan_unstructured(model, inner, self._prefix, parsed, self.settings, self.budget_kind, self.dummy_input)
         super().__init__(model, plan.config_list, evaluator)
         self._install(plan)
+        #: :meth:`layer_rates` where pruning started (``HARPSettings.init_allocation``).
+        self.start_rates: dict[str, float] = self.layer_rates()
 
     # ------------------------------------------------------------------ NNI hooks
     def _set_default_sparse_granularity(self, target_space: PruningTargetSpace) -> list[int] | str | None:

@@ -82,3 +82,27 @@ def test_history_plot_is_png(tmp_path):
     history = [{"epoch": e, "gamma": 0.01 * (e + 1), "kept_fraction": 1 - 0.2 * e} for e in range(4)]
     _check_png(plot_history(history, 0.3, tmp_path / "h.png"))
     _check_png(plot_history([], None, tmp_path / "empty.png"))
+
+
+def _three_phase_history() -> list[dict]:
+    kept = [0.71, 0.75, 0.68, 0.60, 0.53, 0.49, 0.50, 0.50]
+    phases = ["robustness", "descent", "descent", "descent", "descent", "balance", "balance"]
+    return [{"epoch": e, "gamma": 0.01 * min(e + 1, 5), "kept_start": kept[e], "kept_fraction": kept[e + 1],
+             "adv_loss": 0.1, "hw_loss": 0.01, "target_met": e >= 4, "phase": phases[e]} for e in range(7)]
+
+
+def test_history_plot_draws_the_phases_and_the_start(tmp_path):
+    with_phases = plot_history(_three_phase_history(), 0.5, tmp_path / "phases.png")
+    _check_png(with_phases)
+    # the phases are drawn as coloured bands: the picture differs from the same history without them
+    plain = [{k: v for k, v in h.items() if k != "phase"} for h in _three_phase_history()]
+    assert with_phases.read_bytes() != plot_history(plain, 0.5, tmp_path / "plain.png").read_bytes()
+    _check_png(plot_layer_rates({"a": 0.3, "b": 0.9}, 0.5, tmp_path / "r.png", start={"a": 0.7, "b": 0.7}))
+
+
+def test_markdown_names_each_epoch_phase_and_when_gamma_froze():
+    report = _report()
+    text = Report(**{**report.__dict__, "history": _three_phase_history()}).to_markdown()
+    assert "first met at the end of epoch 5" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and ("balance" in line or "descent" in line)]
+    assert len(rows) == 6 and rows[0].startswith("| 2 | descent |")
