@@ -39,8 +39,12 @@ def _owner(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path) if path else root
 
 
-def apply_ops(root: nn.Module, ops: Iterable[SetAttr]) -> None:
+def apply_ops(root: nn.Module, ops: Iterable[SetAttr], missing_ok: bool = False) -> None:
+    """Carry out ``ops`` on ``root``; with ``missing_ok``, skip paths ``root`` does not have (a
+    GraphModule holds only the modules its graph uses)."""
     for op in ops:
+        if missing_ok and not _has(root, op.path):
+            continue
         setattr(_owner(root, op.path), op.name, op.value)
 
 

@@ -137,11 +137,11 @@ class ModelSpeedup:
         apply_ops(work, ops)
         ops += eager_ops(work)
         check_eager(work, gm, inputs, expected)
-        apply_ops(model, ops)
         if self.graph_module is not None:
-            apply_ops(self.graph_module, ops)
+            apply_ops(self.graph_module, ops, missing_ok=True)
             self.graph_module.graph = gm.graph
             self.graph_module.recompile()
+        apply_ops(model, ops)
         model.train(was_training)
         self.logger.info("pruned %s in place: %d modules replaced or resized", type(model).__name__, len(ops))
         return model
