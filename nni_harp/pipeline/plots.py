@@ -80,7 +80,7 @@ def plot_history(history: Sequence[Mapping[str, Any]], target: float | None, pat
         value = h.get(key)
         return float(value) if value is not None else float("nan")
 
-    fig = _figure(7.0, 4.2)
+    fig = _figure(7.0, 5.0)
     ax = fig.add_subplot(1, 1, 1)
     if not history:
         ax.text(0.5, 0.5, "no pruning history recorded", ha="center", va="center", transform=ax.transAxes)
@@ -117,6 +117,7 @@ def plot_history(history: Sequence[Mapping[str, Any]], target: float | None, pat
     ax2.set_ylabel("kept fraction", color="tab:blue")
     ax2.set_ylim(0.0, 1.05)
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0] + list(shown.values())
-    ax2.legend(handles=handles, loc="upper right", fontsize=7)
+    # below the axes, so it never hides the curve
+    ax2.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=7, frameon=False)
     ax.set_title(title or "HARP: gamma and kept fraction per epoch")
     return _save(fig, path)
