@@ -185,7 +185,7 @@ def auto_set_dependency_group_ids(model: nn.Module, dummy_input: Any = None, con
     for index, name, public in chosen:
         info = rows.get(name)
         if isinstance(info, _Rows) and _channel_granularity(public):
-            keys[(index, info.group, info.block, info.order)].append(name)
+            keys[(index, info.group, info.order)].append(name)
     settings = _group_settings(keys, rows)
     out: list[dict[str, Any]] = []
     for index, name, public in chosen:
@@ -207,23 +207,35 @@ def _channel_granularity(config: Mapping[str, Any]) -> bool:
 
 def _group_settings(keys: Mapping[tuple, list[str]], rows: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Per layer: a shared ``dependency_group_id`` for the layers of one channel group whose
-    weights have the most common rank (NNI averages their importance, so their shapes must
-    broadcast alike); the others take that mask through NNI's ``align`` setting."""
+    weights have the most common rank (NNI averages their importance per unit, so the shapes must
+    broadcast alike; blocks of rows reduce to one unit each); the others copy the mask of a leader
+    with rows in the same blocks through NNI's ``align`` setting, or form a group of their own."""
     out: dict[str, dict[str, Any]] = {}
     seen: Counter[int] = Counter()
+
+    def share(group: int, names: list[str]) -> None:
+        if len(names) > 1:
+            gid = f"channel_group_{group}" + (f"_{seen[group]}" if seen[group] else "")
+            seen[group] += 1
+            out.update({name: {"dependency_group_id": gid} for name in names})
+
     for key, names in keys.items():
         by_rank: dict[int, list[str]] = defaultdict(list)
         for name in names:
             by_rank[rows[name].ndim].append(name)
         leaders = max(by_rank.values(), key=len)
-        if len(leaders) > 1:
-            group = key[1]
-            gid = f"channel_group_{group}" + (f"_{seen[group]}" if seen[group] else "")
-            seen[group] += 1
-            out.update({name: {"dependency_group_id": gid} for name in leaders})
+        share(key[1], leaders)
+        rest: dict[tuple[int, int], list[str]] = defaultdict(list)
         for name in names:
-            if name not in leaders:
-                out[name] = {"align": {"module_name": leaders[0], "target_name": "weight", "dims": [0]}}
+            if name in leaders:
+                continue
+            source = next((n for n in leaders if rows[n].block == rows[name].block), None)
+            if source is None:
+                rest[(rows[name].ndim, rows[name].block)].append(name)
+            else:
+                out[name] = {"align": {"module_name": source, "target_name": "weight", "dims": [0]}}
+        for others in rest.values():
+            share(key[1], others)
     return out
 
 
@@ -233,11 +245,13 @@ _SPARSITY_KEYS = ("sparse_ratio", "sparse_threshold", "max_sparse_ratio", "min_s
 
 def _with_settings(entry: dict[str, Any], settings: Mapping[str, Any], info: _Rows) -> dict[str, Any]:
     """``entry`` with its group's settings: a group id, or (aligned) no sparsity of its own."""
-    if info.block > 1:
-        entry["granularity"] = [info.block] + [-1] * (info.ndim - 1)
     if "align" not in settings:
+        if info.block > 1:
+            entry["granularity"] = [info.block] + [-1] * (info.ndim - 1)
         entry.update(settings)
         return entry
+    # aligned: the rows come from the leader's mask, already whole blocks (NNI would read a block
+    # granularity here as the shape of the mask it copies)
     for key in _SPARSITY_KEYS:
         entry.pop(key, None)
         entry.get("target_settings", {}).get("weight", {}).pop(key, None)

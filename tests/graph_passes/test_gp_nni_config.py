@@ -1,6 +1,8 @@
 """auto_set_dependency_group_ids: NNI config lists in which coupled layers share one mask."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from nni.compression.pruning import L1NormPruner
@@ -104,3 +106,41 @@ def test_layers_of_another_rank_take_the_group_mask_through_align():
     speedup.speedup_model()
     assert model.stem.out_channels == model.fc3.out_features == model.head.in_features == 4
     assert_same(outputs(model, x), outputs(gp.masked_copy(expected, speedup.applied_masks), x))
+
+
+class PoolThenTokens(nn.Module):
+    """PiT's pooling: a grouped conv doubling the channels (two rows per unit, after a stem with
+    one) writing into a stream of linear layers, which copy the pooling conv's mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.pool = nn.Conv2d(4, 8, 3, padding=1, groups=4)
+        self.fc1, self.fc2, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        t = self.pool(torch.relu(self.stem(x))).flatten(2).transpose(1, 2)
+        t = t + self.fc1(t)
+        t = t + self.fc2(t)
+        return self.head(t.mean(1))
+
+
+def test_an_aligned_layer_of_a_blocked_group_copies_whole_blocks():
+    torch.manual_seed(0)
+    model, x = PoolThenTokens().eval(), torch.randn(2, 3, 6, 6)
+    entries = _by_name(gp.auto_set_dependency_group_ids(model, x, CONFIG))
+    assert entries["stem"]["dependency_group_id"] == entries["pool"]["dependency_group_id"]  # one row vs two per unit
+    assert entries["pool"]["granularity"] == [2, -1, -1, -1] and "granularity" not in entries["stem"]
+    assert entries["fc1"]["target_settings"]["weight"]["align"]["module_name"] == "pool"
+    assert "granularity" not in entries["fc1"]  # the copied rows are whole blocks already
+    pruner = L1NormPruner(model, list(entries.values()))
+    _, masks = pruner.compress()
+    pruner.unwrap_model()
+    units = (masks["stem"]["weight"].flatten(1) != 0).any(1)
+    rows = [(masks[n]["weight"].flatten(1) != 0).any(1) for n in ("pool", "fc1", "fc2")]
+    assert all(torch.equal(r, rows[0]) for r in rows) and torch.equal(rows[0], units.repeat_interleave(2))
+    dense = copy.deepcopy(model)
+    speedup = gp.ModelSpeedup(model, x, masks)
+    speedup.speedup_model()
+    assert model.pool.out_channels == model.fc2.out_features == 4 and model.pool.groups == 2
+    assert_same(outputs(model, x), outputs(gp.masked_copy(dense, speedup.applied_masks), x))
