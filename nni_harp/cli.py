@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .distributed import env_rank
 from .pipeline.callbacks import PipelineCallback
+from .pruning._allocation import ALLOCATIONS as _ALLOCATIONS
 from .registry import PRUNERS
 
 __all__ = ["main", "build_parser", "TqdmProgress"]
@@ -118,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(unstructured only); every one runs the same stages (default: %(default)s)")
     g.add_argument("--gamma0", dest="gamma_0", type=_number, default=0.01,
                    help="initial weight of the hardware loss (default: %(default)s)")
+    g.add_argument("--init-allocation", default="uniform", choices=list(_ALLOCATIONS),
+                   help="where HARP's per-layer rates start: one fraction for all, dense, or a global magnitude, "
+                        "LAMP or ERK allocation (default: %(default)s)")
+    g.add_argument("--init-keep", type=_number, default=None,
+                   help="kept fraction (of params or FLOPs) HARP starts at, between the target and 1 "
+                        "(default: the square root of the target, e.g. 0.32 for 90 %% sparsity)")
     g = p.add_argument_group("adversarial training")
     g.add_argument("--adv-loss", default="pgd", choices=["pgd", "trades", "mart"],
                    help="PGD-AT, TRADES or MART (default: %(default)s)")
@@ -309,7 +316,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         seed=args.seed, output_dir=output_dir, checkpoint=args.checkpoint, resume=args.resume,
         overwrite=args.overwrite, pretrain_lr=args.pretrain_lr, prune_lr=args.prune_lr,
         finetune_lr=args.finetune_lr, weight_decay=args.weight_decay, gamma_0=args.gamma_0,
-        trades_beta=args.trades_beta, eval_samples=args.eval_samples,
+        init_allocation=args.init_allocation, init_keep=args.init_keep, trades_beta=args.trades_beta, eval_samples=args.eval_samples,
         eval_attack_steps=args.eval_attack_steps, autoattack=args.autoattack,
         latency_runs=args.latency_runs, export_onnx=args.export_onnx,
         max_train_batches=args.max_train_batches, num_workers=args.num_workers,

@@ -299,7 +299,7 @@ def stage_prune(ctx: Context, model: nn.Module) -> tuple[nn.Module, Masks, dict[
     if learned:
         options = {"score_lr": cfg.prune_lr}  # the rates keep HARPSettings' own optimizer and rate
         if spec.name == "harp":
-            options["gamma_0"] = cfg.gamma_0
+            options.update(gamma_0=cfg.gamma_0, init_allocation=cfg.init_allocation, init_keep=cfg.init_keep)
     cl = pruner_config_list(spec.name, cfg.mode, cfg.sparsity, cfg.flops_target, uniform)
     request = PruneRequest(model, cl, evaluator if spec.training else None, example,
                            steps_per_epoch=loop.steps_per_epoch(), epochs=cfg.prune_epochs, options=options)

@@ -149,6 +149,9 @@ class PipelineConfig:
     finetune_lr: float = 0.01
     weight_decay: float = 5e-4
     gamma_0: float = 0.01
+    # where HARP's rates start (HARPSettings.init_allocation / init_keep; None: sqrt of the target)
+    init_allocation: str = "uniform"
+    init_keep: float | None = None
     trades_beta: float | None = None  # TRADES/MART beta; None: the loss's own (TRADES 6, MART 5)
     # evaluation
     eval_samples: int = 200
@@ -202,6 +205,14 @@ class PipelineConfig:
             _float_in(self, name, 0.0, 10.0)
         _float_in(self, "weight_decay", 0.0, 1.0, low_open=False)
         _float_in(self, "gamma_0", 0.0, 1e6, low_open=False)
+        from ..pruning._allocation import ALLOCATIONS
+
+        _choice(self, "init_allocation", tuple(ALLOCATIONS))
+        if self.init_keep is not None:
+            _float_in(self, "init_keep", 0.0, 1.0)
+            if self.init_keep < self.target_keep:
+                raise ConfigError("init_keep", f"must be at least the target {self.target_keep:g} (HARP's rates "
+                                               f"start above the target and descend to it), got {self.init_keep:g}")
         if self.trades_beta is not None:
             _float_in(self, "trades_beta", 0.0, 1e3, low_open=False)
         _int_in(self, "eval_samples", 1)
@@ -254,7 +265,7 @@ class PipelineConfig:
     RESUME_KEYS = (
         "model", "dataset", "data_dir", "image_size", "mode", "pruner", "sparsity", "flops_target", "adv_loss", "eps",
         "attack_steps", "pretrain_epochs", "prune_epochs", "finetune_epochs", "batch_size", "seed",
-        "checkpoint", "pretrain_lr", "prune_lr", "finetune_lr", "weight_decay", "gamma_0", "trades_beta",
+        "checkpoint", "pretrain_lr", "prune_lr", "finetune_lr", "weight_decay", "gamma_0", "init_allocation", "init_keep", "trades_beta",
         "max_train_batches",
     )
 

@@ -34,6 +34,9 @@ def test_defaults_are_valid_and_frozen(tmp_path):
         ("autoattack", "fast", "apgd-ce"),
         ("max_train_batches", 0, ">= 1"),
         ("resume", "yes", "True or False"),
+        ("init_allocation", "random", "uniform, dense, erk, magnitude, lamp"),
+        ("init_keep", 0.05, "at least the target 0.1"),
+        ("init_keep", 1.5, "(0, 1]"),
     ],
 )
 def test_bad_values_name_field_and_range(field, value, fragment):
