@@ -89,7 +89,10 @@ def eager_ops(root: nn.Module) -> list[SetAttr]:
 
 
 def outputs_close(got: Any, expected: Any) -> tuple[bool, str]:
-    """Same structure and shapes, and every tensor within 1e-4 of the expected one's scale."""
+    """Same structure and shapes, and every tensor within 1e-3 of the expected one's scale. A
+    forward that cannot follow the pruning is off by far more; float rounding in deep random-weight
+    models (summation order, the unfused attention path, BatchNorm channels of tiny variance)
+    reaches a few 1e-4."""
     a, b = flatten_outputs(got), flatten_outputs(expected)
     if len(a) != len(b):
         return False, f"{len(a)} tensors instead of {len(b)}"
@@ -98,7 +101,7 @@ def outputs_close(got: Any, expected: Any) -> tuple[bool, str]:
             return False, f"output {i} has shape {tuple(x.shape)} instead of {tuple(y.shape)}"
         err = float((x.float() - y.float()).abs().max()) if x.numel() else 0.0
         scale = float(y.float().abs().max()) if y.numel() else 0.0
-        if not err <= 1e-4 * (1.0 + scale) or math.isnan(err):
+        if not err <= 1e-3 * (1.0 + scale) or math.isnan(err):
             return False, f"output {i} differs by up to {err:.3g} (scale {scale:.3g})"
     return True, ""
 
@@ -146,8 +149,8 @@ def _first_wrong_module(work: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, 
 
     with torch.no_grad():
         Recorder(gm).run(*inputs)
-    returned: list[tuple[str, Any]] = []
-    hooks = [m.register_forward_hook(lambda mod, i, o, p=p: returned.append((p, o)))
+    returned: list[tuple[str, Any, Any]] = []  # (path, first input, output)
+    hooks = [m.register_forward_hook(lambda mod, i, o, p=p: returned.append((p, i[0] if i else None, o)))
              for p, m in work.named_modules() if p in ends]
     try:
         with torch.no_grad():
@@ -158,13 +161,19 @@ def _first_wrong_module(work: nn.Module, gm: fx.GraphModule, inputs: tuple[Any, 
         for h in hooks:
             h.remove()
     seen: set[str] = set()
-    for path, out in returned:
+    for path, first, out in returned:
         if path in seen:  # a module called twice: its graph node is the last call's
             continue
         seen.add(path)
         ok, why = outputs_close(out, values.get(ends[path]))
-        if not ok:
-            return path, why
+        if ok:
+            continue
+        node = ends[path]
+        if node.op == "call_module" and node.target == path and node.args and isinstance(node.args[0], fx.Node):
+            fed, how = outputs_close(first, values.get(node.args[0]))
+            if not fed:  # the layer got a different input: the code before the call went wrong
+                return path.rpartition(".")[0] or None, f"{how} in what it passes to {path!r}"
+        return path, why
     return None, ""
 
 
