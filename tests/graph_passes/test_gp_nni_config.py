@@ -15,6 +15,19 @@ from test_gp_ops import Residual
 CONFIG = [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": 0.5}]
 
 
+def _l1norm_in_place(model: nn.Module, x: torch.Tensor, config_list: list[dict]) -> dict:
+    """NNI's L1NormPruner on ``config_list``, then ModelSpeedup in place; asserts the model equals
+    its masked self (the masks as applied) and returns NNI's masks."""
+    pruner = L1NormPruner(model, config_list)
+    _, masks = pruner.compress()
+    pruner.unwrap_model()
+    dense = copy.deepcopy(model)
+    speedup = gp.ModelSpeedup(model, x, masks)
+    speedup.speedup_model()
+    assert_same(outputs(model, x), outputs(gp.masked_copy(dense, speedup.applied_masks), x))
+    return masks
+
+
 def _by_name(config_list: list[dict]) -> dict[str, dict]:
     assert all(len(entry["op_names"]) == 1 for entry in config_list)
     return {entry["op_names"][0]: entry for entry in config_list}
@@ -62,13 +75,8 @@ def test_grouped_convs_are_pruned_by_whole_groups_through_block_granularity():
     entries = _by_name(config)
     assert entries["expand"]["granularity"] == entries["grouped"]["granularity"] == [4, -1, -1, -1]
     assert entries["expand"]["dependency_group_id"] == entries["grouped"]["dependency_group_id"]
-    pruner = L1NormPruner(model, config)
-    _, masks = pruner.compress()
-    pruner.unwrap_model()
-    expected = gp.masked_copy(model, masks)
-    gp.ModelSpeedup(model, x, masks).speedup_model()
+    _l1norm_in_place(model, x, config)
     assert (model.grouped.groups, model.grouped.out_channels, model.expand.out_channels) == (2, 8, 8)
-    assert_same(outputs(model, x), outputs(expected, x))
 
 
 class ConvThenTokens(nn.Module):
@@ -96,16 +104,10 @@ def test_layers_of_another_rank_take_the_group_mask_through_align():
     align = {"module_name": "fc2", "target_name": "weight", "dims": [0]}
     assert entries["stem"]["target_settings"] == {"weight": {"align": align}, "bias": {"align": align}}
     assert "sparse_ratio" not in entries["stem"] and "head" not in entries
-    pruner = L1NormPruner(model, list(entries.values()))
-    _, masks = pruner.compress()
-    pruner.unwrap_model()
+    masks = _l1norm_in_place(model, x, list(entries.values()))
     kept = [(masks[n]["weight"].flatten(1) != 0).any(1) for n in ("stem", "fc2", "fc3")]
     assert all(torch.equal(k, kept[0]) for k in kept) and int(kept[0].sum()) == 4
-    expected = gp.masked_copy(model, masks)
-    speedup = gp.ModelSpeedup(model, x, masks)
-    speedup.speedup_model()
     assert model.stem.out_channels == model.fc3.out_features == model.head.in_features == 4
-    assert_same(outputs(model, x), outputs(gp.masked_copy(expected, speedup.applied_masks), x))
 
 
 class PoolThenTokens(nn.Module):
@@ -133,14 +135,8 @@ def test_an_aligned_layer_of_a_blocked_group_copies_whole_blocks():
     assert entries["pool"]["granularity"] == [2, -1, -1, -1] and "granularity" not in entries["stem"]
     assert entries["fc1"]["target_settings"]["weight"]["align"]["module_name"] == "pool"
     assert "granularity" not in entries["fc1"]  # the copied rows are whole blocks already
-    pruner = L1NormPruner(model, list(entries.values()))
-    _, masks = pruner.compress()
-    pruner.unwrap_model()
+    masks = _l1norm_in_place(model, x, list(entries.values()))
     units = (masks["stem"]["weight"].flatten(1) != 0).any(1)
     rows = [(masks[n]["weight"].flatten(1) != 0).any(1) for n in ("pool", "fc1", "fc2")]
     assert all(torch.equal(r, rows[0]) for r in rows) and torch.equal(rows[0], units.repeat_interleave(2))
-    dense = copy.deepcopy(model)
-    speedup = gp.ModelSpeedup(model, x, masks)
-    speedup.speedup_model()
     assert model.pool.out_channels == model.fc2.out_features == 4 and model.pool.groups == 2
-    assert_same(outputs(model, x), outputs(gp.masked_copy(dense, speedup.applied_masks), x))
