@@ -1,0 +1,235 @@
+"""The data, attacks, training loops and dense model one (model, seed) of
+benchmarks/robust_pruning.py shares; also what the pruning methods see (not a package API)."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import nni
+import timm
+import torch
+from _robust_methods import Structure
+from _robust_options import Grid, Options
+from _robust_report import Row
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+
+from nni_harp._io import atomic_save
+from nni_harp.adversarial import (
+    AttackConfig,
+    evaluate_robustness,
+    make_adversarial_loss,
+    training_step_for,
+    with_normalization,
+)
+from nni_harp.data import build_datasets
+from nni_harp.data.digits import build_digits
+
+_ROOT = Path(__file__).resolve().parent.parent
+#: Training images whose PGD-10 accuracy selects the dense model's checkpoint.
+SELECT_SAMPLES = 256
+#: What cached cells depend on (the report's rendering is left out: re-rendering keeps the cache).
+_SOURCES = ("nni_harp", "graph_passes", "benchmarks/robust_pruning.py", "benchmarks/_robust_methods.py",
+            "benchmarks/_robust_options.py", "benchmarks/_robust_setup.py", "benchmarks/_common.py")
+
+
+class Setup:
+    """The data, attacks and training loops one (model, seed) shares; also what methods see."""
+
+    def __init__(self, opts: Options, grid: Grid, seed: int) -> None:
+        opts = opts.resolved()
+        self.opts, self.grid, self.seed = opts, grid, seed
+        self.device = torch.device(opts.device)
+        self.finetune_lr = opts.finetune_lr
+        if opts.dataset == "digits":
+            self.train_set, test_set, self.info = build_digits(None, grid.image_size, seed, opts.test_fraction)
+        else:
+            self.train_set, test_set, self.info = build_datasets(opts.dataset, opts.data_dir, grid.image_size, seed)
+        self.test_batches = _take(DataLoader(test_set, batch_size=opts.eval_batch_size), opts.eval_samples)
+        self.aa_batches = self.test_batches if opts.aa_samples is None else _take(self.test_batches, opts.aa_samples)
+        self.example = self.test_batches[0][0][:2].to(self.device)
+        self.train_steps_per_epoch = math.ceil(len(self.train_set) / opts.batch_size)  # type: ignore[arg-type]
+        steps = opts.train_attack_steps
+        self.train_attack = AttackConfig(eps=opts.eps, step_size=2.5 * opts.eps / steps, steps=steps)
+        self.eval_attack = AttackConfig(eps=opts.eps, step_size=2.5 * opts.eps / 20, steps=20)
+        self.step = training_step_for(make_adversarial_loss("pgd", self.train_attack))
+        self._structure: Structure | None = None
+        self._dense: nn.Module | None = None
+
+    def new_model(self) -> nn.Module:
+        torch.manual_seed(self.seed)
+        net = timm.create_model(self.grid.model, num_classes=self.info.num_classes)
+        return with_normalization(net, self.info.mean, self.info.std).to(self.device)
+
+    def train_loader(self) -> DataLoader:
+        """A fresh loader: the same batch order for every method of this seed."""
+        sampler = RandomSampler(self.train_set, generator=torch.Generator().manual_seed(self.seed))  # type: ignore[arg-type]
+        return DataLoader(self.train_set, batch_size=self.opts.batch_size, sampler=sampler)
+
+    def training_func(self) -> Callable[..., None]:
+        """A TorchEvaluator training function: passes over a fresh train loader, honouring max_steps
+        and max_epochs (max_steps alone runs as many epochs as it takes)."""
+        loader, device = self.train_loader(), self.device
+
+        def training_func(model: nn.Module, optimizers: Any, training_step: Callable[..., torch.Tensor],
+                          lr_schedulers: Any = None, max_steps: int | None = None, max_epochs: int | None = None) -> None:
+            epochs = max_epochs if max_epochs is not None else (
+                math.ceil(max_steps / len(loader)) if max_steps is not None else 1)
+            scheds = [] if lr_schedulers is None else (
+                list(lr_schedulers) if isinstance(lr_schedulers, (list, tuple)) else [lr_schedulers])
+            steps = 0
+            for _ in range(epochs):
+                model.train()
+                for x, y in loader:
+                    optimizers.zero_grad()
+                    training_step((x.to(device), y.to(device)), model).backward()
+                    optimizers.step()
+                    steps += 1
+                    if max_steps is not None and steps >= max_steps:
+                        return
+                for sched in scheds:
+                    sched.step()
+
+        return training_func
+
+    def evaluator(self, model: nn.Module, lr: float) -> Any:
+        """An NNI TorchEvaluator over the adversarial training step, with a traced SGD as README shows."""
+        from nni.compression import TorchEvaluator
+
+        optimizer = nni.trace(torch.optim.SGD)(model.parameters(), lr=lr, momentum=0.9)
+        return TorchEvaluator(self.training_func(), optimizer, self.step, dummy_input=self.example)
+
+    def adversarial_training(self, model: nn.Module, epochs: int, lr: float, ramp: float = 0.0,
+                             select_every: int = 0, optimizer_name: str = "sgd") -> None:
+        """PGD-AT: SGD (momentum 0.9) or Adam, weight decay 5e-4, cosine over ``epochs``. For training from scratch,
+        eps grows linearly over the first ``ramp`` of the epochs, and with ``select_every > 0`` the
+        model's PGD-10 accuracy on the first :data:`SELECT_SAMPLES` training images is measured every
+        ``select_every`` epochs after the ramp (and at the end) and the best checkpoint is kept: at
+        these radii, on this little data, PGD-AT from scratch sometimes collapses for a few epochs
+        (clean accuracy near 60 %, robust near 5 %) depending on the seed, and may end in such a dip."""
+        if epochs < 1:
+            return
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = (torch.optim.Adam(params, lr=lr, weight_decay=5e-4) if optimizer_name == "adam" else
+                     torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
+        train = self.training_func()
+        ramp_epochs = round(ramp * epochs)
+        best: tuple[float, dict[str, torch.Tensor]] | None = None
+        for epoch in range(epochs):
+            step = self.step
+            if epoch + 1 < ramp_epochs:
+                eps = self.opts.eps * (epoch + 1) / ramp_epochs
+                step = training_step_for(make_adversarial_loss(
+                    "pgd", replace(self.train_attack, eps=eps, step_size=2.5 * eps / self.train_attack.steps)))
+            train(model, optimizer, step, scheduler, max_epochs=1)
+            if select_every and epoch + 1 >= ramp_epochs and (epochs - 1 - epoch) % select_every == 0:
+                accuracy = self._selection_accuracy(model)
+                if best is None or accuracy >= best[0]:
+                    best = (accuracy, copy.deepcopy(model.state_dict()))
+        if best is not None:
+            model.load_state_dict(best[1])
+
+    def _selection_accuracy(self, model: nn.Module) -> float:
+        x, y = next(iter(DataLoader(self.train_set, batch_size=SELECT_SAMPLES)))
+        attack = replace(self.eval_attack, step_size=2.5 * self.opts.eps / 10, steps=10)
+        return evaluate_robustness(model, [(x, y)], attack, autoattack=False).pgd
+
+    def evaluate(self, model: nn.Module, row: Row) -> Row:
+        """Clean and PGD-20 accuracy on the evaluation samples, AutoAttack (``opts.autoattack``) on
+        the AA samples; robust = the lower of PGD-20 and AutoAttack."""
+        start = time.perf_counter()
+        model.eval()
+        if self.aa_batches is self.test_batches:
+            both = evaluate_robustness(model, self.test_batches, self.eval_attack, autoattack=True,
+                                       autoattack_version=self.opts.autoattack, seed=self.seed)
+            row.clean, row.pgd20, row.autoattack = both.clean, both.pgd, both.autoattack
+        else:
+            report = evaluate_robustness(model, self.test_batches, self.eval_attack, autoattack=False)
+            aa = evaluate_robustness(model, self.aa_batches, self.eval_attack, autoattack=True,
+                                     autoattack_version=self.opts.autoattack, seed=self.seed)
+            row.clean, row.pgd20, row.autoattack = report.clean, report.pgd, aa.autoattack
+        row.robust = min(row.pgd20, row.autoattack)  # type: ignore[type-var]
+        row.eval_n = sum(len(x) for x, _ in self.test_batches)
+        row.aa_n = sum(len(x) for x, _ in self.aa_batches)
+        row.eval_s = time.perf_counter() - start
+        return row
+
+    # -- the dense model
+    def dense_path(self, cache: Path) -> Path:
+        text = json.dumps(self.opts.dense_fields() | {"model": self.grid.model, "size": self.grid.image_size,
+                                                      "seed": self.seed, "src": _dense_fingerprint()}, sort_keys=True)
+        return cache / "dense" / f"{self.grid.tag}_s{self.seed}_{hashlib.sha256(text.encode()).hexdigest()[:12]}.pt"
+
+    def dense(self, cache: Path) -> nn.Module:
+        """The PGD-AT dense model of this seed (trained once, then read from the cache)."""
+        if self._dense is None:
+            path = self.dense_path(cache)
+            model = self.new_model()
+            if path.exists():
+                model.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+            else:
+                torch.manual_seed(self.seed)
+                self.adversarial_training(model, self.opts.pretrain_epochs, self.opts.pretrain_lr,
+                                          self.opts.pretrain_eps_ramp, self.opts.pretrain_select_every,
+                                          self.opts.pretrain_optimizer)
+                atomic_save(model.state_dict(), path)
+            self._dense = model.eval()
+        return self._dense
+
+    @property
+    def structure(self) -> Structure:
+        if self._structure is None:
+            if self._dense is None:
+                raise RuntimeError("Setup.structure needs the dense model: call dense() first")
+            self._structure = Structure(self._dense, self.example)
+        return self._structure
+
+
+def _take(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], limit: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``limit`` samples of (unshuffled) batches, as a fixed list."""
+    out, seen = [], 0
+    for x, y in batches:
+        if limit is not None and seen >= limit:
+            break
+        if limit is not None and seen + len(x) > limit:
+            x, y = x[: limit - seen], y[: limit - seen]
+        out.append((x, y))
+        seen += len(x)
+    return out
+
+
+def source_fingerprint(entries: Iterable[str] = _SOURCES, code: Iterable[Callable[..., Any]] = ()) -> str:
+    """A hash of the source files (or folders) ``entries``, of the functions ``code`` and of the
+    library versions: cached results are reused only while all of them are unchanged."""
+    digest = hashlib.sha256()
+    for entry in entries:
+        path = _ROOT / entry
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(str(file.relative_to(_ROOT)).encode())
+            digest.update(file.read_bytes())
+    for fn in code:
+        digest.update(inspect.getsource(fn).encode())
+    import nni as _nni
+    import torch_pruning
+    import torchattacks
+
+    for mod in (torch, timm, _nni, torchattacks, torch_pruning):
+        digest.update(f"{mod.__name__}={getattr(mod, '__version__', '?')}".encode())
+    return digest.hexdigest()[:12]
+
+
+def _dense_fingerprint() -> str:
+    """What the dense model depends on: the attacks and data packages and the code that trains it
+    (not HARP's or the benchmark's other code, so editing those keeps the cached dense models)."""
+    return source_fingerprint(("nni_harp/adversarial", "nni_harp/data"),
+                              (Setup.__init__, Setup.new_model, Setup.train_loader, Setup.training_func,
+                               Setup.adversarial_training, Setup._selection_accuracy, Setup.dense))
