@@ -13,7 +13,7 @@ from torch import fx, nn
 
 from ._ops_common import arg, combine_elementwise, out_shape, untracked_like
 from ._registry import Keeper, register_function, register_method
-from ._tracking import AnalysisState, LayerRecord, TensorInfo, tracked
+from ._tracking import SCALE_KEPT, AnalysisState, LayerRecord, TensorInfo, tracked
 
 
 def _layer(state: AnalysisState, node: fx.Node, kind: str, flops: int, contraction: tuple[np.ndarray | None, int] | None, out: TensorInfo) -> None:
@@ -78,6 +78,7 @@ def _rewrite_attention_scale(gm: fx.GraphModule, node: fx.Node, keeper: Keeper) 
         d_old, d_new = q.shape[-1], keeper.new_shape(q)[-1]
         if d_old != d_new:
             node.kwargs = {**node.kwargs, "scale": 1.0 / math.sqrt(d_old)}
+            node.meta[SCALE_KEPT] = True
 
 
 @register_function(F.scaled_dot_product_attention, rewrite=_rewrite_attention_scale)

@@ -14,10 +14,11 @@ from typing import Any, Iterable
 import numpy as np
 from torch import fx
 
-__all__ = ["TRACK_KEY", "EXACT_STATS", "Track", "TensorInfo", "ParamOrigin", "UnionFind", "LayerRecord", "AnalysisState", "tracked"]
+__all__ = ["TRACK_KEY", "EXACT_STATS", "SCALE_KEPT", "Track", "TensorInfo", "ParamOrigin", "UnionFind", "LayerRecord", "AnalysisState", "tracked"]
 
 TRACK_KEY = "graph_passes.track"  # node.meta: the node's TensorInfo (or list of them), written by the analysis
 EXACT_STATS = "graph_passes.exact_stats"  # node.meta: (kind, axis) of a norm whose statistics span the channels
+SCALE_KEPT = "graph_passes.attention_scale_kept"  # node.meta: the speedup gave this attention its original scale
 
 Track = dict  # dict[int, np.ndarray]; a plain dict keeps handlers short
 

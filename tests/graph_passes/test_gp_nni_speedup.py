@@ -257,3 +257,28 @@ def test_a_residual_model_prunes_in_place_with_random_group_masks():
     assert gp.ModelSpeedup(model, x, masks).speedup_model() is model
     assert model.bias.shape[0] == model.stem.out_channels < 8  # a parameter of the model itself, sliced
     assert_same(outputs(model, x), expected)
+
+
+class PlainAttention(nn.Module):
+    """Calls the fused kernel with its default scale, which would follow the narrower heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+def test_an_attention_whose_default_scale_would_change_is_refused_in_place():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(PlainAttention()).eval(), torch.randn(2, 5, 16)
+    groups = gp.channel_groups(model, x)
+    head = group_of(groups, "0.qkv")
+    masks = gp.group_masks(model, groups, {head.id: torch.arange(head.size) % 2 == 0})
+    with pytest.raises(gp.SpeedupError, match=r"module '0' \(PlainAttention\) calls scaled_dot_product_attention with "
+                                              r"its default scale"):
+        gp.ModelSpeedup(model, x, masks).speedup_model()
+    pruned = gp.ModelSpeedup(model, x, masks).speedup_model(inplace=False)
+    assert_same(outputs(pruned, x), outputs(gp.masked_copy(model, masks), x))
