@@ -32,3 +32,7 @@ __all__ += ["OnnxExportError", "export_onnx", "run_onnx"]
 from .nni_config import auto_set_denpendency_group_ids, auto_set_dependency_group_ids  # noqa: E402
 
 __all__ += ["auto_set_denpendency_group_ids", "auto_set_dependency_group_ids"]
+from .latency import BACKENDS as LATENCY_BACKENDS  # noqa: E402
+from .latency import LatencyError, LatencyModel, fit_latency  # noqa: E402
+
+__all__ += ["LATENCY_BACKENDS", "LatencyError", "LatencyModel", "fit_latency"]

@@ -6,7 +6,9 @@ Everything here reads the *unwrapped* model (``inner``; names of the bound model
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 from torch import Tensor, nn
@@ -22,7 +24,9 @@ from .budget import Budget, CostBudget, WeightedBudget, layer_flops
 from .errors import ConfigListError, SettingsError, StructureError
 from .settings import HARPSettings
 
-__all__ = ["UnitPlan", "Plan", "plan_unstructured", "structured_target", "channel_structure", "plan_structured"]
+__all__ = [
+    "UnitPlan", "Plan", "plan_unstructured", "structured_target", "channel_structure", "latency_cache_dir", "plan_structured",
+]
 
 
 @dataclass
@@ -146,9 +150,17 @@ def channel_structure(model: nn.Module, example_inputs: Any) -> tuple[list[Chann
     return groups, cost_model
 
 
+def latency_cache_dir(settings: HARPSettings) -> Path:
+    """Where fitted latency models are kept: ``settings.latency_cache`` or the user's cache folder."""
+    if settings.latency_cache is not None:
+        return Path(settings.latency_cache).expanduser()
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "nni_harp" / "latency"
+
+
 def plan_structured(
     inner: nn.Module, prefix: str, parsed: ParsedConfig, settings: HARPSettings, budget_kind: str,
-    target: float, groups: Sequence[ChannelGroup], cost_model: CostModel,
+    target: float, groups: Sequence[ChannelGroup], cost_model: CostModel, dummy_input: Any = None,
 ) -> Plan:
     """One unit per controlled channel group, started per :func:`_start`; every member module of
     those groups is wrapped (an extra config entry if unselected)."""
@@ -175,7 +187,13 @@ def plan_structured(
             name=names[i], module=prefix + owner, attr=f"harp_group{group.id}",
             init_scores=group_init_scores(inner, group), floor=floors[i], ceiling=ceilings[i], init_keep=1.0,
         ))
-    budget = CostBudget(cost_model, {i: g.id for i, g in enumerate(chosen)}, target, metric=budget_kind)
+    latency = None
+    if budget_kind == "latency":
+        from graph_passes.latency import fit_latency
+
+        latency = fit_latency(inner, dummy_input, backend=settings.latency_backend, threads=settings.latency_threads,
+                              round_to=settings.round_to, cache_dir=latency_cache_dir(settings))
+    budget = CostBudget(cost_model, {i: g.id for i, g in enumerate(chosen)}, target, metric=budget_kind, latency=latency)
     lowest = float(budget.kept(floors))
     if lowest > target + 1e-9:
         raise StructureError(

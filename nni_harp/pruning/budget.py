@@ -5,8 +5,9 @@ to the kept fraction of its resource:
 
 - :class:`WeightedBudget`: ``sum(w_u * k_u) / sum(w_u)`` -- unstructured pruning, where ``w_u`` is a
   layer's parameter count (``'params'``) or dense FLOPs (``'flops'``);
-- :class:`CostBudget`: ``CostModel.flops(keep) / total_flops`` (or params) -- structured pruning,
-  where a layer's cost scales with the kept fractions of its input *and* output channel groups.
+- :class:`CostBudget`: ``CostModel.flops(keep) / total_flops`` (or params, or the latency a
+  :class:`graph_passes.LatencyModel` predicts) -- structured pruning, where a layer's cost scales
+  with the kept fractions of its input *and* output channel groups.
 
 :func:`project_keep` rescales kept fractions onto the budget preserving their ratios, and
 :func:`round_to_counts` turns them into whole entry counts as close to the target as the units'
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from graph_passes.cost_model import CostModel
+from graph_passes.latency import LatencyModel
 
 __all__ = [
     "Budget",
@@ -78,17 +80,21 @@ class WeightedBudget:
 
 @dataclass(frozen=True)
 class CostBudget:
-    """Kept fraction of a model's FLOPs (or params) per its cost model; ``group_of[u]`` is unit
-    ``u``'s channel-group id."""
+    """Kept fraction of a model's FLOPs, params or predicted latency per its cost model;
+    ``group_of[u]`` is unit ``u``'s channel-group id. ``metric='latency'`` needs ``latency``, a
+    :class:`graph_passes.LatencyModel` fitted on the same model."""
 
     cost: CostModel
     group_of: Mapping[int, int]
     target: float
     metric: str = "flops"
+    latency: LatencyModel | None = None
 
     def __post_init__(self) -> None:
-        if self.metric not in ("flops", "params"):
-            raise ValueError(f"metric must be 'flops' or 'params', got {self.metric!r}")
+        if self.metric not in ("flops", "params", "latency"):
+            raise ValueError(f"metric must be 'flops', 'params' or 'latency', got {self.metric!r}")
+        if self.metric == "latency" and self.latency is None:
+            raise ValueError("a latency budget needs a fitted graph_passes.LatencyModel")
         if self._total() <= 0:
             raise ValueError(f"the cost model counts no {self.metric}")
 
@@ -96,13 +102,19 @@ class CostBudget:
     def units(self) -> tuple[int, ...]:
         return tuple(self.group_of)
 
+    def _value(self, by_group: Mapping[int, Fraction]) -> Fraction:
+        if self.metric == "flops":
+            return self.cost.flops(by_group)
+        if self.metric == "params":
+            return self.cost.params(by_group)
+        return self.latency.latency(self.cost, by_group)  # type: ignore[union-attr]
+
     def _total(self) -> float:
-        return float(self.cost.total_flops if self.metric == "flops" else self.cost.total_params)
+        return float(self._value({}))
 
     def kept(self, keep: Mapping[int, Fraction]) -> Fraction:
         by_group = {self.group_of[u]: k for u, k in keep.items() if u in self.group_of}
-        value = self.cost.flops(by_group) if self.metric == "flops" else self.cost.params(by_group)
-        return value / self._total()
+        return self._value(by_group) / self._total()
 
 
 def hinge(kept: Fraction, target: float) -> Fraction:

@@ -17,6 +17,7 @@ from nni.compression.utils import Evaluator
 
 from graph_passes.cost_model import CostModel
 from graph_passes.groups import ChannelGroup
+from graph_passes.latency import LatencyModel
 
 from ._apply import APPLY_METHOD, set_masker
 from ._config import parse_config_list
@@ -128,7 +129,8 @@ class HARPPruner(Pruner):
         if self.structured:
             target = structured_target(parsed, self.budget_kind)
             groups, cost_model = self._channel_structure(inner, self.dummy_input)
-            plan = plan_structured(inner, self._prefix, parsed, self.settings, self.budget_kind, target, groups, cost_model)
+            plan = plan_structured(inner, self._prefix, parsed, self.settings, self.budget_kind, target, groups,
+                                   cost_model, self.dummy_input)
         else:
             plan = plan_unstructured(model, inner, self._prefix, parsed, self.settings, self.budget_kind, self.dummy_input)
         super().__init__(model, plan.config_list, evaluator)
@@ -191,6 +193,11 @@ class HARPPruner(Pruner):
     def frozen_at(self) -> int | None:
         """The pruning epoch (0-based) whose end first met the target, from which gamma is frozen."""
         return self.schedule.frozen_at
+
+    @property
+    def latency_model(self) -> LatencyModel | None:
+        """The fitted latency model of a ``budget='latency'`` run (``None`` for other budgets)."""
+        return getattr(self._overall, "latency", None)
 
     def _counts(self) -> dict[int, int]:
         if self._final_counts is not None:

@@ -5,12 +5,14 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, Mapping
 
+from graph_passes.latency import BACKENDS as LATENCY_BACKENDS
+
 from ._allocation import ALLOCATIONS
 from .errors import SettingsError
 
 __all__ = ["HARPSettings", "BUDGETS", "OPTIMIZERS", "LR_SCHEDULES"]
 
-BUDGETS: tuple[str, ...] = ("params", "flops")
+BUDGETS: tuple[str, ...] = ("params", "flops", "latency")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 LR_SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
@@ -52,8 +54,17 @@ class HARPSettings:
         stage_boundaries: epochs (0-based, strictly increasing, ``>= 1``) at which gamma grows by
             ``gamma_0``; ``None`` grows it every epoch, ``gamma_t = (t + 1) * gamma_0``, as in the
             paper. Growth stops for good once the target is first met.
-        budget: what the hardware loss counts: ``'params'`` or ``'flops'``; ``None`` picks
-            ``'params'`` for unstructured and ``'flops'`` for structured (``out_channel``) pruning.
+        budget: what the hardware loss counts: ``'params'``, ``'flops'`` or ``'latency'`` (structured
+            only: the latency a :class:`graph_passes.LatencyModel` measured on ``latency_backend``
+            predicts, so ``sparse_ratio`` is the fraction of the dense latency removed); ``None``
+            picks ``'params'`` for unstructured and ``'flops'`` for structured (``out_channel``)
+            pruning.
+        latency_backend: where the latency budget is measured: a name of
+            ``graph_passes.LATENCY_BACKENDS`` (``'eager'`` PyTorch CPU, ``'onnxruntime'`` CPU,
+            ``'cuda'``), on the dummy input's shape and batch.
+        latency_threads: CPU threads the latency is measured with, an ``int >= 1``.
+        latency_cache: folder where fitted latency models are kept, so a second run measures
+            nothing; ``None``: ``$XDG_CACHE_HOME/nni_harp/latency`` (``~/.cache/...``).
         init_allocation: where the per-unit kept fractions start, at an overall kept fraction of
             ``init_keep``: ``'uniform'`` (every unit the same fraction), ``'magnitude'`` (one global
             threshold on weight magnitudes; structured: on channels' RMS weight), ``'lamp'`` (one
@@ -119,7 +130,10 @@ class HARPSettings:
     gamma_0: float = 0.01
     alpha: float = 0.1
     stage_boundaries: tuple[int, ...] | None = None
-    budget: Literal["params", "flops"] | None = None
+    budget: Literal["params", "flops", "latency"] | None = None
+    latency_backend: str = "eager"
+    latency_threads: int = 1
+    latency_cache: str | None = None
     init_allocation: Literal["uniform", "dense", "magnitude", "lamp", "erk"] = "uniform"
     init_keep: float | None = None
     learn_rates: bool = True
@@ -154,6 +168,11 @@ class HARPSettings:
             object.__setattr__(self, "stage_boundaries", bounds)
         if self.budget is not None:
             _choice("budget", self.budget, BUDGETS)
+        _choice("latency_backend", self.latency_backend, tuple(LATENCY_BACKENDS))
+        if isinstance(self.latency_threads, bool) or not isinstance(self.latency_threads, int) or self.latency_threads < 1:
+            raise SettingsError("latency_threads", self.latency_threads, "an int >= 1")
+        if self.latency_cache is not None and not isinstance(self.latency_cache, str):
+            raise SettingsError("latency_cache", self.latency_cache, "None or a folder path (str)")
         _choice("init_allocation", self.init_allocation, tuple(ALLOCATIONS))
         if self.init_keep is not None:
             _real("init_keep", self.init_keep, 0.0, 1.0, low_open=True, high_open=False)
@@ -183,6 +202,9 @@ class HARPSettings:
 
     def budget_for(self, structured: bool) -> str:
         """The budget the hardware loss counts: the explicit one, else params/FLOPs by granularity."""
+        if self.budget == "latency" and not structured:
+            raise SettingsError("budget", "latency", "'params' or 'flops' for unstructured pruning: zeroed weights "
+                                "do not make dense kernels faster; prune channels (granularity='out_channel')")
         if self.budget is not None:
             return self.budget
         return "flops" if structured else "params"

@@ -1,0 +1,292 @@
+"""Latency as a function of the kept channels, measured on the user's backend.
+
+``fit_latency(model, example, backend=...)`` times the model itself, dense and pruned to a set of
+channel configurations (counts on the ``round_to`` grid, physically removed by
+:func:`graph_passes.apply_keep`), on the given backend, thread count, input shape and batch, and
+fits a :class:`LatencyModel`::
+
+    latency(keep) = intercept + sum_kind a_kind * flops_kind(keep) + b * activations(keep)
+
+over the traced cost model's terms (``flops_kind``: the FLOPs of the conv, linear and attention
+layers; ``activations``: the elements the ops produce, the memory traffic that depthwise convs,
+norms and activations spend their time on), with non-negative coefficients (NNLS). The terms are
+those of :class:`~graph_passes.CostModel`, so the prediction is differentiable in the kept
+fractions and a layer's latency falls with the product of its input and output fractions, as its
+cost does (a sum of per-group tables cannot express that a conv between two halved groups keeps a
+quarter of its time). The fit is cached on disk under a key of everything that changes it (model
+structure, input shape, backend, threads, library versions, grid), so a second run measures nothing.
+
+Backends (:data:`BACKENDS`): ``eager`` (PyTorch on CPU), ``onnxruntime`` (CPU execution provider)
+and ``cuda`` (PyTorch on the GPU). A backend that is not installed or has no device raises
+:class:`LatencyError` saying so.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._atomic import atomic_write_text
+from .cost_model import CostModel, Fraction
+from .errors import GraphPassError
+
+__all__ = ["BACKENDS", "LatencyError", "LatencyModel", "fit_latency", "latency_runner", "measure_ms"]
+
+logger = logging.getLogger(__name__)
+
+#: The FLOPs terms of the model, by ``LayerCost.kind`` (attention's two matmuls are one term).
+_KIND_TERMS = {"conv": "conv", "linear": "linear", "attention_scores": "attention", "attention_values": "attention"}
+TERMS: tuple[str, ...] = ("conv", "linear", "attention", "activations")
+
+
+class LatencyError(GraphPassError):
+    """A latency backend cannot run here, or a latency model does not fit the model it is used on."""
+
+
+Runner = Callable[[], Any]
+
+
+def _eager(model: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int, work: Path) -> Runner:
+    def run() -> Any:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                return model(*inputs)
+        finally:
+            torch.set_num_threads(previous)
+
+    return run
+
+
+def _onnxruntime(model: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int, work: Path) -> Runner:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise LatencyError("latency backend 'onnxruntime' needs the onnxruntime package: pip install onnxruntime") from exc
+    from .onnx_export import export_onnx
+
+    path = export_onnx(model, inputs, work / "model.onnx")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
+    return lambda: session.run(None, feeds)
+
+
+def _cuda(model: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int, work: Path) -> Runner:
+    if not torch.cuda.is_available():
+        raise LatencyError("latency backend 'cuda' needs a CUDA GPU, and torch sees none here; use 'eager' or "
+                           "'onnxruntime' (CPU)")
+    model = model.to("cuda")
+    on_gpu = tuple(t.to("cuda") for t in inputs)
+
+    def run() -> Any:
+        with torch.inference_mode():
+            out = model(*on_gpu)
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+#: Latency backends by name: ``(model, inputs, threads, work_dir) -> runner`` (one forward pass).
+BACKENDS: dict[str, Callable[[nn.Module, tuple[torch.Tensor, ...], int, Path], Runner]] = {
+    "eager": _eager, "onnxruntime": _onnxruntime, "cuda": _cuda,
+}
+
+
+def latency_runner(model: nn.Module, example_inputs: Any, backend: str, threads: int, work: Path) -> Runner:
+    """A callable running one forward pass of ``model`` (eval mode) on ``backend``."""
+    if backend not in BACKENDS:
+        raise LatencyError(f"unknown latency backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise LatencyError(f"threads must be an int >= 1, got {threads!r}")
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    return BACKENDS[backend](model.eval(), inputs, threads, work)
+
+
+def measure_ms(run: Runner, reps: int = 20, warmup: int = 3) -> float:
+    """Median wall time of ``run()`` over ``reps`` calls after ``warmup`` calls, in milliseconds."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(statistics.median(times))
+
+
+def _terms(cost: CostModel, keep: Mapping[int, Fraction]) -> dict[str, Fraction]:
+    values: dict[str, Fraction] = {name: 0.0 for name in TERMS}
+    for layer in cost.layers:
+        term = _KIND_TERMS.get(layer.kind)
+        if term is not None:
+            values[term] = values[term] + layer.scaled_flops(keep)
+    values["activations"] = cost.activations(keep)
+    return values
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Milliseconds per unit of every cost term, fitted on one backend (see the module docstring).
+
+    ``measured`` holds the fit's data, ``[(kept fractions by group id, measured ms)]``, and
+    ``dense_ms`` the dense model's measured latency."""
+
+    backend: str
+    threads: int
+    batch: int
+    intercept: float
+    coefficients: dict[str, float]
+    dense_ms: float
+    measured: list[tuple[dict[int, float], float]]
+
+    def latency(self, cost: CostModel, keep: Mapping[int, Fraction] | None = None) -> Fraction:
+        """Predicted milliseconds with kept fractions ``keep`` (differentiable when they are tensors)."""
+        terms = _terms(cost, keep or {})
+        total: Fraction = self.intercept
+        for name, value in terms.items():
+            total = total + self.coefficients.get(name, 0.0) * value
+        return total
+
+    def fraction(self, cost: CostModel, keep: Mapping[int, Fraction] | None = None) -> Fraction:
+        """Predicted latency over the predicted dense latency."""
+        return self.latency(cost, keep) / float(self.latency(cost, {}))
+
+    def fit_error(self, cost: CostModel) -> float:
+        """Largest relative difference between predicted and measured latency over the fit's data."""
+        return max(abs(float(self.latency(cost, k)) - ms) / ms for k, ms in self.measured)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["measured"] = [[{str(g): f for g, f in k.items()}, ms] for k, ms in self.measured]
+        return json.dumps(data, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> LatencyModel:
+        data = json.loads(text)
+        data["measured"] = [({int(g): float(f) for g, f in k.items()}, float(ms)) for k, ms in data["measured"]]
+        return cls(**data)
+
+
+def _versions(backend: str) -> dict[str, str]:
+    out = {"torch": torch.__version__}
+    if backend == "onnxruntime":
+        import onnxruntime
+
+        out["onnxruntime"] = onnxruntime.__version__
+    return out
+
+
+def cache_key(gm: nn.Module, example_inputs: Any, backend: str, threads: int, grid: Any) -> str:
+    """A digest of everything that changes a fit: the traced code and parameter shapes, the input
+    shapes, the backend, threads, library versions and the sampling grid."""
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    parts = {
+        "code": getattr(gm, "code", type(gm).__name__),
+        "params": [(n, tuple(p.shape)) for n, p in gm.named_parameters()],
+        "inputs": [tuple(t.shape) for t in inputs],
+        "backend": backend, "threads": threads, "versions": _versions(backend), "grid": grid,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _configurations(sizes: Mapping[int, int], round_to: int, samples: int, seed: int) -> list[dict[int, int]]:
+    """Channel counts per group: dense, then ``samples - 1`` draws of one global kept fraction in
+    [0.25, 1] with per-group jitter, each count on the ``round_to`` grid of its group."""
+    rng = np.random.default_rng(seed)
+
+    def on_grid(size: int, fraction: float) -> int:
+        step = round_to if size >= 4 * round_to else 1
+        return int(min(size, max(step, step * round(fraction * size / step))))
+
+    configs = [dict(sizes)]
+    for _ in range(samples - 1):
+        scale = rng.uniform(0.25, 1.0)
+        configs.append({g: on_grid(n, float(np.clip(scale * rng.uniform(0.7, 1.3), 0.05, 1.0))) for g, n in sizes.items()})
+    return configs
+
+
+def fit_latency(
+    model: nn.Module, example_inputs: Any, *, backend: str = "eager", threads: int = 1, round_to: int = 8,
+    samples: int = 16, reps: int = 20, seed: int = 0, cache_dir: str | Path | None = None,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+) -> LatencyModel:
+    """Measure ``model`` on ``backend`` dense and pruned to ``samples - 1`` configurations of its
+    prunable channel groups, and fit a :class:`LatencyModel` (see the module docstring).
+
+    ``example_inputs`` fixes the input shape and batch the latency is for. ``cache_dir``: read the
+    fit from there when its key matches, else write it there (atomically). ``progress`` wraps the
+    configurations (e.g. ``tqdm``)."""
+    from .cost import cost_of_analysis
+    from .dependency import analyze
+    from .speedup import apply_keep
+    from .tracing import trace
+
+    if backend not in BACKENDS:
+        raise LatencyError(f"unknown latency backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+    def traced() -> tuple[nn.Module, Any]:
+        gm = trace(copy.deepcopy(model).eval(), example_inputs)  # a GraphModule shares the model's modules
+        return gm, analyze(gm)
+
+    gm, analysis = traced()
+    cost = cost_of_analysis(gm, analysis)
+    sizes = {g.id: g.size for g in analysis.groups if g.prunable}
+    if not sizes:
+        raise LatencyError("the model has no prunable channel group: its latency cannot change with pruning")
+    grid = {"round_to": round_to, "samples": samples, "seed": seed, "reps": reps}
+    key = cache_key(gm, example_inputs, backend, threads, grid)
+    cached = Path(cache_dir) / f"latency-{key}.json" if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        logger.info("latency model read from %s", cached)
+        return LatencyModel.from_json(cached.read_text())
+    configs = _configurations(sizes, round_to, samples, seed)
+    rows: list[tuple[dict[int, float], float]] = []
+    with tempfile.TemporaryDirectory(prefix="harp-latency-") as tmp:
+        for i, counts in enumerate(progress(configs) if progress is not None else configs):
+            keep = {g: torch.arange(sizes[g]) < c for g, c in counts.items()}
+            pruned = gm if i == 0 else apply_keep(*traced(), keep)  # which channels go does not change the time
+            work = Path(tmp) / str(i)
+            work.mkdir()
+            ms = measure_ms(latency_runner(pruned, example_inputs, backend, threads, work), reps=reps)
+            rows.append(({g: c / sizes[g] for g, c in counts.items()}, ms))
+    fitted = _fit(rows, cost)
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    result = LatencyModel(backend=backend, threads=threads, batch=int(inputs[0].shape[0]), intercept=fitted[0],
+                          coefficients=fitted[1], dense_ms=rows[0][1], measured=rows)
+    logger.info("latency model on %s: dense %.3f ms, largest fit error %.1f %%", backend, result.dense_ms,
+                100 * result.fit_error(cost))
+    if cached is not None:
+        atomic_write_text(cached, result.to_json())
+    return result
+
+
+def _fit(rows: list[tuple[dict[int, float], float]], cost: CostModel) -> tuple[float, dict[str, float]]:
+    """Non-negative least squares of measured ms on ``[1, terms...]``, relative errors weighted
+    alike (every row divided by its measurement)."""
+    from scipy.optimize import nnls
+
+    dense = _terms(cost, {})
+    names = [n for n in TERMS if float(dense[n]) > 0]
+    design = np.array([[1.0] + [float(_terms(cost, keep)[n]) for n in names] for keep, _ in rows])
+    target = np.array([ms for _, ms in rows])
+    scale = design.max(axis=0)
+    scale[scale == 0] = 1.0
+    solution, _ = nnls(design / scale / target[:, None], np.ones_like(target))
+    solution = solution / scale
+    return float(solution[0]), {n: float(c) for n, c in zip(names, solution[1:])}

@@ -1,0 +1,73 @@
+"""HARP with a latency budget: the hinge on predicted latency reaches the rates and the final
+masks meet the target; misuse is refused with a message. The timer is a known function of the
+pruned model (wall-clock accuracy is benchmarks/speedup.py's business)."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import graph_passes as gp
+from graph_passes import latency as lat
+from nni_harp.pruning import HARPPruner, HARPSettings, SettingsError
+
+from _pruning_helpers import Digits, make_evaluator
+
+CONFIG = [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": 0.5, "granularity": "out_channel"}]
+
+
+@pytest.fixture
+def known_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """'Time' = 0.2 ms + 1e-5 ms per FLOP + 1e-4 ms per activation element of the pruned model."""
+
+    class Known:
+        def __init__(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            cost = gp.cost(copy.deepcopy(model), inputs)
+            self.ms = 0.2 + 1e-5 * cost.total_flops + 1e-4 * cost.total_activations
+
+    def runner(model, example_inputs, backend, threads, work):
+        return Known(model, tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
+
+    monkeypatch.setattr(lat, "latency_runner", runner)
+    monkeypatch.setattr(lat, "measure_ms", lambda run, reps=20, warmup=3: run.ms)
+
+
+def test_latency_hinge_reaches_the_rates_and_the_masks_meet_the_target(
+    pretrained: Callable[[], nn.Sequential], digits: Digits, known_timer: None, tmp_path
+) -> None:
+    torch.manual_seed(0)
+    model = pretrained()
+    x = digits.x_train[:1]
+    pruner = HARPPruner(model, CONFIG, make_evaluator(model, digits), dummy_input=x, budget="latency",
+                        latency_cache=str(tmp_path))
+    assert pruner.budget_kind == "latency" and pruner.latency_model is not None
+    assert list(tmp_path.glob("latency-*.json"))  # cached for the next run
+    # above the target at the start, the hinge is positive and its gradient reaches every rate
+    pruner._gamma = 1.0
+    hw = pruner._hardware_loss()
+    assert float(hw.detach()) > 0
+    hw.backward()
+    assert all(u.rate.grad is not None and float(u.rate.grad) > 0 for u in pruner._units)
+    for u in pruner._units:
+        u.rate.grad = None
+    _, masks = pruner.compress(max_epochs=2)
+    assert pruner.kept_fraction() == pytest.approx(0.5, abs=0.02)
+    # the kept fraction is the latency the model predicts for the pruned channels
+    groups = gp.channel_groups(pretrained(), x)
+    keep = gp.keep_from_masks(groups, masks)
+    fractions = {g: float(k.float().mean()) for g, k in keep.items()}
+    cost = gp.cost(pretrained(), x)
+    assert float(pruner.latency_model.fraction(cost, fractions)) == pytest.approx(pruner.kept_fraction(), abs=1e-6)
+
+
+def test_latency_budget_misuse_is_refused(pretrained: Callable[[], nn.Sequential], digits: Digits) -> None:
+    model = pretrained()
+    with pytest.raises(SettingsError, match="budget.*unstructured"):
+        HARPPruner(model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}], make_evaluator(model, digits), budget="latency")
+    with pytest.raises(SettingsError, match="latency_backend.*'eager', 'onnxruntime', 'cuda'"):
+        HARPSettings(budget="latency", latency_backend="tensorrt")
+    with pytest.raises(SettingsError, match="latency_threads"):
+        HARPSettings(latency_threads=0)
