@@ -28,14 +28,73 @@ def _fingerprint(groups: list[ChannelGroup]) -> list[dict[str, Any]]:
     return [{"size": g.size, "members": sorted(f"{m.qualified_name}:{m.dim}" for m in g.members)} for g in groups]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_schema(data: Any, source: str) -> None:
+    """The parsed JSON of a plan has the fields :meth:`PruningPlan.to_json` writes, of their types."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise PlanError(f"{source} is not a pruning plan: field 'format' is {found!r}, expected {FORMAT!r}")
+    unknown = sorted(set(data) - {"format", "kept", "groups", "input_shapes"})
+    if unknown:
+        raise PlanError(f"{source}: unknown field {unknown[0]!r}")
+    groups = data.get("groups")
+    if not isinstance(groups, list):
+        raise PlanError(f"{source}: field 'groups' is missing or not a list")
+    for gid, group in enumerate(groups):
+        if not isinstance(group, dict) or not _is_int(group.get("size")) or not isinstance(group.get("members"), list) \
+                or not all(isinstance(m, str) for m in group["members"]):
+            raise PlanError(f"{source}: group {gid}: fields 'size' (an integer) and 'members' (a list of names) "
+                            f"expected, found {str(group)[:80]}")
+    kept = data.get("kept")
+    if not isinstance(kept, dict):
+        raise PlanError(f"{source}: field 'kept' is missing or not an object of group id -> channel indices")
+    for key, idx in kept.items():
+        if not (key.isascii() and key.isdigit()) or int(key) >= len(groups):
+            raise PlanError(f"{source}: field 'kept' names group {key!r}, which does not exist (group ids are "
+                            f"0 to {len(groups) - 1})")
+        if not isinstance(idx, list):
+            raise PlanError(f"{source}: group {key}: field 'kept' must be a list of channel indices, found {idx!r}")
+    shapes = data.get("input_shapes", [])
+    if not isinstance(shapes, list) or not all(isinstance(s, list) and all(_is_int(d) and d > 0 for d in s)
+                                               for s in shapes):
+        raise PlanError(f"{source}: field 'input_shapes' must be a list of shapes (lists of positive integers)")
+
+
 @dataclass(frozen=True)
 class PruningPlan:
     """Kept channel indices per channel group of a model, plus what is needed to check that a
-    model it is applied to has the same groups (sizes and member names)."""
+    model it is applied to has the same groups (sizes and member names).
+
+    Every plan is checked when made: group ids that exist (no negative ones), integer channel
+    indices in range, none twice, at least one per group; a :class:`PlanError` names ``source``
+    (the file, for a loaded plan), the group and the field."""
 
     kept: dict[int, list[int]]
     groups: list[dict[str, Any]]
     input_shapes: list[list[int]] = field(default_factory=list)
+    source: str = field(default="the pruning plan", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        src = self.source
+        for gid, idx in self.kept.items():
+            if not _is_int(gid) or not 0 <= gid < len(self.groups):
+                raise PlanError(f"{src}: field 'kept' names group {gid!r}, which does not exist (group ids are "
+                                f"0 to {len(self.groups) - 1})")
+            size = self.groups[gid]["size"]
+            bad = next((i for i in idx if not _is_int(i)), None)
+            if bad is not None:
+                raise PlanError(f"{src}: group {gid}: field 'kept' holds {bad!r}, not a channel index (an integer)")
+            if not idx:
+                raise PlanError(f"{src}: group {gid}: field 'kept' is empty (a group keeps at least one channel)")
+            outside = [i for i in idx if not 0 <= i < size]
+            if outside:
+                raise PlanError(f"{src}: group {gid}: field 'kept' holds channel {outside[0]}, outside the group's "
+                                f"{size} channels (0 to {size - 1})")
+            if len(set(idx)) != len(idx):
+                raise PlanError(f"{src}: group {gid}: field 'kept' names a channel twice")
 
     @classmethod
     def from_keep(cls, groups: list[ChannelGroup], keep: Mapping[int, torch.Tensor], example_inputs: Any = None) -> "PruningPlan":
@@ -61,17 +120,16 @@ class PruningPlan:
         return keep
 
     def check(self, groups: list[ChannelGroup]) -> None:
+        """Refuse a model whose channel groups are not the ones the plan was made for."""
         found = _fingerprint(groups)
         if len(found) != len(self.groups):
-            raise PlanError(f"the plan is for a model with {len(self.groups)} channel groups, this model has {len(found)}: "
-                            "build the same architecture (same timm name and arguments) before applying it")
+            raise PlanError(f"{self.source} is for a model with {len(self.groups)} channel groups, this model has "
+                            f"{len(found)}: build the same architecture (same timm name and arguments) before applying it")
         for gid, (want, have) in enumerate(zip(self.groups, found)):
             if want != have:
-                raise PlanError(f"channel group {gid} differs: plan has {want['size']} channels over {want['members'][:3]}..., "
-                                f"model has {have['size']} over {have['members'][:3]}...")
-        for gid, idx in self.kept.items():
-            if not idx or min(idx) < 0 or max(idx) >= found[gid]["size"]:
-                raise PlanError(f"plan keeps channels {idx[:5]}... of group {gid}, which has {found[gid]['size']}")
+                raise PlanError(f"{self.source}: group {gid} differs from the model's: the plan has {want['size']} "
+                                f"channels over {want['members'][:3]}..., the model {have['size']} over "
+                                f"{have['members'][:3]}...")
 
     def apply(self, model: nn.Module, example_inputs: Any = None, masks: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> fx.GraphModule:
         """Remove the planned channels from a copy of ``model`` (e.g. freshly built by name)."""
@@ -91,14 +149,15 @@ class PruningPlan:
                            "groups": self.groups, "input_shapes": self.input_shapes}, indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "PruningPlan":
+    def from_json(cls, text: str, source: str = "the pruning plan") -> "PruningPlan":
+        """Parse and check a plan written by :meth:`to_json`; errors name ``source``."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise PlanError(f"not a pruning plan (invalid JSON: {exc})") from exc
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise PlanError(f"not a pruning plan: expected format {FORMAT!r}")
-        return cls({int(k): [int(i) for i in v] for k, v in data["kept"].items()}, data["groups"], data.get("input_shapes", []))
+            raise PlanError(f"{source} is not a pruning plan (invalid JSON: {exc})") from exc
+        _check_schema(data, source)
+        kept = {int(k): v for k, v in data["kept"].items()}
+        return cls(kept, data["groups"], data.get("input_shapes", []), source=source)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the plan as JSON, atomically (temporary file, then rename)."""
@@ -109,4 +168,8 @@ class PruningPlan:
         target = Path(path)
         if not target.is_file():
             raise PlanError(f"pruning plan not found: {target}")
-        return cls.from_json(target.read_text(encoding="utf-8"))
+        try:
+            text = target.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PlanError(f"{target} cannot be read: {exc}") from exc
+        return cls.from_json(text, source=str(target))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -112,3 +113,51 @@ def test_pruning_plan_rejects_a_different_model():
         gp.PruningPlan.from_json('{"format": "something else"}')
     with pytest.raises(gp.PlanError):
         gp.PruningPlan.from_json("not json")
+
+
+def _saved_plan(tmp_path):
+    """A ConvBn model, a plan of it saved as plan.json, and the file's JSON."""
+    model = ConvBn().eval()
+    x = torch.randn(1, 3, 6, 6)
+    groups = gp.channel_groups(model, x)
+    path = gp.PruningPlan.from_keep(groups, random_keep(groups), x).save(tmp_path / "plan.json")
+    return model, path, json.loads(path.read_text())
+
+
+@pytest.mark.parametrize(("edit", "fragments"), [
+    (lambda d: d["kept"].update({"-2": [0]}), ["field 'kept' names group '-2', which does not exist"]),
+    (lambda d: d["kept"].update({"7": [0]}), ["field 'kept' names group '7', which does not exist"]),
+    (lambda d: d.pop("kept"), ["field 'kept' is missing"]),
+    (lambda d: d["kept"].update({"0": [0, "1"]}), ["group 0: field 'kept' holds '1', not a channel index"]),
+    (lambda d: d["kept"].update({"0": [0, 1.0]}), ["group 0: field 'kept' holds 1.0, not a channel index"]),
+    (lambda d: d["kept"].update({"0": [0, 8]}), ["group 0: field 'kept' holds channel 8, outside the group's 8"]),
+    (lambda d: d["kept"].update({"0": [-1]}), ["group 0: field 'kept' holds channel -1"]),
+    (lambda d: d["kept"].update({"0": []}), ["group 0: field 'kept' is empty"]),
+    (lambda d: d["kept"].update({"0": [1, 1]}), ["group 0: field 'kept' names a channel twice"]),
+    (lambda d: d["groups"][0].update({"size": "8"}), ["group 0: fields 'size' (an integer)"]),
+    (lambda d: d.update({"input_shapes": [[1, -3]]}), ["field 'input_shapes'"]),
+    (lambda d: d.update({"format": "v0"}), ["field 'format' is 'v0'"]),
+], ids=["negative-group", "missing-group", "no-kept", "str-index", "float-index", "index-too-big",
+        "negative-index", "empty", "twice", "size-type", "shape", "format"])
+def test_plan_file_errors_name_the_file_the_group_and_the_field(tmp_path, edit, fragments):
+    # before: an IndexError (group 7), a KeyError ('kept'), a ValueError ('1') or silently
+    # skipped group -2 (a Python index) that made loading the weights fail later
+    model, path, data = _saved_plan(tmp_path)
+    edit(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(gp.PlanError) as info:
+        gp.PruningPlan.load(path).apply(model)
+    assert str(info.value).startswith(f"{path}"), str(info.value)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_plan_apply_names_the_plan_for_a_different_model(tmp_path):
+    _, path, _ = _saved_plan(tmp_path)
+    with pytest.raises(gp.PlanError, match=rf"^{path} is for a model with \d+ channel groups"):
+        gp.PruningPlan.load(path).apply(Residual().eval(), torch.randn(2, 3, 8, 8))
+
+
+def test_plans_built_in_python_are_checked_too():
+    with pytest.raises(gp.PlanError, match="field 'kept' names group -2"):
+        gp.PruningPlan({-2: [0]}, [{"size": 4, "members": ["a.weight:0"]}])
