@@ -37,6 +37,17 @@ META_FILE = "model_meta.json"
 MODEL_FILE = "model.pt"
 PLAN_FILE = "plan.json"
 META_FORMAT = 1
+#: what ``timm.create_model`` may be given from a saved ``model_meta.json``: what :func:`create_model`
+#: itself passes, none of which can name a file (``checkpoint_path``, ``pretrained_cfg_overlay``, ...
+#: would make timm read one a tampered folder points at)
+CREATE_KWARGS = ("pretrained", "num_classes", "in_chans", "img_size")
+#: the fields of ``model_meta.json`` (what :func:`write_meta` writes) and the type of each value
+_META_FIELDS: dict[str, tuple[type, ...]] = {
+    "format": (int,), "model": (str,), "num_classes": (int,), "in_chans": (int,), "image_size": (int,),
+    "mean": (list,), "std": (list,), "dataset": (str, type(None)), "create_kwargs": (dict, type(None)),
+    "mode": (str,), "pruner": (str,), "state_dict": (str,), "plan": (str, type(None)),
+}
+_META_REQUIRED = ("model", "num_classes", "in_chans", "image_size", "mean", "std")
 
 
 class LoadError(ValueError):
@@ -82,7 +93,8 @@ def write_meta(out_dir: str | os.PathLike[str], meta: Mapping[str, Any]) -> Path
 
 
 def read_state(path: str | os.PathLike[str]) -> Mapping[str, Any]:
-    """A state dict (or stage checkpoint) read with ``weights_only=True``; errors name the file."""
+    """A state dict (or stage checkpoint) read with ``weights_only=True``, checked: names to
+    tensors (a stage checkpoint: its ``model`` entry so). Errors name the file."""
     try:
         state = safe_load(path)
     except FileNotFoundError:
@@ -91,21 +103,70 @@ def read_state(path: str | os.PathLike[str]) -> Mapping[str, Any]:
         raise LoadError(f"cannot read {path} as a PyTorch state dict (weights_only): {exc}") from exc
     if not isinstance(state, Mapping):
         raise LoadError(f"{path} does not hold a state dict (found {type(state).__name__})")
+    weights = state["model"] if isinstance(state.get("model"), Mapping) else state
+    bad = next(((k, v) for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise LoadError(f"{path} does not hold a state dict: its entry {str(bad[0])[:60]!r} is a "
+                        f"{type(bad[1]).__name__}, not a tensor")
     return state
 
 
+def _check_meta(meta: Any, path: Path) -> dict[str, Any]:
+    """``model_meta.json`` as :func:`write_meta` writes it: its own fields only, each of its type,
+    file names that stay in the folder, and ``create_kwargs`` from :data:`CREATE_KWARGS`."""
+    if not isinstance(meta, dict):
+        raise LoadError(f"{path} holds a {type(meta).__name__}, not an object of fields")
+    unknown = sorted(set(meta) - set(_META_FIELDS))
+    if unknown:
+        raise LoadError(f"{path}: unknown field {unknown[0]!r} (known: {', '.join(_META_FIELDS)})")
+    missing = [k for k in _META_REQUIRED if k not in meta]
+    if missing:
+        raise LoadError(f"{path} lacks {', '.join(missing)}")
+    for key, types in _META_FIELDS.items():
+        value = meta.get(key)
+        if key in meta and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            kinds = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise LoadError(f"{path}: field {key!r} must be {kinds}, got {str(value)[:60]!r}")
+    if meta.get("format", META_FORMAT) != META_FORMAT:
+        raise LoadError(f"{path}: field 'format' is {meta['format']!r}, expected {META_FORMAT}")
+    for key in ("num_classes", "in_chans", "image_size"):
+        if meta[key] < 1:
+            raise LoadError(f"{path}: field {key!r} must be positive, got {meta[key]}")
+    for key in ("mean", "std"):
+        if len(meta[key]) != meta["in_chans"] or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                         for v in meta[key]):
+            raise LoadError(f"{path}: field {key!r} must hold {meta['in_chans']} numbers (one per input channel)")
+    for key, allowed in (("state_dict", (MODEL_FILE,)), ("plan", (PLAN_FILE, None))):
+        if key in meta and meta[key] not in allowed:
+            raise LoadError(f"{path}: field {key!r} is {meta[key]!r}; a run folder names only "
+                            f"{' or '.join(repr(a) for a in allowed)} there")
+    kwargs = meta.get("create_kwargs")
+    if kwargs is not None:
+        unknown = sorted(set(kwargs) - set(CREATE_KWARGS))
+        if unknown:
+            raise LoadError(f"{path}: field 'create_kwargs' holds {unknown[0]!r}, which nni-harp never writes (allowed: "
+                            f"{', '.join(CREATE_KWARGS)}); refusing to pass it to timm.create_model")
+        if kwargs.get("pretrained", False) is not False:
+            raise LoadError(f"{path}: field 'create_kwargs': 'pretrained' must be false (nothing is downloaded)")
+        for key, field in (("num_classes", "num_classes"), ("in_chans", "in_chans"), ("img_size", "image_size")):
+            if key not in kwargs:
+                continue
+            value = kwargs[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value != meta[field]:
+                raise LoadError(f"{path}: field 'create_kwargs': {key!r} is {value!r}, field {field!r} says {meta[field]}")
+    return meta
+
+
 def read_meta(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """``model_meta.json`` of a run folder, checked field by field (:data:`CREATE_KWARGS`)."""
     path = Path(out_dir) / META_FILE
     if not path.is_file():
         raise LoadError(f"{path} not found: {out_dir} is not an nni-harp output folder")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise LoadError(f"{path} is not valid JSON: {exc}") from exc
-    missing = [k for k in ("model", "num_classes", "in_chans", "image_size", "mean", "std") if k not in meta]
-    if missing:
-        raise LoadError(f"{path} lacks {', '.join(missing)}")
-    return meta
+    return _check_meta(meta, path)
 
 
 def _non_persistent_keys(model: nn.Module) -> set[str]:

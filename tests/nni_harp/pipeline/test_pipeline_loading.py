@@ -7,7 +7,7 @@ import torch
 import graph_passes
 from nni_harp import load_pruned
 from nni_harp._io import atomic_save
-from nni_harp.loading import LoadError, create_model, load_weights, write_meta
+from nni_harp.loading import LoadError, create_model, load_weights, read_meta, read_state, write_meta
 
 MEAN, STD = (0.3, 0.3, 0.3), (0.4, 0.4, 0.4)
 
@@ -77,3 +77,50 @@ def test_load_weights_accepts_bare_timm_keys_and_rejects_others():
     torch.testing.assert_close(other.eval()(x), model(x))
     with pytest.raises(LoadError, match="does not fit the model"):
         load_weights(other, {"model.nope": torch.zeros(1)})
+
+
+def _unstructured_folder(tmp_path, **meta_changes):
+    model, _ = _model()
+    atomic_save(model.state_dict(), tmp_path / "model.pt")
+    write_meta(tmp_path, {**_meta(None), **meta_changes})
+    return model
+
+
+@pytest.mark.parametrize(("change", "fragments"), [
+    # before: passed straight to timm.create_model, which read the file (only timm's weights_only stopped a payload)
+    ({"create_kwargs": {"pretrained": False, "num_classes": 10, "in_chans": 3, "checkpoint_path": "/tmp/evil.pt"}},
+     ["field 'create_kwargs' holds 'checkpoint_path'", "refusing to pass it to timm.create_model"]),
+    ({"create_kwargs": {"pretrained_cfg_overlay": {"file": "/tmp/evil.pt"}}}, ["holds 'pretrained_cfg_overlay'"]),
+    ({"create_kwargs": {"pretrained": True}}, ["'pretrained' must be false"]),
+    ({"create_kwargs": {"num_classes": 5}}, ["'num_classes' is 5, field 'num_classes' says 10"]),
+    ({"state_dict": "../../elsewhere/model.pt"}, ["field 'state_dict' is '../../elsewhere/model.pt'"]),
+    ({"plan": "/etc/plan.json"}, ["field 'plan' is '/etc/plan.json'"]),
+    ({"extra": 1}, ["unknown field 'extra'"]),
+    ({"num_classes": "10"}, ["field 'num_classes' must be int, got '10'"]),
+    ({"mean": [0.3]}, ["field 'mean' must hold 3 numbers"]),
+], ids=["checkpoint_path", "cfg-overlay", "pretrained", "num-classes", "state-dict-path", "plan-path", "unknown",
+        "type", "mean"])
+def test_tampered_model_meta_is_refused_naming_the_file_and_field(tmp_path, change, fragments):
+    _unstructured_folder(tmp_path, **change)
+    with pytest.raises(LoadError) as info:
+        load_pruned("test_resnet", tmp_path)
+    message = str(info.value)
+    assert message.startswith(str(tmp_path / "model_meta.json")), message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_the_meta_the_pipeline_writes_passes_its_own_check(tmp_path):
+    _, kwargs = create_model("test_vit", 10, 3, 32, MEAN, STD)
+    model = _unstructured_folder(tmp_path, create_kwargs=kwargs)  # test_resnet weights, test_vit's kwargs: refused
+    assert read_meta(tmp_path)["create_kwargs"]["img_size"] == 32
+    _, kwargs = create_model("test_resnet", 10, 3, 32, MEAN, STD)
+    write_meta(tmp_path, {**_meta(None), "create_kwargs": kwargs, "dataset": "digits", "pruner": "harp"})
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(load_pruned("test_resnet", tmp_path)(x), model(x))
+
+
+def test_state_dict_of_other_things_is_refused_with_the_entry_named(tmp_path):
+    torch.save({"model.weight": torch.ones(1), "note": "hello"}, tmp_path / "odd.pt")
+    with pytest.raises(LoadError, match=r"odd.pt does not hold a state dict: its entry 'note' is a str"):
+        read_state(tmp_path / "odd.pt")
