@@ -147,7 +147,10 @@ def test_harp_unstructured_90_percent(data: Data, robust_state: dict) -> None:
     torch.manual_seed(1)
     model = _robust_model(data, robust_state)
     config = [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": 0.9, "global_group_id": 0}]
-    pruner = HARPPruner(model, config, _evaluator(model, data), gamma_0=0.5)
+    # two epochs are too few for the default start above the target to come down (the schedule has
+    # its own test below); starting at the target, both epochs train the weights that stay, so the
+    # final masks leave a working model
+    pruner = HARPPruner(model, config, _evaluator(model, data), gamma_0=0.5, init_keep=0.1)
     pruned, masks = pruner.compress(max_steps=None, max_epochs=PRUNE_EPOCHS)
 
     kept = sum(float(m["weight"].sum()) for m in masks.values()) / sum(m["weight"].numel() for m in masks.values())
@@ -157,9 +160,10 @@ def test_harp_unstructured_90_percent(data: Data, robust_state: dict) -> None:
     _assert_not_uniform(pruner.layer_rates(), 0.1)
     assert min(pruner.layer_rates().values()) >= 0.1 * 0.1 - 1e-9  # the alpha floor holds per layer
     assert [h["epoch"] for h in pruner.history] == list(range(PRUNE_EPOCHS))
-    # the model computes with the final masks and, without any fine-tuning, is still well above chance
+    # with the final masks and without any fine-tuning the model is still well above chance (NNI's
+    # unwrap_model restores the unmasked weights, so the masks are applied to a copy)
     pruner.unwrap_model()
-    report = evaluate_robustness(pruned, data.test_batches(), ATTACK, autoattack=False)
+    report = evaluate_robustness(gp.masked_copy(pruned, masks), data.test_batches(), ATTACK, autoattack=False)
     assert report.clean > 0.2
 
 
