@@ -3,10 +3,15 @@ old file or the whole new one. ``nni_harp._io`` builds its checkpoint writer on 
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+#: The name of a temporary file of :func:`atomic_write` for ``<name>``: ``.<name>.<8 random>.tmp``
+#: (``tempfile.mkstemp``'s random part). One left behind was a write that never finished.
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
 
 
 def _mode_for(target: Path) -> int:
@@ -28,6 +33,29 @@ def temp_file_beside(target: Path) -> tuple[int, str]:
     if hasattr(os, "fchmod"):
         os.fchmod(fd, _mode_for(target))
     return fd, tmp
+
+
+def temp_target(name: str) -> str | None:
+    """The file name whose atomic write ``name`` is a temporary file of, or None: ``name`` is
+    not one."""
+    found = _TEMP_NAME.match(name)
+    return found.group("name") if found else None
+
+
+def remove_stray_temp_files(folder: str | os.PathLike[str], targets: Callable[[str], bool] = lambda _: True) -> list[Path]:
+    """Delete the temporary files that interrupted atomic writes (a killed process) left in
+    ``folder``, for the target names ``targets`` accepts; returns what was removed. Only call it
+    while no other process writes there (the pipeline holds its output folder's lock)."""
+    removed = []
+    root = Path(folder)
+    if not root.is_dir():
+        return removed
+    for entry in root.iterdir():
+        target = temp_target(entry.name)
+        if target is not None and targets(target) and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> Path:

@@ -8,19 +8,23 @@
     nni-harp evaluate resnet18 --checkpoint runs/resnet18-unstructured
     nni-harp list-models 'resnet*' --check
 
-User errors (bad model name, bad target, missing data) print one line on stderr and exit with
-status 2; a run stopped by a NaN/inf loss exits with 3; an interrupted run (Ctrl-C) with 130.
-Under torchrun only rank 0 shows progress, logs and prints the report; the other ranks print
-errors only.
+User errors (bad model name, bad target, missing data, an output folder that cannot be used, a
+damaged file to read back, a full disk) print one line on stderr and exit with status 2; a run
+stopped by a NaN/inf loss exits with 3; an interrupted run (Ctrl-C: 130, SIGTERM: 143) says what
+was saved and the command that continues it. Under torchrun only rank 0 shows progress, logs and
+prints the report; the other ranks print errors only.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import shlex
+import signal
 import sys
 import time
 from fractions import Fraction
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from tqdm import tqdm
 
@@ -29,11 +33,14 @@ from .pipeline.callbacks import PipelineCallback
 from .pruning._allocation import ALLOCATIONS as _ALLOCATIONS
 from .registry import PRUNERS
 
-__all__ = ["main", "build_parser", "TqdmProgress"]
+__all__ = ["main", "build_parser", "TqdmProgress", "guarded", "resume_command"]
 
 EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 3
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT; a SIGTERM exits with 128 + SIGTERM = 143
+# errors of the disk or the folder, not of the program: a message, not a traceback
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                   errno.EISDIR, errno.EFBIG, errno.EEXIST}
 
 
 def _number(text: str) -> float:
@@ -280,14 +287,17 @@ def _setup_logging(verbose: bool) -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean 'the request cannot be done as asked', shown without a traceback."""
+    from graph_passes import PlanError
+
     from .data import DatasetError
     from .loading import LoadError
-    from .pipeline import ConfigError, ResumeError
+    from .pipeline import CheckpointWriteError, ConfigError, ResumeError
 
     from .distributed import DistributedError
 
     errors: list[type[BaseException]] = [
-        ConfigError, DatasetError, ResumeError, LoadError, FileNotFoundError, DistributedError,
+        ConfigError, DatasetError, ResumeError, LoadError, FileNotFoundError, DistributedError, PlanError,
+        CheckpointWriteError,
     ]
     from .adversarial import AdversarialError
     from .pruning import PruningError
@@ -296,10 +306,69 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _fail(message: str, code: int = EXIT_USER_ERROR) -> int:
+def _fail(message: str, code: int = EXIT_USER_ERROR, prog: str = "nni-harp") -> int:
     rank = env_rank()
-    print(f"nni-harp: error: {f'[rank {rank}] ' if rank else ''}{message}", file=sys.stderr)
+    print(f"{prog}: error: {f'[rank {rank}] ' if rank else ''}{message}", file=sys.stderr)
     return code
+
+
+def resume_command(prog: str, argv: Sequence[str]) -> str:
+    """The command line that continues the run ``argv`` started: ``--resume`` for ``--overwrite``."""
+    args = [a for a in argv if a != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join([*shlex.split(prog), *args])
+
+
+def guarded(command: Callable[[], int], *, prog: str = "nni-harp", resume: str | None = None,
+            model: str | None = None) -> int:
+    """Run ``command`` the way every entry point of nni-harp does: SIGTERM ends it like Ctrl-C
+    (every finished epoch is already saved; the message names ``resume``, the command that
+    continues it), and every error that is not a bug becomes one line on stderr and an exit code."""
+    from graph_passes import GraphPassError
+
+    from .pipeline import RunInterrupted
+    from .pipeline._loop import NonFiniteLossError
+
+    received: list[int] = []
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        received.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        return command()
+    except NonFiniteLossError as exc:
+        return _fail(str(exc), EXIT_NONFINITE, prog)
+    except KeyboardInterrupt as exc:
+        code = 128 + received[0] if received else EXIT_INTERRUPTED
+        how = f"stopped by {signal.Signals(received[0]).name}" if received else "interrupted"
+        if isinstance(exc, RunInterrupted) and exc.resumable and resume:
+            return _fail(f"{how}; {exc.saved}; to continue: {resume}", code, prog)
+        saved = f"; {exc.saved}" if isinstance(exc, RunInterrupted) else ""
+        return _fail(f"{how}{saved}", code, prog)
+    except _user_errors() as exc:
+        return _fail(str(exc), prog=prog)
+    except GraphPassError as exc:
+        return _fail(
+            f"the pruning graph cannot handle {model or 'this model'}: {exc}"
+            " (`nni-harp list-models PATTERN --check` shows supported models; --mode unstructured needs no graph)",
+            prog=prog,
+        )
+    except OSError as exc:
+        if exc.errno not in _STORAGE_ERRNOS:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        again = f"; finished epochs are kept: fix it, then run {resume}" if resume else ""
+        return _fail(f"{exc.strerror or exc}{where}: free space or fix the folder's permissions{again}", prog=prog)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,27 +441,13 @@ def _cmd_list_models(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
     commands = {"prune": _cmd_prune, "evaluate": _cmd_evaluate, "list-models": _cmd_list_models}
-    from graph_passes import GraphPassError
-
-    from .pipeline._loop import NonFiniteLossError
-
-    try:
-        return commands[args.command](args)
-    except NonFiniteLossError as exc:
-        return _fail(str(exc), EXIT_NONFINITE)
-    except KeyboardInterrupt:
-        return _fail("interrupted; `--resume` continues from the last finished epoch", EXIT_INTERRUPTED)
-    except _user_errors() as exc:
-        return _fail(str(exc))
-    except GraphPassError as exc:
-        return _fail(
-            f"the pruning graph cannot handle {getattr(args, 'model', 'this model')}: {exc}"
-            " (`nni-harp list-models PATTERN --check` shows supported models; --mode unstructured needs no graph)"
-        )
+    resume = resume_command("nni-harp", argv) if args.command == "prune" else None
+    return guarded(lambda: commands[args.command](args), resume=resume, model=getattr(args, "model", None))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,7 +7,10 @@ adversarial pretraining, pruning with the pruner named by ``pruner`` from
 :mod:`nni_harp.registry` -- by its NNI class name (``HARPPruner``, ``HydraPruner``,
 ``L1NormPruner``, ``L2NormPruner``, ``FPGMPruner``, ``TaylorPruner``, ``MovementPruner``) or its
 short name (harp, hydra, l1norm, ...) -- adversarial fine-tuning with the masks fixed, speedup
-when structured, evaluation) in a folder of its own.
+when structured, evaluation) in a folder of its own, under the command line's rules: an empty
+folder, or one that holds a run of the same settings with ``--resume``, or any with
+``--overwrite`` (which replaces only the files a run writes). Bad parameters, an unusable folder
+and the other user errors print one line on stderr and exit with status 2, as ``nni-harp`` does.
 
 Reported to NNI: after every pruning and fine-tuning epoch (one pass for a one-shot pruner) an
 intermediate result ``{'default': PGD accuracy on the first eval_batches x batch_size test
@@ -63,22 +66,38 @@ REPORTED_STAGES = ("prune", "finetune")
 
 
 def resolve_params(received: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """DEFAULTS updated with NNI's parameters and then ``overrides``; unknown keys are an error."""
+    """DEFAULTS updated with NNI's parameters and then ``overrides``; an unknown key, a value of the
+    wrong type or an unknown pruner is a :class:`~nni_harp.pipeline.ConfigError` naming the parameter
+    (the ranges are :class:`~nni_harp.pipeline.PipelineConfig`'s, checked by :func:`config_for`)."""
+    from .pipeline import ConfigError
+
     params = dict(DEFAULTS)
     for source in (received or {}, overrides or {}):
+        if not isinstance(source, Mapping):
+            raise ConfigError("parameters", f"NNI's parameters must be an object of name -> value, got {source!r}")
         unknown = sorted(set(source) - set(DEFAULTS))
         if unknown:
-            raise KeyError(f"trial parameter {unknown[0]!r} is unknown; known: {', '.join(DEFAULTS)}")
+            raise ConfigError(unknown[0], f"unknown trial parameter; known: {', '.join(DEFAULTS)}")
         params.update(source)
     for key in ("sparsity", "gamma_0", "eps", "pretrain_lr", "prune_lr", "finetune_lr"):
-        params[key] = float(params[key])
+        value = params[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        try:
+            params[key] = float(value)
+        except ValueError:
+            raise ConfigError(key, f"must be a number, got {value!r}") from None
     from .registry import get_pruner
 
-    get_pruner(str(params["pruner"]))  # an unknown pruner fails here, listing the known names
+    try:
+        get_pruner(str(params["pruner"]))
+    except KeyError as exc:  # its message lists the known names
+        raise ConfigError("pruner", str(exc.args[0])) from None
     return params
 
 
-def config_for(params: Mapping[str, Any], output_dir: str | os.PathLike[str]) -> Any:
+def config_for(params: Mapping[str, Any], output_dir: str | os.PathLike[str], resume: bool = False,
+               overwrite: bool = False) -> Any:
     """The :class:`~nni_harp.pipeline.PipelineConfig` of one trial.
 
     ``sparsity`` is the target in both modes: the fraction of weights removed (unstructured) or
@@ -86,8 +105,27 @@ def config_for(params: Mapping[str, Any], output_dir: str | os.PathLike[str]) ->
     the end) attacks the first ``eval_batches x batch_size`` test images with PGD; AutoAttack,
     ONNX and latency runs are left out, a trial compares pruners on robust accuracy.
     """
-    from .pipeline import PipelineConfig
+    from .pipeline import ConfigError, PipelineConfig
 
+    def integer(key: str) -> int | None:
+        value = params[key]
+        if value is None and key == "max_train_batches":
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(key, f"must be an integer, got {value!r}") from None
+        if not number.is_integer():
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        return int(number)
+
+    for key in ("image_size", "attack_steps", "pretrain_epochs", "prune_epochs", "finetune_epochs", "batch_size",
+                "eval_batches", "eval_attack_steps", "seed", "max_train_batches"):
+        params = {**params, key: integer(key)}
+    if params["eval_batches"] < 1:
+        raise ConfigError("eval_batches", f"must be at least 1, got {params['eval_batches']}")
     samples = int(params["eval_batches"]) * int(params["batch_size"])
     return PipelineConfig(
         model=str(params["model"]), dataset=str(params["dataset"]), image_size=int(params["image_size"]),
@@ -96,7 +134,7 @@ def config_for(params: Mapping[str, Any], output_dir: str | os.PathLike[str]) ->
         attack_steps=int(params["attack_steps"]), pretrain_epochs=int(params["pretrain_epochs"]),
         prune_epochs=int(params["prune_epochs"]), finetune_epochs=int(params["finetune_epochs"]),
         batch_size=int(params["batch_size"]), seed=int(params["seed"]), output_dir=str(output_dir),
-        overwrite=True, pretrain_lr=float(params["pretrain_lr"]), prune_lr=float(params["prune_lr"]),
+        resume=resume, overwrite=overwrite, pretrain_lr=float(params["pretrain_lr"]), prune_lr=float(params["prune_lr"]),
         finetune_lr=float(params["finetune_lr"]), gamma_0=float(params["gamma_0"]),
         eval_samples=samples, eval_attack_steps=int(params["eval_attack_steps"]), epoch_eval_samples=samples,
         autoattack="off", latency_runs=1, export_onnx=False,
@@ -161,16 +199,18 @@ def _default_output_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="nni-harp-trial-"))
 
 
-def run_trial(params: Mapping[str, Any], report: Any = None, output_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def run_trial(params: Mapping[str, Any], report: Any = None, output_dir: str | os.PathLike[str] | None = None,
+              resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run one trial through :func:`nni_harp.pipeline.run`; ``report`` has
     ``report_intermediate_result`` / ``report_final_result`` (the ``nni`` module in an
-    experiment). Returns the final result dict. Under torchrun only rank 0 reports."""
+    experiment). Returns the final result dict. Under torchrun only rank 0 reports. The output
+    folder follows the pipeline's rules (``resume``, ``overwrite``: see the module docstring)."""
     from . import distributed as hd
     from .pipeline import run
 
     start = time.perf_counter()
     out = Path(output_dir) if output_dir is not None else _default_output_dir()
-    config = config_for(params, out)
+    config = config_for(params, out, resume=resume, overwrite=overwrite)
     main_rank = hd.env_rank() == 0
     reporter = NNIReporter(report if main_rank else None)
     result_report = run(config, callbacks=[reporter])
@@ -181,11 +221,13 @@ def run_trial(params: Mapping[str, Any], report: Any = None, output_dir: str | o
 
 
 def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    from .pipeline import ConfigError
+
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--param expects key=value, got {item!r}")
+            raise ConfigError("--param", f"expects key=value, got {item!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -200,20 +242,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output-dir", default=None,
                         help="the pipeline's output folder (default: $NNI_OUTPUT_DIR/nni-harp, else a temp dir)")
     parser.add_argument("--json-out", help="also write the final result to this file")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help="continue the run in --output-dir (same parameters) from its last finished epoch")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start again in an --output-dir that is not empty (replaces only the files a run writes)")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stdout)
-    import nni
+    from .cli import guarded, resume_command
 
-    received = nni.get_next_parameter()
-    params = resolve_params(received, _parse_overrides(args.param))
-    logger.info("trial parameters: %s", params)
-    result = run_trial(params, nni, args.output_dir)
-    print(json.dumps(result, sort_keys=True))
-    if args.json_out:
-        from ._io import atomic_write_text
+    def trial() -> int:
+        import warnings
 
-        atomic_write_text(args.json_out, json.dumps(result, indent=2, sort_keys=True))
-    return 0
+        import nni
+
+        with warnings.catch_warnings():  # outside an experiment NNI warns on stderr; the defaults apply (see above)
+            warnings.filterwarnings("ignore", message=".*Running trial code without runtime", category=RuntimeWarning)
+            received = nni.get_next_parameter()
+        params = resolve_params(received, _parse_overrides(args.param))
+        logger.info("trial parameters: %s", params)
+        result = run_trial(params, nni, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+        print(json.dumps(result, sort_keys=True))
+        if args.json_out:
+            from ._io import atomic_write_text
+
+            atomic_write_text(args.json_out, json.dumps(result, indent=2, sort_keys=True))
+        return 0
+
+    # without --output-dir (and outside an experiment) a fresh folder is made each time: nothing to resume
+    resume = resume_command("python -m nni_harp.trial", argv) if args.output_dir or os.environ.get("NNI_OUTPUT_DIR") else None
+    return guarded(trial, prog="nni_harp.trial", resume=resume)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ evaluates, writes files and calls the callbacks, and every rank returns the repo
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import tempfile
@@ -29,7 +30,7 @@ import torch
 
 from .. import distributed as hd
 from .callbacks import CallbackList, PipelineCallback
-from .checkpoint import ResumeError, RunStore
+from .checkpoint import CheckpointWriteError, ResumeError, RunInterrupted, RunStore
 from .config import ConfigError, EvaluateConfig, PipelineConfig
 from .report import ModelMetrics, Report
 
@@ -40,6 +41,8 @@ __all__ = [
     "EvaluateConfig",
     "ConfigError",
     "ResumeError",
+    "CheckpointWriteError",
+    "RunInterrupted",
     "PipelineCallback",
     "Report",
     "ModelMetrics",
@@ -60,21 +63,33 @@ def _seed_everything(seed: int) -> None:
 
 
 def run(config: PipelineConfig, callbacks: Iterable[PipelineCallback] | PipelineCallback | None = None) -> Report:
-    """Run (or, with ``config.resume``, continue) the whole pipeline and return its report."""
+    """Run (or, with ``config.resume``, continue) the whole pipeline and return its report.
+
+    The output folder follows :mod:`.outdir`'s rules and is locked for the run. Ctrl-C (or a
+    SIGTERM the caller turns into ``KeyboardInterrupt``, as the command line does) ends it with
+    :class:`RunInterrupted`, which says what was saved: every finished epoch is on disk."""
     if not isinstance(config, PipelineConfig):
         raise TypeError(f"run() takes a PipelineConfig, got {type(config).__name__}")
     owns_group = hd.env_world_size() > 1 and not hd.is_distributed()
     info = hd.init_from_env()
+    store = RunStore(config.out_path, writer=info.rank == 0)
     try:
-        return _run(config, callbacks, info)
+        with contextlib.ExitStack() as cleanup:
+            return _run(config, callbacks, info, store, cleanup)
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise RunInterrupted(*store.saved_summary()) from None
     finally:
         if owns_group:
             hd.shutdown()
 
 
 def _run(
-    config: PipelineConfig, callbacks: Iterable[PipelineCallback] | PipelineCallback | None, info: hd.DistInfo
+    config: PipelineConfig, callbacks: Iterable[PipelineCallback] | PipelineCallback | None, info: hd.DistInfo,
+    store: RunStore, cleanup: contextlib.ExitStack,
 ) -> Report:
+    from . import outdir
     from . import stages as st
     from ._prune import stage_prune
 
@@ -86,14 +101,17 @@ def _run(
     # progress goes through rank 0 only; the other ranks train silently
     cb = CallbackList(callbacks if info.rank == 0 else None)
     out = config.out_path
-    store = RunStore(out, writer=info.rank == 0)
+    # the output folder, data, model, input size and --checkpoint are checked before anything is written
+    hd.on_main(lambda: (outdir.check_output_dir(out), outdir.check_contents(out, config.resume, config.overwrite)))
     _seed_everything(config.seed)
-    # data, model and --checkpoint are checked before anything is written to the output folder
     ctx = st.make_context(config, store, cb, info)
     model = st.new_model(ctx)
     hd.broadcast_module(model)  # the same start on every rank (the seeds make it so already)
     if config.checkpoint is not None:
         st.load_weights(model, st.read_source_weights(config.checkpoint), str(config.checkpoint))
+    lock = hd.on_main(lambda: outdir.open_output_dir(out, config.resume, config.overwrite))
+    if lock is not None:
+        cleanup.callback(lock.release)
     hd.on_main(lambda: store.start(config.to_dict(), config.resume, config.overwrite, PipelineConfig.RESUME_KEYS))
     store.adopt(hd.broadcast_object(store.progress))
     if world > 1:
@@ -160,9 +178,13 @@ def evaluate(config: EvaluateConfig, callbacks: Iterable[PipelineCallback] | Pip
     from ..data import build_datasets
     from ..loading import META_FILE, create_model, load_pruned, load_weights, read_meta
     from . import stages as st
+    from ._input_size import check_input_size
+    from .outdir import check_output_dir
 
     cb = CallbackList(callbacks)
     ckpt = Path(config.checkpoint).expanduser()
+    if config.output_dir:
+        check_output_dir(Path(config.output_dir).expanduser())
     pruned_dir = ckpt.is_dir() and (ckpt / META_FILE).is_file()
     meta = read_meta(ckpt) if pruned_dir else {}
     dataset = config.dataset or meta.get("dataset") or "digits"
@@ -176,6 +198,8 @@ def evaluate(config: EvaluateConfig, callbacks: Iterable[PipelineCallback] | Pip
     else:
         model, _ = create_model(config.model, info.num_classes, info.in_chans, image_size, info.mean, info.std)
         load_weights(model, st.read_source_weights(ckpt), str(ckpt))
+    check_input_size(config.model, model, image_size, info.in_chans, lambda size: create_model(
+        config.model, info.num_classes, info.in_chans, size, info.mean, info.std)[0])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     example = test_ds[0][0].unsqueeze(0).float()

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from .. import distributed as hd
-from .._io import safe_load
 from ..loading import load_weights
 from .checkpoint import ResumeError, StageCheckpoint, restore_rank_rng
 from .stages import Context, _training_step, cosine, epoch_evaluator, finish_stage, reuse_stage, sgd
@@ -196,8 +195,8 @@ def stage_prune(ctx: Context, model: nn.Module) -> tuple[nn.Module, Masks, dict[
     cfg, store, cb = ctx.config, ctx.store, ctx.cb
     init_path, masks_path = store.artefact("pruned_init.pt"), store.artefact("masks.pt")
     if store.is_done("prune"):
-        load_weights(model, safe_load(init_path, map_location=ctx.device), str(init_path))
-        masks = safe_load(masks_path, map_location=ctx.device)
+        load_weights(model, store.load_artefact(init_path.name, ctx.device), str(init_path))
+        masks = store.load_artefact(masks_path.name, ctx.device, nested=True)
         return model, masks, reuse_stage(ctx, "prune", "its masks")
 
     from nni.compression import TorchEvaluator
@@ -213,7 +212,7 @@ def stage_prune(ctx: Context, model: nn.Module) -> tuple[nn.Module, Masks, dict[
     grad_sync = (lambda: hd.all_reduce_grads(model)) if ctx.world > 1 else None
     evaluate = epoch_evaluator(ctx, model)
     learned = spec.name in ("harp", "hydra")
-    ck = store.load_epoch("prune") if learned else None
+    ck = store.load_epoch("prune", required=("model",)) if learned else None
     resume_state = _check_prune_checkpoint(ck, store.stage_path("prune"), cfg.prune_epochs) if ck is not None else None
     saved = {"epoch": ck.epoch if ck is not None else -1}
 

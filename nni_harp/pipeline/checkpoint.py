@@ -32,15 +32,36 @@ import torch
 from .. import distributed as hd
 from .._io import atomic_save, atomic_write_text, safe_load
 
-__all__ = ["RunStore", "StageCheckpoint", "capture_rng", "restore_rng", "restore_rank_rng", "ResumeError"]
+__all__ = [
+    "RunStore", "StageCheckpoint", "capture_rng", "restore_rng", "restore_rank_rng", "ResumeError",
+    "CheckpointWriteError", "RunInterrupted",
+]
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+PROGRESS_FILE = "progress.json"
+# what a stage checkpoint holds besides the stage's own state (see save_epoch)
+_PAYLOAD_KEYS = {"format": int, "stage": str, "epoch": int, "rng": Mapping}
+_RNG_KEYS = ("python", "numpy", "torch")
 
 
 class ResumeError(RuntimeError):
     """A run cannot be resumed (or a new one cannot start) in the given output directory."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); the message says which, and
+    that the previous checkpoint of the stage is intact (atomic writes never damage it)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a run; ``saved`` says what is on disk for ``--resume``."""
+
+    def __init__(self, saved: str, resumable: bool) -> None:
+        super().__init__(saved)
+        self.saved, self.resumable = saved, resumable
 
 
 def capture_rng() -> dict[str, Any]:
@@ -116,10 +137,12 @@ class RunStore:
 
     def __init__(self, output_dir: str | Path, writer: bool = True) -> None:
         self.root = Path(output_dir)
-        self.dir = self.root / "checkpoints"
-        self.progress_path = self.dir / "progress.json"
+        self.dir = self.root / CHECKPOINT_DIR
+        self.progress_path = self.dir / PROGRESS_FILE
         self.writer = writer
         self._progress: dict[str, Any] = {"format": FORMAT_VERSION, "config": {}, "stages": {}}
+        self._saved: dict[str, int] = {}  # stage -> last epoch written or read in this process
+        self.started = False
 
     @property
     def progress(self) -> dict[str, Any]:
@@ -135,30 +158,25 @@ class RunStore:
         """Open the store for a new or resumed run; returns True when resuming earlier progress.
 
         Without ``resume``, an output directory that already holds a run is refused unless
-        ``overwrite`` (then its checkpoints are removed). With ``resume``, the stored config must
-        agree with ``config`` on ``keys``.
+        ``overwrite`` (then its checkpoints, and whatever else ``checkpoints/`` holds, are
+        removed). With ``resume``, the stored config must agree with ``config`` on ``keys``.
         """
         if not self.writer:
             raise ResumeError("a read-only RunStore (not rank 0) cannot start a run; adopt rank 0's progress")
         exists = self.progress_path.is_file()
-        if exists and not resume:
-            if not overwrite:
-                raise ResumeError(
-                    f"{self.root} already holds a run; pass --resume to continue it or --overwrite "
-                    "to start again (or choose another --output-dir)"
-                )
+        if exists and not resume and not overwrite:
+            raise ResumeError(
+                f"{self.root} already holds a run; pass --resume to continue it or --overwrite "
+                "to start again (or choose another --output-dir)"
+            )
+        if overwrite:
             shutil.rmtree(self.dir, ignore_errors=True)
             exists = False
         if resume and not exists:
             logger.warning("nothing to resume in %s: starting a new run", self.root)
         if exists:
-            try:
-                stored = json.loads(self.progress_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise ResumeError(f"cannot read {self.progress_path}: {exc}") from exc
-            if stored.get("format") != FORMAT_VERSION:
-                raise ResumeError(f"{self.progress_path} has format {stored.get('format')}, expected {FORMAT_VERSION}")
-            old = stored.get("config", {})
+            stored = self._read_progress()
+            old = stored["config"]
             diff = [k for k in keys if old.get(k) != config.get(k)]
             if diff:
                 details = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
@@ -169,10 +187,31 @@ class RunStore:
             self._progress = stored
             self._progress["config"] = dict(config)
             self._write()
+            self.started = True
             return True
         self._progress = {"format": FORMAT_VERSION, "config": dict(config), "stages": {}}
         self._write()
+        self.started = True
         return False
+
+    def _read_progress(self) -> dict[str, Any]:
+        """``progress.json``, checked: its format and a ``config`` and a ``stages`` object."""
+        path = self.progress_path
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ResumeError(f"cannot read {path}: {exc}; start this run again with --overwrite") from exc
+        if not isinstance(stored, dict) or stored.get("format") != FORMAT_VERSION:
+            found = stored.get("format") if isinstance(stored, dict) else type(stored).__name__
+            raise ResumeError(f"{path}: field 'format' is {found!r}, expected {FORMAT_VERSION}")
+        for key in ("config", "stages"):
+            if not isinstance(stored.get(key), dict):
+                raise ResumeError(f"{path}: field {key!r} must be an object, found {stored.get(key)!r}; start this "
+                                  "run again with --overwrite")
+        if not all(isinstance(v, dict) for v in stored["stages"].values()):
+            raise ResumeError(f"{path}: field 'stages' must map stage names to objects; start this run again with "
+                              "--overwrite")
+        return stored
 
     def _write(self) -> None:
         if not self.writer:
@@ -208,22 +247,86 @@ class RunStore:
         if ranks_rng is not None:
             payload["rng_ranks"] = ranks_rng
         payload.update(state)
-        path = atomic_save(payload, self.stage_path(stage))
+        path = self.stage_path(stage)
+        try:
+            atomic_save(payload, path)
+        except OSError as exc:  # disk full, quota, permissions: the temporary file is gone, the old one intact
+            previous = self._saved.get(stage)
+            if path.is_file():
+                kept = f"the previous checkpoint{f' (epoch {previous + 1})' if previous is not None else ''} is intact"
+            else:
+                kept = "no earlier checkpoint of this stage exists"
+            raise CheckpointWriteError(
+                f"cannot write the {stage} checkpoint of epoch {epoch + 1} to {path}: {exc.strerror or exc}; {kept}. "
+                "Free space (or fix the folder), then run the same command with --resume"
+            ) from exc
+        self._saved[stage] = int(epoch)
         logger.debug("saved %s checkpoint, epoch %d, to %s", stage, epoch, path)
         return path
 
-    def load_epoch(self, stage: str) -> StageCheckpoint | None:
+    def load_epoch(self, stage: str, required: tuple[str, ...] = ()) -> StageCheckpoint | None:
+        """The checkpoint of ``stage`` (None when there is none), checked: a dict with the fields
+        :meth:`save_epoch` writes, and ``required`` (the stage's own state). A damaged or
+        truncated file is refused with what to do."""
         path = self.stage_path(stage)
         if not path.is_file():
             return None
+        redo = (f"delete it to redo the {stage} stage from its first epoch (finished stages are kept), or start "
+                "this run again with --overwrite")
         try:
             payload = safe_load(path)
-        except Exception as exc:  # a truncated file cannot happen with atomic_save, but say so if it does
-            raise ResumeError(f"cannot load checkpoint {path}: {exc}") from exc
-        if payload.get("stage") != stage:
-            raise ResumeError(f"{path} holds stage {payload.get('stage')!r}, expected {stage!r}")
-        return StageCheckpoint(stage=stage, epoch=int(payload["epoch"]), state=payload)
+        except Exception as exc:  # noqa: BLE001 - atomic writes never truncate; a copied or damaged file can be
+            raise ResumeError(f"checkpoint {path} is damaged (truncated or corrupt: {_first_line(exc)}); {redo}") from exc
+        if not isinstance(payload, dict):
+            raise ResumeError(f"checkpoint {path} holds a {type(payload).__name__}, not a checkpoint; {redo}")
+        for key, kind in {**_PAYLOAD_KEYS, **{k: object for k in required}}.items():
+            value = payload.get(key)
+            if value is None or not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ResumeError(f"checkpoint {path}: field {key!r} is missing or not a {kind.__name__}; {redo}")
+        if payload["format"] != FORMAT_VERSION or payload["stage"] != stage or payload["epoch"] < 0:
+            raise ResumeError(f"checkpoint {path} is not a format-{FORMAT_VERSION} {stage!r} checkpoint (format "
+                              f"{payload['format']}, stage {payload['stage']!r}, epoch {payload['epoch']}); {redo}")
+        missing = [k for k in _RNG_KEYS if k not in payload["rng"]]
+        if missing:
+            raise ResumeError(f"checkpoint {path}: field 'rng' lacks {', '.join(missing)}; {redo}")
+        self._saved[stage] = payload["epoch"]
+        return StageCheckpoint(stage=stage, epoch=payload["epoch"], state=payload)
 
     # -- artefacts kept between stages -----------------------------------------------------
     def artefact(self, name: str) -> Path:
         return self.dir / name
+
+    def load_artefact(self, name: str, map_location: str | torch.device = "cpu", nested: bool = False) -> dict[str, Any]:
+        """A finished stage's saved tensors (``dense.pt``, ``masks.pt``, ...), checked: a dict of
+        tensors (``nested``: of dicts of tensors, as masks are). Refused with the file named."""
+        path = self.artefact(name)
+        try:
+            data = safe_load(path, map_location=map_location)
+        except Exception as exc:  # noqa: BLE001 - missing, truncated, not a weights-only file
+            raise ResumeError(f"{path} cannot be read ({_first_line(exc)}), so this run cannot continue from it; "
+                              "start it again with --overwrite") from exc
+        inner = (lambda v: isinstance(v, Mapping) and all(isinstance(t, torch.Tensor) for t in v.values())) if nested \
+            else (lambda v: isinstance(v, torch.Tensor))
+        if not isinstance(data, dict) or not all(isinstance(k, str) and inner(v) for k, v in data.items()):
+            raise ResumeError(f"{path} does not hold {'masks' if nested else 'a state dict'} (names to tensors); "
+                              "start this run again with --overwrite")
+        return data
+
+    def saved_summary(self) -> tuple[str, bool]:
+        """What this run has on disk for ``--resume``, in words, and whether there is anything."""
+        if not self.started:
+            return "nothing was saved yet", False
+        parts = []
+        finished = [s for s in self.finished_stages if s != "report"]
+        if finished:
+            parts.append(f"finished stages {', '.join(finished)}")
+        for stage, epoch in self._saved.items():
+            if stage not in finished:
+                parts.append(f"{stage} up to epoch {epoch + 1} ({self.stage_path(stage)})")
+        return ("saved: " + "; ".join(parts)) if parts else f"no epoch had finished (the run's settings are in "\
+            f"{self.progress_path})", True
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -25,11 +25,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import distributed as hd
-from .._io import atomic_save, safe_load
+from .._io import atomic_save
 from ..loading import MODEL_FILE, PLAN_FILE, LoadError, create_model, load_weights, read_state, write_meta
 from ._loop import EpochLoop
 from .callbacks import CallbackList
-from .checkpoint import RunStore, restore_rank_rng
+from .checkpoint import ResumeError, RunStore, restore_rank_rng
 from .config import PipelineConfig
 from .export import (
     count_params,
@@ -127,14 +127,32 @@ def make_context(
 
 
 def new_model(ctx: Context) -> nn.Module:
-    """A fresh randomly initialised, normalisation-wrapped model (the same one every time)."""
-    info = ctx.info
-    model, kwargs = create_model(
-        ctx.config.model, info.num_classes, info.in_chans, ctx.config.image_size, info.mean, info.std,
-        create_kwargs=ctx.create_kwargs,
-    )
+    """A fresh randomly initialised, normalisation-wrapped model (the same one every time).
+
+    The first one is checked to take ``image_size`` inputs (a ViT's patch size must divide it, a
+    deep CNN needs a minimum size): a :class:`ConfigError` names the sizes that work."""
+    from ._input_size import check_input_size, input_size_error
+
+    info, cfg = ctx.info, ctx.config
+    first = ctx.create_kwargs is None
+
+    def build(size: int) -> nn.Module:
+        return create_model(cfg.model, info.num_classes, info.in_chans, size, info.mean, info.std)[0]
+
+    try:
+        model, kwargs = create_model(
+            cfg.model, info.num_classes, info.in_chans, cfg.image_size, info.mean, info.std,
+            create_kwargs=ctx.create_kwargs,
+        )
+    except (AssertionError, ValueError, RuntimeError) as exc:  # timm's checks of the image size, among others
+        if not first:
+            raise
+        raise input_size_error(cfg.model, cfg.image_size, f"{type(exc).__name__}: {exc}", build, info.in_chans) from exc
     ctx.create_kwargs = kwargs
-    return model.to(ctx.device)
+    model = model.to(ctx.device)
+    if first:
+        check_input_size(cfg.model, model, cfg.image_size, info.in_chans, build)
+    return model
 
 
 def model_meta(ctx: Context, plan: str | None) -> dict[str, Any]:
@@ -232,7 +250,7 @@ def stage_pretrain(ctx: Context, model: nn.Module) -> None:
     dense_path = store.artefact("dense.pt")
     start_time = time.perf_counter()
     if store.is_done("pretrain"):
-        load_weights(model, safe_load(dense_path, map_location=ctx.device), str(dense_path))
+        load_weights(model, store.load_artefact(dense_path.name, ctx.device), str(dense_path))
         reuse_stage(ctx, "pretrain", "the dense weights")
         return
     if cfg.checkpoint is not None:
@@ -260,12 +278,17 @@ def _resume_training(store: RunStore, cb: CallbackList, stage: str, model: nn.Mo
                      optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
     """Load the last finished epoch of a weight-training ``stage`` (model, optimizer, scheduler,
     random state) when there is one; the epoch to start from."""
-    ck = store.load_epoch(stage)
+    ck = store.load_epoch(stage, required=("model", "optimizer", "scheduler"))
     if ck is None:
         return 0
-    model.load_state_dict(ck.state["model"])
-    optimizer.load_state_dict(ck.state["optimizer"])
-    scheduler.load_state_dict(ck.state["scheduler"])
+    try:
+        model.load_state_dict(ck.state["model"])
+        optimizer.load_state_dict(ck.state["optimizer"])
+        scheduler.load_state_dict(ck.state["scheduler"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        path = store.stage_path(stage)
+        raise ResumeError(f"checkpoint {path} does not fit this run ({str(exc).strip().splitlines()[0][:200]}); "
+                          f"delete it to redo the {stage} stage, or start this run again with --overwrite") from exc
     restore_rank_rng(ck.state)
     cb.on_message(f"{stage}: resuming after epoch {ck.epoch + 1}")
     return ck.next_epoch
@@ -418,7 +441,7 @@ def stage_finetune(ctx: Context, model: nn.Module, masks: Mapping[str, Mapping[s
     done_path = store.artefact("finetuned.pt")
     start_time = time.perf_counter()
     if store.is_done("finetune"):
-        load_weights(model, safe_load(done_path, map_location=ctx.device), str(done_path))
+        load_weights(model, store.load_artefact(done_path.name, ctx.device), str(done_path))
         reuse_stage(ctx, "finetune", "the fine-tuned weights")
         return
     result: dict[str, Any] = {"epochs": cfg.finetune_epochs}

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from nni_harp.pipeline import ConfigError
 from nni_harp.registry import config_list, get_pruner, pruner_names
 from nni_harp.trial import DEFAULTS, resolve_params
 
@@ -34,7 +35,7 @@ def test_trial_parameters_default_outside_nni_and_reject_unknown_keys():
     assert resolve_params(None) == {**DEFAULTS, **{k: float(DEFAULTS[k]) for k in ("sparsity", "gamma_0", "eps", "pretrain_lr", "prune_lr", "finetune_lr")}}
     got = resolve_params({"pruner": "l1norm", "sparsity": 0.8}, {"gamma_0": 1})
     assert got["pruner"] == "l1norm" and got["sparsity"] == 0.8 and got["gamma_0"] == 1.0
-    with pytest.raises(KeyError, match="sparsty"):
+    with pytest.raises(ConfigError, match="sparsty: unknown trial parameter"):
         resolve_params({"sparsty": 0.8})
 
 

@@ -10,6 +10,7 @@ import timm
 import torch
 
 import graph_passes
+from nni_harp.pipeline import ConfigError
 from nni_harp.registry import PruneRequest, config_list, get_pruner, pruner_class_names, pruner_names
 from nni_harp.trial import resolve_params
 
@@ -35,7 +36,7 @@ def test_class_names_are_declared_once_and_unknown_names_list_both_kinds():
 
 def test_trial_takes_class_names_and_rejects_unknown_pruners_before_running():
     assert resolve_params({"pruner": "L1NormPruner"})["pruner"] == "L1NormPruner"
-    with pytest.raises(KeyError, match="unknown name 'LevelPruner'"):
+    with pytest.raises(ConfigError, match=r"pruner: unknown name 'LevelPruner'.*known: harp \(HARPPruner\)"):
         resolve_params({"pruner": "LevelPruner"})
 
 

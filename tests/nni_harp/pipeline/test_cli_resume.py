@@ -58,3 +58,27 @@ def test_sigkill_mid_pruning_then_resume(tmp_path, capsys):
     assert {"pretrain", "evaluate-dense", "prune", "finetune", "evaluate-pruned", "report"} <= set(progress["stages"])
     model = load_pruned("test_resnet", out)
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_sigterm_mid_pruning_says_what_was_saved_and_how_to_continue(tmp_path):
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints" / "prune.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "nni_harp", *ARGS, "--output-dir", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    try:
+        while not ckpt.is_file():
+            assert proc.poll() is None, f"the run ended before pruning checkpointed: {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "no pruning checkpoint within 10 minutes"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("nni-harp: error: stopped by SIGTERM; saved: finished stages pretrain"), last
+    assert "prune up to epoch" in last and last.endswith(f"to continue: nni-harp {' '.join(ARGS)} --output-dir {out} --resume")
+    assert "Traceback" not in err

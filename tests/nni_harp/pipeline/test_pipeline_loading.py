@@ -124,3 +124,27 @@ def test_state_dict_of_other_things_is_refused_with_the_entry_named(tmp_path):
     torch.save({"model.weight": torch.ones(1), "note": "hello"}, tmp_path / "odd.pt")
     with pytest.raises(LoadError, match=r"odd.pt does not hold a state dict: its entry 'note' is a str"):
         read_state(tmp_path / "odd.pt")
+
+
+def test_evaluate_on_a_tampered_plan_names_plan_json_and_exits_2(tmp_path, capsys):
+    import json
+
+    from nni_harp.cli import main
+
+    model, _ = _model()
+    x = torch.rand(1, 3, 32, 32)
+    groups = graph_passes.channel_groups(model, (x,))
+    keep = {g.id: torch.arange(g.size) % 3 != 0 for g in groups if g.prunable}
+    masks = graph_passes.group_masks(model, groups, keep)
+    small = graph_passes.ModelSpeedup(model, x, masks).speedup_model(inplace=False)
+    plan = graph_passes.PruningPlan.from_masks(model, (x,), masks).save(tmp_path / "plan.json")
+    atomic_save(small.state_dict(), tmp_path / "model.pt")
+    write_meta(tmp_path, _meta("plan.json"))
+    data = json.loads(plan.read_text())
+    data["kept"]["-2"] = [0]  # a Python index: once silently skipped, then blamed on model.pt
+    plan.write_text(json.dumps(data))
+    code = main(["evaluate", "test_resnet", "--checkpoint", str(tmp_path), "--eval-samples", "8",
+                 "--eval-attack-steps", "1", "--autoattack", "off", "--latency-runs", "1", "--no-onnx", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"{plan}" in err and "field 'kept' names group '-2', which does not exist" in err
