@@ -174,3 +174,21 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, m
     with pytest.raises(CheckpointWriteError, match=r"epoch 2 .*No space left on device; the previous checkpoint \(epoch 1\) is intact"):
         store.save_epoch("prune", 1, {"model": {"w": torch.zeros(2)}})
     assert store.stage_path("prune").read_bytes() == before
+
+
+def test_a_second_run_on_the_same_folder_is_refused_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from nni_harp.pipeline.outdir import RunLock; "
+         "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ResumeError, match=rf"{out} is in use by another nni-harp run \(pid {holder.pid} "):
+            outdir.open_output_dir(out, resume=False, overwrite=False)
+    finally:
+        holder.kill()  # SIGKILL: no chance to clean up
+        holder.wait(timeout=60)
+        holder.stdout.close()
+    outdir.open_output_dir(out, resume=False, overwrite=False).release()
