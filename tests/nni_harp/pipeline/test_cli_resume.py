@@ -19,21 +19,31 @@ ARGS = ["prune", "test_resnet", "--pretrain-epochs", "1", "--prune-epochs", "3",
         "--eval-attack-steps", "1", "--autoattack", "off", "--latency-runs", "1", "--no-onnx", "--quiet"]
 
 
-def test_sigkill_mid_pruning_then_resume(tmp_path, capsys):
-    out = tmp_path / "run"
+def _signal_once_pruning_checkpointed(out, signum: int) -> tuple[subprocess.Popen, str]:
+    """Start the run in ``out``, send ``signum`` once its first pruning checkpoint exists; the
+    ended process and its stderr."""
     ckpt = out / "checkpoints" / "prune.pt"
     proc = subprocess.Popen([sys.executable, "-m", "nni_harp", *ARGS, "--output-dir", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     try:
         while not ckpt.is_file():
-            assert proc.poll() is None, f"the run ended before pruning checkpointed: {proc.stderr.read().decode()[-2000:]}"
+            assert proc.poll() is None, f"the run ended before pruning checkpointed: {proc.stderr.read()[-2000:]}"
             assert time.monotonic() < deadline, "no pruning checkpoint within 10 minutes"
             time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, signum)
+        _, err = proc.communicate(timeout=120)
     finally:
-        proc.wait(timeout=60)
-        proc.stderr.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc, err
+
+
+def test_sigkill_mid_pruning_then_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints" / "prune.pt"
+    proc, _ = _signal_once_pruning_checkpointed(out, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
 
     progress = json.loads((out / "checkpoints" / "progress.json").read_text())
@@ -62,21 +72,7 @@ def test_sigkill_mid_pruning_then_resume(tmp_path, capsys):
 
 def test_sigterm_mid_pruning_says_what_was_saved_and_how_to_continue(tmp_path):
     out = tmp_path / "run"
-    ckpt = out / "checkpoints" / "prune.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "nni_harp", *ARGS, "--output-dir", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600
-    try:
-        while not ckpt.is_file():
-            assert proc.poll() is None, f"the run ended before pruning checkpointed: {proc.stderr.read()[-2000:]}"
-            assert time.monotonic() < deadline, "no pruning checkpoint within 10 minutes"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc, err = _signal_once_pruning_checkpointed(out, signal.SIGTERM)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("nni-harp: error: stopped by SIGTERM; saved: finished stages pretrain"), last
