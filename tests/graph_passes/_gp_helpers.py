@@ -61,6 +61,10 @@ def assert_same(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float = 1e-4
         assert torch.allclose(x, y, rtol=rtol, atol=atol), (x - y).abs().max().item()
 
 
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def prune(model: nn.Module, x: Any, keep: dict[int, torch.Tensor] | None = None,
           choose: Callable[[list[gp.ChannelGroup]], dict[int, torch.Tensor]] | None = None, seed: int = 0) -> Pruned:
     """Find the groups, mask ``model`` by ``keep`` (random by default), prune it with

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import torch.nn.functional as F
 
 import graph_passes as gp
-from _gp_helpers import prune
+from _gp_helpers import n_params, prune
 from test_gp_attention import Attention
 from test_gp_layers import ConvBn, ConvChain2d, Depthwise, Grouped, Mlp
 from test_gp_ops import Concat, FlattenHead, SE, Residual
@@ -18,10 +18,6 @@ from test_gp_ops import Concat, FlattenHead, SE, Residual
 def measured_flops(model: nn.Module, x: torch.Tensor) -> int:
     model.eval()
     return gp.count_flops(model, x)
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def fractions(groups: list[gp.ChannelGroup], keep: dict[int, torch.Tensor]) -> dict[int, float]:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import graph_passes as gp
-from _gp_helpers import assert_same, outputs
+from _gp_helpers import assert_same, n_params, outputs
 
 C = 12  # channels of the hand-built models' norms
 
@@ -90,10 +90,6 @@ def exact_norms(gm: fx.GraphModule) -> dict[str, tuple[int, int]]:
             weight = gm.get_parameter(str(node.args[5].target))
             found[f"function {node.args[5].target}"] = (weight.shape[0], node.args[4])
     return found
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def check_costed_and_pruned_again(model: nn.Module, x: torch.Tensor) -> None:
