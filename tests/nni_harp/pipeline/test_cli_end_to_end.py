@@ -1,6 +1,8 @@
 """`nni-harp prune` / `evaluate` end to end on timm's tiny test_resnet, with tiny epoch counts."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 from pathlib import Path
@@ -36,16 +38,20 @@ def _check_png(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def unstructured_run(tmp_path_factory):
+    """One unstructured run, shared by the tests below: whichever of them runs first (alone or in
+    any order) makes it, and each fails, never skips, when it did not succeed."""
     out = tmp_path_factory.mktemp("unstructured") / "run"
     argv = ["prune", "test_resnet", "--output-dir", str(out), "--sparsity", "0.8", "--pretrain-epochs", "1",
             "--prune-epochs", "2", "--finetune-epochs", "1", *FAST]
-    return out, argv
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(argv)
+    assert code == 0, f"the shared prune run failed: {stderr.getvalue()[-2000:]}"
+    return out, stdout.getvalue()
 
 
-def test_unstructured_prune_end_to_end(unstructured_run, capsys):
-    out, argv = unstructured_run
-    assert main(argv) == 0
-    stdout = capsys.readouterr().out
+def test_unstructured_prune_end_to_end(unstructured_run):
+    out, stdout = unstructured_run
     for name in ("model.pt", "model_meta.json", "model.onnx", "dense_model.pt", "report.json", "report.md",
                  "kept_fraction.png", "pruning_history.png"):
         assert (out / name).is_file(), name
@@ -83,8 +89,6 @@ def test_unstructured_prune_end_to_end(unstructured_run, capsys):
 
 def test_evaluate_a_pruned_output_folder(unstructured_run, capsys, tmp_path):
     out, _ = unstructured_run
-    if not (out / "report.json").is_file():
-        pytest.skip("the prune run failed")
     report = json.loads((out / "report.json").read_text())
     assert main(["evaluate", "test_resnet", "--checkpoint", str(out), "--eval-samples", "16",
                  "--eval-attack-steps", "2", "--autoattack", "off", "--latency-runs", "2", "--no-onnx",
@@ -99,8 +103,6 @@ def test_evaluate_a_pruned_output_folder(unstructured_run, capsys, tmp_path):
 
 def test_evaluate_a_dense_checkpoint(unstructured_run, capsys):
     out, _ = unstructured_run
-    if not (out / "dense_model.pt").is_file():
-        pytest.skip("the prune run failed")
     assert main(["evaluate", "test_resnet", "--checkpoint", str(out / "dense_model.pt"), "--eval-samples", "8",
                  "--eval-attack-steps", "1", "--autoattack", "off", "--latency-runs", "1", "--no-onnx", "--quiet"]) == 0
     stdout = capsys.readouterr().out
@@ -109,8 +111,6 @@ def test_evaluate_a_dense_checkpoint(unstructured_run, capsys):
 
 def test_checkpoint_option_skips_pretraining_and_resume_reuses_finished_stages(unstructured_run, capsys, tmp_path):
     out, _ = unstructured_run
-    if not (out / "dense_model.pt").is_file():
-        pytest.skip("the prune run failed")
     run = tmp_path / "from-ckpt"
     argv = ["prune", "test_resnet", "--checkpoint", str(out), "--output-dir", str(run), "--prune-epochs", "1",
             "--finetune-epochs", "0", "--no-onnx", *FAST]
@@ -133,8 +133,6 @@ def test_python_api_runs_the_same_pipeline(unstructured_run, tmp_path):
     from nni_harp.pipeline import PipelineCallback, PipelineConfig, Report, run
 
     out, _ = unstructured_run
-    if not (out / "dense_model.pt").is_file():
-        pytest.skip("the prune run failed")
 
     class Recorder(PipelineCallback):
         def __init__(self):
@@ -178,7 +176,7 @@ def test_structured_prune_end_to_end(tmp_path, capsys):
     assert _table_rows(stdout) == report["table_rows"]
     dense, pruned = report["dense"], report["pruned"]
     assert pruned["params"] < dense["params"]  # channels physically removed
-    assert pruned["flops"] == pytest.approx(0.5 * dense["flops"], rel=0.1)
+    assert pruned["flops"] / dense["flops"] == pytest.approx(0.5, abs=0.01)  # as the pruner's own tests hold it
     assert report["checks"]["speedup_max_abs_diff"] < 1e-3
     assert (out / "plan.json").is_file()
     _check_png(out / "kept_fraction.png")

@@ -5,12 +5,16 @@ import json
 
 import torch
 
+import nni_harp.pipeline._prune as prune_stage
 import nni_harp.pipeline.stages as stages
 from nni_harp._io import safe_load
 from nni_harp.cli import main
 
 
-def test_nan_loss_in_pretraining_stops_the_run(tmp_path, capsys, monkeypatch):
+def _poison_third_step(monkeypatch, module) -> None:
+    """The training step ``module`` builds returns NaN on its third call (epoch 2, step 1 at two
+    steps per epoch). Patched where the stage looks the factory up (the prune stage imported it
+    by name)."""
     real = stages._training_step
     calls = {"n": 0}
 
@@ -24,7 +28,11 @@ def test_nan_loss_in_pretraining_stops_the_run(tmp_path, capsys, monkeypatch):
 
         return training_step
 
-    monkeypatch.setattr(stages, "_training_step", poisoned)
+    monkeypatch.setattr(module, "_training_step", poisoned)
+
+
+def test_nan_loss_in_pretraining_stops_the_run(tmp_path, capsys, monkeypatch):
+    _poison_third_step(monkeypatch, stages)
     out = tmp_path / "run"
     argv = ["prune", "test_resnet", "--output-dir", str(out), "--pretrain-epochs", "3", "--prune-epochs", "1",
             "--finetune-epochs", "1", "--batch-size", "16", "--max-train-batches", "2", "--attack-steps", "1",
@@ -46,3 +54,20 @@ def test_nan_loss_in_pretraining_stops_the_run(tmp_path, capsys, monkeypatch):
     assert report["pruned"]["eval_samples"] == 8
     progress = json.loads((out / "checkpoints" / "progress.json").read_text())
     assert progress["stages"]["pretrain"]["epochs"] == 3
+
+
+def test_nan_loss_in_pruning_stops_the_run_and_keeps_the_last_pruning_epoch(tmp_path, capsys, monkeypatch):
+    _poison_third_step(monkeypatch, prune_stage)
+    out = tmp_path / "run"
+    argv = ["prune", "test_resnet", "--output-dir", str(out), "--pretrain-epochs", "1", "--prune-epochs", "3",
+            "--finetune-epochs", "1", "--batch-size", "16", "--max-train-batches", "2", "--attack-steps", "1",
+            "--eval-samples", "8", "--eval-attack-steps", "1", "--autoattack", "off", "--latency-runs", "1",
+            "--no-onnx", "--quiet"]
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("nni-harp: error: stage 'prune', epoch 2, step 1: loss is nan; stopped."), err
+    assert "--resume" in err and "Traceback" not in err
+    saved = safe_load(out / "checkpoints" / "prune.pt")
+    assert saved["epoch"] == 0 and [h["epoch"] for h in saved["pruner"]["history"]] == [0]
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    assert not (out / "report.json").exists()
