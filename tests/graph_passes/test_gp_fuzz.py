@@ -8,14 +8,15 @@ constructs graph_passes handles, prunes a random choice of their channels, and c
 
 The networks (see :func:`networks`) start from an image ``(B, 3, H, W)`` or from tokens
 ``(B, N, 6)``. Image blocks: plain, grouped and depthwise convs (with or without bias, followed by
-an activation), BatchNorm2d, GroupNorm (one group, several, one per channel), LayerNorm over the
-channels of an NCHW tensor (permute, norm, permute back), a residual conv branch, SE gating
-(global pool, a small MLP of 1x1 convs or of Linear layers, sigmoid, multiply), concat of two
-branches or of the input and a branch, chunk/split (gated, summed, a conv on one part, the
-parts swapped) and channel shuffle (reshape/transpose/reshape), max/avg/adaptive pooling. Then,
-optionally, flattening to tokens ``(B, H*W, C)`` (flatten+transpose or permute+reshape). Token
-blocks: Linear, LayerNorm, a residual MLP (plain or GLU-gated via chunk), residual multi-head
-attention (timm-style qkv Linear, reshape to heads, permute, unbind, then explicit
+an activation); BatchNorm2d, GroupNorm (one group, several, one per channel) and LayerNorm over
+the channels of an NCHW tensor (permute, norm, permute back), each as a module or through its
+torch.nn.functional form; a residual conv branch; SE gating (global pool, a small MLP of 1x1
+convs or of Linear layers, sigmoid, multiply); concat of two branches or of the input and a
+branch; chunk/split (gated, summed, a conv on one part, the parts swapped) and channel shuffle
+(reshape/transpose/reshape); max/avg/adaptive pooling. Then, optionally, flattening to tokens
+``(B, H*W, C)`` (flatten+transpose or permute+reshape). Token blocks: Linear, LayerNorm (module
+or F.layer_norm), a residual MLP (plain or GLU-gated via chunk), residual multi-head attention
+(timm-style qkv Linear, reshape to heads, permute, unbind, then explicit
 softmax(q @ k^T * scale) @ v or ``F.scaled_dot_product_attention``; the heads merged back with
 -1, with C read from the input's shape, or with a constant). Heads: global mean, first token,
 or flatten (a Linear reading C*H*W or N*C inputs).
@@ -26,7 +27,9 @@ is a failure.
 
 The keep vectors come from :func:`graph_passes.random_keep`, applied to a random non-empty subset
 of the prunable groups of two channels or more, each with a random count of removed channels
-(1 .. size-1, so one channel at least stays) and a random seed. The default test runs 100 derandomized examples; the slow one 1,000.
+(1 .. size-1, so one channel at least stays) and a random seed. The default test runs 100
+derandomized examples; the slow one 1,000. ``--hypothesis-show-statistics`` lists how often each
+construct was drawn.
 """
 from __future__ import annotations
 
@@ -78,18 +81,26 @@ class Conv(nn.Module):
 
 
 class Norm2d(nn.Module):
-    """BatchNorm2d, GroupNorm(``groups``) or a LayerNorm over the channels of NCHW (ConvNeXt)."""
+    """BatchNorm2d, GroupNorm(``groups``) or a LayerNorm over the channels of NCHW (ConvNeXt);
+    with ``functional`` the same through F.batch_norm / F.group_norm / F.layer_norm."""
 
-    def __init__(self, c: int, kind: str, groups: int) -> None:
+    def __init__(self, c: int, kind: str, groups: int, functional: bool) -> None:
         super().__init__()
-        self.kind = kind
+        self.kind, self.groups, self.functional, self.c = kind, groups, functional, c
         self.norm = {"bn": lambda: nn.BatchNorm2d(c), "gn": lambda: nn.GroupNorm(groups, c), "ln": lambda: nn.LayerNorm(c)}[kind]()
         _randomize_norm(self.norm)
 
     def forward(self, x):
+        n = self.norm
         if self.kind == "ln":
-            return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return self.norm(x)
+            y = x.permute(0, 2, 3, 1)
+            y = F.layer_norm(y, (self.c,), n.weight, n.bias, n.eps) if self.functional else n(y)
+            return y.permute(0, 3, 1, 2)
+        if not self.functional:
+            return n(x)
+        if self.kind == "bn":
+            return F.batch_norm(x, n.running_mean, n.running_var, n.weight, n.bias, False, 0.0, n.eps)
+        return F.group_norm(x, self.groups, n.weight, n.bias, n.eps)
 
 
 class Residual(nn.Module):
@@ -213,12 +224,17 @@ class TokenLinear(nn.Module):
 
 
 class TokenNorm(nn.Module):
-    def __init__(self, c: int) -> None:
+    """LayerNorm over the tokens' channels, as a module or through F.layer_norm."""
+
+    def __init__(self, c: int, functional: bool) -> None:
         super().__init__()
+        self.functional, self.c = functional, c
         self.norm = nn.LayerNorm(c)
         _randomize_norm(self.norm)
 
     def forward(self, x):
+        if self.functional:
+            return F.layer_norm(x, (self.c,), self.norm.weight, self.norm.bias, self.norm.eps)
         return self.norm(x)
 
 
@@ -315,9 +331,13 @@ def _divisors(n: int) -> list[int]:
 
 @st.composite
 def _image_block(draw, c: int, hw: int) -> tuple:
-    kinds = ["conv", "gconv", "dwconv", "norm", "residual", "se", "concat"] + (["split"] if c > 1 else [])
+    # one flat list of constructs, so that each is drawn about as often as the others
+    kinds = ["conv", "gconv", "dwconv", "bn", "gn", "ln", "residual", "se", "concat"]
+    kinds += [f"split {mode}" for mode in (["conv", "swap"] if c > 1 else []) + (["glu", "sum"] if c % 2 == 0 else [])]
+    if len(_divisors(c)) > 2:
+        kinds.append("split shuffle")
     if hw >= 2:
-        kinds.append("pool")
+        kinds += ["pool max", "pool avg", "pool adaptive", "pool max3"]
     kind = draw(st.sampled_from(kinds))
     act = draw(st.sampled_from(sorted(ACTS)))
     if kind == "conv":
@@ -327,9 +347,8 @@ def _image_block(draw, c: int, hw: int) -> tuple:
         return ("gconv", c_out, draw(st.sampled_from([1, 3])), draw(st.sampled_from(_divisors(math.gcd(c, c_out)))), draw(st.booleans()), act)
     if kind == "dwconv":
         return ("dwconv", c * draw(st.sampled_from([1, 2])), 3, c, draw(st.booleans()), act)
-    if kind == "norm":
-        norm = draw(st.sampled_from(["bn", "gn", "ln"]))
-        return ("norm", norm, draw(st.sampled_from(_divisors(c))) if norm == "gn" else 0)
+    if kind in ("bn", "gn", "ln"):
+        return ("norm", kind, draw(st.sampled_from(_divisors(c))) if kind == "gn" else 0, draw(st.booleans()))
     if kind == "residual":
         return ("residual", draw(st.sampled_from(WIDTHS)), draw(st.sampled_from([1, 3])))
     if kind == "se":
@@ -337,15 +356,12 @@ def _image_block(draw, c: int, hw: int) -> tuple:
     if kind == "concat":
         dense = draw(st.booleans())
         return ("concat", 0 if dense else draw(st.sampled_from(WIDTHS)), draw(st.sampled_from(WIDTHS)), dense)
-    if kind == "split":
-        modes = (["conv", "swap"] if c > 1 else []) + (["glu", "sum"] if c % 2 == 0 else [])
-        if c > 2 and len(_divisors(c)) > 2:
-            modes.append("shuffle")
-        mode = draw(st.sampled_from(modes))
+    if kind.startswith("split"):
+        mode = kind.split()[1]
         first = draw(st.integers(1, c - 1)) if mode in ("conv", "swap") else c // 2
         shuffle = draw(st.sampled_from(_divisors(c)[1:-1])) if mode == "shuffle" else 0
         return ("split", mode, first, draw(st.sampled_from(WIDTHS)) if mode == "conv" else 0, shuffle)
-    return ("pool", draw(st.sampled_from(["max", "avg", "adaptive", "max3"])))
+    return ("pool", kind.split()[1])
 
 
 @st.composite
@@ -354,7 +370,7 @@ def _token_block(draw, c: int) -> tuple:
     if kind == "linear":
         return ("linear", draw(st.sampled_from(WIDTHS)), draw(st.sampled_from(sorted(ACTS))))
     if kind == "norm":
-        return ("tnorm",)
+        return ("tnorm", draw(st.booleans()))
     if kind == "mlp":
         return ("mlp", draw(st.sampled_from(WIDTHS)), draw(st.booleans()))
     heads, head_dim = draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([1, 2, 4]))
@@ -384,7 +400,7 @@ def _token_width(block: tuple, c: int) -> int:
 @st.composite
 def networks(draw) -> dict:
     """A network spec: input, image blocks, tokenisation, token blocks, head, weight seed."""
-    image = draw(st.booleans())
+    image = draw(st.integers(0, 2)) > 0  # two image networks for a token one: they have more constructs
     spec = {"image": image, "image_blocks": [], "to_tokens": None, "token_blocks": [], "seed": draw(st.integers(0, 2 ** 16))}
     if image:
         hw = draw(st.sampled_from([2, 4, 6]))
@@ -447,7 +463,7 @@ def build(spec: dict) -> tuple[nn.Module, torch.Tensor]:
         if kind == "linear":
             blocks.append(TokenLinear(c, *args))
         elif kind == "tnorm":
-            blocks.append(TokenNorm(c))
+            blocks.append(TokenNorm(c, *args))
         elif kind == "mlp":
             blocks.append(Mlp(c, *args))
         else:
@@ -462,7 +478,9 @@ def build(spec: dict) -> tuple[nn.Module, torch.Tensor]:
 
 def _construct(block: tuple) -> str:
     """A block's name for hypothesis' statistics (``--hypothesis-show-statistics``)."""
-    return " ".join(str(part) for part in block[:2] if isinstance(part, str))
+    name = " ".join(str(part) for part in block[:2] if isinstance(part, str))
+    functional = block[0] in ("norm", "tnorm") and block[-1]
+    return f"{name} (functional)" if functional else name
 
 
 def check_random_pruning(spec: dict, data: st.DataObject) -> None:
