@@ -7,8 +7,9 @@ constructs graph_passes handles, prunes a random choice of their channels, and c
 - it has fewer parameters when a channel was removed, as many when none was.
 
 The networks (see :func:`networks`) start from an image ``(B, 3, H, W)`` or from tokens
-``(B, N, 6)``. Image blocks: plain, grouped and depthwise convs (with or without bias, followed by
-an activation); BatchNorm2d, GroupNorm (one group, several, one per channel) and LayerNorm over
+``(B, N, 6)`` and a stem (a plain conv or a Linear: blocks straight on the input find its
+channels fixed), followed by random blocks. Image blocks: plain, grouped and depthwise convs
+(with or without bias, followed by an activation); BatchNorm2d, GroupNorm (one group, several, one per channel) and LayerNorm over
 the channels of an NCHW tensor (permute, norm, permute back), each as a module or through its
 torch.nn.functional form; a residual conv branch; SE gating (global pool, a small MLP of 1x1
 convs or of Linear layers, sigmoid, multiply); concat of two branches or of the input and a
@@ -406,18 +407,22 @@ def networks(draw) -> dict:
         hw = draw(st.sampled_from([2, 4, 6]))
         spec["hw"] = hw
         c = 3
-        for _ in range(draw(st.integers(1, 4))):
-            block = draw(_image_block(c, hw))
+        # a stem: blocks straight on the input find its channels fixed and have little to prune
+        stem = ("conv", draw(st.sampled_from(WIDTHS)), draw(st.sampled_from([1, 3])), 1, draw(st.booleans()), draw(st.sampled_from(sorted(ACTS))))
+        for i in range(1 + draw(st.integers(0, 4))):
+            block = stem if i == 0 else draw(_image_block(c, hw))
             spec["image_blocks"].append(block)
             c, hw = _image_width(block, c, hw)
         if draw(st.booleans()):
             spec["to_tokens"] = draw(st.sampled_from(["flatten", "permute"]))
     if not image or spec["to_tokens"]:
-        n_token_blocks = draw(st.integers(0 if image else 1, 3))
+        n_token_blocks = draw(st.integers(0, 3))
         if not image:
             c = 6
-        for _ in range(n_token_blocks):
-            block = draw(_token_block(c))
+            n_token_blocks += 1  # a Linear stem, as for images
+        for i in range(n_token_blocks):
+            stem = i == 0 and not image
+            block = ("linear", draw(st.sampled_from(WIDTHS)), draw(st.sampled_from(sorted(ACTS)))) if stem else draw(_token_block(c))
             spec["token_blocks"].append(block)
             c = _token_width(block, c)
     heads = ["mean", "flatten"] + (["first"] if not image or spec["to_tokens"] else [])
