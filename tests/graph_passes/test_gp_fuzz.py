@@ -7,20 +7,20 @@ constructs graph_passes handles, prunes a random choice of their channels, and c
 - it has fewer parameters when a channel was removed, as many when none was.
 
 The networks (see :func:`networks`) start from an image ``(B, 3, H, W)`` or from tokens
-``(B, N, 6)`` and a stem (a plain conv or a Linear: blocks straight on the input find its
-channels fixed), followed by random blocks. Image blocks: plain, grouped and depthwise convs
-(with or without bias, followed by an activation); BatchNorm2d, GroupNorm (one group, several, one per channel) and LayerNorm over
-the channels of an NCHW tensor (permute, norm, permute back), each as a module or through its
-torch.nn.functional form; a residual conv branch; SE gating (global pool, a small MLP of 1x1
-convs or of Linear layers, sigmoid, multiply); concat of two branches or of the input and a
-branch; chunk/split (gated, summed, a conv on one part, the parts swapped) and channel shuffle
-(reshape/transpose/reshape); max/avg/adaptive pooling. Then, optionally, flattening to tokens
-``(B, H*W, C)`` (flatten+transpose or permute+reshape). Token blocks: Linear, LayerNorm (module
-or F.layer_norm), a residual MLP (plain or GLU-gated via chunk), residual multi-head attention
-(timm-style qkv Linear, reshape to heads, permute, unbind, then explicit
-softmax(q @ k^T * scale) @ v or ``F.scaled_dot_product_attention``; the heads merged back with
--1, with C read from the input's shape, or with a constant). Heads: global mean, first token,
-or flatten (a Linear reading C*H*W or N*C inputs).
+``(B, N, 6)`` and a stem (a plain conv or a Linear: blocks straight on the input find its channels
+fixed), followed by random blocks. Image blocks: plain, grouped and depthwise convs (with or
+without bias, followed by an activation); BatchNorm2d, GroupNorm (one group, several, one per
+channel) and LayerNorm over the channels of an NCHW tensor (permute, norm, permute back), each
+as a module or through its torch.nn.functional form; a residual conv branch; SE gating (global
+pool, a small MLP of 1x1 convs or of Linear layers, sigmoid, multiply); concat of two branches
+or of the input and a branch; chunk/split (gated, summed, a conv on one part, the parts swapped)
+and channel shuffle (reshape/transpose/reshape); max/avg/adaptive pooling. Then, optionally,
+flattening to tokens ``(B, H*W, C)`` (flatten+transpose or permute+reshape). Token blocks:
+Linear, LayerNorm (module or F.layer_norm), a residual MLP (plain or GLU-gated via chunk),
+residual multi-head attention (timm-style qkv Linear, reshape to heads, permute, unbind, then
+explicit softmax(q @ k^T * scale) @ v or ``F.scaled_dot_product_attention``; the heads merged
+back with -1, with C read from the input's shape, or with a constant). Heads: global mean, first
+token, or flatten (a Linear reading C*H*W or N*C inputs).
 
 All of these are supported by graph_passes (some pin channels, which the property covers as
 well): the generator builds nothing graph_passes refuses by design, so any GraphPassError here
@@ -88,7 +88,7 @@ class Norm2d(nn.Module):
     def __init__(self, c: int, kind: str, groups: int, functional: bool) -> None:
         super().__init__()
         self.kind, self.groups, self.functional, self.c = kind, groups, functional, c
-        self.norm = {"bn": lambda: nn.BatchNorm2d(c), "gn": lambda: nn.GroupNorm(groups, c), "ln": lambda: nn.LayerNorm(c)}[kind]()
+        self.norm = nn.BatchNorm2d(c) if kind == "bn" else nn.GroupNorm(groups, c) if kind == "gn" else nn.LayerNorm(c)
         _randomize_norm(self.norm)
 
     def forward(self, x):
@@ -185,11 +185,13 @@ class Split(nn.Module):
 
 
 class Pool(nn.Module):
+    """2x2 max or average pooling, adaptive average pooling to 2x2, or F.max_pool2d 3x3 stride 1
+    ('max3')."""
+
     def __init__(self, kind: str) -> None:
         super().__init__()
-        self.kind = kind
-        self.pool = {"max": lambda: nn.MaxPool2d(2), "avg": lambda: nn.AvgPool2d(2), "adaptive": lambda: nn.AdaptiveAvgPool2d(2),
-                     "max3": lambda: None}[kind]()
+        pools = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d, "adaptive": nn.AdaptiveAvgPool2d}
+        self.pool = pools[kind](2) if kind in pools else None
 
     def forward(self, x):
         if self.pool is None:
@@ -326,6 +328,11 @@ class Net(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # the generator: a spec (plain tuples, printed by hypothesis on a failure) and its network
 
+KERNELS = st.sampled_from([1, 3])
+ACTIVATIONS = st.sampled_from(sorted(ACTS))
+CHANNELS = st.sampled_from(WIDTHS)
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -340,28 +347,28 @@ def _image_block(draw, c: int, hw: int) -> tuple:
     if hw >= 2:
         kinds += ["pool max", "pool avg", "pool adaptive", "pool max3"]
     kind = draw(st.sampled_from(kinds))
-    act = draw(st.sampled_from(sorted(ACTS)))
+    act = draw(ACTIVATIONS)
     if kind == "conv":
-        return ("conv", draw(st.sampled_from(WIDTHS)), draw(st.sampled_from([1, 3])), 1, draw(st.booleans()), act)
+        return ("conv", draw(CHANNELS), draw(KERNELS), 1, draw(st.booleans()), act)
     if kind == "gconv":
-        c_out = draw(st.sampled_from(WIDTHS))
-        return ("gconv", c_out, draw(st.sampled_from([1, 3])), draw(st.sampled_from(_divisors(math.gcd(c, c_out)))), draw(st.booleans()), act)
+        c_out = draw(CHANNELS)
+        return ("gconv", c_out, draw(KERNELS), draw(st.sampled_from(_divisors(math.gcd(c, c_out)))), draw(st.booleans()), act)
     if kind == "dwconv":
         return ("dwconv", c * draw(st.sampled_from([1, 2])), 3, c, draw(st.booleans()), act)
     if kind in ("bn", "gn", "ln"):
         return ("norm", kind, draw(st.sampled_from(_divisors(c))) if kind == "gn" else 0, draw(st.booleans()))
     if kind == "residual":
-        return ("residual", draw(st.sampled_from(WIDTHS)), draw(st.sampled_from([1, 3])))
+        return ("residual", draw(CHANNELS), draw(KERNELS))
     if kind == "se":
         return ("se", draw(st.sampled_from([1, 2, 4])), draw(st.sampled_from(["conv", "linear", "view"])))
     if kind == "concat":
         dense = draw(st.booleans())
-        return ("concat", 0 if dense else draw(st.sampled_from(WIDTHS)), draw(st.sampled_from(WIDTHS)), dense)
+        return ("concat", 0 if dense else draw(CHANNELS), draw(CHANNELS), dense)
     if kind.startswith("split"):
         mode = kind.split()[1]
         first = draw(st.integers(1, c - 1)) if mode in ("conv", "swap") else c // 2
         shuffle = draw(st.sampled_from(_divisors(c)[1:-1])) if mode == "shuffle" else 0
-        return ("split", mode, first, draw(st.sampled_from(WIDTHS)) if mode == "conv" else 0, shuffle)
+        return ("split", mode, first, draw(CHANNELS) if mode == "conv" else 0, shuffle)
     return ("pool", kind.split()[1])
 
 
@@ -369,11 +376,11 @@ def _image_block(draw, c: int, hw: int) -> tuple:
 def _token_block(draw, c: int) -> tuple:
     kind = draw(st.sampled_from(["linear", "norm", "mlp", "attention"]))
     if kind == "linear":
-        return ("linear", draw(st.sampled_from(WIDTHS)), draw(st.sampled_from(sorted(ACTS))))
+        return ("linear", draw(CHANNELS), draw(ACTIVATIONS))
     if kind == "norm":
         return ("tnorm", draw(st.booleans()))
     if kind == "mlp":
-        return ("mlp", draw(st.sampled_from(WIDTHS)), draw(st.booleans()))
+        return ("mlp", draw(CHANNELS), draw(st.booleans()))
     heads, head_dim = draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([1, 2, 4]))
     merges = ["minus1", "const"] + (["shape"] if heads * head_dim == c else [])
     return ("attention", heads, head_dim, draw(st.booleans()), draw(st.sampled_from(merges)))
@@ -408,7 +415,7 @@ def networks(draw) -> dict:
         spec["hw"] = hw
         c = 3
         # a stem: blocks straight on the input find its channels fixed and have little to prune
-        stem = ("conv", draw(st.sampled_from(WIDTHS)), draw(st.sampled_from([1, 3])), 1, draw(st.booleans()), draw(st.sampled_from(sorted(ACTS))))
+        stem = ("conv", draw(CHANNELS), draw(KERNELS), 1, draw(st.booleans()), draw(ACTIVATIONS))
         for i in range(1 + draw(st.integers(0, 4))):
             block = stem if i == 0 else draw(_image_block(c, hw))
             spec["image_blocks"].append(block)
@@ -422,7 +429,7 @@ def networks(draw) -> dict:
             n_token_blocks += 1  # a Linear stem, as for images
         for i in range(n_token_blocks):
             stem = i == 0 and not image
-            block = ("linear", draw(st.sampled_from(WIDTHS)), draw(st.sampled_from(sorted(ACTS)))) if stem else draw(_token_block(c))
+            block = ("linear", draw(CHANNELS), draw(ACTIVATIONS)) if stem else draw(_token_block(c))
             spec["token_blocks"].append(block)
             c = _token_width(block, c)
     heads = ["mean", "flatten"] + (["first"] if not image or spec["to_tokens"] else [])
@@ -499,7 +506,9 @@ def check_random_pruning(spec: dict, data: st.DataObject) -> None:
 
     # groups that can lose a channel: a random non-empty subset, each losing 1 .. size-1 channels
     prunable = [g for g in groups if g.prunable and g.size > 1]
-    chosen = data.draw(st.lists(st.sampled_from(prunable), min_size=1, unique_by=lambda g: g.id), label="groups") if prunable else []
+    chosen = []
+    if prunable:
+        chosen = data.draw(st.lists(st.sampled_from(prunable), min_size=1, unique_by=lambda g: g.id), label="groups")
     keep: dict[int, torch.Tensor] = {}
     for g in chosen:
         removed = data.draw(st.integers(1, g.size - 1), label=f"removed of group {g.id} ({g.size})")
