@@ -12,15 +12,17 @@ fixed), followed by random blocks. Image blocks: plain, grouped and depthwise co
 without bias, followed by an activation); BatchNorm2d, GroupNorm (one group, several, one per
 channel) and LayerNorm over the channels of an NCHW tensor (permute, norm, permute back), each
 as a module or through its torch.nn.functional form; a residual conv branch; SE gating (global
-pool, a small MLP of 1x1 convs or of Linear layers, sigmoid, multiply); concat of two branches
+pool, a small MLP of 1x1 convs or of Linear layers, sigmoid, multiply); a residual around 1-3
+random inner blocks brought back to the input's width by a 1x1 conv; concat of two branches
 or of the input and a branch; chunk/split (gated, summed, a conv on one part, the parts swapped)
 and channel shuffle (reshape/transpose/reshape); max/avg/adaptive pooling. Then, optionally,
 flattening to tokens ``(B, H*W, C)`` (flatten+transpose or permute+reshape). Token blocks:
 Linear, LayerNorm (module or F.layer_norm), a residual MLP (plain or GLU-gated via chunk),
-residual multi-head attention (timm-style qkv Linear, reshape to heads, permute, unbind, then
-explicit softmax(q @ k^T * scale) @ v or ``F.scaled_dot_product_attention``; the heads merged
+token mixing (MLP-Mixer: a Linear over the token axis between transposes), residual multi-head
+attention (timm-style qkv Linear, reshape to heads, permute, unbind, or separate q/k/v Linear
+layers viewed to heads and transposed; then explicit softmax(q @ k^T * scale) @ v or ``F.scaled_dot_product_attention``; the heads merged
 back with -1, with C read from the input's shape, or with a constant). Heads: global mean, first
-token, or flatten (a Linear reading C*H*W or N*C inputs).
+token, or flatten(1) / reshape(B, -1) (a Linear reading C*H*W or N*C inputs).
 
 All of these are supported by graph_passes (some pin channels, which the property covers as
 well): the generator builds nothing graph_passes refuses by design, so any GraphPassError here
@@ -116,6 +118,19 @@ class Residual(nn.Module):
 
     def forward(self, x):
         return x + self.conv2(F.relu(self.bn(self.conv1(x))))
+
+
+class ResidualBlocks(nn.Module):
+    """x + conv1x1(blocks(x)): a residual around random inner blocks that keep the side length,
+    their width brought back to the input's by a 1x1 conv."""
+
+    def __init__(self, c: int, hw: int, inner: tuple) -> None:
+        super().__init__()
+        self.blocks, c_inner, _ = _image_modules(c, hw, inner)
+        self.back = nn.Conv2d(c_inner, c, 1)
+
+    def forward(self, x):
+        return x + self.back(self.blocks(x))
 
 
 class SqueezeExcite(nn.Module):
@@ -263,24 +278,31 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
-    """x + proj(attention(norm(x))), timm-style: one qkv Linear reshaped to (3, B, heads, N, d).
+    """x + proj(attention(norm(x))), timm-style: one qkv Linear reshaped to (3, B, heads, N, d),
+    or (``fused`` False) three Linear layers each reshaped to (B, N, heads, d) and transposed.
     ``sdpa``: F.scaled_dot_product_attention, else explicit softmax. ``merge``: how the heads are
     merged back: 'minus1' (reshape(B, N, -1)), 'shape' (C of the input's shape, only when the
     attention width equals the stream's) or 'const' (the width as a Python int)."""
 
-    def __init__(self, c: int, heads: int, head_dim: int, sdpa: bool, merge: str) -> None:
+    def __init__(self, c: int, heads: int, head_dim: int, sdpa: bool, merge: str, fused: bool) -> None:
         super().__init__()
-        self.heads, self.head_dim, self.sdpa, self.merge = heads, head_dim, sdpa, merge
+        self.heads, self.head_dim, self.sdpa, self.merge, self.fused = heads, head_dim, sdpa, merge, fused
         self.scale = head_dim ** -0.5
         self.norm = nn.LayerNorm(c)
-        self.qkv = nn.Linear(c, 3 * heads * head_dim)
+        if fused:
+            self.qkv = nn.Linear(c, 3 * heads * head_dim)
+        else:
+            self.q, self.k, self.v = (nn.Linear(c, heads * head_dim) for _ in range(3))
         self.proj = nn.Linear(heads * head_dim, c)
         _randomize_norm(self.norm)
 
     def forward(self, x):
         B, N, C = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        h = self.norm(x)
+        if self.fused:
+            q, k, v = self.qkv(h).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (f(h).view(B, N, self.heads, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
         if self.sdpa:
             y = F.scaled_dot_product_attention(q, k, v)
         else:
@@ -295,21 +317,37 @@ class Attention(nn.Module):
         return x + self.proj(y)
 
 
+class TokenMixer(nn.Module):
+    """MLP-Mixer: x + a Linear across the tokens (transpose, Linear over N, transpose back)."""
+
+    def __init__(self, c: int, n: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(c)
+        self.mix = nn.Linear(n, n)
+        _randomize_norm(self.norm)
+
+    def forward(self, x):
+        return x + self.mix(self.norm(x).transpose(1, 2)).transpose(1, 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # heads: -> (B, OUT)
 
 class Head(nn.Module):
-    """'mean' (global mean over space or tokens), 'first' (first token), 'flatten' (a Linear on
-    every position's channels: C*H*W or N*C inputs)."""
+    """'mean' (global mean over space or tokens), 'first' (first token), 'flatten' or 'reshape' (a
+    Linear on every position's channels, C*H*W or N*C inputs, through x.flatten(1) or
+    x.reshape(B, -1))."""
 
     def __init__(self, kind: str, image: bool, c: int, positions: int) -> None:
         super().__init__()
         self.kind, self.image = kind, image
-        self.fc = nn.Linear(c * positions if kind == "flatten" else c, OUT)
+        self.fc = nn.Linear(c * positions if kind in ("flatten", "reshape") else c, OUT)
 
     def forward(self, x):
         if self.kind == "flatten":
             return self.fc(x.flatten(1))
+        if self.kind == "reshape":
+            return self.fc(x.reshape(x.shape[0], -1))
         if self.kind == "first":
             return self.fc(x[:, 0])
         return self.fc(x.mean((2, 3)) if self.image else x.mean(1))
@@ -338,14 +376,15 @@ def _divisors(n: int) -> list[int]:
 
 
 @st.composite
-def _image_block(draw, c: int, hw: int) -> tuple:
+def _image_block(draw, c: int, hw: int, inner: bool = False) -> tuple:
+    """An image block on ``c`` channels of side ``hw``; ``inner``: inside a residual (no nested
+    residual, nothing that changes the side length)."""
     # one flat list of constructs, so that each is drawn about as often as the others
-    kinds = ["conv", "gconv", "dwconv", "bn", "gn", "ln", "residual", "se", "concat"]
+    kinds = ["conv", "gconv", "dwconv", "bn", "gn", "ln", "residual", "se", "concat"] + ([] if inner else ["blocks"])
     kinds += [f"split {mode}" for mode in (["conv", "swap"] if c > 1 else []) + (["glu", "sum"] if c % 2 == 0 else [])]
     if len(_divisors(c)) > 2:
         kinds.append("split shuffle")
-    if hw >= 2:
-        kinds += ["pool max", "pool avg", "pool adaptive", "pool max3"]
+    kinds += ["pool max3"] + (["pool max", "pool avg", "pool adaptive"] if hw >= 2 and not inner else [])
     kind = draw(st.sampled_from(kinds))
     act = draw(ACTIVATIONS)
     if kind == "conv":
@@ -359,6 +398,12 @@ def _image_block(draw, c: int, hw: int) -> tuple:
         return ("norm", kind, draw(st.sampled_from(_divisors(c))) if kind == "gn" else 0, draw(st.booleans()))
     if kind == "residual":
         return ("residual", draw(CHANNELS), draw(KERNELS))
+    if kind == "blocks":
+        blocks, c_inner = [], c
+        for _ in range(draw(st.integers(1, 3))):
+            blocks.append(draw(_image_block(c_inner, hw, inner=True)))
+            c_inner, _ = _image_width(blocks[-1], c_inner, hw)
+        return ("blocks", tuple(blocks))
     if kind == "se":
         return ("se", draw(st.sampled_from([1, 2, 4])), draw(st.sampled_from(["conv", "linear", "view"])))
     if kind == "concat":
@@ -374,16 +419,18 @@ def _image_block(draw, c: int, hw: int) -> tuple:
 
 @st.composite
 def _token_block(draw, c: int) -> tuple:
-    kind = draw(st.sampled_from(["linear", "norm", "mlp", "attention"]))
+    kind = draw(st.sampled_from(["linear", "norm", "mlp", "attention", "mixer"]))
     if kind == "linear":
         return ("linear", draw(CHANNELS), draw(ACTIVATIONS))
     if kind == "norm":
         return ("tnorm", draw(st.booleans()))
     if kind == "mlp":
         return ("mlp", draw(CHANNELS), draw(st.booleans()))
+    if kind == "mixer":
+        return ("mixer",)
     heads, head_dim = draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([1, 2, 4]))
     merges = ["minus1", "const"] + (["shape"] if heads * head_dim == c else [])
-    return ("attention", heads, head_dim, draw(st.booleans()), draw(st.sampled_from(merges)))
+    return ("attention", heads, head_dim, draw(st.booleans()), draw(st.sampled_from(merges)), draw(st.booleans()))
 
 
 def _image_width(block: tuple, c: int, hw: int) -> tuple[int, int]:
@@ -393,6 +440,8 @@ def _image_width(block: tuple, c: int, hw: int) -> tuple[int, int]:
         return block[1], hw
     if kind == "concat":
         return (c if block[3] else block[1]) + block[2], hw
+    if kind == "blocks":
+        return c, hw
     if kind == "split":
         mode, first, c_conv = block[1], block[2], block[3]
         return {"glu": c // 2, "sum": c // 2, "conv": c_conv + c - first}.get(mode, c), hw
@@ -432,12 +481,37 @@ def networks(draw) -> dict:
             block = ("linear", draw(CHANNELS), draw(ACTIVATIONS)) if stem else draw(_token_block(c))
             spec["token_blocks"].append(block)
             c = _token_width(block, c)
-    heads = ["mean", "flatten"] + (["first"] if not image or spec["to_tokens"] else [])
+    heads = ["mean", "flatten", "reshape"] + (["first"] if not image or spec["to_tokens"] else [])
     spec["head"] = draw(st.sampled_from(heads))
     return spec
 
 
 TOKENS = 5  # tokens of a token input
+
+
+def _image_modules(c: int, hw: int, spec: tuple | list) -> tuple[nn.Sequential, int, int]:
+    """The modules of image block specs on ``c`` channels of side ``hw``, their width and side."""
+    modules = []
+    for block in spec:
+        kind, args = block[0], block[1:]
+        if kind in ("conv", "gconv", "dwconv"):
+            modules.append(Conv(c, *args))
+        elif kind == "norm":
+            modules.append(Norm2d(c, *args))
+        elif kind == "residual":
+            modules.append(Residual(c, *args))
+        elif kind == "blocks":
+            modules.append(ResidualBlocks(c, hw, *args))
+        elif kind == "se":
+            modules.append(SqueezeExcite(c, *args))
+        elif kind == "concat":
+            modules.append(Concat(c, *args))
+        elif kind == "split":
+            modules.append(Split(c, *args))
+        else:
+            modules.append(Pool(*args))
+        c, hw = _image_width(block, c, hw)
+    return nn.Sequential(*modules), c, hw
 
 
 def build(spec: dict) -> tuple[nn.Module, torch.Tensor]:
@@ -447,23 +521,8 @@ def build(spec: dict) -> tuple[nn.Module, torch.Tensor]:
     if spec["image"]:
         c, hw = 3, spec["hw"]
         x = torch.randn(BATCH, c, hw, hw)
-        for block in spec["image_blocks"]:
-            kind, args = block[0], block[1:]
-            if kind in ("conv", "gconv", "dwconv"):
-                blocks.append(Conv(c, *args))
-            elif kind == "norm":
-                blocks.append(Norm2d(c, *args))
-            elif kind == "residual":
-                blocks.append(Residual(c, *args))
-            elif kind == "se":
-                blocks.append(SqueezeExcite(c, *args))
-            elif kind == "concat":
-                blocks.append(Concat(c, *args))
-            elif kind == "split":
-                blocks.append(Split(c, *args))
-            else:
-                blocks.append(Pool(*args))
-            c, hw = _image_width(block, c, hw)
+        image_blocks, c, hw = _image_modules(c, hw, spec["image_blocks"])
+        blocks.append(image_blocks)
         positions = hw * hw
         if spec["to_tokens"]:
             blocks.append(ToTokens(spec["to_tokens"]))
@@ -478,6 +537,8 @@ def build(spec: dict) -> tuple[nn.Module, torch.Tensor]:
             blocks.append(TokenNorm(c, *args))
         elif kind == "mlp":
             blocks.append(Mlp(c, *args))
+        elif kind == "mixer":
+            blocks.append(TokenMixer(c, positions))
         else:
             blocks.append(Attention(c, *args))
         c = _token_width(block, c)
@@ -496,7 +557,8 @@ def _construct(block: tuple) -> str:
 
 
 def check_random_pruning(spec: dict, data: st.DataObject) -> None:
-    for block in spec["image_blocks"] + spec["token_blocks"]:
+    blocks = spec["image_blocks"] + spec["token_blocks"]
+    for block in blocks + [inner for b in blocks if b[0] == "blocks" for inner in b[1]]:
         event(_construct(block))
     event(f"head {spec['head']}" + (f" after tokens ({spec['to_tokens']})" if spec["to_tokens"] else ""))
     model, x = build(spec)
