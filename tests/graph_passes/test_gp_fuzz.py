@@ -26,7 +26,10 @@ token, or flatten(1) / reshape(B, -1) (a Linear reading C*H*W or N*C inputs).
 
 All of these are supported by graph_passes (some pin channels, which the property covers as
 well): the generator builds nothing graph_passes refuses by design, so any GraphPassError here
-is a failure.
+is a failure. Known bug the slow run finds: a token-mixing Linear's bias makes removed channels
+non-zero before a LayerNorm, whose exact statistics count them as zeros (regression tests:
+test_gp_layers' test_exact_norm_after_an_op_that_makes_removed_channels_non_zero, test_gp_ops'
+test_sum_over_channels_after_sigmoid); the generator keeps building it.
 
 The keep vectors come from :func:`graph_passes.random_keep`, applied to a random non-empty subset
 of the prunable groups of two channels or more, each with a random count of removed channels
