@@ -7,20 +7,20 @@ constructs graph_passes handles, prunes a random choice of their channels, and c
 - it has fewer parameters when a channel was removed, as many when none was.
 
 The networks (see :func:`networks`) start from an image ``(B, 3, H, W)`` or from tokens
-``(B, N, 6)`` and a stem (a plain conv or a Linear: blocks straight on the input find its channels
-fixed), followed by random blocks. Image blocks: plain, grouped and depthwise convs (with or
-without bias, followed by an activation); BatchNorm2d, GroupNorm (one group, several, one per
-channel) and LayerNorm over the channels of an NCHW tensor (permute, norm, permute back), each
-as a module or through its torch.nn.functional form; a residual conv branch; SE gating (global
-pool, a small MLP of 1x1 convs or of Linear layers, sigmoid, multiply); a residual around 1-3
-random inner blocks brought back to the input's width by a 1x1 conv; concat of two branches
-or of the input and a branch; chunk/split (gated, summed, a conv on one part, the parts swapped)
-and channel shuffle (reshape/transpose/reshape); max/avg/adaptive pooling. Then, optionally,
-flattening to tokens ``(B, H*W, C)`` (flatten+transpose or permute+reshape). Token blocks:
-Linear, LayerNorm (module or F.layer_norm), a residual MLP (plain or GLU-gated via chunk),
-token mixing (MLP-Mixer: a Linear over the token axis between transposes), residual multi-head
-attention (timm-style qkv Linear, reshape to heads, permute, unbind, or separate q/k/v Linear
-layers viewed to heads and transposed; then explicit softmax(q @ k^T * scale) @ v or ``F.scaled_dot_product_attention``; the heads merged
+``(B, N, 6)`` and a stem (a plain conv or a Linear: blocks straight on the input find its channels fixed),
+followed by random blocks. Image blocks: plain, grouped and depthwise convs (with or without bias,
+followed by an activation); BatchNorm2d, GroupNorm (one group, several, one per channel) and
+LayerNorm over the channels of an NCHW tensor (permute, norm, permute back), each as a module or
+through its torch.nn.functional form; a residual conv branch; SE gating (global pool, a small MLP
+of 1x1 convs or of Linear layers, sigmoid, multiply); a residual around 1-3 random inner blocks
+brought back to the input's width by a 1x1 conv; concat of two branches or of the input and a
+branch; chunk/split (gated, summed, a conv on one part, the parts swapped) and channel shuffle
+(reshape/transpose/reshape); max/avg/adaptive pooling. Then, optionally, flattening to tokens
+``(B, H*W, C)`` (flatten+transpose or permute+reshape). Token blocks: Linear, LayerNorm (module or
+F.layer_norm), a residual MLP (plain or GLU-gated via chunk), token mixing (MLP-Mixer: a Linear
+over the token axis between transposes), residual multi-head attention (timm-style qkv Linear,
+reshape to heads, permute, unbind, or separate q/k/v Linear layers viewed to heads and transposed;
+then explicit softmax(q @ k^T * scale) @ v or ``F.scaled_dot_product_attention``; the heads merged
 back with -1, with C read from the input's shape, or with a constant). Heads: global mean, first
 token, or flatten(1) / reshape(B, -1) (a Linear reading C*H*W or N*C inputs).
 
