@@ -31,13 +31,18 @@ def _poison_third_step(monkeypatch, module) -> None:
     monkeypatch.setattr(module, "_training_step", poisoned)
 
 
+def _argv(out, pretrain_epochs: int, prune_epochs: int) -> list[str]:
+    """A tiny run, two training steps per epoch."""
+    return ["prune", "test_resnet", "--output-dir", str(out), "--pretrain-epochs", str(pretrain_epochs),
+            "--prune-epochs", str(prune_epochs), "--finetune-epochs", "1", "--batch-size", "16",
+            "--max-train-batches", "2", "--attack-steps", "1", "--eval-samples", "8", "--eval-attack-steps", "1",
+            "--autoattack", "off", "--latency-runs", "1", "--no-onnx", "--quiet"]
+
+
 def test_nan_loss_in_pretraining_stops_the_run(tmp_path, capsys, monkeypatch):
     _poison_third_step(monkeypatch, stages)
     out = tmp_path / "run"
-    argv = ["prune", "test_resnet", "--output-dir", str(out), "--pretrain-epochs", "3", "--prune-epochs", "1",
-            "--finetune-epochs", "1", "--batch-size", "16", "--max-train-batches", "2", "--attack-steps", "1",
-            "--eval-samples", "8", "--eval-attack-steps", "1", "--autoattack", "off", "--latency-runs", "1",
-            "--no-onnx", "--quiet"]
+    argv = _argv(out, pretrain_epochs=3, prune_epochs=1)
     code = main(argv)
     assert code == 3
     err = capsys.readouterr().err
@@ -59,10 +64,7 @@ def test_nan_loss_in_pretraining_stops_the_run(tmp_path, capsys, monkeypatch):
 def test_nan_loss_in_pruning_stops_the_run_and_keeps_the_last_pruning_epoch(tmp_path, capsys, monkeypatch):
     _poison_third_step(monkeypatch, prune_stage)
     out = tmp_path / "run"
-    argv = ["prune", "test_resnet", "--output-dir", str(out), "--pretrain-epochs", "1", "--prune-epochs", "3",
-            "--finetune-epochs", "1", "--batch-size", "16", "--max-train-batches", "2", "--attack-steps", "1",
-            "--eval-samples", "8", "--eval-attack-steps", "1", "--autoattack", "off", "--latency-runs", "1",
-            "--no-onnx", "--quiet"]
+    argv = _argv(out, pretrain_epochs=1, prune_epochs=3)
     assert main(argv) == 3
     err = capsys.readouterr().err
     assert err.startswith("nni-harp: error: stage 'prune', epoch 2, step 1: loss is nan; stopped."), err
