@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .checkpoint import first_line
 from .config import ConfigError
 
 __all__ = ["check_input_size", "input_size_error"]
@@ -29,8 +30,7 @@ def _forward_error(model: nn.Module, size: int, in_chans: int) -> str | None:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             model(torch.zeros(1, in_chans, size, size, device=device))
     except Exception as exc:  # noqa: BLE001 - whatever the architecture raises is the answer
-        text = str(exc).strip()
-        return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+        return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
     finally:
         model.train(was_training)
     return None

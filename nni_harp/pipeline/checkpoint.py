@@ -276,7 +276,7 @@ class RunStore:
         try:
             payload = safe_load(path)
         except Exception as exc:  # noqa: BLE001 - atomic writes never truncate; a copied or damaged file can be
-            raise ResumeError(f"checkpoint {path} is damaged (truncated or corrupt: {_first_line(exc)}); {redo}") from exc
+            raise ResumeError(f"checkpoint {path} is damaged (truncated or corrupt: {first_line(exc)}); {redo}") from exc
         if not isinstance(payload, dict):
             raise ResumeError(f"checkpoint {path} holds a {type(payload).__name__}, not a checkpoint; {redo}")
         for key, kind in {**_PAYLOAD_KEYS, **{k: object for k in required}}.items():
@@ -303,7 +303,7 @@ class RunStore:
         try:
             data = safe_load(path, map_location=map_location)
         except Exception as exc:  # noqa: BLE001 - missing, truncated, not a weights-only file
-            raise ResumeError(f"{path} cannot be read ({_first_line(exc)}), so this run cannot continue from it; "
+            raise ResumeError(f"{path} cannot be read ({first_line(exc)}), so this run cannot continue from it; "
                               "start it again with --overwrite") from exc
         inner = (lambda v: isinstance(v, Mapping) and all(isinstance(t, torch.Tensor) for t in v.values())) if nested \
             else (lambda v: isinstance(v, torch.Tensor))
@@ -327,6 +327,8 @@ class RunStore:
             f"{self.progress_path})", True
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (at most 200 characters), or its type's name when it
+    has none: the cause quoted in a one-line error."""
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__

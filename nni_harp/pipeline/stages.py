@@ -29,7 +29,7 @@ from .._io import atomic_save
 from ..loading import MODEL_FILE, PLAN_FILE, LoadError, create_model, load_weights, read_state, write_meta
 from ._loop import EpochLoop
 from .callbacks import CallbackList
-from .checkpoint import ResumeError, RunStore, restore_rank_rng
+from .checkpoint import ResumeError, RunStore, first_line, restore_rank_rng
 from .config import PipelineConfig
 from .export import (
     count_params,
@@ -287,7 +287,7 @@ def _resume_training(store: RunStore, cb: CallbackList, stage: str, model: nn.Mo
         scheduler.load_state_dict(ck.state["scheduler"])
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         path = store.stage_path(stage)
-        raise ResumeError(f"checkpoint {path} does not fit this run ({str(exc).strip().splitlines()[0][:200]}); "
+        raise ResumeError(f"checkpoint {path} does not fit this run ({first_line(exc)}); "
                           f"delete it to redo the {stage} stage, or start this run again with --overwrite") from exc
     restore_rank_rng(ck.state)
     cb.on_message(f"{stage}: resuming after epoch {ck.epoch + 1}")
