@@ -113,7 +113,8 @@ def plot_history(history: Sequence[Mapping[str, Any]], target: float | None, pat
     # HYDRA's history has no phases: its rates are fixed, so there is no schedule to freeze
     met = next((i for i, h in enumerate(history) if h.get("target_met") and h.get("phase")), None)
     if met is not None:
-        ax2.axvline(met + 1, color="black", linestyle=":", label=f"target met after epoch {met + 1}: gamma frozen")
+        how = "forced (descent deadline)" if history[met].get("forced") else "met"
+        ax2.axvline(met + 1, color="black", linestyle=":", label=f"target {how} after epoch {met + 1}: gamma frozen")
     ax2.set_ylabel("kept fraction", color="tab:blue")
     ax2.set_ylim(0.0, 1.05)
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0] + list(shown.values())

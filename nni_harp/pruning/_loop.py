@@ -1,8 +1,9 @@
 """The pruning run of :class:`~nni_harp.pruning.HARPPruner`: its epochs and its end.
 
 - :func:`run_epochs`: per epoch, set gamma (the stagewise schedule) and the learning rates, let the
-  evaluator train one epoch (or ``steps_per_epoch`` steps), observe whether the target is met,
-  and append the epoch's record (with its phase) to ``pruner.history``;
+  evaluator train one epoch (or ``steps_per_epoch`` steps), observe whether the target is met
+  (forcing it at ``HARPSettings.descent_deadline``: :func:`force_target`), and append the epoch's
+  record (with its phase) to ``pruner.history``;
 - :func:`finalize`: project the learned rates onto the budgets, fix the hard masks, hand them to
   NNI's wrappers and remove HARP's tensors from the model.
 """
@@ -15,14 +16,14 @@ import torch
 
 from ._apply import APPLY_METHOD, clear_masker
 from ._optim import HarpOptimizer
-from .budget import final_counts
+from .budget import final_counts, project_keep
 from .errors import StructureError
 from .schedule import epoch_phase
 
 if TYPE_CHECKING:
     from .harp import HARPPruner
 
-__all__ = ["run_epochs", "finalize"]
+__all__ = ["run_epochs", "force_target", "finalize"]
 
 _logger = logging.getLogger("nni_harp.pruning.harp")  # one logger for the pruner's whole run
 
@@ -44,8 +45,13 @@ def run_epochs(pruner: HARPPruner, optimizer: HarpOptimizer, epochs: int, max_st
             pruner.evaluator.train(max_steps=min(s.steps_per_epoch, steps_left), max_epochs=None)  # type: ignore[type-var]
         if steps_left is not None:
             steps_left -= pruner._epoch_steps
-        kept = pruner.kept_fraction()
         met = pruner._targets_met()
+        deadline = s.deadline_epoch(epochs)
+        forced = s.learn_rates and not met and not pruner.schedule.frozen and deadline is not None and epoch >= deadline
+        if forced:
+            force_target(pruner)
+            met = True
+        kept = pruner.kept_fraction()
         if s.learn_rates:
             pruner.schedule.observe(epoch, met)
         batches = pruner._batches
@@ -58,6 +64,7 @@ def run_epochs(pruner: HARPPruner, optimizer: HarpOptimizer, epochs: int, max_st
             "adv_loss": float(pruner._task_sum) / batches if batches else float("nan"),
             "hw_loss": float(pruner._hw_sum) / batches if batches else float("nan"),
             "target_met": met,
+            "forced": forced,
             # HYDRA's rates are fixed: it has no schedule, so no phases
             "phase": epoch_phase(pruner.schedule, epoch, kept_start, kept) if s.learn_rates else None,
             "steps": pruner._epoch_steps,
@@ -66,8 +73,26 @@ def run_epochs(pruner: HARPPruner, optimizer: HarpOptimizer, epochs: int, max_st
         _logger.info(
             "%s epoch %d (%s): gamma=%.4g kept=%.4f -> %.4f (target %.4f%s) task_loss=%.4f hw_loss=%.4g steps=%d",
             type(pruner).__name__, epoch, record["phase"], record["gamma"], kept_start, kept, pruner.target_fraction,
-            ", met" if met else "", record["adv_loss"], record["hw_loss"], pruner._epoch_steps,
+            ", forced" if forced else ", met" if met else "", record["adv_loss"], record["hw_loss"], pruner._epoch_steps,
         )
+
+
+@torch.no_grad()
+def force_target(pruner: HARPPruner) -> None:
+    """Project the rates onto every budget (one factor per budget, the units' ratios kept) and
+    refresh the hard masks: the descent deadline's move."""
+    units = pruner._units
+    keep = {i: u.keep_value() for i, u in enumerate(units)}
+    for budget in pruner._budgets:
+        keep.update(project_keep(
+            budget, {i: keep[i] for i in budget.units}, {i: units[i].floor for i in budget.units},
+            {i: units[i].ceiling for i in budget.units},
+        ))
+    for i, unit in enumerate(units):
+        unit.set_keep(keep[i])
+        unit.refresh()
+    _logger.info("%s: target not met by the descent deadline; rates projected onto the budget (kept %.4f)",
+                 type(pruner).__name__, pruner.kept_fraction())
 
 
 @torch.no_grad()

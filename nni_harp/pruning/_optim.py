@@ -1,8 +1,8 @@
 """HARP's own optimization: what is trained while pruning, by which optimizer, at which rate.
 
-Scores (and, with ``train_norm_affine``, the normalisation layers' affine weight and bias) are
-trained by one optimizer (``HARPSettings.optimizer``: SGD with momentum by default, as the
-authors); the rates by another (``rate_optimizer``: AdamW by default, see ``HARPSettings`` for
+Scores (and, with ``train_norm_affine``, the normalisation layers' affine weight and bias, at
+their own ``norm_lr``) are trained by one optimizer (``HARPSettings.optimizer``: SGD with
+momentum by default, as the authors); the rates by another (``rate_optimizer``: AdamW by default, see ``HARPSettings`` for
 why). Both follow one per-epoch learning-rate schedule. The step runs as a *before-step task* of
 the evaluator's optimizer (NNI patches only the first optimizer), after which the gradients of
 everything stepped here are cleared, so the evaluator's optimizer leaves those tensors alone.
@@ -61,7 +61,8 @@ class HarpOptimizer:
         ]
         norms = list(norm_params)
         if norms:
-            score_groups.append({"params": norms, "lr": s.score_lr, "weight_decay": s.score_weight_decay})
+            norm_lr = s.score_lr if s.norm_lr is None else s.norm_lr
+            score_groups.append({"params": norms, "lr": norm_lr, "weight_decay": s.score_weight_decay})
         self.scores = _build(s.optimizer, score_groups, s.momentum)
         self.rates: torch.optim.Optimizer | None = None
         if s.learn_rates:

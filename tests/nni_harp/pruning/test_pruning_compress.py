@@ -12,7 +12,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nni_harp.pruning import HARPPruner, HydraPruner, apply_masks
+from nni_harp.pruning import HARPPruner, HARPSettings, HydraPruner, apply_masks
+from nni_harp.pruning import _loop
+from nni_harp.pruning._loop import force_target
+from nni_harp.pruning._optim import HarpOptimizer, norm_affine_parameters
 
 from _pruning_helpers import Digits, accuracy, make_evaluator
 
@@ -98,6 +101,54 @@ def test_harp_without_norm_training_freezes_every_model_parameter(
     pruned, _ = pruner.compress(max_epochs=1)
     after = _weights(pruned)
     assert all(torch.equal(after[n], weights_before[n]) for n in weights_before)
+
+
+@pytest.mark.parametrize("deadline", [0.5, 1.0])
+def test_descent_deadline_forces_an_unmet_target_and_keeps_the_learned_ratios(
+    pretrained: Callable[[], nn.Sequential], digits: Digits, deadline: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gamma_0 so small that the hinge cannot win in 4 epochs: with a deadline at half the run the
+    rates are projected onto the budget at the end of epoch 1, gamma freezes there and epochs 2-3
+    train the scores at the target (balance); with deadline 1.0 nothing is forced."""
+    torch.manual_seed(0)
+    model = pretrained()
+    pruner = HARPPruner(model, CONFIG, make_evaluator(model, digits), gamma_0=1e-6, descent_deadline=deadline)
+    seen: list[tuple[dict[str, float], dict[str, float]]] = []
+
+    def watched(p: HARPPruner) -> None:
+        before = {u.name: u.keep_value() for u in p._units}
+        force_target(p)
+        seen.append((before, {u.name: u.keep_value() for u in p._units}))
+
+    monkeypatch.setattr(_loop, "force_target", watched)
+    pruner.compress(max_epochs=4)
+    history = pruner.history
+    if deadline == 1.0:
+        assert not seen and not any(h["forced"] or h["target_met"] for h in history) and pruner.frozen_at is None
+        return
+    assert [h["forced"] for h in history] == [False, True, False, False] and len(seen) == 1
+    assert pruner.frozen_at == 1 and history[1]["target_met"] and not history[0]["target_met"]
+    assert history[0]["kept_fraction"] > 0.2 and history[1]["kept_fraction"] == pytest.approx(0.1, abs=0.01)
+    assert [h["gamma"] for h in history] == pytest.approx([1e-6, 2e-6, 2e-6, 2e-6])
+    assert [h["phase"] for h in history[2:]] == ["balance", "balance"]
+    # one common factor: the units the projection did not clip to their floor keep their learned ratios
+    before, after = seen[0]
+    floors = {u.name: u.floor for u in pruner._units} if pruner._units else {}
+    free = [n for n in before if after[n] > 1.001 * floors.get(n, 0.01)]
+    assert len(free) >= 2
+    factors = [after[n] / before[n] for n in free]
+    assert max(factors) == pytest.approx(min(factors), rel=1e-3) and factors[0] < 1
+    assert max(before[n] for n in free) / min(before[n] for n in free) > 1.05  # a non-uniform plan to keep
+
+
+def test_norm_affine_parameters_have_their_own_learning_rate(pretrained: Callable[[], nn.Sequential], digits: Digits) -> None:
+    model = pretrained()
+    settings = HARPSettings(norm_lr=0.003, score_lr=0.2)
+    optimizer = HarpOptimizer(settings, [], norm_affine_parameters(model))
+    assert [g["lr"] for g in optimizer.scores.param_groups] == [0.2, 0.003]
+    assert sum(p.numel() for p in optimizer.scores.param_groups[1]["params"]) == 2 * (12 + 24 + 24)
+    default = HarpOptimizer(HARPSettings(norm_lr=None, score_lr=0.2), [], norm_affine_parameters(model))
+    assert [g["lr"] for g in default.scores.param_groups] == [0.2, 0.2]
 
 
 def test_hydra_keeps_uniform_rates_and_learns_scores(pretrained: Callable[[], nn.Sequential], digits: Digits) -> None:

@@ -20,6 +20,12 @@ def test_defaults_follow_the_paper() -> None:
     assert HARPSettings(stage_boundaries=[3, 6]).stage_boundaries == (3, 6)  # lists are frozen into tuples
 
 
+@pytest.mark.parametrize(("share", "epochs", "epoch"), [(0.5, 20, 9), (0.5, 8, 3), (0.5, 3, 1), (0.5, 1, 0), (1.0, 20, None), (0.99, 20, 19),
+                                                         (0.1, 20, 1), (0.01, 20, 0)])
+def test_descent_deadline_epoch(share: float, epochs: int, epoch: int | None) -> None:
+    assert HARPSettings(descent_deadline=share).deadline_epoch(epochs) == epoch
+
+
 @pytest.mark.parametrize(
     ("field", "value", "allowed"),
     [
@@ -38,6 +44,9 @@ def test_defaults_follow_the_paper() -> None:
         ("lr_schedule", "step", "'cosine', 'constant'"),
         ("steps_per_epoch", 0, "int >= 1"),
         ("met_tolerance", -0.1, "[0, 1)"),
+        ("descent_deadline", 0.0, "(0, 1]"),
+        ("descent_deadline", 1.5, "(0, 1]"),
+        ("norm_lr", 0.0, "(0, inf)"),
         ("rate_grad_clip", 0.0, "(0, inf)"),
         ("rate_grad_clip", float("inf"), "finite real number"),
         ("min_kept_per_output", -1, "int >= 0"),
