@@ -41,7 +41,7 @@ from ._atomic import atomic_write_text
 from .cost_model import CostModel, Fraction
 from .errors import GraphPassError
 
-__all__ = ["BACKENDS", "LatencyError", "LatencyModel", "fit_latency", "latency_runner", "measure_ms"]
+__all__ = ["BACKENDS", "LatencyError", "LatencyModel", "check_backend", "fit_latency", "latency_runner", "measure_ms"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +70,23 @@ def _eager(model: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int, wor
     return run
 
 
-def _onnxruntime(model: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int, work: Path) -> Runner:
+def _require_onnxruntime() -> Any:
     try:
-        import onnxruntime as ort
+        import onnxruntime
     except ImportError as exc:
-        raise LatencyError("latency backend 'onnxruntime' needs the onnxruntime package: pip install onnxruntime") from exc
+        raise LatencyError("latency backend 'onnxruntime' needs the onnxruntime package, which is not installed here: "
+                           "pip install onnxruntime") from exc
+    return onnxruntime
+
+
+def _require_cuda() -> None:
+    if not torch.cuda.is_available():
+        raise LatencyError("latency backend 'cuda' needs a CUDA GPU, and torch sees none here; use 'eager' or "
+                           "'onnxruntime' (CPU)")
+
+
+def _onnxruntime(model: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int, work: Path) -> Runner:
+    ort = _require_onnxruntime()
     from .onnx_export import export_onnx
 
     path = export_onnx(model, inputs, work / "model.onnx")
@@ -87,9 +99,7 @@ def _onnxruntime(model: nn.Module, inputs: tuple[torch.Tensor, ...], threads: in
 
 
 def _cuda(model: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int, work: Path) -> Runner:
-    if not torch.cuda.is_available():
-        raise LatencyError("latency backend 'cuda' needs a CUDA GPU, and torch sees none here; use 'eager' or "
-                           "'onnxruntime' (CPU)")
+    _require_cuda()
     model = model.to("cuda")
     on_gpu = tuple(t.to("cuda") for t in inputs)
 
@@ -107,11 +117,21 @@ BACKENDS: dict[str, Callable[[nn.Module, tuple[torch.Tensor, ...], int, Path], R
     "eager": _eager, "onnxruntime": _onnxruntime, "cuda": _cuda,
 }
 
+#: What each backend needs that may be missing here (a package, a device): raises LatencyError.
+_REQUIREMENTS: dict[str, Callable[[], Any]] = {"onnxruntime": _require_onnxruntime, "cuda": _require_cuda}
+
+
+def check_backend(backend: str) -> None:
+    """Raise :class:`LatencyError` unless ``backend`` is a name of :data:`BACKENDS` that can run
+    here (its package installed, its device present); cheap: builds no model."""
+    if backend not in BACKENDS:
+        raise LatencyError(f"unknown latency backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    _REQUIREMENTS.get(backend, lambda: None)()
+
 
 def latency_runner(model: nn.Module, example_inputs: Any, backend: str, threads: int, work: Path) -> Runner:
     """A callable running one forward pass of ``model`` (eval mode) on ``backend``."""
-    if backend not in BACKENDS:
-        raise LatencyError(f"unknown latency backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise LatencyError(f"threads must be an int >= 1, got {threads!r}")
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -237,8 +257,7 @@ def fit_latency(
     from .speedup import apply_keep
     from .tracing import trace
 
-    if backend not in BACKENDS:
-        raise LatencyError(f"unknown latency backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)  # before tracing or measuring anything
 
     def traced() -> tuple[nn.Module, Any]:
         gm = trace(copy.deepcopy(model).eval(), example_inputs)  # a GraphModule shares the model's modules

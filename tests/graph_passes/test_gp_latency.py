@@ -5,6 +5,7 @@ by a known function of the pruned model where the fit itself is under test."""
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,20 @@ def test_bad_backends_say_what_to_do(model, tmp_path: Path) -> None:
     else:
         with pytest.raises(gp.LatencyError, match="needs a CUDA GPU"):
             lat.latency_runner(model, X, "cuda", 1, tmp_path)
+
+
+def test_check_backend_names_what_is_missing_without_building_anything(model, monkeypatch: pytest.MonkeyPatch) -> None:
+    lat.check_backend("eager")
+    with pytest.raises(gp.LatencyError, match="unknown latency backend 'tpu'"):
+        lat.check_backend("tpu")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    with pytest.raises(gp.LatencyError, match="needs the onnxruntime package.*pip install onnxruntime"):
+        lat.check_backend("onnxruntime")
+    traced = []
+    monkeypatch.setattr("graph_passes.tracing.trace", lambda *a, **k: traced.append(1))
+    with pytest.raises(gp.LatencyError, match="pip install onnxruntime"):
+        gp.fit_latency(model, X, backend="onnxruntime")  # refused before tracing or timing anything
+    assert traced == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(gp.LatencyError, match="needs a CUDA GPU"):
+        lat.check_backend("cuda")
