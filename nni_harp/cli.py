@@ -2,6 +2,7 @@
 
     nni-harp prune resnet18                                 # digits, unstructured, 90 % sparsity
     nni-harp prune resnet18 --mode structured --flops-target 0.3
+    nni-harp prune resnet18 --mode structured --budget latency --latency-target 0.5 --latency-backend onnxruntime
     nni-harp prune resnet18 --pruner l1norm                 # a baseline through the same stages
     torchrun --nproc_per_node=4 -m nni_harp prune resnet18  # DDP: nccl on GPUs, gloo on CPU
     nni-harp prune resnet18 --resume --output-dir runs/resnet18-unstructured
@@ -88,6 +89,27 @@ def _add_eval_options(p: argparse.ArgumentParser, default_batch: int | None) -> 
                    help="skip the ONNX export (and the onnxruntime latency)")
 
 
+def _add_declared(p: argparse.ArgumentParser, groups: Mapping[str, Any]) -> None:
+    """One option per setting declared in :class:`~nni_harp.pipeline.PipelineConfig` with
+    :func:`~nni_harp.pipeline.config.setting` (``--latency-target`` for ``latency_target``): its
+    help, default, type and choices come from the declaration. Choices are shown, not enforced
+    here: the config's check names the flag in one line (argparse would print its usage too)."""
+    from .pipeline.config import PipelineConfig, declared_settings, setting_type
+
+    for f in declared_settings(PipelineConfig):
+        meta = f.metadata
+        kind = setting_type(f, PipelineConfig)
+        group = groups.get(meta["group"]) or p.add_argument_group(meta["group"])
+        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": meta["help"]}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _number if kind is float else kind
+            choices = meta["choices"]() if meta["choices"] is not None else None
+            kwargs["metavar"] = meta["metavar"] or ("{" + ",".join(choices) + "}" if choices else None)
+        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (the final table still prints)")
     p.add_argument("--verbose", "-v", action="store_true", help="log INFO messages of the library")
@@ -132,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-keep", type=_number, default=None,
                    help="kept fraction (of params or FLOPs) HARP starts at, between the target and 1 "
                         "(default: the square root of the target, e.g. 0.32 for 90 %% sparsity)")
+    groups = {"pruning target": g}
     g = p.add_argument_group("adversarial training")
+    groups["adversarial training"] = g
     g.add_argument("--adv-loss", default="pgd", choices=["pgd", "trades", "mart"],
                    help="PGD-AT, TRADES or MART (default: %(default)s)")
     g.add_argument("--eps", type=_number, default=8 / 255, help="L-inf radius in pixel units, e.g. 8/255 (default: 8/255)")
@@ -163,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "settings; evaluation settings may change)")
     g.add_argument("--overwrite", action="store_true", help="start again in an --output-dir that holds a run")
     _add_eval_options(p, None)
+    _add_declared(p, groups)
     # testing knobs, not shown in --help
     p.add_argument("--max-train-batches", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--num-workers", type=int, default=0, help=argparse.SUPPRESS)
@@ -204,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------
+#: What one step of a stage is, where it is not a batch (``measure-latency``: one model timed).
+_UNITS = {"measure-latency": "model"}
+
+
 class TqdmProgress(PipelineCallback):
     """Progress bars for the pipeline callbacks: one bar per epoch with running loss/accuracy."""
 
@@ -225,7 +254,8 @@ class TqdmProgress(PipelineCallback):
         self._close()
         epochs = self.epochs.get(stage, 1)
         desc = f"{stage} {epoch + 1}/{epochs}" if epochs > 1 else stage
-        self.bar = tqdm(total=total, desc=desc, unit="batch", leave=True, dynamic_ncols=True, file=sys.stderr)
+        unit = _UNITS.get(stage, "batch")
+        self.bar = tqdm(total=total, desc=desc, unit=unit, leave=True, dynamic_ncols=True, file=sys.stderr)
 
     def on_step(self, stage: str, epoch: int, step: int, metrics: Mapping[str, float]) -> None:
         if self.bar is None:
@@ -374,6 +404,7 @@ def guarded(command: Callable[[], int], *, prog: str = "nni-harp", resume: str |
 # ---------------------------------------------------------------------------------------------
 def _cmd_prune(args: argparse.Namespace) -> int:
     from .pipeline import PipelineConfig, run
+    from .pipeline.config import declared_settings
 
     suffix = "" if args.pruner == "harp" else f"-{args.pruner}"
     output_dir = args.output_dir or f"runs/{args.model}-{args.mode}{suffix}"
@@ -390,6 +421,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         latency_runs=args.latency_runs, export_onnx=args.export_onnx,
         max_train_batches=args.max_train_batches, num_workers=args.num_workers,
         epoch_eval_samples=args.epoch_eval_samples,
+        **{f.name: getattr(args, f.name) for f in declared_settings(PipelineConfig)},
     )
     main_rank = env_rank() == 0
     callbacks = [] if args.quiet or not main_rank else [TqdmProgress()]

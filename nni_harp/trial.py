@@ -16,9 +16,10 @@ Reported to NNI: after every pruning and fine-tuning epoch (one pass for a one-s
 intermediate result ``{'default': PGD accuracy on the first eval_batches x batch_size test
 images, 'clean': ..., 'stage': ..., 'epoch': ..., 'loss': ...}``; at the end the final result
 ``{'default': robust (PGD) accuracy, 'robust_acc', 'clean_acc', 'sparsity', 'flops_kept',
-'target_sparsity', 'pruner', 'pruner_class', 'seconds', ...}``. Accuracies are fractions; ``sparsity`` is the
-fraction of Conv/Linear weights removed, ``flops_kept`` the pruned model's FLOPs (non-zero
-weights) over the dense model's.
+'target_sparsity', 'pruner', 'pruner_class', 'seconds', 'latency_budget', ...}``
+(``latency_budget``: report.json's, ``None`` unless ``budget='latency'``). Accuracies are
+fractions; ``sparsity`` is the fraction of Conv/Linear weights removed, ``flops_kept`` the pruned
+model's FLOPs (non-zero weights) over the dense model's.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .pipeline.callbacks import PipelineCallback
+from .pipeline.config import PipelineConfig, declared_settings, setting_type
 
 __all__ = ["DEFAULTS", "resolve_params", "config_for", "NNIReporter", "run_trial", "main"]
 
@@ -59,6 +61,8 @@ DEFAULTS: dict[str, Any] = {
     "eval_batches": 2,
     "eval_attack_steps": 5,
     "seed": 0,
+    # the settings declared once in PipelineConfig (budget, latency_target, latency_backend, ...)
+    **{f.name: f.default for f in declared_settings(PipelineConfig)},
 }
 
 # the pipeline stages whose epochs are reported as intermediate results
@@ -101,11 +105,14 @@ def config_for(params: Mapping[str, Any], output_dir: str | os.PathLike[str], re
     """The :class:`~nni_harp.pipeline.PipelineConfig` of one trial.
 
     ``sparsity`` is the target in both modes: the fraction of weights removed (unstructured) or
-    of FLOPs removed (structured, ``flops_target = 1 - sparsity``). Evaluation (per epoch and at
+    of FLOPs removed (structured, ``flops_target = 1 - sparsity``); with ``budget='latency'``
+    (structured) the target is ``latency_target``, the fraction of the dense latency kept. The
+    settings declared in :class:`~nni_harp.pipeline.PipelineConfig` (``budget``, ``latency_*``)
+    are trial parameters of the same names. Evaluation (per epoch and at
     the end) attacks the first ``eval_batches x batch_size`` test images with PGD; AutoAttack,
     ONNX and latency runs are left out, a trial compares pruners on robust accuracy.
     """
-    from .pipeline import ConfigError, PipelineConfig
+    from .pipeline import ConfigError
 
     def integer(key: str) -> int | None:
         value = params[key]
@@ -121,9 +128,25 @@ def config_for(params: Mapping[str, Any], output_dir: str | os.PathLike[str], re
             raise ConfigError(key, f"must be an integer, got {value!r}")
         return int(number)
 
+    def number(key: str) -> float:
+        value = params[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(key, f"must be a number, got {value!r}") from None
+
     for key in ("image_size", "attack_steps", "pretrain_epochs", "prune_epochs", "finetune_epochs", "batch_size",
                 "eval_batches", "eval_attack_steps", "seed", "max_train_batches"):
         params = {**params, key: integer(key)}
+    declared: dict[str, Any] = {}
+    for f in declared_settings(PipelineConfig):
+        kind, value = setting_type(f, PipelineConfig), params[f.name]
+        if value is None or kind in (str, bool):
+            declared[f.name] = value  # PipelineConfig checks them
+        else:
+            declared[f.name] = number(f.name) if kind is float else integer(f.name)
     if params["eval_batches"] < 1:
         raise ConfigError("eval_batches", f"must be at least 1, got {params['eval_batches']}")
     samples = int(params["eval_batches"]) * int(params["batch_size"])
@@ -139,6 +162,7 @@ def config_for(params: Mapping[str, Any], output_dir: str | os.PathLike[str], re
         eval_samples=samples, eval_attack_steps=int(params["eval_attack_steps"]), epoch_eval_samples=samples,
         autoattack="off", latency_runs=1, export_onnx=False,
         max_train_batches=None if params["max_train_batches"] is None else int(params["max_train_batches"]),
+        **declared,
     )
 
 
@@ -186,6 +210,7 @@ def final_result(report: Any, params: Mapping[str, Any], seconds: float) -> dict
         "mode": report.mode,
         "eval_samples": pruned.eval_samples,
         "seconds": seconds,
+        "latency_budget": report.latency_budget,
     }
 
 

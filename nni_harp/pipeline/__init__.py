@@ -31,7 +31,7 @@ import torch
 from .. import distributed as hd
 from .callbacks import CallbackList, PipelineCallback
 from .checkpoint import CheckpointWriteError, ResumeError, RunInterrupted, RunStore
-from .config import ConfigError, EvaluateConfig, PipelineConfig
+from .config import ConfigError, EvaluateConfig, PipelineConfig, declared_settings
 from .report import ModelMetrics, Report
 
 __all__ = [
@@ -109,10 +109,17 @@ def _run(
     hd.broadcast_module(model)  # the same start on every rank (the seeds make it so already)
     if config.checkpoint is not None:
         st.load_weights(model, st.read_source_weights(config.checkpoint), str(config.checkpoint))
+    if config.budget_kind == "latency":
+        from ._latency import prepare_latency
+
+        # before the folder is taken and anything trains: an unreachable target is a ConfigError
+        ctx.latency = prepare_latency(ctx, model)
     lock = hd.on_main(lambda: outdir.open_output_dir(out, config.resume, config.overwrite))
     if lock is not None:
         cleanup.callback(lock.release)
-    hd.on_main(lambda: store.start(config.to_dict(), config.resume, config.overwrite, PipelineConfig.RESUME_KEYS))
+    declared = {f.name: f.default for f in declared_settings(PipelineConfig)}  # absent from older runs' records
+    hd.on_main(lambda: store.start(config.to_dict(), config.resume, config.overwrite, PipelineConfig.RESUME_KEYS,
+                                   declared))
     store.adopt(hd.broadcast_object(store.progress))
     if world > 1:
         ctx.checks["world_size"] = float(world)
@@ -140,11 +147,13 @@ def _finish(ctx: Any, model: torch.nn.Module, masks: Any, pruned_result: dict[st
 
     rates = pruned_result.get("layer_rates", {})
     history = pruned_result.get("history", [])
-    target = {"sparsity": config.sparsity} if config.mode == "unstructured" else {"flops_kept": config.flops_target}
+    target = config.target
     pruner = pruned_result.get("pruner", config.pruner)
     title = f"{config.model} ({config.mode}, {pruner}, {next(iter(target))} {next(iter(target.values())):g})"
+    latency_budget = _latency_budget(ctx, model, pruned_result.get("latency"))
     plot_layer_rates(rates, pruned_result.get("uniform"), out / PLOT_RATES, title=f"kept fraction per layer: {title}",
-                     start=pruned_result.get("start_rates"))
+                     start=pruned_result.get("start_rates"), latency=latency_budget,
+                     groups=(pruned_result.get("latency") or {}).get("groups"))
     plot_history(history, config.target_keep, out / PLOT_HISTORY, title=f"pruning schedule: {title}")
     files = {
         "model": "model.pt",
@@ -166,11 +175,35 @@ def _finish(ctx: Any, model: torch.nn.Module, masks: Any, pruned_result: dict[st
         model=config.model, mode=config.mode, dataset=config.dataset, target=target,
         dense=dense, pruned=pruned, layer_rates=rates, history=history,
         stage_seconds=dict(ctx.stage_seconds), files=files, config=config.to_dict(),
-        checks=dict(ctx.checks), pruner=pruner, achieved=achieved,
+        checks=dict(ctx.checks), pruner=pruner, achieved=achieved, latency_budget=latency_budget,
     )
     report.save(out)
     store.mark_done("report", {"report": "report.json"})
     return report
+
+
+def _latency_budget(ctx: Any, model: torch.nn.Module, planned: dict[str, Any] | None) -> dict[str, Any] | None:
+    """report.json's ``latency_budget`` of a latency-budget run: what the prune stage's latency
+    model predicted for the final masks (``planned``) and the pruned model's latency fraction
+    measured now against the dense model's, on the same backend, threads and input."""
+    if ctx.config.budget_kind != "latency" or not planned:
+        return None
+    from ..loading import load_weights
+    from . import stages as st
+    from ._latency import measure_budget
+
+    dense = st.new_model(ctx)
+    path = ctx.store.artefact("dense.pt")
+    load_weights(dense, ctx.store.load_artefact(path.name, ctx.device), str(path))
+    ctx.cb.on_message(f"latency budget: timing the dense and the pruned model on {planned['backend']}")
+    measured = measure_budget(dense, model, ctx.example, planned["backend"], int(planned["threads"]),
+                              reps=max(ctx.config.latency_runs, 5))
+    return {
+        "target": planned["target"], "predicted": planned["predicted"], "measured": measured["measured"],
+        "backend": planned["backend"], "threads": planned["threads"], "dense_ms": measured["dense_ms"],
+        "pruned_ms": measured["pruned_ms"], "flops_kept": planned["flops_kept"], "uniform": planned["uniform"],
+        "fit_error": planned["fit_error"],
+    }
 
 
 def evaluate(config: EvaluateConfig, callbacks: Iterable[PipelineCallback] | PipelineCallback | None = None) -> Report:

@@ -41,9 +41,10 @@ def pruner_config_list(pruner: str, mode: str, sparsity: float, flops_target: fl
     """NNI config_list of ``pruner`` (see :func:`nni_harp.registry.config_list`): Conv2d/Linear.
 
     Unstructured: ``sparsity`` of the weights removed. Structured, HARP/HYDRA: one global budget
-    on FLOPs (their cost model), written as the sparse ratio ``1 - flops_target``. Structured,
-    NNI's pruners: every layer loses the channel fraction ``1 - uniform`` that removes
-    ``1 - flops_target`` of the FLOPs when applied to every group.
+    on FLOPs (their cost model; or the predicted latency with a latency budget, whose target is
+    then passed as ``flops_target``), written as the sparse ratio ``1 - flops_target``.
+    Structured, NNI's pruners: every layer loses the channel fraction ``1 - uniform`` that
+    removes ``1 - flops_target`` of the FLOPs (or of the latency) when applied to every group.
     """
     from ..registry import config_list, get_pruner
 
@@ -53,15 +54,21 @@ def pruner_config_list(pruner: str, mode: str, sparsity: float, flops_target: fl
     return config_list(pruner, mode, min(max(ratio, 1e-6), 1.0 - 1e-6))
 
 
-def uniform_target(model: nn.Module, example: torch.Tensor, mode: str, target_keep: float) -> float:
+def uniform_target(model: nn.Module, example: torch.Tensor, mode: str, target_keep: float, latency: Any = None) -> float:
     """The kept fraction every layer would have under uniform pruning at the same budget.
 
     Unstructured: the parameter budget itself. Structured: the channel fraction ``k`` (the same
     for every prunable group) whose FLOPs equal ``target_keep`` of the dense FLOPs, found by
-    bisection on the cost model; ``sqrt(target_keep)`` when the graph cannot be analysed.
+    bisection on the cost model; ``sqrt(target_keep)`` when the graph cannot be analysed. With a
+    ``latency`` model (a latency budget): the ``k`` whose predicted latency is ``target_keep`` of
+    the dense latency.
     """
     if mode == "unstructured":
         return target_keep
+    if latency is not None:
+        from ._latency import uniform_latency_fraction
+
+        return uniform_latency_fraction(model, example, latency, target_keep)
     try:
         import graph_passes
 
@@ -206,7 +213,13 @@ def stage_prune(ctx: Context, model: nn.Module) -> tuple[nn.Module, Masks, dict[
     spec = get_pruner(cfg.pruner)
     start_time = time.perf_counter()
     example = ctx.example.to(ctx.device)
-    uniform = uniform_target(model, example, cfg.mode, cfg.target_keep)
+    latency = None
+    if cfg.budget_kind == "latency":
+        from ._latency import fit_for_run
+
+        # measured before training (pipeline.run), with a progress bar; the pruner reads it from the cache
+        latency = ctx.latency if ctx.latency is not None else fit_for_run(ctx, model, example)
+    uniform = uniform_target(model, example, cfg.mode, cfg.target_keep, latency)
     loop = ctx.loop("prune")
     holder: dict[str, Any] = {"done": 0}
     grad_sync = (lambda: hd.all_reduce_grads(model)) if ctx.world > 1 else None
@@ -296,10 +309,14 @@ def stage_prune(ctx: Context, model: nn.Module) -> tuple[nn.Module, Masks, dict[
                                dummy_input=example)
     options: dict[str, Any] = {}
     if learned:
+        from ._latency import harp_options
+
         options = {"score_lr": cfg.prune_lr}  # the rates keep HARPSettings' own optimizer and rate
+        options.update(harp_options(cfg))
         if spec.name == "harp":
             options.update(gamma_0=cfg.gamma_0, init_allocation=cfg.init_allocation, init_keep=cfg.init_keep)
-    cl = pruner_config_list(spec.name, cfg.mode, cfg.sparsity, cfg.flops_target, uniform)
+    kept = cfg.target_keep if cfg.mode == "structured" else cfg.flops_target
+    cl = pruner_config_list(spec.name, cfg.mode, cfg.sparsity, kept, uniform)
     request = PruneRequest(model, cl, evaluator if spec.training else None, example,
                            steps_per_epoch=loop.steps_per_epoch(), epochs=cfg.prune_epochs, options=options)
     pruner = spec.build(request)
@@ -347,5 +364,9 @@ def stage_prune(ctx: Context, model: nn.Module) -> tuple[nn.Module, Masks, dict[
     ctx.save(masks, masks_path)
     result = {"layer_rates": rates, "start_rates": start_rates, "history": history, "uniform": uniform,
               "sparsity": sparsity, "pruner": spec.name}
+    if latency is not None and ctx.is_main:
+        from ._latency import plan_latency
+
+        result["latency"] = plan_latency(model, example, masks, latency, rates, cfg)
     finish_stage(ctx, "prune", result, start_time)
     return model, masks, result

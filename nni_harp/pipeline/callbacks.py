@@ -12,7 +12,9 @@ __all__ = ["PipelineCallback", "CallbackList"]
 class PipelineCallback:
     """Subclass and override what you need. ``stage`` is one of ``pretrain``, ``evaluate-dense``,
     ``prune``, ``finetune``, ``speedup``, ``export``, ``evaluate-pruned`` (``evaluate`` for the
-    evaluate command). Epochs count from 0; ``total`` is the number of steps in one epoch."""
+    evaluate command), and ``measure-latency`` before ``prune`` with ``--budget latency`` (one step
+    per model timed for the latency model; not sent when the cache had it). Epochs count from 0;
+    ``total`` is the number of steps in one epoch."""
 
     def on_stage_start(self, stage: str, epochs: int, start_epoch: int, total: int | None) -> None:
         """A stage begins (``start_epoch > 0`` when resumed)."""

@@ -154,12 +154,14 @@ class RunStore:
         self._progress = json.loads(json.dumps(progress, default=str))
 
     # -- run lifecycle --------------------------------------------------------------------
-    def start(self, config: Mapping[str, Any], resume: bool, overwrite: bool, keys: tuple[str, ...]) -> bool:
+    def start(self, config: Mapping[str, Any], resume: bool, overwrite: bool, keys: tuple[str, ...],
+              defaults: Mapping[str, Any] | None = None) -> bool:
         """Open the store for a new or resumed run; returns True when resuming earlier progress.
 
         Without ``resume``, an output directory that already holds a run is refused unless
         ``overwrite`` (then its checkpoints, and whatever else ``checkpoints/`` holds, are
-        removed). With ``resume``, the stored config must agree with ``config`` on ``keys``.
+        removed). With ``resume``, the stored config must agree with ``config`` on ``keys``; a key
+        the stored config lacks (a run of an older nni-harp) counts as its value in ``defaults``.
         """
         if not self.writer:
             raise ResumeError("a read-only RunStore (not rank 0) cannot start a run; adopt rank 0's progress")
@@ -177,9 +179,10 @@ class RunStore:
         if exists:
             stored = self._read_progress()
             old = stored["config"]
-            diff = [k for k in keys if old.get(k) != config.get(k)]
+            before = {k: old.get(k, (defaults or {}).get(k)) for k in keys}
+            diff = [k for k in keys if before[k] != config.get(k)]
             if diff:
-                details = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
+                details = ", ".join(f"{k}: {before[k]!r} -> {config.get(k)!r}" for k in diff)
                 raise ResumeError(
                     f"cannot resume the run in {self.root}: its settings differ ({details}); "
                     "use the same settings or another --output-dir"

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import asdict, dataclass, fields
+import typing
+from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 __all__ = [
     "ConfigError",
@@ -21,11 +22,17 @@ __all__ = [
     "MODES",
     "ADV_LOSSES",
     "DATASET_NAMES",
+    "MODE_BUDGETS",
     "check_model_name",
     "suggest_models",
+    "setting",
+    "declared_settings",
+    "setting_type",
 ]
 
 MODES = ("unstructured", "structured")
+#: What the pruning target counts, per mode (the first one is the mode's default).
+MODE_BUDGETS = {"unstructured": ("params",), "structured": ("flops", "latency")}
 ADV_LOSSES = ("pgd", "trades", "mart")
 DATASET_NAMES = ("digits", "cifar10", "svhn", "imagefolder")
 
@@ -113,12 +120,86 @@ def _check_pruner(cfg: Any) -> None:
     object.__setattr__(cfg, "pruner", spec.name)
 
 
+def setting(default: Any, help: str, *, choices: Callable[[], tuple[str, ...]] | None = None,
+            metavar: str | None = None, group: str = "pruning target", resume: bool = True) -> Any:
+    """A :class:`PipelineConfig` field declared with what the command line, the NNI trial and the
+    resume check need, so that they are derived from it (:func:`declared_settings`) and nothing
+    is written twice: ``help`` for ``--help`` (argparse's ``%(default)s`` works), ``choices`` (a
+    function, so a registry is read when it is asked, not at import), the argument group it is
+    shown in, and ``resume``: whether a run may only be continued with the same value."""
+    return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar, "group": group,
+                                            "resume": resume})
+
+
+def declared_settings(cls: type | None = None) -> tuple[Field, ...]:
+    """The fields of ``cls`` (default :class:`PipelineConfig`) declared with :func:`setting`."""
+    return tuple(f for f in fields(cls or PipelineConfig) if "help" in f.metadata)
+
+
+def setting_type(f: Field, cls: type | None = None) -> type:
+    """The value type of a declared field (``int``, ``float``, ``str``, ``bool``), ``None`` stripped."""
+    hint = typing.get_type_hints(cls or PipelineConfig)[f.name]
+    options = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return options[0]
+
+
+def _harp_default(name: str) -> Any:
+    """The default of one of :class:`~nni_harp.pruning.HARPSettings`' fields (declared there once)."""
+    from ..pruning.settings import HARPSettings
+
+    return HARPSettings.__dataclass_fields__[name].default
+
+
+def _latency_backends() -> tuple[str, ...]:
+    from graph_passes.latency import BACKENDS
+
+    return tuple(BACKENDS)
+
+
+def _check_latency(cfg: Any) -> None:
+    """``budget`` fits ``mode``; with a latency budget, a target in (0, 1) and a backend that runs here."""
+    allowed = MODE_BUDGETS[cfg.mode]
+    if cfg.budget is not None and cfg.budget not in allowed:
+        if cfg.budget == "latency":
+            raise ConfigError("budget", "--budget latency needs --mode structured (zeroed weights do not make dense "
+                                        "kernels faster; only removed channels do)")
+        raise ConfigError("budget", f"--budget must be one of {', '.join(allowed)} with --mode {cfg.mode}; "
+                                    f"got {cfg.budget!r}")
+    try:
+        _float_in(cfg, "latency_target", 0.0, 1.0, low_open=True, high_open=True)
+    except ConfigError as exc:
+        raise ConfigError("latency_target", f"--latency-target {str(exc).split(': ', 1)[1]} (the fraction of the "
+                                            "dense model's latency to keep, e.g. 0.5)") from None
+    try:
+        _int_in(cfg, "latency_threads", 1, 1024)
+    except ConfigError as exc:
+        raise ConfigError("latency_threads", f"--latency-threads {str(exc).split(': ', 1)[1]} (CPU threads, "
+                                             "e.g. 1 or the number of cores)") from None
+    backends = _latency_backends()
+    if cfg.latency_backend not in backends:
+        raise ConfigError("latency_backend", f"unknown --latency-backend {cfg.latency_backend!r}; choose one of "
+                                             f"{', '.join(backends)}")
+    if cfg.budget == "latency":
+        from graph_passes.latency import LatencyError, check_backend
+
+        try:
+            check_backend(cfg.latency_backend)
+        except LatencyError as exc:
+            others = [b for b in backends if b != cfg.latency_backend]
+            raise ConfigError("latency_backend", f"--latency-backend {cfg.latency_backend}: {exc} (or choose "
+                                                 f"another --latency-backend: {', '.join(others)})") from exc
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """Settings of one ``nni-harp prune`` run (see ``nni-harp prune --help`` for each one).
 
     Targets: ``sparsity`` is the fraction of prunable parameters removed (``mode='unstructured'``),
     ``flops_target`` the fraction of FLOPs kept (``mode='structured'``); the other one is ignored.
+    With ``budget='latency'`` (structured) the target is ``latency_target``, the fraction of the
+    dense model's latency on ``latency_backend`` kept (:attr:`budget_kind`, :attr:`target_keep`).
+    The fields declared with :func:`setting` are the command line's options and the NNI trial's
+    parameters of the same names, and are compared on resume: add a setting there, once.
     """
 
     model: str
@@ -168,6 +249,21 @@ class PipelineConfig:
     # testing knobs: cap the number of batches per epoch / evaluation (None: whole dataset)
     max_train_batches: int | None = None
     num_workers: int = 0
+    # -- settings declared once (setting()): --help, the NNI trial and the resume check derive from these
+    budget: str | None = setting(
+        None, "what the target counts: params (unstructured), flops (structured, with --flops-target) or latency "
+              "(structured, with --latency-target: the latency HARP's latency model predicts, measured first on "
+              "--latency-backend) (default: params unstructured, flops structured)",
+        choices=lambda: tuple(dict.fromkeys(b for bs in MODE_BUDGETS.values() for b in bs)))
+    latency_target: float = setting(
+        0.5, "with --budget latency: fraction of the dense model's latency kept, in (0, 1) (default: %(default)s)")
+    latency_backend: str = setting(
+        _harp_default("latency_backend"),
+        "with --budget latency: where the latency is measured: eager (PyTorch CPU), onnxruntime (CPU) or cuda; "
+        "the fit is cached, a second run measures nothing (default: %(default)s)", choices=_latency_backends)
+    latency_threads: int = setting(
+        _harp_default("latency_threads"),
+        "with --budget latency: CPU threads the latency is measured with (default: %(default)s)", metavar="N")
 
     def __post_init__(self) -> None:
         check_model_name(self.model)
@@ -185,6 +281,7 @@ class PipelineConfig:
         _check_pruner(self)
         _float_in(self, "sparsity", 0.0, 1.0, low_open=True, high_open=True)
         _float_in(self, "flops_target", 0.0, 1.0, low_open=True, high_open=True)
+        _check_latency(self)
         _choice(self, "adv_loss", ADV_LOSSES)
         _float_in(self, "eps", 0.0, 1.0)
         _int_in(self, "attack_steps", 1, 1000)
@@ -241,9 +338,20 @@ class PipelineConfig:
         return 2.5 * self.eps / self.eval_attack_steps
 
     @property
+    def budget_kind(self) -> str:
+        """What the target counts: ``budget``, else the mode's default (params or FLOPs)."""
+        return self.budget or MODE_BUDGETS[self.mode][0]
+
+    @property
     def target_keep(self) -> float:
-        """The kept fraction of the budgeted resource: parameters (unstructured) or FLOPs."""
-        return 1.0 - self.sparsity if self.mode == "unstructured" else self.flops_target
+        """The kept fraction of the budgeted resource: parameters (unstructured), FLOPs or latency."""
+        return {"params": 1.0 - self.sparsity, "flops": self.flops_target, "latency": self.latency_target}[self.budget_kind]
+
+    @property
+    def target(self) -> dict[str, float]:
+        """The target as the report names it: ``sparsity``, ``flops_kept`` or ``latency_kept``."""
+        kind = self.budget_kind
+        return {"sparsity": self.sparsity} if kind == "params" else {f"{kind}_kept": self.target_keep}
 
     @property
     def out_path(self) -> Path:
@@ -267,7 +375,10 @@ class PipelineConfig:
         "attack_steps", "pretrain_epochs", "prune_epochs", "finetune_epochs", "batch_size", "seed",
         "checkpoint", "pretrain_lr", "prune_lr", "finetune_lr", "weight_decay", "gamma_0", "init_allocation", "init_keep", "trades_beta",
         "max_train_batches",
-    )
+    )  # and the settings declared with resume=True (added below the class)
+
+
+PipelineConfig.RESUME_KEYS += tuple(f.name for f in declared_settings(PipelineConfig) if f.metadata["resume"])
 
 
 @dataclass(frozen=True)

@@ -35,15 +35,26 @@ def _short(name: str, limit: int = 28) -> str:
 
 def plot_layer_rates(
     rates: Mapping[str, float], uniform: float | None, path: str | Path, title: str = "",
-    start: Mapping[str, float] | None = None,
+    start: Mapping[str, float] | None = None, latency: Mapping[str, Any] | None = None,
+    groups: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Path:
     """Bars of the learned kept fraction per layer, with the uniform target as a horizontal line and,
-    when given, where each layer started (``start``, markers)."""
+    when given, where each layer started (``start``, markers).
+
+    A latency-budget run (``latency``: report.json's ``latency_budget``; ``groups``: per group its
+    ``latency_share`` and ``flops_share``) gets a second panel showing what the latency budget
+    weighs differently from a FLOPs budget: for every group, its share of the latency and its share
+    of the FLOPs that fall with its channels (``d cost / d kept fraction`` of the dense model,
+    normalised over the groups). HARP's hinge pulls on a group's rate in proportion to that share,
+    so where the latency bar is the taller one the latency budget prunes harder than a FLOPs
+    budget would. The uniform line is then the one channel fraction that meets the latency
+    target, and the target, predicted and measured latency fractions are written on the plot."""
     names = list(rates)
     values = [float(rates[n]) for n in names]
-    width = min(max(6.0, 0.28 * len(names) + 2.0), 40.0)
-    fig = _figure(width, 4.5)
-    ax = fig.add_subplot(1, 1, 1)
+    shares = {n: groups[n] for n in names if groups and n in groups}
+    width = min(max(8.0 if shares else 6.0, 0.28 * len(names) + 2.0), 40.0)
+    fig = _figure(width, 9.0 if shares else 4.5)
+    ax = fig.add_subplot(2 if shares else 1, 1, 1)
     if names:
         ax.bar(range(len(names)), values, color="tab:blue", label="learned kept fraction")
         if start:
@@ -52,16 +63,52 @@ def plot_layer_rates(
                        label="start of pruning")
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels([_short(n) for n in names], rotation=90, fontsize=7)
+        if shares:
+            ax.tick_params(labelbottom=False)  # the panel below names the groups
     else:
         ax.text(0.5, 0.5, "no per-layer rates recorded", ha="center", va="center", transform=ax.transAxes)
     if uniform is not None:
-        ax.axhline(uniform, color="tab:red", linestyle="--", label=f"uniform target {uniform:.3g}")
+        what = "uniform channel fraction at the latency target" if latency else "uniform target"
+        ax.axhline(uniform, color="tab:red", linestyle="--", label=f"{what} {uniform:.3g}")
     ax.set_ylim(0.0, 1.05)
     ax.set_ylabel("kept fraction")
-    ax.set_title(title or "HARP: learned kept fraction per layer")
+    heading = title or "HARP: learned kept fraction per layer"
+    ax.set_title(heading + "\n" + _latency_note(latency) if latency else heading, fontsize=10 if latency else None)
     if names or uniform is not None:
         ax.legend(loc="upper right", fontsize=8)
+    if shares:
+        _plot_shares(fig.add_subplot(2, 1, 2, sharex=ax), names, shares, str((latency or {}).get("backend", "")))
+        fig.tight_layout()
     return _save(fig, path)
+
+
+def _latency_note(latency: Mapping[str, Any]) -> str:
+    """The latency budget's numbers, as fractions of the dense model's latency."""
+    def fmt(key: str) -> str:
+        value = latency.get(key)
+        return "n/a" if value is None else f"x{float(value):.3f}"
+
+    note = (f"latency ({latency.get('backend', '?')}, {latency.get('threads', '?')} thread(s)): target {fmt('target')}, "
+            f"predicted {fmt('predicted')}, measured {fmt('measured')}")
+    if latency.get("flops_kept") is not None:
+        note += f"; FLOPs {fmt('flops_kept')}"
+    return note
+
+
+def _plot_shares(ax: Any, names: Sequence[str], shares: Mapping[str, Mapping[str, float]], backend: str) -> None:
+    """Paired bars per group: its share of the latency (the latency budget's pull) and of the FLOPs."""
+    xs = [i for i, n in enumerate(names) if n in shares]
+    bar = 0.4
+    ax.bar([x - bar / 2 for x in xs], [float(shares[names[x]]["latency_share"]) for x in xs], width=bar,
+           color="tab:orange", label=f"share of the latency ({backend} latency model)" if backend else "share of the latency")
+    ax.bar([x + bar / 2 for x in xs], [float(shares[names[x]]["flops_share"]) for x in xs], width=bar,
+           color="tab:gray", label="share of the FLOPs")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([_short(n) for n in names], rotation=90, fontsize=7)
+    ax.set_ylabel("share of d(cost)/d(kept fraction)")
+    ax.set_title("each group's share of the cost (dense model): the latency budget prunes harder where orange is taller",
+                 fontsize=9)
+    ax.legend(loc="upper right", fontsize=8)
 
 
 #: Background colour and legend text of each phase of HARP's schedule (``history[i]['phase']``).

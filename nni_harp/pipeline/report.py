@@ -110,6 +110,8 @@ class Report:
     checks: dict[str, float] = field(default_factory=dict)  # max |difference| of speedup / ONNX outputs, ranks
     pruner: str = "harp"  # the registry name of the pruner that made the masks
     achieved: dict[str, float] = field(default_factory=dict)  # sparsity (of Conv/Linear weights), flops_kept
+    # --budget latency: target, predicted and measured latency fractions (pruned / dense), backend, ...
+    latency_budget: dict[str, Any] | None = None
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -139,7 +141,13 @@ class Report:
             head += ", target " + ", ".join(f"{k} {v:g}" for k, v in self.target.items())
         n = (self.pruned or self.dense).eval_samples if (self.pruned or self.dense) else 0
         head += f" (attacks on {n} test images)"
-        return head + "\n" + format_table(self.rows(), self.headers())
+        text = head + "\n" + format_table(self.rows(), self.headers())
+        lb = self.latency_budget
+        if lb:
+            text += (f"\n\nlatency budget on {lb['backend']} ({lb.get('threads', '?')} thread(s), the input's shape): "
+                     f"target x{lb['target']:.3f}, predicted x{lb['predicted']:.3f}, measured x{lb['measured']:.3f} "
+                     "of the dense latency")
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -164,6 +172,11 @@ class Report:
             lines.append(f"- target {k}: {v:g}")
         for k, v in self.achieved.items():
             lines.append(f"- achieved {k}: {v:.4g}")
+        lb = self.latency_budget
+        if lb:
+            lines.append(f"- latency budget ({lb['backend']}, {lb.get('threads', '?')} thread(s)): target {lb['target']:.3g}, "
+                         f"predicted {lb['predicted']:.3g}, measured {lb['measured']:.3g} of the dense latency "
+                         f"({lb.get('pruned_ms', float('nan')):.3f} / {lb.get('dense_ms', float('nan')):.3f} ms)")
         if self.stage_seconds:
             lines.append("- stage wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items()))
         heads = self.headers()

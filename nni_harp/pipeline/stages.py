@@ -82,6 +82,7 @@ class Context:
     checks: dict[str, float] = field(default_factory=dict)
     rank: int = 0
     world: int = 1
+    latency: Any = None  # graph_passes.LatencyModel of a --budget latency run, fitted before training
 
     @property
     def out(self) -> Path:

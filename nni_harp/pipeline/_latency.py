@@ -1,0 +1,221 @@
+"""The latency budget in the pipeline (``--budget latency``): measuring the latency model before
+pruning (with a progress bar through the callbacks), what it predicts for the learned plan, and
+the pruned model's latency measured on the same backend.
+
+The latency model is fitted here, with the settings the pruner will use, before anything trains
+(so a target the model cannot reach on the backend is refused at once, naming
+``--latency-target``): the pruner's own fit (:class:`~nni_harp.pruning.HARPPruner`,
+``budget='latency'``) then reads it from the cache and measures nothing, and the measuring shows
+as the ``measure-latency`` stage. Under torchrun rank 0 measures; the other ranks read its fit
+from the cache.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .. import distributed as hd
+
+__all__ = ["LATENCY_STAGE", "harp_options", "cache_dir", "fit_for_run", "prepare_latency", "lowest_fraction",
+           "uniform_latency_fraction", "plan_latency", "measure_budget"]
+
+#: The callbacks' stage name of the latency measuring (one step per model timed).
+LATENCY_STAGE = "measure-latency"
+
+
+def cache_dir() -> Path:
+    """Where fitted latency models are kept: ``$XDG_CACHE_HOME/nni_harp/latency`` (``~/.cache/...``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "nni_harp" / "latency"
+
+
+def harp_options(config: Any) -> dict[str, Any]:
+    """The :class:`~nni_harp.pruning.HARPSettings` of a latency-budget run (empty for other budgets)."""
+    if config.budget_kind != "latency":
+        return {}
+    return {"budget": "latency", "latency_backend": config.latency_backend, "latency_threads": config.latency_threads,
+            "latency_cache": str(cache_dir())}
+
+
+def _settings(config: Any) -> Any:
+    from ..pruning import HARPSettings
+
+    return HARPSettings(**harp_options(config))
+
+
+def fit_for_run(ctx: Any, model: nn.Module, example: torch.Tensor) -> Any:
+    """The :class:`graph_passes.LatencyModel` of ``model`` on the run's backend, measured with the
+    arguments the pruner's own fit uses (so that one reads it from the cache), its progress sent
+    to the callbacks as the ``measure-latency`` stage (or a message when the cache had it)."""
+    from graph_passes.latency import LatencyModel, fit_latency
+
+    cfg, cb = ctx.config, ctx.cb
+    settings = _settings(cfg)
+
+    def progress(items: Iterable[Any]) -> Iterator[Any]:
+        items = list(items)
+        cb.on_stage_start(LATENCY_STAGE, 1, 0, len(items))
+        cb.on_epoch_start(LATENCY_STAGE, 0, len(items))
+        for step, item in enumerate(items):
+            yield item  # fit_latency times this configuration before asking for the next one
+            cb.on_step(LATENCY_STAGE, 0, step, {})
+        cb.on_epoch_end(LATENCY_STAGE, 0, {})
+
+    def fit() -> str:
+        start = time.perf_counter()
+        measured: list[bool] = []
+
+        def tracked(items: Iterable[Any]) -> Iterator[Any]:
+            measured.append(True)
+            return progress(items)
+
+        fitted = fit_latency(model, example, backend=settings.latency_backend, threads=settings.latency_threads,
+                             round_to=settings.round_to, cache_dir=settings.latency_cache, progress=tracked)
+        if measured:
+            cb.on_stage_end(LATENCY_STAGE, {"seconds": time.perf_counter() - start, "backend": fitted.backend})
+        else:
+            cb.on_message(f"{LATENCY_STAGE}: the {fitted.backend} latency model of this model was measured before "
+                          f"(cache in {settings.latency_cache})")
+        return fitted.to_json()
+
+    return LatencyModel.from_json(hd.broadcast_object(hd.on_main(fit)))
+
+
+def lowest_fraction(model: nn.Module, example: torch.Tensor, latency: Any, config: Any) -> float:
+    """The smallest latency fraction ``config.pruner`` can reach per ``latency``'s prediction: every
+    prunable group at HARP's (HYDRA's) floor, ``alpha * target`` of its channels, or at one
+    channel for NNI's pruners. What stays is the latency no channel removal touches (a backend's
+    fixed cost per run and per op, unprunable layers)."""
+    from ..registry import get_pruner
+
+    groups, cost = _cost(model, example)
+    floor = _settings(config).alpha * config.latency_target if get_pruner(config.pruner).global_budget else 0.0
+    return float(latency.fraction(cost, {g.id: max(floor, 1.0 / g.size) for g in groups if g.prunable}))
+
+
+def prepare_latency(ctx: Any, model: nn.Module) -> Any:
+    """Before anything trains: the run's latency model (:func:`fit_for_run`), and a
+    :class:`~nni_harp.pipeline.ConfigError` naming ``--latency-target`` when the target is below
+    what the pruner can reach (:func:`lowest_fraction`)."""
+    from .config import ConfigError
+
+    cfg = ctx.config
+    example = ctx.example.to(ctx.device)
+    latency = fit_for_run(ctx, model, example)
+    lowest = lowest_fraction(model, example, latency, cfg)
+    if lowest > cfg.latency_target:
+        raise ConfigError("latency_target", (
+            f"--latency-target {cfg.latency_target:g} cannot be met on {cfg.latency_backend} with "
+            f"{cfg.latency_threads} thread(s): the latency model predicts x{lowest:.3f} of the dense latency with every "
+            f"prunable channel group at its floor (the rest is time no channel removal saves: fixed cost per run and "
+            f"per op, unprunable layers); choose a --latency-target above {lowest:.2f}, a larger --image-size, or "
+            "another --latency-backend"))
+    return latency
+
+
+def _cost(model: nn.Module, example: torch.Tensor) -> tuple[list[Any], Any]:
+    import graph_passes
+
+    groups = graph_passes.channel_groups(model, (example,))
+    return groups, graph_passes.cost(model, (example,), groups)
+
+
+def uniform_latency_fraction(model: nn.Module, example: torch.Tensor, latency: Any, target: float) -> float:
+    """The channel fraction ``k`` that, kept in every prunable group, meets the latency ``target``
+    (a fraction of the dense latency) per ``latency``'s prediction; bisection."""
+    groups, cost = _cost(model, example)
+    ids = [g.id for g in groups if g.prunable]
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if float(latency.fraction(cost, {i: mid for i in ids})) < target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def _group_names(groups: Iterable[Any], names: Iterable[str]) -> dict[int, str]:
+    """The key of ``names`` (the pruner's per-group rates) each prunable group goes by: its first
+    producing module, or that with ``[group ID]`` (how HARP names a group whose producer is taken)."""
+    wanted, out = set(names), {}
+    for g in groups:
+        if not g.prunable:
+            continue
+        producers = [m.module for m in g.members if m.role == "out"] or [m.module for m in g.members]
+        base = producers[0] if producers and producers[0] else f"group{g.id}"
+        for name in (base, f"{base}[group {g.id}]"):
+            if name in wanted and name not in out.values():
+                out[g.id] = name
+                break
+    return out
+
+
+def _shares(value: Any, keep: Mapping[int, torch.Tensor]) -> dict[int, float]:
+    """``d value / d keep[g]``, normalised to sum 1 over the groups."""
+    if not isinstance(value, torch.Tensor) or not value.requires_grad:  # no group of ``keep`` changes it
+        return {g: 0.0 for g in keep}
+    grads = torch.autograd.grad(value, list(keep.values()), allow_unused=True)
+    raw = {g: float(d) if d is not None else 0.0 for g, d in zip(keep, grads)}
+    total = sum(raw.values()) or 1.0
+    return {g: v / total for g, v in raw.items()}
+
+
+def plan_latency(model: nn.Module, example: torch.Tensor, masks: Mapping[str, Mapping[str, torch.Tensor]],
+                 latency: Any, rates: Mapping[str, float], config: Any) -> dict[str, Any]:
+    """What the latency model says about the final masks, for the report and the plot:
+    ``predicted`` (latency fraction of the pruned model), ``flops_kept`` (its FLOPs fraction by
+    the same cost model), ``uniform`` (the one channel fraction that meets the target), and per
+    group named in ``rates``: the group's share of the latency and of the FLOPs that depend on
+    its channels (``d cost / d kept fraction`` at the dense model, normalised over the groups:
+    how hard a latency budget, and a FLOPs budget, pull on that group)."""
+    import graph_passes
+
+    groups, cost = _cost(model, example)
+    keep = graph_passes.keep_from_masks(groups, masks)
+    fractions = {g.id: float(keep[g.id].float().mean()) for g in groups if g.prunable}
+    names = _group_names(groups, rates)
+    ones = {g: torch.ones((), dtype=torch.float64, requires_grad=True) for g in names}
+    latency_share = _shares(latency.latency(cost, ones), ones)
+    ones = {g: torch.ones((), dtype=torch.float64, requires_grad=True) for g in names}
+    flops_share = _shares(cost.flops(ones), ones)
+    return {
+        "target": float(config.latency_target),
+        "predicted": float(latency.fraction(cost, fractions)),
+        "flops_kept": float(cost.flops(fractions)) / float(cost.total_flops),
+        "uniform": uniform_latency_fraction(model, example, latency, config.latency_target),
+        "backend": latency.backend,
+        "threads": latency.threads,
+        "fit_error": float(latency.fit_error(cost)),
+        "groups": {names[g]: {"latency_share": latency_share[g], "flops_share": flops_share[g]} for g in names},
+    }
+
+
+def _time_ms(model: nn.Module, example: torch.Tensor, backend: str, threads: int, reps: int) -> float:
+    from graph_passes.latency import latency_runner, measure_ms
+
+    with tempfile.TemporaryDirectory(prefix="nni-harp-latency-") as tmp:
+        return measure_ms(latency_runner(model, example, backend, threads, Path(tmp)), reps=reps)
+
+
+def measure_budget(dense: nn.Module, pruned: nn.Module, example: torch.Tensor, backend: str, threads: int,
+                   reps: int, rounds: int = 2) -> dict[str, float]:
+    """The pruned model's latency as a fraction of the dense one's, measured now on ``backend``
+    with ``threads`` on ``example``'s shape (``graph_passes.latency``'s runner and timer, as the
+    latency model was fitted): ``rounds`` alternating medians of ``reps`` runs each, the lowest of
+    each model's kept (the least disturbed by other work on the machine)."""
+    dense, pruned = copy.deepcopy(dense).cpu().eval(), copy.deepcopy(pruned).cpu().eval()
+    example = example.cpu()
+    times: dict[str, list[float]] = {"dense": [], "pruned": []}
+    for _ in range(rounds):
+        for name, model in (("dense", dense), ("pruned", pruned)):
+            times[name].append(_time_ms(model, example, backend, threads, reps))
+    dense_ms, pruned_ms = min(times["dense"]), min(times["pruned"])
+    return {"measured": pruned_ms / dense_ms, "dense_ms": dense_ms, "pruned_ms": pruned_ms}
