@@ -95,9 +95,12 @@ def test_a_target_the_backend_cannot_reach_is_refused_before_training(tmp_path, 
 
     import graph_passes as gp
 
+    def runner(model, example, backend, threads, work):
+        ms = 5.0 + 1e-7 * gp.cost(copy.deepcopy(model), (example,)).total_flops
+        return lambda: ms
+
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(lat, "latency_runner", lambda model, example, backend, threads, work: (
-        lambda ms=5.0 + 1e-7 * gp.cost(copy.deepcopy(model), (example,)).total_flops: ms))
+    monkeypatch.setattr(lat, "latency_runner", runner)
     monkeypatch.setattr(lat, "measure_ms", lambda run, reps=20, warmup=3: run())
     out = tmp_path / "run"
     assert main(_argv(out, "--latency-backend", "eager", "--quiet")) == 2
