@@ -9,7 +9,7 @@ from torch import fx
 from ._tracking import AnalysisState, ParamOrigin, TensorInfo
 from .errors import MissingAnalysisError
 
-__all__ = ["arg", "out_shape", "untracked_like", "combine_elementwise", "norm_axis", "axes_of"]
+__all__ = ["arg", "out_shape", "untracked_like", "combine_elementwise", "zero_axes", "norm_axis", "axes_of"]
 
 
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -105,3 +105,26 @@ def combine_elementwise(state: AnalysisState, node: fx.Node, operands: Sequence[
             state.pin(first, f"combined at {node.name} with a tensor whose channels on axis {axis} cannot follow")
         result.track[axis] = first
     return result
+
+
+def _zero_along(value: Any, axis: int, shape: tuple[int, ...]) -> bool:
+    """Whether an operand broadcast to ``shape`` is zero at the removed positions of ``axis``: a
+    literal zero; a tensor holding zero there (not one broadcast along the axis: that adds the same
+    value to kept and removed channels)."""
+    if isinstance(value, (bool, int, float)):
+        return value == 0
+    if not isinstance(value, TensorInfo):
+        return False
+    local = axis - (len(shape) - value.ndim)
+    if local < 0 or (value.shape[local] == 1 and shape[axis] != 1):
+        return False
+    return local in value.zero
+
+
+def zero_axes(state: AnalysisState, operands: Sequence[Any], shape: tuple[int, ...], every: bool = True) -> frozenset[int]:
+    """Axes of an element-wise result of ``shape`` on which removed channels stay zero (see
+    ``TensorInfo.zero``), given its operands (nodes or literals): where ``every`` operand is zero
+    (a sum, a maximum), or otherwise where one of them is (a product)."""
+    values = [state.info(v) if isinstance(v, fx.Node) else v for v in operands]
+    test = all if every else any
+    return frozenset(a for a in range(len(shape)) if values and test(_zero_along(v, a, shape) for v in values))

@@ -25,7 +25,8 @@ def _param_pieces(state: AnalysisState, value: Any) -> list[tuple[str, str, int]
     v_bias)`` for a qkv projection); ``None`` when it is anything else."""
     info = state.info(value)
     if isinstance(info, TensorInfo) and info.origin is not None and info.ndim == 1 and info.origin.axes == (0,):
-        return [(info.origin.module, info.origin.param, info.shape[0])]
+        # bias.exp() slices like the bias, but is not zero where the bias is masked: not a plain slice
+        return [(info.origin.module, info.origin.param, info.shape[0])] if info.zero else None
     if isinstance(value, fx.Node) and value.op == "call_function" and value.target in (torch.cat, torch.concat):
         parts = arg(value, 0, "tensors")
         if int(arg(value, 1, "dim", 0)) not in (0, -1) or not isinstance(parts, (list, tuple)):
@@ -40,23 +41,25 @@ def _param_pieces(state: AnalysisState, value: Any) -> list[tuple[str, str, int]
     return None
 
 
-def _bias(state: AnalysisState, node: fx.Node, bias: Any, out_ids: np.ndarray) -> None:
+def _bias(state: AnalysisState, node: fx.Node, bias: Any, out_ids: np.ndarray) -> bool:
     """Tie a bias argument to the output channels it is added to: its parameter(s) become members,
-    a tracked bias is united with them; any other bias pins them."""
+    a tracked bias is united with them; any other bias pins them. Returns whether removed output
+    channels stay zero (the bias is zero there, or they are pinned)."""
     if bias is None:
-        return
+        return True
     info = state.info(bias)
     if isinstance(info, TensorInfo) and 0 in info.track and info.ndim == 1:
         state.unite(out_ids, info.track[0])
-        return
+        return 0 in info.zero
     pieces = _param_pieces(state, bias)
     if pieces is None or sum(n for _, _, n in pieces) != len(out_ids):
         state.pin(out_ids, f"{node.name} adds a computed bias")
-        return
+        return True
     offset = 0
     for module, param, n in pieces:
         state.member(module, param, 0, out_ids[offset:offset + n], "out")
         offset += n
+    return True
 
 
 def _output_members(state: AnalysisState, name: str | None, has_bias: bool, out_ids: np.ndarray, fixed_reason: str) -> None:
@@ -71,7 +74,8 @@ def _output_members(state: AnalysisState, name: str | None, has_bias: bool, out_
 
 
 def _conv_like(state: AnalysisState, node: fx.Node, name: str | None, cin: int, cout: int, groups: int,
-               kernel: int, has_bias: bool, x: Any, pointwise: bool = False) -> TensorInfo:
+               kernel: int, has_bias: bool, x: Any, pointwise: bool = False, bias_member: bool = True) -> TensorInfo:
+    """``has_bias``: a bias is added; ``bias_member``: it is the module's own ``bias`` (a member)."""
     shape = out_shape(node)
     in_ids = x.track.get(1) if isinstance(x, TensorInfo) else None
     out = TensorInfo(shape)
@@ -95,8 +99,9 @@ def _conv_like(state: AnalysisState, node: fx.Node, name: str | None, cin: int, 
             state.unite(grid[:, 0], grid[:, k])
         out_ids = np.repeat(grid[:, 0], per_out)
         contraction = None
-    _output_members(state, name, has_bias, out_ids, f"{node.name} computes its weights; its output channels are fixed")
+    _output_members(state, name, has_bias and bias_member, out_ids, f"{node.name} computes its weights; its output channels are fixed")
     out.track[1] = out_ids
+    zero = {1}  # a removed output channel: masked weight rows (and bias)
     if isinstance(x, TensorInfo):
         # channels on the spatial axes (CoaT's aggregate Conv1d over stacked tokens): a pointwise
         # conv keeps every position in place, so they pass; any other conv mixes them
@@ -105,8 +110,11 @@ def _conv_like(state: AnalysisState, node: fx.Node, name: str | None, cin: int, 
                 continue
             if axis >= 2 and pointwise and shape[axis] == x.shape[axis]:
                 out.track[axis] = ids
+                if axis in x.zero and not has_bias:
+                    zero.add(axis)
             else:
                 state.pin(ids, f"{node.name} convolves over axis {axis}, which carries channels")
+    out.zero = frozenset(zero)
     _layer(state, node, "conv", flops, contraction, out)
     return out
 
@@ -151,16 +159,20 @@ def conv_function(state: AnalysisState, node: fx.Node) -> Any:
     shape_w = w.shape if isinstance(w, TensorInfo) else out_shape(arg(node, 1, "weight"))
     origin = w.origin if isinstance(w, TensorInfo) and w.origin and w.origin.axes[:2] == (0, 1) else None
     bias = arg(node, 2, "bias")
-    name = origin.module if origin is not None and origin.param == "weight" else None
+    name = origin.module if origin is not None and origin.param == "weight" and w.zero else None
     if name is None and isinstance(w, TensorInfo) and w.track:
         state.pin_track(w, f"{node.name} uses computed weights")
     pointwise = _is_pointwise(tuple(shape_w[2:]), arg(node, 3, "stride", 1), arg(node, 4, "padding", 0), arg(node, 5, "dilation", 1))
-    out = _conv_like(state, node, name, shape_w[1] * groups, shape_w[0], groups, math.prod(shape_w[2:]), False, x, pointwise=pointwise)
-    _bias(state, node, bias, out.track[1])
+    out = _conv_like(state, node, name, shape_w[1] * groups, shape_w[0], groups, math.prod(shape_w[2:]), bias is not None, x,
+                     pointwise=pointwise, bias_member=False)
+    if not _bias(state, node, bias, out.track[1]):
+        out.zero = out.zero - {1}
     return out
 
 
-def _linear_like(state: AnalysisState, node: fx.Node, name: str | None, fin: int, fout: int, has_bias: bool, x: Any) -> TensorInfo:
+def _linear_like(state: AnalysisState, node: fx.Node, name: str | None, fin: int, fout: int, has_bias: bool, x: Any,
+                 bias_member: bool = True) -> TensorInfo:
+    """``has_bias``: a bias is added; ``bias_member``: it is the module's own ``bias`` (a member)."""
     shape = out_shape(node)
     last = len(shape) - 1
     out = TensorInfo(shape)
@@ -174,8 +186,12 @@ def _linear_like(state: AnalysisState, node: fx.Node, name: str | None, fin: int
         else:
             state.pin(in_ids, f"{node.name} uses computed weights")
     out_ids = state.fresh(fout)
-    _output_members(state, name, has_bias, out_ids, f"{node.name} uses computed weights")
+    _output_members(state, name, has_bias and bias_member, out_ids, f"{node.name} uses computed weights")
     out.track[last] = out_ids
+    # removed outputs: masked weight rows (and bias); channels on the leading axes pass, and a
+    # bias makes them non-zero (an MLP-Mixer token-mixing Linear adds its bias to every channel)
+    passing = x.zero if isinstance(x, TensorInfo) and not has_bias else frozenset()
+    out.zero = frozenset(a for a in passing if a in out.track and a != last) | {last}
     _layer(state, node, "linear", 2 * math.prod(shape) * fin, (in_ids, fin), out)
     return out
 
@@ -190,10 +206,13 @@ def linear_module(state: AnalysisState, node: fx.Node) -> Any:
 def linear_function(state: AnalysisState, node: fx.Node) -> Any:
     w = state.info(arg(node, 1, "weight"))
     origin = w.origin if isinstance(w, TensorInfo) and w.origin and w.origin.axes == (0, 1) else None
-    name = origin.module if origin is not None and origin.param == "weight" else None
+    name = origin.module if origin is not None and origin.param == "weight" and w.zero else None
     shape_w = w.shape if isinstance(w, TensorInfo) else out_shape(arg(node, 1, "weight"))
-    out = _linear_like(state, node, name, shape_w[1], shape_w[0], False, state.info(arg(node, 0, "input")))
-    _bias(state, node, arg(node, 2, "bias"), out.track[len(out.shape) - 1])
+    bias = arg(node, 2, "bias")
+    out = _linear_like(state, node, name, shape_w[1], shape_w[0], bias is not None, state.info(arg(node, 0, "input")), bias_member=False)
+    last = len(out.shape) - 1
+    if not _bias(state, node, bias, out.track[last]):
+        out.zero = out.zero - {last}
     return out
 
 
@@ -203,4 +222,5 @@ def embedding(state: AnalysisState, node: fx.Node) -> Any:
     ids = state.fresh(_module(state, node).embedding_dim)
     state.member(str(node.target), "weight", 1, ids, "out")
     out.track[out.ndim - 1] = ids
+    out.zero = frozenset({out.ndim - 1})  # masked weight columns
     return out

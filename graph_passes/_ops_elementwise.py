@@ -8,44 +8,42 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._ops_common import arg, axes_of, combine_elementwise, out_shape, untracked_like
-from ._registry import BINARY_OPERATORS, TORCH_BINARY, register_function, register_method, register_module
+from ._ops_common import arg, axes_of, combine_elementwise, out_shape, untracked_like, zero_axes
+from ._registry import register_function, register_method, register_module
 from ._tracking import AnalysisState, ParamOrigin, TensorInfo
 
+# position-wise ops by what they do to a zero (a removed channel in the masked model):
+# map it to zero, to something else (sigmoid(0) = 0.5), or depending on their bounds/exponent
 _ACTIVATION_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
-    nn.Mish, nn.ELU, nn.CELU, nn.SELU, nn.Softplus, nn.PReLU, nn.Hardtanh, nn.Dropout,
-    nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Tanhshrink,
-    nn.Softsign, nn.LogSigmoid,
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Hardswish, nn.LeakyReLU, nn.Mish, nn.ELU, nn.CELU, nn.SELU,
+    nn.PReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Tanhshrink, nn.Softsign,
 )
 _UNARY_FUNCTIONS = (
-    F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid, F.leaky_relu, F.mish,
-    F.elu, F.celu, F.selu, F.softplus, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.abs, torch.neg,
-    torch.clamp, torch.clip, torch.erf, torch.sin, torch.cos, torch.square, torch.sign, torch.nan_to_num,
-    torch.clone, operator.neg, operator.pos, torch.Tensor.contiguous, F.logsigmoid,
+    F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.tanh, F.hardswish, F.leaky_relu, F.mish, F.elu, F.celu, F.selu,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.relu, torch.tanh, torch.sqrt, torch.abs, torch.neg,
+    torch.erf, torch.sin, torch.square, torch.sign, torch.nan_to_num, torch.clone, operator.neg, operator.pos,
+    torch.Tensor.contiguous,
 )
 _UNARY_METHODS = (
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "clamp",
-    "clamp_", "clamp_min", "clamp_max", "clip", "erf", "sin", "cos", "square", "sign", "contiguous", "clone",
-    "float", "half", "bfloat16", "double", "to", "type", "type_as", "cuda", "cpu", "pow", "pow_", "exp_",
-    "gelu", "silu", "hardswish", "requires_grad_", "nan_to_num",
+    "relu", "relu_", "tanh", "tanh_", "sqrt", "abs", "neg", "erf", "sin", "square", "sign", "contiguous", "clone",
+    "float", "half", "bfloat16", "double", "to", "type", "type_as", "cuda", "cpu", "gelu", "silu", "hardswish",
+    "requires_grad_", "nan_to_num",
 )
-_BINARY_METHODS = ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum", "where", "masked_fill", "addcmul")
+_SHIFTING_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid, nn.AlphaDropout)
+_SHIFTING_FUNCTIONS = (
+    F.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, F.alpha_dropout, torch.sigmoid, torch.exp, torch.log,
+    torch.rsqrt, torch.cos,
+)
+_SHIFTING_METHODS = ("sigmoid", "sigmoid_", "exp", "exp_", "log", "rsqrt", "cos")
 
 
 def _first(state: AnalysisState, node: fx.Node) -> Any:
     return state.info(node.args[0]) if node.args else None
 
 
-@register_module(*_ACTIVATION_MODULES)
-@register_module(nn.Identity, view=True)
-@register_function(*_UNARY_FUNCTIONS)
-@register_function(torch.detach, view=True)
-@register_method(*_UNARY_METHODS)
-@register_method("detach", view=True)
-def unary(state: AnalysisState, node: fx.Node) -> Any:
-    """Position-wise ops: channels pass through unchanged (a parameter stays a parameter view)."""
+def _position_wise(state: AnalysisState, node: fx.Node, keeps_zero: bool) -> Any:
+    """Channels pass through unchanged (a parameter stays a parameter view); ``keeps_zero``: the
+    op maps 0 to 0, so removed channels that were zero stay zero."""
     info = _first(state, node)
     if node.op == "call_module" and isinstance(state.gm.get_submodule(str(node.target)), nn.PReLU):
         module = state.gm.get_submodule(str(node.target))
@@ -56,15 +54,70 @@ def unary(state: AnalysisState, node: fx.Node) -> Any:
     shape = out_shape(node)
     others = [state.info(a) for a in list(node.args[1:]) + list(node.kwargs.values())]
     if node.target not in ("to", "type", "type_as") and any(isinstance(o, TensorInfo) for o in others):
-        return combine_elementwise(state, node, [info, *others], shape)  # e.g. x.pow(y), clamp(x, lo_tensor)
-    if not isinstance(shape, tuple) or shape != info.shape:
-        return combine_elementwise(state, node, [info], shape) if isinstance(shape, tuple) else untracked_like(node)
-    return TensorInfo(shape, dict(info.track), info.origin)
+        operands = [info, *others]  # e.g. x.pow(y), clamp(x, lo_tensor)
+    elif not isinstance(shape, tuple):
+        return untracked_like(node)
+    elif shape == info.shape:
+        return TensorInfo(shape, dict(info.track), info.origin, info.zero if keeps_zero else frozenset())
+    else:
+        operands = [info]
+    out = combine_elementwise(state, node, operands, shape)
+    out.zero = zero_axes(state, [info], shape) if keeps_zero else frozenset()
+    return out
 
 
-@register_function(*BINARY_OPERATORS, *TORCH_BINARY, torch.addcmul, torch.lerp)
-@register_method(*_BINARY_METHODS)
-def binary(state: AnalysisState, node: fx.Node) -> Any:
+@register_module(*_ACTIVATION_MODULES)
+@register_module(nn.Identity, view=True)
+@register_function(*_UNARY_FUNCTIONS)
+@register_function(torch.detach, view=True)
+@register_method(*_UNARY_METHODS)
+@register_method("detach", view=True)
+def unary(state: AnalysisState, node: fx.Node) -> Any:
+    """Position-wise ops that map 0 to 0."""
+    return _position_wise(state, node, keeps_zero=True)
+
+
+@register_module(*_SHIFTING_MODULES)
+@register_function(*_SHIFTING_FUNCTIONS)
+@register_method(*_SHIFTING_METHODS)
+def shifting(state: AnalysisState, node: fx.Node) -> Any:
+    """Position-wise ops that map 0 to something else (sigmoid(0) = 0.5, exp(0) = 1): removed
+    channels are no longer zero."""
+    return _position_wise(state, node, keeps_zero=False)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _within(state: AnalysisState, low: Any, high: Any) -> bool:
+    """Whether 0 lies between two literal bounds (``None``: unbounded)."""
+    return (low is None or _is_number(low) and low <= 0) and (high is None or _is_number(high) and high >= 0)
+
+
+@register_module(nn.Hardtanh)
+@register_function(F.hardtanh, torch.clamp, torch.clip)
+@register_method("clamp", "clamp_", "clamp_min", "clamp_max", "clip", "pow", "pow_")
+def bounded(state: AnalysisState, node: fx.Node) -> Any:
+    """clamp/hardtanh (0 maps to 0 when it lies between the bounds) and x.pow(e) (when e > 0)."""
+    if node.target in ("pow", "pow_"):
+        exponent = arg(node, 1, "exponent")
+        return _position_wise(state, node, keeps_zero=_is_number(exponent) and exponent > 0)
+    if node.op == "call_module":
+        m = state.gm.get_submodule(str(node.target))
+        low, high = m.min_val, m.max_val
+    elif node.target is F.hardtanh:
+        low, high = arg(node, 1, "min_val", -1.0), arg(node, 2, "max_val", 1.0)
+    elif node.target == "clamp_min":
+        low, high = arg(node, 1, "min"), None
+    elif node.target == "clamp_max":
+        low, high = None, arg(node, 1, "max")
+    else:
+        low, high = arg(node, 1, "min"), arg(node, 2, "max")
+    return _position_wise(state, node, keeps_zero=_within(state, low, high))
+
+
+def _combine(state: AnalysisState, node: fx.Node) -> TensorInfo | None:
     shape = out_shape(node)
     if not isinstance(shape, tuple):
         return None  # arithmetic on Python numbers (shapes)
@@ -72,11 +125,95 @@ def binary(state: AnalysisState, node: fx.Node) -> Any:
     return combine_elementwise(state, node, operands, shape)
 
 
-_REDUCTIONS_SAFE = ("sum",)
+@register_function(operator.add, operator.sub, operator.iadd, torch.add, torch.sub, torch.maximum, torch.minimum)
+@register_method("add", "add_", "sub", "sub_", "maximum", "minimum")
+def additive(state: AnalysisState, node: fx.Node) -> Any:
+    """Sums, differences, maxima: removed channels stay zero where both operands are zero there
+    (``y + 1.0`` or a bias broadcast along the channels makes them non-zero)."""
+    out = _combine(state, node)
+    if out is not None:
+        out.zero = zero_axes(state, [arg(node, 0, "input"), arg(node, 1, "other")], out.shape)
+    return out
+
+
+@register_function(operator.mul, operator.imul, torch.mul)
+@register_method("mul", "mul_")
+def multiplicative(state: AnalysisState, node: fx.Node) -> Any:
+    """Products: zero where either operand is zero (gating, layer scales)."""
+    out = _combine(state, node)
+    if out is not None:
+        out.zero = zero_axes(state, [arg(node, 0, "input"), arg(node, 1, "other")], out.shape, every=False)
+    return out
+
+
+@register_function(operator.truediv, operator.floordiv, torch.div)
+@register_method("div", "div_")
+def dividing(state: AnalysisState, node: fx.Node) -> Any:
+    """Quotients: zero where the dividend is zero."""
+    out = _combine(state, node)
+    if out is not None:
+        out.zero = zero_axes(state, [arg(node, 0, "input")], out.shape)
+    return out
+
+
+@register_function(operator.pow)
+def power(state: AnalysisState, node: fx.Node) -> Any:
+    """``x ** e``: zero where ``x`` is, for a literal exponent above zero."""
+    out = _combine(state, node)
+    if out is not None:
+        exponent = node.args[1]
+        out.zero = zero_axes(state, [node.args[0]], out.shape) if _is_number(exponent) and exponent > 0 else frozenset()
+    return out
+
+
+@register_function(torch.where)
+@register_method("where")
+def select(state: AnalysisState, node: fx.Node) -> Any:
+    """``torch.where(condition, input, other)`` (``input.where(condition, other)``): zero where
+    both choices are."""
+    out = _combine(state, node)
+    if out is not None:
+        chosen = node.args[0] if node.op == "call_method" else arg(node, 1, "input")
+        out.zero = zero_axes(state, [chosen, arg(node, 2, "other")], out.shape)
+    return out
+
+
+@register_method("masked_fill")
+def masked_fill(state: AnalysisState, node: fx.Node) -> Any:
+    """``x.masked_fill(mask, value)``: zero where ``x`` is, when ``value`` is zero."""
+    out = _combine(state, node)
+    if out is not None:
+        out.zero = zero_axes(state, [node.args[0], arg(node, 2, "value")], out.shape)
+    return out
+
+
+@register_function(torch.addcmul)
+@register_method("addcmul")
+def addcmul(state: AnalysisState, node: fx.Node) -> Any:
+    """``input + value * tensor1 * tensor2``."""
+    out = _combine(state, node)
+    if out is not None:
+        product = zero_axes(state, [arg(node, 1, "tensor1"), arg(node, 2, "tensor2")], out.shape, every=False)
+        out.zero = zero_axes(state, [arg(node, 0, "input")], out.shape) & product
+    return out
+
+
+@register_function(torch.lerp)
+def lerp(state: AnalysisState, node: fx.Node) -> Any:
+    """``input + weight * (end - input)``: zero where ``input`` and ``end`` are."""
+    out = _combine(state, node)
+    if out is not None:
+        out.zero = zero_axes(state, [arg(node, 0, "input"), arg(node, 1, "end")], out.shape)
+    return out
+
+
 _REDUCTIONS = ("mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod", "median", "argmax", "argmin")
+_REDUCTIONS_KEEPING_ZERO = ("mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "prod", "median")  # of a zero slice: 0
 
 
 def _reduce(state: AnalysisState, node: fx.Node, kind: str) -> Any:
+    """Reductions over dims. Over channels only a sum of channels that are zero where removed
+    keeps the pruned model equal to the masked one; any other reduction of channels pins them."""
     info = _first(state, node)
     shape = out_shape(node)
     if not isinstance(info, TensorInfo):
@@ -91,13 +228,20 @@ def _reduce(state: AnalysisState, node: fx.Node, kind: str) -> Any:
     reduced = axes_of(dims, info.ndim)
     result_shape = shape if isinstance(shape, tuple) else shape[0]
     out = TensorInfo(result_shape)
+    zero = set()
     for axis, ids in info.track.items():
         if axis in reduced:
-            if kind not in _REDUCTIONS_SAFE:
+            if kind != "sum":
                 state.pin(ids, f"{node.name} takes the {kind} over channels (removing zeroed channels would change it)")
+            elif axis not in info.zero:
+                state.pin(ids, f"{node.name} sums over channels that are not zero where removed in the masked model "
+                               f"(an op before it maps 0 to non-zero)")
             continue
         new_axis = axis if keepdim else axis - sum(1 for r in reduced if r < axis)
         out.track[new_axis] = ids
+        if axis in info.zero and kind in _REDUCTIONS_KEEPING_ZERO:
+            zero.add(new_axis)
+    out.zero = frozenset(zero)
     if isinstance(shape, tuple):
         return out
     return [out] + [TensorInfo(s, dict(out.track)) for s in shape[1:]]  # (values, indices)
@@ -109,14 +253,13 @@ for _kind in _REDUCTIONS:
         register_function(getattr(torch, _kind))(lambda state, node, _k=_kind: _reduce(state, node, _k))
 
 
-@register_module(nn.Softmax, nn.LogSoftmax)
-@register_function(torch.softmax, F.softmax, F.log_softmax, torch.log_softmax, torch.cumsum, F.normalize, torch.roll)
-@register_method("softmax", "log_softmax", "cumsum", "roll")
-def along_dim(state: AnalysisState, node: fx.Node) -> Any:
-    """Ops that mix (or shift) the positions along one dim: channels on that dim are pinned."""
+def _along_dim(state: AnalysisState, node: fx.Node, keeps_zero: bool) -> Any:
+    """Ops that mix (or shift) the positions along one dim: channels on that dim are pinned.
+    ``keeps_zero``: a slice that is zero stays zero (not softmax's uniform weights)."""
     info = _first(state, node)
     if not isinstance(info, TensorInfo):
         return untracked_like(node)
+    zero = info.zero if keeps_zero else frozenset()
     if node.op == "call_module":
         dim = getattr(state.gm.get_submodule(str(node.target)), "dim", None)
     elif node.target in (torch.roll, "roll"):
@@ -128,7 +271,7 @@ def along_dim(state: AnalysisState, node: fx.Node) -> Any:
             axis = d % info.ndim
             if axis in info.track:
                 state.pin(info.track[axis], f"{node.name} rolls channels along dim {d}")
-        return TensorInfo(out_shape(node), dict(info.track))
+        return TensorInfo(out_shape(node), dict(info.track), zero=zero)
     else:
         dim = arg(node, 1 if node.target is not F.normalize else 2, "dim", 1 if node.target is F.normalize else None)
     if dim is None:
@@ -137,7 +280,20 @@ def along_dim(state: AnalysisState, node: fx.Node) -> Any:
     axis = dim + info.ndim if dim < 0 else dim
     if axis in info.track:
         state.pin(info.track[axis], f"{node.name} ({node.target}) mixes channels along dim {dim}")
-    return TensorInfo(out_shape(node), dict(info.track))
+    return TensorInfo(out_shape(node), dict(info.track), zero=zero)
+
+
+@register_function(torch.cumsum, F.normalize, torch.roll)
+@register_method("cumsum", "roll")
+def along_dim(state: AnalysisState, node: fx.Node) -> Any:
+    return _along_dim(state, node, keeps_zero=True)
+
+
+@register_module(nn.Softmax, nn.LogSoftmax)
+@register_function(torch.softmax, F.softmax, F.log_softmax, torch.log_softmax)
+@register_method("softmax", "log_softmax")
+def softmax(state: AnalysisState, node: fx.Node) -> Any:
+    return _along_dim(state, node, keeps_zero=False)
 
 
 _POOL_MODULES = {
@@ -194,7 +350,18 @@ def pooling(state: AnalysisState, node: fx.Node) -> Any:
             state.pin(ids, f"{node.name} works across channels on axis {axis}")
         else:
             out.track[axis] = ids
+    if not _pads_with_non_zero(state, node):  # pooling, resampling or padding a zero slice: zero
+        out.zero = frozenset(a for a in out.track if a in info.zero)
     return out
+
+
+def _pads_with_non_zero(state: AnalysisState, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(state.gm.get_submodule(str(node.target)), nn.ConstantPad2d) and state.gm.get_submodule(str(node.target)).value != 0
+    if node.target is F.pad:
+        value = arg(node, 3, "value", None)
+        return arg(node, 2, "mode", "constant") == "constant" and value is not None and value != 0
+    return False
 
 
 def origin_view(info: Any, shape: tuple[int, ...], axes: tuple[int | None, ...]) -> Any:

@@ -99,11 +99,42 @@ def _rewrite_group_norm_function(gm: fx.GraphModule, node: fx.Node, keeper: Keep
             node.kwargs = {**node.kwargs, "num_groups": new_groups}
 
 
-def norm(state: AnalysisState, node: fx.Node, axis: int, params: tuple[str, ...], exact: str | None, groups: int = 0) -> Any:
+def _statistics_over(state: AnalysisState, node: fx.Node, x: TensorInfo, axis: int) -> None:
+    """A norm whose statistics span the channels on ``axis``: exact statistics count each removed
+    channel as a zero, which it must then be in the masked model; where an op before the norm
+    maps 0 to non-zero (sigmoid, + 1, a bias added along another axis), the channels are pinned."""
+    if axis in x.track and axis not in x.zero:
+        state.pin(x.track[axis], f"{node.name} normalises over channels that are not zero where removed in the masked "
+                                 f"model (an op before it maps 0 to non-zero)")
+
+
+def _keeps_zero(module: Any) -> bool:
+    """Whether a leaf norm's own activation (timm's norm+act layers) maps 0 to 0."""
+    act = getattr(module, "act", None)
+    if not isinstance(act, nn.Module):
+        return True
+    try:
+        with torch.no_grad():
+            return bool((act(torch.zeros(1, 1, 1, 1)) == 0).all())
+    except Exception:  # noqa: BLE001 - an activation that cannot be probed is not known to keep zeros
+        return False
+
+
+def _output_zero(kind: str | None, axis: int, x: TensorInfo, weight: bool, bias: bool) -> frozenset[int]:
+    """A per-channel norm's output is zero on removed channels when its weight is zero there (masked)
+    or it only scales a zero input (RMS, 'simple'), and its bias is zero there (masked) or absent."""
+    if (weight or kind in ("rms", "simple") and axis in x.zero) and bias:
+        return frozenset({axis})
+    return frozenset()
+
+
+def norm(state: AnalysisState, node: fx.Node, axis: int, params: tuple[str, ...], exact: str | None, groups: int = 0,
+         counted: str | None = None) -> Any:
     """Per-channel norm on ``axis``. ``exact`` ('layer', 'rms', 'simple', 'group1'): its
     statistics span the channels, so the speedup swaps in a norm that counts the removed (zero)
-    channels, and the pruned model still equals the masked one.
-    ``groups`` > 1: GroupNorm, pruned by whole groups (its statistics stay per group)."""
+    channels, and the pruned model still equals the masked one; ``counted``: the kind of such a
+    norm already in place. ``groups`` > 1: GroupNorm, pruned by whole groups (its statistics stay
+    per group)."""
     x = state.info(node.args[0])
     shape = out_shape(node)
     if not isinstance(x, TensorInfo):
@@ -121,8 +152,12 @@ def norm(state: AnalysisState, node: fx.Node, axis: int, params: tuple[str, ...]
     for p in params:
         if isinstance(getattr(module, p, None), torch.Tensor):
             state.member(str(node.target), p, 0, ids, "norm")
+    if exact or counted:
+        _statistics_over(state, node, x, axis)
     if exact:
         node.meta[EXACT_STATS] = (exact, axis)
+    if _keeps_zero(module):  # the module's own parameters are masked: zero where removed
+        out.zero = _output_zero(exact or counted, axis, x, isinstance(getattr(module, "weight", None), torch.Tensor), True)
     return out
 
 
@@ -156,17 +191,28 @@ def exact_norm_module(state: AnalysisState, node: fx.Node) -> Any:
     """The speedup's exact-statistics norm: per channel on ``axis`` (1 for the one-group GroupNorm
     form). It already counts every removed channel (``original_channels`` is fixed, the kept count
     comes from the input), so pruning it again only slices weight and bias: no exact swap."""
-    return norm(state, node, _module(state, node).axis, ("weight", "bias"), exact=None)
+    module = _module(state, node)
+    return norm(state, node, module.axis, ("weight", "bias"), exact=None, counted=module.kind)
 
 
-def _param_members(state: AnalysisState, node: fx.Node, ids: np.ndarray, names: tuple[tuple[int, str], ...]) -> None:
-    """A functional norm's per-channel arguments (position, name) follow the channels ``ids``."""
+def _param_members(state: AnalysisState, node: fx.Node, ids: np.ndarray, names: tuple[tuple[int, str], ...]) -> dict[str, bool | None]:
+    """A functional norm's per-channel arguments (position, name) follow the channels ``ids``.
+    Returns, per name, whether the argument is zero at removed channels (``None``: not given)."""
+    zero: dict[str, bool | None] = {}
     for index, name in names:
         p = state.info(arg(node, index, name))
+        zero[name] = None if p is None else isinstance(p, TensorInfo) and 0 in p.zero
         if isinstance(p, TensorInfo) and p.origin is not None and p.ndim == 1:
             state.member(p.origin.module, p.origin.param, 0, ids, "norm")
         elif p is not None:
             state.pin(ids, f"{node.name} uses a computed {name}")
+    return zero
+
+
+def _functional_zero(kind: str, axis: int, x: TensorInfo, zero: dict[str, bool | None]) -> frozenset[int]:
+    """:func:`_output_zero` for a functional norm's weight and bias arguments: each counts as zero
+    where it is a parameter view that keeps its masked zeros (not ``w.exp()``)."""
+    return _output_zero(kind, axis, x, zero.get("weight") is True, zero.get("bias") is not False)
 
 
 def functional_norm(kind: str) -> Callable[[AnalysisState, fx.Node], Any]:
@@ -193,9 +239,11 @@ def functional_norm(kind: str) -> Callable[[AnalysisState, fx.Node], Any]:
             grid = ids.reshape(groups, -1)
             for k in range(1, grid.shape[1]):
                 state.unite(grid[:, 0], grid[:, k])
-        _param_members(state, node, ids, names)
+        zero = _param_members(state, node, ids, names)
         if kind in ("layer", "rms") or (kind == "group" and groups == 1):
+            _statistics_over(state, node, x, axis)
             node.meta[EXACT_STATS] = ("group1" if kind == "group" else kind, axis)
+        out.zero = _functional_zero(kind, axis, x, zero)
         return out
     return handler
 
@@ -208,9 +256,12 @@ def exact_norm_function(state: AnalysisState, node: fx.Node) -> Any:
     if not isinstance(x, TensorInfo):
         return untracked_like(node)
     out = TensorInfo(out_shape(node), dict(x.track))
-    ids = x.track.get(int(arg(node, 2, "axis")) % x.ndim)
+    axis = int(arg(node, 2, "axis")) % x.ndim
+    ids = x.track.get(axis)
     if ids is not None:
-        _param_members(state, node, ids, ((5, "weight"), (6, "bias")))
+        zero = _param_members(state, node, ids, ((5, "weight"), (6, "bias")))
+        _statistics_over(state, node, x, axis)
+        out.zero = _functional_zero(str(arg(node, 1, "kind")), axis, x, zero)
     return out
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from ._ops_common import arg, combine_elementwise, norm_axis, out_shape, untracked_like
+from ._ops_common import arg, combine_elementwise, norm_axis, out_shape, untracked_like, zero_axes
 from ._registry import register_function, register_method, register_module
 from ._rewrite import rewrite_getitem, rewrite_shape_args, rewrite_split
 from ._tracking import AnalysisState, ParamOrigin, TensorInfo
@@ -78,9 +78,10 @@ def reshape(state: AnalysisState, node: fx.Node) -> Any:
         if [s for s in info.shape if s != 1] == [s for s in shape if s != 1]:
             it = iter([ax for ax, s in zip(info.origin.axes, info.shape) if s != 1])
             axes = tuple(next(it) if s != 1 else None for s in shape)
-            return TensorInfo(shape, {}, ParamOrigin(info.origin.module, info.origin.param, axes))
+            return TensorInfo(shape, {}, ParamOrigin(info.origin.module, info.origin.param, axes), info.all_axes_if_zero(len(shape)))
         return TensorInfo(shape)
     out = TensorInfo(shape)
+    zero = set()
     size_args = _size_args(node)
     for src_axes, dst_axes in reshape_groups(info.shape, shape):
         tracked = [a for a in src_axes if a in info.track]
@@ -100,6 +101,8 @@ def reshape(state: AnalysisState, node: fx.Node) -> Any:
         view = [1] * len(src_axes)
         view[src_axes.index(axis)] = info.shape[axis]
         arr = np.broadcast_to(info.track[axis].reshape(view), sizes).reshape([shape[d] for d in dst_axes])
+        if axis in info.zero:  # the positions of a removed channel, wherever they land, hold zero
+            zero.update(dst_axes)
         if len(dst_axes) == 1:
             out.track[dst_axes[0]] = np.ascontiguousarray(arr).reshape(-1)
             continue
@@ -114,6 +117,7 @@ def reshape(state: AnalysisState, node: fx.Node) -> Any:
         for row in moved[1:]:
             state.unite(moved[0], row)
         out.track[dst_axes[keep_local]] = np.ascontiguousarray(moved[0])
+    out.zero = frozenset(zero)
     return out
 
 
@@ -142,7 +146,7 @@ def permute(state: AnalysisState, node: fx.Node) -> Any:
         src = [src] if isinstance(src, int) else list(src)
         dst = [dst] if isinstance(dst, int) else list(dst)
         order = [int(a) for a in np.moveaxis(np.arange(n), [norm_axis(s, n) for s in src], [norm_axis(d, n) for d in dst])]
-    out = TensorInfo(shape)
+    out = TensorInfo(shape, zero=frozenset(new for new, old in enumerate(order) if old in info.zero))
     for new_axis, old_axis in enumerate(order):
         if old_axis in info.track:
             out.track[new_axis] = info.track[old_axis]
@@ -161,7 +165,7 @@ def expand(state: AnalysisState, node: fx.Node) -> Any:
     if not isinstance(info, TensorInfo) or not isinstance(shape, tuple):
         return untracked_like(node)
     lead = len(shape) - info.ndim
-    out = TensorInfo(shape)
+    out = TensorInfo(shape, zero=frozenset(a + lead for a in info.zero))  # copies of zero positions
     for axis, ids in info.track.items():
         reps = shape[axis + lead] // info.shape[axis]
         out.track[axis + lead] = np.tile(ids, reps) if reps > 1 else ids
@@ -170,6 +174,7 @@ def expand(state: AnalysisState, node: fx.Node) -> Any:
         # the parameter's dimension: its length comes from the expand, not from the parameter.
         axes = tuple(None if size != shape[i + lead] else ax for i, (size, ax) in enumerate(zip(info.shape, info.origin.axes)))
         out.origin = ParamOrigin(info.origin.module, info.origin.param, (None,) * lead + axes)
+        out.zero = info.all_axes_if_zero(len(shape))
     return out
 
 
@@ -190,13 +195,16 @@ def concat(state: AnalysisState, node: fx.Node) -> Any:
     ndim = parts[0].ndim
     axis = norm_axis(dim, ndim + (1 if is_stack else 0))
     if is_stack:
-        parts = [TensorInfo(p.shape[:axis] + (1,) + p.shape[axis:], {(a + (a >= axis)): ids for a, ids in p.track.items()}) for p in parts]
-    # every other axis behaves element-wise; the concat axis is joined
+        parts = [TensorInfo(p.shape[:axis] + (1,) + p.shape[axis:], {(a + (a >= axis)): ids for a, ids in p.track.items()},
+                            zero=frozenset(a + (a >= axis) for a in p.zero)) for p in parts]
+    # every other axis behaves element-wise (zero where every part is); the concat axis is joined
     sliced = []
     for p in parts:
         others = {a: ids for a, ids in p.track.items() if a != axis}
-        sliced.append(TensorInfo(p.shape[:axis] + (1,) + p.shape[axis + 1:], others, p.origin if not is_stack else None))
+        sliced.append(TensorInfo(p.shape[:axis] + (1,) + p.shape[axis + 1:], others, p.origin if not is_stack else None,
+                                 p.zero - {axis}))
     out = combine_elementwise(state, node, sliced, shape[:axis] + (1,) + shape[axis + 1:])
+    out.zero = zero_axes(state, sliced, out.shape) - {axis}
     out.shape = shape
     if not is_stack and any(axis in p.track for p in parts):
         pieces = []
@@ -208,6 +216,8 @@ def concat(state: AnalysisState, node: fx.Node) -> Any:
                 state.pin(fresh, f"{node.name} joins channels with an input whose channels are fixed")
                 pieces.append(fresh)
         out.track[axis] = np.concatenate(pieces)
+        if all(axis in p.zero for p in parts if axis in p.track):  # (the fixed parts' channels stay)
+            out.zero = out.zero | {axis}
     return out
 
 
@@ -231,7 +241,8 @@ def split(state: AnalysisState, node: fx.Node) -> Any:
     outs = []
     if name == "unbind":
         for s in shapes:
-            outs.append(TensorInfo(s, {a - (a > dim): ids for a, ids in info.track.items() if a != dim}))
+            outs.append(TensorInfo(s, {a - (a > dim): ids for a, ids in info.track.items() if a != dim},
+                                   zero=frozenset(a - (a > dim) for a in info.zero if a != dim)))
         if dim in info.track:
             state.pin(info.track[dim], f"{node.name} unbinds a channel axis")
         return outs
@@ -249,7 +260,7 @@ def split(state: AnalysisState, node: fx.Node) -> Any:
         track = {a: ids for a, ids in info.track.items() if a != dim}
         if dim in info.track:
             track[dim] = info.track[dim][offset:offset + size]
-        outs.append(TensorInfo(s, track))
+        outs.append(TensorInfo(s, track, zero=info.zero))
         offset += size
     return outs
 
@@ -273,6 +284,7 @@ def getitem(state: AnalysisState, node: fx.Node) -> Any:
         items = items[:k] + [slice(None)] * fill + items[k + 1:]
     items += [slice(None)] * (info.ndim - sum(1 for it in items if it is not None))
     out = TensorInfo(shape)
+    zero = set()
     src = dst = 0
     for it in items:
         if it is None:
@@ -298,8 +310,11 @@ def getitem(state: AnalysisState, node: fx.Node) -> Any:
                 state.pin(ids, f"{node.name} slices channels with a step")
             else:
                 out.track[dst] = ids[slice(it.start, it.stop)]
+                if src in info.zero:
+                    zero.add(dst)
         src += 1
         dst += 1
+    out.zero = frozenset(zero)
     return out
 
 

@@ -103,13 +103,14 @@ def _resample_pos_embed(state: AnalysisState, node: fx.Node) -> Any:
         state.pin_track(info, f"{node.name} resamples an embedding")
         return untracked_like(node)
     last = info.ndim - 1
-    out = TensorInfo(shape, {a: ids for a, ids in info.track.items() if a == last})
+    out = TensorInfo(shape, {a: ids for a, ids in info.track.items() if a == last}, zero=info.zero & {last})
     for a, ids in info.track.items():
         if a != last:
             state.pin(ids, f"{node.name} interpolates over axis {a}")
     if info.origin is not None and not info.track:
         axes = tuple(info.origin.axes[i] if i == last else None for i in range(len(shape)))
         out.origin = ParamOrigin(info.origin.module, info.origin.param, axes)
+        out.zero = info.all_axes_if_zero(len(shape))  # interpolating a masked (zero) column: zero
     return out
 
 
@@ -133,7 +134,7 @@ def _channel_axis_passes(axis: int) -> Callable[[AnalysisState, fx.Node], Any]:
         if not isinstance(info, TensorInfo) or not isinstance(shape, tuple):
             return untracked_like(node)
         src, dst = axis % info.ndim, axis % len(shape)
-        out = TensorInfo(shape)
+        out = TensorInfo(shape, zero=frozenset({dst}) if src in info.zero else frozenset())
         for a, ids in info.track.items():
             if a == src and shape[dst] == info.shape[src]:
                 out.track[dst] = ids

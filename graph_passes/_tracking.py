@@ -5,6 +5,14 @@ channels together unite elements (union-find); at the end each class of united e
 prunable unit. A tensor's tracking is ``Track``: ``{axis: 1-D int64 array of element ids}`` for
 the axes whose positions are channels; other axes (batch, spatial, tokens, heads) never change
 length. A parameter dimension whose positions carry elements is recorded as a member.
+
+Channel removal is checked against the *masked* model (every member masked where its channel is
+removed). There a removed channel is zero only as long as each op maps zero to zero: a producing
+layer's masked rows and bias make it zero, ``sigmoid``, ``+ 1`` or a bias added along another axis
+make it non-zero again. ``TensorInfo.zero`` records the tracked axes on which it is still zero;
+ops that sum over channels (exact-statistics norms, ``sum``, the contraction of two computed
+tensors) count on it, and pin the channels where it does not hold. Handlers set it (the default,
+no axis, is the safe answer).
 """
 from __future__ import annotations
 
@@ -37,13 +45,24 @@ class ParamOrigin:
 
 @dataclass
 class TensorInfo:
+    """A traced tensor: its shape, its channel ``track`` and, for a parameter, its ``origin``.
+
+    ``zero``: the axes along which every position of a removed channel is zero in the masked model
+    (see the module docstring). A parameter view (``origin``) holds zero at its masked entries:
+    then ``zero`` is every axis, or none after an op that maps 0 to non-zero (``bias.exp()``)."""
+
     shape: tuple[int, ...]
     track: Track = field(default_factory=dict)
     origin: ParamOrigin | None = None
+    zero: frozenset[int] = frozenset()
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
+
+    def all_axes_if_zero(self, ndim: int) -> frozenset[int]:
+        """A parameter view's ``zero`` carried to a view of it with ``ndim`` axes."""
+        return frozenset(range(ndim)) if self.zero else frozenset()
 
 
 class UnionFind:

@@ -13,7 +13,7 @@ from ._ops_common import untracked_like
 from ._registry import describe_target, lookup
 from ._tracking import TRACK_KEY, AnalysisState, ParamOrigin, TensorInfo, _tensor_infos
 from .errors import GraphPassError, MissingAnalysisError
-from .groups import ChannelGroup, Member
+from .groups import UNMASKED, ChannelGroup, Member
 from .tracing import trace
 
 __all__ = ["Analysis", "analyze", "analysis_of", "channel_groups", "TRACK_KEY", "ANALYSIS_KEY"]
@@ -50,6 +50,8 @@ def _step(state: AnalysisState, node: fx.Node, unsupported: list[str]) -> Any:
         if isinstance(info, TensorInfo):
             origin = _param_origin(str(node.target))
             info.origin = ParamOrigin(origin.module, origin.param, tuple(range(info.ndim)))
+            if origin.param not in UNMASKED:
+                info.zero = frozenset(range(info.ndim))  # masked where its channels are removed
         return info
     if node.op == "output":
         for value in _tensor_infos(state.info(node.args[0])):

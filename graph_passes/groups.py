@@ -57,7 +57,7 @@ class ChannelGroup:
         return f"ChannelGroup(id={self.id}, size={self.size}, {state}, members={self.member_names()})"
 
 
-_STATS = ("running_mean", "running_var", "num_batches_tracked")
+UNMASKED = ("running_mean", "running_var", "num_batches_tracked")  # members group_masks leaves alone
 
 
 def _param(model: nn.Module, module: str, name: str) -> torch.Tensor:
@@ -90,7 +90,7 @@ def group_masks(
         if k.numel() != group.size:
             raise ValueError(f"keep vector for group {group.id} has {k.numel()} entries, the group has {group.size}")
         for m in group.members:
-            if (params is not None and m.param not in params) or (params is None and m.param in _STATS):
+            if (params is not None and m.param not in params) or (params is None and m.param in UNMASKED):
                 continue
             tensor = _param(model, m.module, m.param)
             mask = masks.setdefault(m.module, {}).get(m.param)

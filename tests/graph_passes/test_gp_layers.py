@@ -265,34 +265,50 @@ def test_groupnorm_one_channel_per_group_prunes_channels():
 # Found by test_gp_fuzz (slow run): a removed channel is zero in the masked model only until an
 # op maps zero to something else. Between the layer that produces the channels and a norm whose
 # statistics span them, ExactStatsNorm counts the removed channels as zeros while the masked
-# model feeds it sigmoid(0) = 0.5, 0 + 1 or a token-mixing Linear's bias: the pruned model's
-# statistics differ from the masked one's. Known bug, not fixed yet (the analysis does not track
-# whether removed channels stay zero); strict, so the tests fail once it is fixed.
+# model feeds it sigmoid(0) = 0.5, 0 + 1 or a token-mixing Linear's bias. The analysis tracks on
+# which axes removed channels stay zero (TensorInfo.zero) and pins the channels such a norm reads
+# where they do not.
 class NonZeroBeforeNorm(nn.Module):
-    """Linear -> (an op that maps 0 to non-zero) -> LayerNorm over the channels -> Linear."""
+    """Linear -> (an op that maps 0 to non-zero, or one that keeps 0) -> LayerNorm over the
+    channels -> Linear."""
 
     def __init__(self, how: str) -> None:
         super().__init__()
         self.how = how
         self.fc1 = nn.Linear(6, 4)
-        self.mix = nn.Linear(5, 5)  # across the 5 tokens (MLP-Mixer), with a bias
+        self.mix = nn.Linear(5, 5, bias=how != "token_mixing_no_bias")  # across the 5 tokens (MLP-Mixer)
+        self.gate = nn.Linear(6, 4)
         self.norm = nn.LayerNorm(4)
         self.fc2 = nn.Linear(4, 3)
 
     def forward(self, x):
         y = self.fc1(x)
-        if self.how == "token_mixing_bias":
+        if self.how.startswith("token_mixing"):
             y = y + self.mix(y.transpose(1, 2)).transpose(1, 2)
         elif self.how == "sigmoid":
             y = torch.sigmoid(y)
-        else:
+        elif self.how == "add_constant":
             y = y + 1.0
+        elif self.how == "sigmoid_gate":
+            y = F.gelu(y) * torch.sigmoid(self.gate(x))
+        else:  # "scale_shift": x * 2 - 0 stays zero
+            y = y * 2.0 - 0.0
         return self.fc2(self.norm(y))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="known bug: exact-statistics norms assume removed channels are zero, ops mapping 0 to non-zero break it")
 @pytest.mark.parametrize("how", ["token_mixing_bias", "sigmoid", "add_constant"])
 def test_exact_norm_after_an_op_that_makes_removed_channels_non_zero(how):
     torch.manual_seed(0)
-    prune(NonZeroBeforeNorm(how), torch.randn(2, 5, 6))  # asserts pruned == masked
+    r = prune(NonZeroBeforeNorm(how), torch.randn(2, 5, 6))  # asserts pruned == masked
+    g = group_of(r.groups, "fc1")
+    assert not g.prunable and "not zero where removed" in g.reason and "norm" in g.reason
+    assert group_of(r.groups, "fc2").prunable is False  # the output
+
+
+@pytest.mark.parametrize("how", ["token_mixing_no_bias", "sigmoid_gate", "scale_shift"])
+def test_exact_norm_after_ops_that_keep_removed_channels_zero_still_prunes(how):
+    torch.manual_seed(0)
+    r = prune(NonZeroBeforeNorm(how), torch.randn(2, 5, 6))
+    assert group_of(r.groups, "fc1").prunable
+    n = kept_count(r, "fc1")
+    assert n < 4 and r.pruned.norm.num_channels == n

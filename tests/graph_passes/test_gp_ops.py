@@ -224,22 +224,96 @@ def test_pooling_activation_dropout_identity_pass_channels_through():
     assert [g for g in r.groups if not g.prunable and g.size > 1] == [group_of(r.groups, "c2")]  # only the output
 
 
-class SumAfterSigmoid(nn.Module):
-    """A sum over the channels of sigmoid(Linear): removed channels add sigmoid(0) = 0.5 each in
-    the masked model."""
+class SumOverChannels(nn.Module):
+    """A sum over the channels of act(Linear): with sigmoid, removed channels add sigmoid(0) = 0.5
+    each in the masked model; with relu they add nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, act) -> None:
         super().__init__()
+        self.act = act
         self.a, self.head = nn.Linear(6, 4), nn.Linear(4, 3)
 
     def forward(self, x):
-        y = torch.sigmoid(self.a(x))
+        y = self.act(self.a(x))
         return self.head(y) + y.sum(-1, keepdim=True)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="known bug: a sum over channels is taken as safe, but sigmoid makes removed channels non-zero")
 def test_sum_over_channels_after_sigmoid():
     """Same root cause as test_gp_layers' test_exact_norm_after_an_op_that_makes_removed_channels_non_zero."""
     torch.manual_seed(0)
-    prune(SumAfterSigmoid(), torch.randn(2, 5, 6))  # asserts pruned == masked
+    r = prune(SumOverChannels(torch.sigmoid), torch.randn(2, 5, 6))  # asserts pruned == masked
+    g = group_of(r.groups, "a")
+    assert not g.prunable and "sums over channels that are not zero where removed" in g.reason
+
+
+def test_sum_over_channels_that_stay_zero_prunes():
+    torch.manual_seed(0)
+    r = prune(SumOverChannels(torch.relu), torch.randn(2, 5, 6))
+    n = kept_count(r, "a")
+    assert group_of(r.groups, "a").prunable and n < 4 and r.pruned.head.in_features == n
+
+
+class ContractionAfterSigmoid(nn.Module):
+    """q @ k^T over channels of two computed tensors: removed channels add q_c * k_c to the masked
+    model's sums unless one side is zero there."""
+
+    def __init__(self, act) -> None:
+        super().__init__()
+        self.act = act
+        self.q, self.k = nn.Linear(6, 4), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.act(self.q(x)) @ torch.sigmoid(self.k(x)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("act", [torch.sigmoid, torch.relu], ids=["sigmoid", "relu"])
+def test_contraction_of_computed_channels_needs_one_side_zero(act):
+    torch.manual_seed(0)
+    r = prune(ContractionAfterSigmoid(act), torch.randn(2, 5, 6))
+    g = group_of(r.groups, "q")
+    assert g == group_of(r.groups, "k")
+    assert g.prunable == (act is torch.relu)
+
+
+class OpBeforeNorm(nn.Module):
+    """Linear -> ``op`` -> LayerNorm over the channels -> Linear: the norm's exact statistics need
+    the removed channels to be zero after ``op`` in the masked model."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+        self.a, self.norm, self.head = nn.Linear(6, 4), nn.LayerNorm(4), nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.rand(4) + 0.5)
+        self.token_bias = nn.Parameter(torch.randn(5, 1))
+
+    def forward(self, x):
+        return self.head(self.norm(self.op(self, self.a(x))))
+
+
+ZERO_KEEPING = {  # op -> whether removed channels stay zero after it
+    "gelu": (lambda m, y: F.gelu(y), True),
+    "hardtanh": (lambda m, y: F.hardtanh(y), True),
+    "clamp_min_0": (lambda m, y: y.clamp(min=0.0), True),
+    "pow_2": (lambda m, y: y.pow(2), True),
+    "times_param": (lambda m, y: y * m.scale, True),
+    "minus_token_mean": (lambda m, y: y - y.mean(1, keepdim=True), True),
+    "maximum": (lambda m, y: torch.maximum(y, 0.5 * y), True),
+    "concat_halves": (lambda m, y: torch.cat([y[..., :2], y[..., 2:]], dim=-1), True),
+    "exp": (lambda m, y: y.exp(), False),
+    "clamp_min_positive": (lambda m, y: y.clamp(min=0.1), False),
+    "plus_param_exp": (lambda m, y: y + m.scale.exp(), False),
+    "plus_token_bias": (lambda m, y: y + m.token_bias, False),  # one value per token, broadcast over channels
+    "softmax_over_tokens": (lambda m, y: y.softmax(dim=1), False),
+    "pow_0": (lambda m, y: y ** 0, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZERO_KEEPING))
+def test_which_ops_keep_removed_channels_zero(name):
+    op, keeps_zero = ZERO_KEEPING[name]
+    torch.manual_seed(0)
+    r = prune(OpBeforeNorm(op), torch.randn(2, 5, 6))  # pruned == masked either way
+    g = group_of(r.groups, "a")
+    assert g.prunable == keeps_zero, g.reason
+    if not keeps_zero:
+        assert "not zero where removed" in g.reason
