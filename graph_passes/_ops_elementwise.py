@@ -90,9 +90,24 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _constant(state: AnalysisState, value: Any) -> torch.Tensor | None:
+    """A literal number, or a buffer the graph reads (fixed clamp limits: Gemma4's clipped
+    Linear), as a tensor; ``None`` for anything computed or trained."""
+    if _is_number(value):
+        return torch.tensor(float(value))
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        module, _, name = str(value.target).rpartition(".")
+        owner = state.gm.get_submodule(module) if module else state.gm
+        if name in dict(owner.named_buffers(recurse=False)):
+            return getattr(owner, name)
+    return None
+
+
 def _within(state: AnalysisState, low: Any, high: Any) -> bool:
-    """Whether 0 lies between two literal bounds (``None``: unbounded)."""
-    return (low is None or _is_number(low) and low <= 0) and (high is None or _is_number(high) and high >= 0)
+    """Whether 0 lies between two bounds (``None``: unbounded)."""
+    lo = None if low is None else _constant(state, low)
+    hi = None if high is None else _constant(state, high)
+    return (low is None or lo is not None and bool((lo <= 0).all())) and (high is None or hi is not None and bool((hi >= 0).all()))
 
 
 @register_module(nn.Hardtanh)

@@ -285,6 +285,10 @@ class OpBeforeNorm(nn.Module):
         self.a, self.norm, self.head = nn.Linear(6, 4), nn.LayerNorm(4), nn.Linear(4, 3)
         self.scale = nn.Parameter(torch.rand(4) + 0.5)
         self.token_bias = nn.Parameter(torch.randn(5, 1))
+        # fixed clamp limits kept as buffers (Gemma4's clipped Linear): +-inf, and one above zero
+        self.register_buffer("low", torch.tensor(-float("inf")))
+        self.register_buffer("high", torch.tensor(float("inf")))
+        self.register_buffer("positive", torch.tensor(0.1))
 
     def forward(self, x):
         return self.head(self.norm(self.op(self, self.a(x))))
@@ -299,7 +303,9 @@ ZERO_KEEPING = {  # op -> whether removed channels stay zero after it
     "minus_token_mean": (lambda m, y: y - y.mean(1, keepdim=True), True),
     "maximum": (lambda m, y: torch.maximum(y, 0.5 * y), True),
     "concat_halves": (lambda m, y: torch.cat([y[..., :2], y[..., 2:]], dim=-1), True),
+    "clamp_buffers": (lambda m, y: torch.clamp(y, m.low, m.high), True),
     "exp": (lambda m, y: y.exp(), False),
+    "clamp_buffer_above_zero": (lambda m, y: torch.clamp(y, m.positive, m.high), False),
     "clamp_min_positive": (lambda m, y: y.clamp(min=0.1), False),
     "plus_param_exp": (lambda m, y: y + m.scale.exp(), False),
     "plus_token_bias": (lambda m, y: y + m.token_bias, False),  # one value per token, broadcast over channels
