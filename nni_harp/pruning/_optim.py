@@ -2,7 +2,8 @@
 
 Scores (and, with ``train_norm_affine``, the normalisation layers' affine weight and bias, at
 their own ``norm_lr``) are trained by one optimizer (``HARPSettings.optimizer``: SGD with
-momentum by default, as the authors); the rates by another (``rate_optimizer``: AdamW by default, see ``HARPSettings`` for
+momentum by default, as the authors); the rates by another (``rate_optimizer``: Adam with one
+shared second moment by default, :class:`SharedScaleAdam`; see ``HARPSettings`` for
 why). Both follow one per-epoch learning-rate schedule. The step runs as a *before-step task* of
 the evaluator's optimizer (NNI patches only the first optimizer), after which the gradients of
 everything stepped here are cleared, so the evaluator's optimizer leaves those tensors alone.
@@ -19,7 +20,7 @@ from torch import nn
 from ._units import ScoreUnit
 from .settings import HARPSettings
 
-__all__ = ["NORM_TYPES", "norm_affine_parameters", "HarpOptimizer"]
+__all__ = ["NORM_TYPES", "norm_affine_parameters", "SharedScaleAdam", "HarpOptimizer"]
 
 #: Normalisation layers whose per-channel affine weight and bias HARP trains while pruning.
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -44,9 +45,51 @@ def norm_affine_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(found.values())
 
 
+class SharedScaleAdam(torch.optim.Optimizer):
+    """Adam whose second moment is one number per parameter group: the running mean of the squared
+    gradient over *all* the group's entries, not one per entry (decoupled weight decay as AdamW).
+
+    For HARP's rates: the step's overall size no longer depends on the gradient's scale (rates
+    move in a 60-step run as in an 8,000-step one, as with Adam), but the units keep their relative
+    speeds, as with SGD: a unit whose FLOPs or loss matter little gets a small gradient and moves
+    little. Per-entry Adam moves every unit by about ``lr`` per step in the direction of its
+    gradient's sign; structured HARP then drove cheap late groups (a 96-channel group worth 2 % of
+    the FLOPs) to their floor as fast as the expensive ones and collapsed the network.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-12, weight_decay: float = 0.0) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        assert closure is None, "SharedScaleAdam takes no closure"
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            state = self.state.setdefault(params[0], {})  # the group's shared state lives on its first entry
+            count = sum(p.grad.numel() for p in params)
+            mean_sq = sum(p.grad.float().pow(2).sum() for p in params) / count
+            step = state["shared_step"] = state.get("shared_step", 0) + 1
+            shared = state.get("shared_sq")
+            state["shared_sq"] = mean_sq * (1 - beta2) if shared is None else shared * beta2 + mean_sq * (1 - beta2)
+            scale = (state["shared_sq"] / (1 - beta2 ** step)).sqrt() + group["eps"]
+            for p in params:
+                moment = self.state.setdefault(p, {}).get("moment")
+                moment = p.grad * (1 - beta1) if moment is None else moment * beta1 + p.grad * (1 - beta1)
+                self.state[p]["moment"] = moment
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.sub_(group["lr"] * moment / (1 - beta1 ** step) / scale)
+
+
 def _build(kind: str, groups: list[dict[str, Any]], momentum: float) -> torch.optim.Optimizer:
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum)
+    if kind == "shared-adam":
+        return SharedScaleAdam(groups, lr=groups[0]["lr"])
     return torch.optim.AdamW(groups, lr=groups[0]["lr"])
 
 

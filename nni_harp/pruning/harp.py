@@ -67,8 +67,8 @@ class HARPPruner(Pruner):
     group's channel mask. HARP's own knobs are :class:`HARPSettings` fields, given as ``settings``
     and/or keyword arguments.
 
-    While pruning, the model's weights are frozen (its normalisation layers' affine parameters are
-    trained, see ``HARPSettings.train_norm_affine``); per unit (a layer, or a channel group) a
+    While pruning, the model's weights are frozen (its normalisation layers' affine parameters too,
+    unless ``HARPSettings.train_norm_affine``); per unit (a layer, or a channel group) a
     score tensor and a rate ``r`` are trained by HARP's own optimizers, stepped together with the
     evaluator's first optimizer. The unit keeps its top ``round(k * n)`` ``|scores|``, with
     ``k = k_min + (k_max - k_min) * sigmoid(r)``, ``k_min = max(alpha * target_keep,

@@ -37,7 +37,7 @@ def test_harp_compress_meets_the_target_with_learned_non_uniform_rates(
     dense = copy.deepcopy(model)
     seen: list[tuple[type, frozenset[str]]] = []
     evaluator = make_evaluator(model, digits, log=seen)
-    pruner = HARPPruner(model, CONFIG, evaluator, gamma_0=0.5)
+    pruner = HARPPruner(model, CONFIG, evaluator, gamma_0=0.5, train_norm_affine=True)
     weights_before = _weights(model)
     with caplog.at_level(logging.INFO, logger="nni_harp.pruning.harp"):
         pruned, masks = pruner.compress(max_steps=None, max_epochs=4)
@@ -58,7 +58,7 @@ def test_harp_compress_meets_the_target_with_learned_non_uniform_rates(
     assert max(rates.values()) - min(rates.values()) > 0.05
     assert min(rates.values()) >= 0.1 * 0.1 - 1e-9
     # weights were frozen while pruning and their flags restored afterwards; the BatchNorm affine
-    # parameters were trained with the scores (train_norm_affine, as the authors and HYDRA do)
+    # parameters were trained with the scores (train_norm_affine=True, as the authors and HYDRA do)
     after = _weights(pruned)
     assert set(weights_before) > NORMS
     assert all(torch.equal(after[n], weights_before[n]) for n in weights_before if n not in NORMS)
@@ -91,12 +91,13 @@ def test_harp_compress_meets_the_target_with_learned_non_uniform_rates(
     assert all(NORMS <= names for _, names in seen)
 
 
-def test_harp_without_norm_training_freezes_every_model_parameter(
+def test_harp_by_default_freezes_every_model_parameter(
     pretrained: Callable[[], nn.Sequential], digits: Digits
 ) -> None:
     torch.manual_seed(0)
     model = pretrained()
-    pruner = HARPPruner(model, CONFIG, make_evaluator(model, digits), train_norm_affine=False)
+    pruner = HARPPruner(model, CONFIG, make_evaluator(model, digits))
+    assert not pruner.settings.train_norm_affine
     weights_before = _weights(model)
     pruned, _ = pruner.compress(max_epochs=1)
     after = _weights(pruned)
@@ -194,13 +195,13 @@ def test_distributed_data_parallel_model(tmp_path: Path, pretrained: Callable[[]
     try:
         ddp = nn.parallel.DistributedDataParallel(pretrained())
         seen: list[tuple[type, frozenset[str]]] = []
-        pruner = HARPPruner(ddp, CONFIG, make_evaluator(ddp, digits, log=seen), gamma_0=0.5)
+        pruner = HARPPruner(ddp, CONFIG, make_evaluator(ddp, digits, log=seen), gamma_0=0.5, train_norm_affine=True)
         _, masks = pruner.compress(max_epochs=1)
         assert set(masks) == {"module.0", "module.3", "module.6", "module.11"}
         kept = sum(float(m["weight"].sum()) for m in masks.values()) / sum(m["weight"].numel() for m in masks.values())
         assert abs(kept - 0.1) <= 0.01
         # training ran on a DDP model whose only trainable tensors were HARP's scores and rates and
-        # the BatchNorm affine parameters
+        # (train_norm_affine=True) the BatchNorm affine parameters
         model_type, trainable = seen[0]
         assert model_type is nn.parallel.DistributedDataParallel
         assert {"module." + n for n in NORMS} <= trainable
