@@ -111,7 +111,7 @@ class HARPSettings:
             Off by default, as measured: on the robust-pruning benchmark (test_resnet, digits, 75 %
             of the FLOPs removed, seed 0, 20 epochs, 5 fine-tuning epochs) HARP reached 70.0 %
             robust accuracy with the affine parameters frozen and 17.0 % with them trained at
-            0.01 (2.0 % at 0.1): the shifted BatchNorm biases do not come back in fine-tuning.
+            0.01; fine-tuning did not undo what the trained affine parameters did.
         lr_schedule: ``'cosine'`` (annealed per epoch over the pruning run) or ``'constant'``.
         freeze_weights: keep the model's weights frozen while scores and rates are learned.
         steps_per_epoch: length of a gamma epoch in optimizer steps, an ``int >= 1``; needed only
