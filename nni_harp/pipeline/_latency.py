@@ -12,7 +12,6 @@ from the cache.
 from __future__ import annotations
 
 import copy
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -23,17 +22,11 @@ from torch import nn
 
 from .. import distributed as hd
 
-__all__ = ["LATENCY_STAGE", "harp_options", "cache_dir", "fit_for_run", "prepare_latency", "lowest_fraction",
+__all__ = ["LATENCY_STAGE", "harp_options", "fit_for_run", "prepare_latency", "lowest_fraction",
            "uniform_latency_fraction", "plan_latency", "measure_budget"]
 
 #: The callbacks' stage name of the latency measuring (one step per model timed).
 LATENCY_STAGE = "measure-latency"
-
-
-def cache_dir() -> Path:
-    """Where fitted latency models are kept: ``$XDG_CACHE_HOME/nni_harp/latency`` (``~/.cache/...``)."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "nni_harp" / "latency"
 
 
 def harp_options(config: Any) -> dict[str, Any]:
@@ -41,13 +34,17 @@ def harp_options(config: Any) -> dict[str, Any]:
     if config.budget_kind != "latency":
         return {}
     return {"budget": "latency", "latency_backend": config.latency_backend, "latency_threads": config.latency_threads,
-            "latency_cache": str(cache_dir())}
+            "latency_cache": str(_default_settings().latency_cache_dir())}
+
+
+def _default_settings(**options: Any) -> Any:
+    from ..pruning import HARPSettings
+
+    return HARPSettings(**options)
 
 
 def _settings(config: Any) -> Any:
-    from ..pruning import HARPSettings
-
-    return HARPSettings(**harp_options(config))
+    return _default_settings(**harp_options(config))
 
 
 def fit_for_run(ctx: Any, model: nn.Module, example: torch.Tensor) -> Any:

@@ -6,9 +6,7 @@ Everything here reads the *unwrapped* model (``inner``; names of the bound model
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 from torch import Tensor, nn
@@ -25,7 +23,7 @@ from .errors import ConfigListError, SettingsError, StructureError
 from .settings import HARPSettings
 
 __all__ = [
-    "UnitPlan", "Plan", "plan_unstructured", "structured_target", "channel_structure", "latency_cache_dir", "plan_structured",
+    "UnitPlan", "Plan", "plan_unstructured", "structured_target", "channel_structure", "plan_structured",
 ]
 
 
@@ -150,14 +148,6 @@ def channel_structure(model: nn.Module, example_inputs: Any) -> tuple[list[Chann
     return groups, cost_model
 
 
-def latency_cache_dir(settings: HARPSettings) -> Path:
-    """Where fitted latency models are kept: ``settings.latency_cache`` or the user's cache folder."""
-    if settings.latency_cache is not None:
-        return Path(settings.latency_cache).expanduser()
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "nni_harp" / "latency"
-
-
 def plan_structured(
     inner: nn.Module, prefix: str, parsed: ParsedConfig, settings: HARPSettings, budget_kind: str,
     target: float, groups: Sequence[ChannelGroup], cost_model: CostModel, dummy_input: Any = None,
@@ -192,7 +182,7 @@ def plan_structured(
         from graph_passes.latency import fit_latency
 
         latency = fit_latency(inner, dummy_input, backend=settings.latency_backend, threads=settings.latency_threads,
-                              round_to=settings.round_to, cache_dir=latency_cache_dir(settings))
+                              round_to=settings.round_to, cache_dir=settings.latency_cache_dir())
     budget = CostBudget(cost_model, {i: g.id for i, g in enumerate(chosen)}, target, metric=budget_kind, latency=latency)
     lowest = float(budget.kept(floors))
     if lowest > target + 1e-9:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from graph_passes.latency import BACKENDS as LATENCY_BACKENDS
@@ -241,6 +243,13 @@ class HARPSettings:
         if self.descent_deadline >= 1.0:
             return None
         return max(0, math.ceil(self.descent_deadline * epochs - 1e-9) - 1)
+
+    def latency_cache_dir(self) -> Path:
+        """Where fitted latency models are kept: ``latency_cache``, else ``$XDG_CACHE_HOME/nni_harp/latency``
+        (``~/.cache/nni_harp/latency``)."""
+        if self.latency_cache is not None:
+            return Path(self.latency_cache).expanduser()
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nni_harp" / "latency"
 
     def start_keep(self, target: float) -> float:
         """The overall kept fraction the rates start at for a budget ``target``: ``init_keep`` (at
