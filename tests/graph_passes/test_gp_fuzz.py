@@ -26,8 +26,9 @@ token, or flatten(1) / reshape(B, -1) (a Linear reading C*H*W or N*C inputs).
 
 All of these are supported by graph_passes (some pin channels, which the property covers as
 well): the generator builds nothing graph_passes refuses by design, so any GraphPassError here
-is a failure. Known bug the slow run finds: a token-mixing Linear's bias makes removed channels
-non-zero before a LayerNorm, whose exact statistics count them as zeros (regression tests:
+is a failure. Found by the slow run and fixed: a token-mixing Linear's bias made removed channels
+non-zero before a LayerNorm, whose exact statistics count them as zeros; the analysis now tracks
+where removed channels stay zero and pins the channels of such a norm (regression tests:
 test_gp_layers' test_exact_norm_after_an_op_that_makes_removed_channels_non_zero, test_gp_ops'
 test_sum_over_channels_after_sigmoid); the generator keeps building it.
 
