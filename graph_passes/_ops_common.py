@@ -9,7 +9,7 @@ from torch import fx
 from ._tracking import AnalysisState, ParamOrigin, TensorInfo
 from .errors import MissingAnalysisError
 
-__all__ = ["arg", "out_shape", "untracked_like", "combine_elementwise", "zero_axes", "norm_axis", "axes_of"]
+__all__ = ["arg", "out_shape", "untracked_like", "combine_elementwise", "zero_axes", "norm_axis", "axes_of", "is_number"]
 
 
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -55,6 +55,11 @@ def _untracked(shape: Any) -> Any:
     if isinstance(shape, list):
         return [_untracked(s) for s in shape]
     return None
+
+
+def is_number(value: Any) -> bool:
+    """A literal int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def norm_axis(axis: int, ndim: int) -> int:

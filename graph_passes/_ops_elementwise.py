@@ -1,4 +1,5 @@
-"""Handlers for element-wise ops, activations, reductions and pooling."""
+"""Handlers for position-wise ops of one tensor (activations, clamps), reductions and pooling;
+ops of several tensors (sums, products, ``where``) are in ``_ops_binary``."""
 from __future__ import annotations
 
 import operator
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._ops_common import arg, axes_of, combine_elementwise, out_shape, untracked_like, zero_axes
+from ._ops_common import arg, axes_of, combine_elementwise, is_number, out_shape, untracked_like, zero_axes
 from ._registry import register_function, register_method, register_module
 from ._tracking import AnalysisState, ParamOrigin, TensorInfo
 
@@ -86,14 +87,10 @@ def shifting(state: AnalysisState, node: fx.Node) -> Any:
     return _position_wise(state, node, keeps_zero=False)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _constant(state: AnalysisState, value: Any) -> torch.Tensor | None:
     """A literal number, or a buffer the graph reads (fixed clamp limits: Gemma4's clipped
     Linear), as a tensor; ``None`` for anything computed or trained."""
-    if _is_number(value):
+    if is_number(value):
         return torch.tensor(float(value))
     if isinstance(value, fx.Node) and value.op == "get_attr":
         module, _, name = str(value.target).rpartition(".")
@@ -117,7 +114,7 @@ def bounded(state: AnalysisState, node: fx.Node) -> Any:
     """clamp/hardtanh (0 maps to 0 when it lies between the bounds) and x.pow(e) (when e > 0)."""
     if node.target in ("pow", "pow_"):
         exponent = arg(node, 1, "exponent")
-        return _position_wise(state, node, keeps_zero=_is_number(exponent) and exponent > 0)
+        return _position_wise(state, node, keeps_zero=is_number(exponent) and exponent > 0)
     if node.op == "call_module":
         m = state.gm.get_submodule(str(node.target))
         low, high = m.min_val, m.max_val
@@ -130,96 +127,6 @@ def bounded(state: AnalysisState, node: fx.Node) -> Any:
     else:
         low, high = arg(node, 1, "min"), arg(node, 2, "max")
     return _position_wise(state, node, keeps_zero=_within(state, low, high))
-
-
-def _combine(state: AnalysisState, node: fx.Node) -> TensorInfo | None:
-    shape = out_shape(node)
-    if not isinstance(shape, tuple):
-        return None  # arithmetic on Python numbers (shapes)
-    operands = [state.info(a) for a in node.args] + [state.info(v) for v in node.kwargs.values()]
-    return combine_elementwise(state, node, operands, shape)
-
-
-@register_function(operator.add, operator.sub, operator.iadd, torch.add, torch.sub, torch.maximum, torch.minimum)
-@register_method("add", "add_", "sub", "sub_", "maximum", "minimum")
-def additive(state: AnalysisState, node: fx.Node) -> Any:
-    """Sums, differences, maxima: removed channels stay zero where both operands are zero there
-    (``y + 1.0`` or a bias broadcast along the channels makes them non-zero)."""
-    out = _combine(state, node)
-    if out is not None:
-        out.zero = zero_axes(state, [arg(node, 0, "input"), arg(node, 1, "other")], out.shape)
-    return out
-
-
-@register_function(operator.mul, operator.imul, torch.mul)
-@register_method("mul", "mul_")
-def multiplicative(state: AnalysisState, node: fx.Node) -> Any:
-    """Products: zero where either operand is zero (gating, layer scales)."""
-    out = _combine(state, node)
-    if out is not None:
-        out.zero = zero_axes(state, [arg(node, 0, "input"), arg(node, 1, "other")], out.shape, every=False)
-    return out
-
-
-@register_function(operator.truediv, operator.floordiv, torch.div)
-@register_method("div", "div_")
-def dividing(state: AnalysisState, node: fx.Node) -> Any:
-    """Quotients: zero where the dividend is zero."""
-    out = _combine(state, node)
-    if out is not None:
-        out.zero = zero_axes(state, [arg(node, 0, "input")], out.shape)
-    return out
-
-
-@register_function(operator.pow)
-def power(state: AnalysisState, node: fx.Node) -> Any:
-    """``x ** e``: zero where ``x`` is, for a literal exponent above zero."""
-    out = _combine(state, node)
-    if out is not None:
-        exponent = node.args[1]
-        out.zero = zero_axes(state, [node.args[0]], out.shape) if _is_number(exponent) and exponent > 0 else frozenset()
-    return out
-
-
-@register_function(torch.where)
-@register_method("where")
-def select(state: AnalysisState, node: fx.Node) -> Any:
-    """``torch.where(condition, input, other)`` (``input.where(condition, other)``): zero where
-    both choices are."""
-    out = _combine(state, node)
-    if out is not None:
-        chosen = node.args[0] if node.op == "call_method" else arg(node, 1, "input")
-        out.zero = zero_axes(state, [chosen, arg(node, 2, "other")], out.shape)
-    return out
-
-
-@register_method("masked_fill")
-def masked_fill(state: AnalysisState, node: fx.Node) -> Any:
-    """``x.masked_fill(mask, value)``: zero where ``x`` is, when ``value`` is zero."""
-    out = _combine(state, node)
-    if out is not None:
-        out.zero = zero_axes(state, [node.args[0], arg(node, 2, "value")], out.shape)
-    return out
-
-
-@register_function(torch.addcmul)
-@register_method("addcmul")
-def addcmul(state: AnalysisState, node: fx.Node) -> Any:
-    """``input + value * tensor1 * tensor2``."""
-    out = _combine(state, node)
-    if out is not None:
-        product = zero_axes(state, [arg(node, 1, "tensor1"), arg(node, 2, "tensor2")], out.shape, every=False)
-        out.zero = zero_axes(state, [arg(node, 0, "input")], out.shape) & product
-    return out
-
-
-@register_function(torch.lerp)
-def lerp(state: AnalysisState, node: fx.Node) -> Any:
-    """``input + weight * (end - input)``: zero where ``input`` and ``end`` are."""
-    out = _combine(state, node)
-    if out is not None:
-        out.zero = zero_axes(state, [arg(node, 0, "input"), arg(node, 1, "end")], out.shape)
-    return out
 
 
 _REDUCTIONS = ("mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod", "median", "argmax", "argmin")

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from . import _ops_conv_linear, _ops_elementwise, _ops_layers, _ops_norms, _ops_shape, _ops_timm  # noqa: F401  (fill the registry)
+from . import _ops_binary, _ops_conv_linear, _ops_elementwise, _ops_layers, _ops_norms, _ops_shape, _ops_timm  # noqa: F401  (fill the registry)
 from ._ops_common import untracked_like
 from ._registry import describe_target, lookup
 from ._tracking import TRACK_KEY, AnalysisState, ParamOrigin, TensorInfo, _tensor_infos
