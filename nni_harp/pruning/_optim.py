@@ -2,9 +2,8 @@
 
 Scores (and, with ``train_norm_affine``, the normalisation layers' affine weight and bias, at
 their own ``norm_lr``) are trained by one optimizer (``HARPSettings.optimizer``: SGD with
-momentum by default, as the authors); the rates by another (``rate_optimizer``: Adam with one
-shared second moment by default, :class:`SharedScaleAdam`; see ``HARPSettings`` for
-why). Both follow one per-epoch learning-rate schedule. The step runs as a *before-step task* of
+momentum by default, as the authors); the rates by another (``rate_optimizer``: AdamW by default,
+or :class:`SharedScaleAdam`; see ``HARPSettings`` for why and what was measured). Both follow one per-epoch learning-rate schedule. The step runs as a *before-step task* of
 the evaluator's optimizer (NNI patches only the first optimizer), after which the gradients of
 everything stepped here are cleared, so the evaluator's optimizer leaves those tensors alone.
 """
@@ -49,12 +48,12 @@ class SharedScaleAdam(torch.optim.Optimizer):
     """Adam whose second moment is one number per parameter group: the running mean of the squared
     gradient over *all* the group's entries, not one per entry (decoupled weight decay as AdamW).
 
-    For HARP's rates: the step's overall size no longer depends on the gradient's scale (rates
-    move in a 60-step run as in an 8,000-step one, as with Adam), but the units keep their relative
-    speeds, as with SGD: a unit whose FLOPs or loss matter little gets a small gradient and moves
-    little. Per-entry Adam moves every unit by about ``lr`` per step in the direction of its
-    gradient's sign; structured HARP then drove cheap late groups (a 96-channel group worth 2 % of
-    the FLOPs) to their floor as fast as the expensive ones and collapsed the network.
+    For HARP's rates (``rate_optimizer='shared-adam'``): the step's overall size does not depend
+    on the gradient's scale (rates move in a 60-step run as in an 8,000-step one, as with Adam),
+    but the units keep their relative speeds, as with SGD: a unit whose FLOPs or loss matter
+    little gets a small gradient and moves little, where per-entry Adam moves every unit by about
+    ``lr`` per step in the direction of its gradient's sign. Which is better depends on the mode;
+    ``HARPSettings.rate_optimizer`` has the measurements.
     """
 
     def __init__(self, params: Iterable[Any], lr: float, betas: tuple[float, float] = (0.9, 0.999),

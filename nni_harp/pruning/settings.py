@@ -90,17 +90,20 @@ class HARPSettings:
         optimizer: ``'sgd'`` (momentum ``momentum``) or ``'adam'``, for the scores (and the norm
             affine parameters, see ``train_norm_affine``).
         score_lr: learning rate of the importance scores, ``> 0``.
-        rate_optimizer: ``'shared-adam'`` (default), ``'adam'`` (AdamW) or ``'sgd'`` (with
+        rate_optimizer: ``'adam'`` (AdamW, default), ``'shared-adam'`` or ``'sgd'`` (with
             ``momentum``), for the rate parameters (weight decay ``rate_weight_decay``, decoupled
             under both Adams). A rate's straight-through gradient sums ``dL/dmask`` over its unit;
             once the scores settle it is 1e-3-1e-2, so an SGD step of ``rate_lr * grad`` only moves
             rates in runs of thousands of steps (the paper's 20 epochs x 391 steps). Adam's step is
-            ``~rate_lr`` whatever the gradient's scale, so rates move in short runs as in long ones,
-            but per entry: every unit moves at the same speed in the direction of its gradient's
-            sign, whether it holds 2 % of the FLOPs or 30 %. ``'shared-adam'``
+            ``~rate_lr`` whatever the gradient's scale, so rates move in short runs as in long ones;
+            it is per entry, so every unit moves at about the same speed in the direction of its
+            gradient's sign. ``'shared-adam'``
             (:class:`~nni_harp.pruning._optim.SharedScaleAdam`) divides by one running RMS over all
-            rates: the overall step is scale-free as with Adam, the units' relative speeds are those
-            of SGD.
+            rates instead, so units keep SGD's relative speeds. Measured on the robust-pruning
+            benchmark (test_resnet, digits, seed 0, norm affine frozen; robust accuracy after
+            fine-tuning): 95 % unstructured, Adam 69.0 %, shared Adam 3.0 % (the large late layers
+            moved fastest and ended at 0.6-1 % of their weights); 75 % of the FLOPs removed, Adam
+            62.0 %, shared Adam 70.0 %.
         rate_lr: learning rate of the rate parameters (logits of the kept fraction), ``> 0``; with
             Adam about the largest move per step.
         momentum: SGD momentum, in ``[0, 1)``; ignored by Adam.
@@ -110,10 +113,11 @@ class HARPSettings:
         train_norm_affine: train the affine weight and bias of the normalisation layers (BatchNorm,
             LayerNorm, GroupNorm, ...) with the scores while pruning, as the authors and HYDRA do
             (at ``norm_lr``); every other model parameter stays frozen (when ``freeze_weights``).
-            Off by default, as measured: on the robust-pruning benchmark (test_resnet, digits, 75 %
-            of the FLOPs removed, seed 0, 20 epochs, 5 fine-tuning epochs) HARP reached 70.0 %
-            robust accuracy with the affine parameters frozen and 17.0 % with them trained at
-            0.01; fine-tuning did not undo what the trained affine parameters did.
+            Off by default, as measured on the robust-pruning benchmark (test_resnet, digits, 75 %
+            of the FLOPs removed, seed 0, 20 epochs, 5 fine-tuning epochs): HARP's robust accuracy
+            after fine-tuning was 62.0 % (Adam rates) and 70.0 % (shared Adam) with the affine
+            parameters frozen, 2.0 % and 17.0 % with them trained at 0.01; fine-tuning did not undo
+            what the trained affine parameters did.
         lr_schedule: ``'cosine'`` (annealed per epoch over the pruning run) or ``'constant'``.
         freeze_weights: keep the model's weights frozen while scores and rates are learned.
         steps_per_epoch: length of a gamma epoch in optimizer steps, an ``int >= 1``; needed only
@@ -162,7 +166,7 @@ class HARPSettings:
     learn_rates: bool = True
     optimizer: Literal["sgd", "adam"] = "sgd"
     score_lr: float = 0.1
-    rate_optimizer: Literal["sgd", "adam", "shared-adam"] = "shared-adam"
+    rate_optimizer: Literal["sgd", "adam", "shared-adam"] = "adam"
     rate_lr: float = 0.05
     momentum: float = 0.9
     score_weight_decay: float = 5e-4

@@ -45,7 +45,8 @@ def test_weight_decay_is_decoupled_and_state_round_trips() -> None:
     assert _step(restored, clone, [0.5, -1.0]) == pytest.approx(_step(optimizer, params, [0.5, -1.0]))
 
 
-def test_shared_adam_is_the_default_and_unknown_names_are_refused() -> None:
-    assert HARPSettings().rate_optimizer == "shared-adam"
+def test_rate_optimizer_names() -> None:
+    assert HARPSettings().rate_optimizer == "adam"
+    assert HARPSettings(rate_optimizer="shared-adam").rate_optimizer == "shared-adam"
     with pytest.raises(ValueError, match="rate_optimizer"):
         HARPSettings(rate_optimizer="rmsprop")
