@@ -21,13 +21,7 @@ import torch
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
-# Kept fractions: per layer, absolute, and over all layers weighted by their size. The rates of
-# the smallest layers (a few thousand weights) are set by a handful of AdamW steps whose sign the
-# noise above can flip: measured at afe9ff3 (descent deadline: projection after epoch 0 of 2),
-# test_resnet's conv1.3 (2,304 weights) kept 0.232 under DDP and 0.202 alone, the layers of
-# 9,000 weights or more agreed within 0.019 and the size-weighted mean difference was 0.0013.
-RATE_TOL = 0.05
-WEIGHTED_RATE_TOL = 0.005
+RATE_TOL = 0.02  # per-layer kept fraction, absolute
 MASK_FLIP_TOL = 0.01  # fraction of mask entries that may differ (top-k near-ties)
 SPARSITY_TOL = 1e-4  # achieved sparsity: the pruner rounds to the target by construction
 
@@ -102,9 +96,6 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
     masks_ddp = torch.load(ddp_out / "checkpoints" / "masks.pt", weights_only=True)
     masks_single = torch.load(single_out / "checkpoints" / "masks.pt", weights_only=True)
     assert masks_ddp.keys() == masks_single.keys()
-    sizes = {name: masks_ddp[name]["weight"].numel() for name in ddp["layer_rates"]}
-    weighted = sum(sizes[n] * abs(r - single["layer_rates"][n]) for n, r in ddp["layer_rates"].items())
-    assert weighted / sum(sizes.values()) <= WEIGHTED_RATE_TOL
     flips = sum(int((masks_ddp[m][p] != masks_single[m][p]).sum()) for m in masks_ddp for p in masks_ddp[m])
     total = sum(t.numel() for d in masks_ddp.values() for t in d.values())
     assert flips / total <= MASK_FLIP_TOL, (flips, total)

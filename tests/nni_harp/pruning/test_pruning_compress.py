@@ -91,13 +91,12 @@ def test_harp_compress_meets_the_target_with_learned_non_uniform_rates(
     assert all(NORMS <= names for _, names in seen)
 
 
-def test_harp_by_default_freezes_every_model_parameter(
+def test_harp_without_norm_training_freezes_every_model_parameter(
     pretrained: Callable[[], nn.Sequential], digits: Digits
 ) -> None:
     torch.manual_seed(0)
     model = pretrained()
-    pruner = HARPPruner(model, CONFIG, make_evaluator(model, digits))
-    assert not pruner.settings.train_norm_affine
+    pruner = HARPPruner(model, CONFIG, make_evaluator(model, digits), train_norm_affine=False)
     weights_before = _weights(model)
     pruned, _ = pruner.compress(max_epochs=1)
     after = _weights(pruned)
