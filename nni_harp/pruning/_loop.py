@@ -16,7 +16,7 @@ import torch
 
 from ._apply import APPLY_METHOD, clear_masker
 from ._optim import HarpOptimizer
-from .budget import final_counts, project_keep
+from .budget import final_counts, project_budgets
 from .errors import StructureError
 from .schedule import epoch_phase
 
@@ -82,12 +82,8 @@ def force_target(pruner: HARPPruner) -> None:
     """Project the rates onto every budget (one factor per budget, the units' ratios kept) and
     refresh the hard masks: the descent deadline's move."""
     units = pruner._units
-    keep = {i: u.keep_value() for i, u in enumerate(units)}
-    for budget in pruner._budgets:
-        keep.update(project_keep(
-            budget, {i: keep[i] for i in budget.units}, {i: units[i].floor for i in budget.units},
-            {i: units[i].ceiling for i in budget.units},
-        ))
+    keep = project_budgets(pruner._budgets, {i: u.keep_value() for i, u in enumerate(units)},
+                           {i: u.floor for i, u in enumerate(units)}, {i: u.ceiling for i, u in enumerate(units)})
     for i, unit in enumerate(units):
         unit.set_keep(keep[i])
         unit.refresh()

@@ -31,6 +31,7 @@ __all__ = [
     "CostBudget",
     "hinge",
     "project_keep",
+    "project_budgets",
     "bisect_increasing",
     "round_to_counts",
     "final_counts",
@@ -250,11 +251,23 @@ def final_counts(
 ) -> dict[int, int]:
     """Whole entry counts per unit that meet every budget: the learned fractions ``keep`` projected
     onto each budget (:func:`project_keep`: their ratios kept) and rounded (:func:`round_to_counts`)."""
+    projected = project_budgets(budgets, keep, floors, ceilings)
     counts: dict[int, int] = {}
     for budget in budgets:
-        projected = project_keep(budget, {u: keep[u] for u in budget.units}, floors, ceilings)
-        counts.update(round_to_counts(budget, projected, sizes, min_counts, max_counts, multiples))
+        counts.update(round_to_counts(budget, {u: projected[u] for u in budget.units}, sizes, min_counts, max_counts,
+                                      multiples))
     return counts
+
+
+def project_budgets(
+    budgets: Sequence[Budget], keep: Mapping[int, float], floors: Mapping[int, float], ceilings: Mapping[int, float],
+) -> dict[int, float]:
+    """``keep`` with each budget's units projected onto that budget (:func:`project_keep`); units of
+    no budget keep their value."""
+    projected = dict(keep)
+    for budget in budgets:
+        projected.update(project_keep(budget, {u: keep[u] for u in budget.units}, floors, ceilings))
+    return projected
 
 
 def layer_flops(model: nn.Module, example_inputs: Any, names: Sequence[str]) -> dict[str, float]:
