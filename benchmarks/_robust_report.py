@@ -26,6 +26,9 @@ class Row:
     pgd20: float | None = None
     autoattack: float | None = None
     robust: float | None = None  # min(pgd20, autoattack)
+    pre_clean: float | None = None  # the pruned model before fine-tuning (eval mode, as pruning left it)
+    pre_pgd20: float | None = None
+    ft_epoch: int | None = None  # fine-tuning epoch whose checkpoint was kept (0: the pruned model itself)
     eval_n: int = 0
     aa_n: int = 0
     kept_params: float | None = None  # non-zero (unstructured) / remaining (structured) params, whole model
@@ -108,6 +111,14 @@ def harp_summary(rows: Sequence[Row]) -> dict[str, Any]:
     }
 
 
+def _before(rows: Sequence[Row]) -> str:
+    """The pruned models' clean / PGD-20 accuracy before fine-tuning (means over seeds)."""
+    clean, pgd = _column(rows, "pre_clean"), _column(rows, "pre_pgd20")
+    if not clean:
+        return "—"
+    return f"{100 * statistics.fmean(clean):.1f} / {100 * statistics.fmean(pgd):.1f}"
+
+
 def _epochs(values: Sequence[int | None]) -> str:
     return ", ".join("never" if v is None else str(v) for v in values) or "—"
 
@@ -126,9 +137,9 @@ def render(header: Sequence[str], rows: Sequence[Row], prune_epochs: int) -> str
         seeds = sorted({r.seed for r in rows if (r.model, r.image_size) == (model, size)})
         lines += ["", (f"## `{model}` at {size} px ({len(seeds)} seed{'s' if len(seeds) != 1 else ''}: "
                   f"{', '.join(map(str, seeds))})"), "",
-                  ("| setting | method | clean | PGD-20 | AutoAttack | robust | kept params | kept FLOPs | wall s | CPU s | seeds "
-                  "| note |"),
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  ("| setting | method | clean | PGD-20 | AutoAttack | robust | before FT: clean / PGD-20 | FT epoch kept "
+                  "| kept params | kept FLOPs | wall s | CPU s | seeds | note |"),
+                  "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
         for k in keys:
             group = groups[k]
             done = [r for r in group if r.ok]
@@ -138,6 +149,7 @@ def render(header: Sequence[str], rows: Sequence[Row], prune_epochs: int) -> str
                 f"| {setting_label(k[2], k[3], k[5], prune_epochs)} | {method_label(k[4])} | "
                 f"{mean_std(_column(done, 'clean'))} | {mean_std(_column(done, 'pgd20'))} | "
                 f"{mean_std(_column(done, 'autoattack'))} | **{mean_std(_column(done, 'robust'))}** | "
+                f"{_before(done)} | {_epochs([r.ft_epoch for r in done]) if k[2] != 'dense' else '—'} | "
                 f"{mean_std(_column(done, 'kept_params'))} | {mean_std(_column(done, 'kept_flops'))} | "
                 f"{statistics.fmean(secs) if secs else 0:.0f} | {statistics.fmean(cpu) if cpu else 0:.0f} | {len(done)} | "
                 f"{'; '.join(notes)} |")

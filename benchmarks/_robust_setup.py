@@ -111,22 +111,26 @@ class Setup:
         return TorchEvaluator(self.training_func(), optimizer, self.step, dummy_input=self.example)
 
     def adversarial_training(self, model: nn.Module, epochs: int, lr: float, ramp: float = 0.0,
-                             select_every: int = 0, optimizer_name: str = "sgd") -> None:
+                             select_every: int = 0, optimizer_name: str = "sgd", keep_start: bool = False) -> int:
         """PGD-AT: SGD (momentum 0.9) or Adam, weight decay 5e-4, cosine over ``epochs``. For training from scratch,
         eps grows linearly over the first ``ramp`` of the epochs, and with ``select_every > 0`` the
         model's PGD-10 accuracy on the first :data:`SELECT_SAMPLES` training images is measured every
         ``select_every`` epochs after the ramp (and at the end) and the best checkpoint is kept: at
         these radii, on this little data, PGD-AT from scratch sometimes collapses for a few epochs
-        (clean accuracy near 60 %, robust near 5 %) depending on the seed, and may end in such a dip."""
+        (clean accuracy near 60 %, robust near 5 %) depending on the seed, and may end in such a dip.
+        ``keep_start`` also makes the model as it came in a candidate (fine-tuning after pruning can
+        fall into the same dip). Returns the number of epochs the kept model was trained for."""
         if epochs < 1:
-            return
+            return 0
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = (torch.optim.Adam(params, lr=lr, weight_decay=5e-4) if optimizer_name == "adam" else
                      torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
         train = self.training_func()
         ramp_epochs = round(ramp * epochs)
-        best: tuple[float, dict[str, torch.Tensor]] | None = None
+        best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+        if select_every and keep_start:
+            best = (self._selection_accuracy(model), 0, copy.deepcopy(model.state_dict()))
         for epoch in range(epochs):
             step = self.step
             if epoch + 1 < ramp_epochs:
@@ -137,14 +141,25 @@ class Setup:
             if select_every and epoch + 1 >= ramp_epochs and (epochs - 1 - epoch) % select_every == 0:
                 accuracy = self._selection_accuracy(model)
                 if best is None or accuracy >= best[0]:
-                    best = (accuracy, copy.deepcopy(model.state_dict()))
-        if best is not None:
-            model.load_state_dict(best[1])
+                    best = (accuracy, epoch + 1, copy.deepcopy(model.state_dict()))
+        if best is None:
+            return epochs
+        model.load_state_dict(best[2])
+        return best[1]
 
     def _selection_accuracy(self, model: nn.Module) -> float:
         x, y = next(iter(DataLoader(self.train_set, batch_size=SELECT_SAMPLES)))
         attack = replace(self.eval_attack, step_size=2.5 * self.opts.eps / 10, steps=10)
         return evaluate_robustness(model, [(x, y)], attack, autoattack=False).pgd
+
+    def finetune(self, model: nn.Module, row: Row) -> None:
+        """Record the pruned model's clean and PGD-20 accuracy, then fine-tune it (PGD-AT,
+        ``--finetune-epochs``) keeping the best of it and its checkpoints (``--finetune-select-every``)."""
+        model.eval()
+        before = evaluate_robustness(model, self.test_batches, self.eval_attack, autoattack=False)
+        row.pre_clean, row.pre_pgd20 = before.clean, before.pgd
+        row.ft_epoch = self.adversarial_training(model, self.opts.finetune_epochs, self.opts.finetune_lr,
+                                                 select_every=self.opts.finetune_select_every, keep_start=True)
 
     def evaluate(self, model: nn.Module, row: Row) -> Row:
         """Clean and PGD-20 accuracy on the evaluation samples, AutoAttack (``opts.autoattack``) on

@@ -14,7 +14,11 @@ AT, Adam, eps ramped over the first 30 % of 60 epochs, best of every 5th checkpo
 256 training images: SGD at lr 0.05 collapsed on some seeds) and cached. Every method then prunes
 a copy of it to each setting and fine-tunes the remaining weights with the same PGD-AT budget
 (``--finetune-epochs``, SGD lr 0.01, cosine; masked fine-tuning, or fine-tuning of Torch-Pruning's
-physically smaller model). HARP and HYDRA are used through the public API (``nni_harp.HARPPruner``
+physically smaller model), keeping the best of the pruned model itself and the fine-tuning
+checkpoints by PGD-10 on 256 training images, as the dense models' pretraining does: fine-tuning
+at these radii can fall into the PGD-AT dip (clean ~60 %, robust ~5 %) and stay there. The pruned model's
+clean and PGD-20 accuracy before fine-tuning is reported too, so a collapse can be placed in the
+pruning or in the fine-tuning. HARP and HYDRA are used through the public API (``nni_harp.HARPPruner``
 / ``HydraPruner``, NNI ``TorchEvaluator``) with their *default* settings: they learn scores (HARP
 also rates) for ``--prune-epochs`` (20, the original's schedule) with the weights frozen; one
 short-schedule row prunes 90 % unstructured in ``--short-prune-epochs`` (3, the NNI-API case).
@@ -108,7 +112,6 @@ def _sparse_flops_kept(model: nn.Module, masks: dict[str, dict[str, torch.Tensor
 
 def run_cell(setup: Setup, cache: Path, cell: Cell, prior: Row | None) -> Row:
     """Prune the dense model with one method, fine-tune it (PGD-AT) and evaluate it."""
-    opts = setup.opts
     method: Method = METHODS[cell.method]
     row = Row(cell.grid.model, cell.grid.image_size, cell.seed, cell.mode, cell.target, cell.method, cell.prune_epochs)
     dense = setup.dense(cache)
@@ -122,13 +125,13 @@ def run_cell(setup: Setup, cache: Path, cell: Cell, prior: Row | None) -> Row:
     start = time.perf_counter()
     if pruned.small is not None:
         small = pruned.small
-        setup.adversarial_training(small, opts.finetune_epochs, opts.finetune_lr)
+        setup.finetune(small, row)
     else:
         masks = {m: {p: t.to(setup.device) for p, t in d.items()} for m, d in (pruned.masks or {}).items()}
         if cell.method == "harp":
             row.alloc = allocation(masks, cell.mode, setup.structure)
         fix_masks(model, masks)
-        setup.adversarial_training(model, opts.finetune_epochs, opts.finetune_lr)
+        setup.finetune(model, row)
         release_masks(model)
         model.eval()
         if cell.mode == "structured":
@@ -319,7 +322,11 @@ class Run:
             (f"Threat model: L-inf eps = {_eps_text(o.eps)} on images in [0, 1]. Data: {split}. Dense model per seed: "
             f"PGD-AT (PGD-{o.train_attack_steps}, step 2.5 eps / {o.train_attack_steps}) for {o.pretrain_epochs} epochs "
             f"(batch {o.batch_size}, lr {o.pretrain_lr}, cosine). Every method fine-tunes adversarially for "
-            f"{o.finetune_epochs} epochs after pruning (lr {o.finetune_lr}). HARP and HYDRA (public API, default "
+            f"{o.finetune_epochs} epochs after pruning (lr {o.finetune_lr}"
+            + (f"; the best of the pruned model and the checkpoints of every {o.finetune_select_every} epoch(s) by "
+               f"PGD-10 on 256 training images is kept: 'FT epoch kept', 0 = the pruned model" if o.finetune_select_every
+               else "; the last checkpoint") + "). "
+            f"HARP and HYDRA (public API, default "
             f"settings) learn for {o.prune_epochs} pruning epochs with frozen weights; NNI MovementPruner fine-prunes "
             f"for the same number of epochs."),
             "",

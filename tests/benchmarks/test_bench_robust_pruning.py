@@ -44,12 +44,14 @@ def test_tiny_slice_table_has_mean_std_cells_and_harp_columns(bench, tmp_path: P
     assert bench.main(args) == 0
     text = (tmp_path / "res_0.9.md").read_text()
     rows = {line.split(" | ")[1]: line for line in text.splitlines()
-            if line.startswith("| 90 % sparse") and line.count("|") == 13}  # the main table's 12 columns
+            if line.startswith("| 90 % sparse") and line.count("|") == 15}  # the main table's 14 columns
     assert set(rows) == {"HARP", "HARP's allocation + magnitude scores"}, text
     for line in rows.values():
         cells = line.split(" | ")
-        assert all(re.fullmatch(r"\**" + _CELL + r"\**", c) for c in cells[2:8]), line  # clean .. kept FLOPs
-        assert cells[10] == "2"  # seeds
+        assert all(re.fullmatch(r"\**" + _CELL + r"\**", c) for c in cells[2:6] + cells[8:10]), line  # accuracies, kept
+        assert re.fullmatch(r"\d+\.\d / \d+\.\d", cells[6]), line  # before fine-tuning: clean / PGD-20
+        assert re.fullmatch(r"[01], [01]", cells[7]), line  # the kept fine-tuning epoch per seed (0: none, 1 epoch)
+        assert cells[12] == "2"  # seeds
     assert "gamma frozen at (per seed)" in text and "spread" in text
     harp_alloc = [line for line in text.splitlines() if line.startswith("| 90 % sparse") and line.count("|") == 9]
     assert len(harp_alloc) == 1 and len(re.findall(_CELL, harp_alloc[0])) == 4, text  # min, max, spread, start
@@ -62,6 +64,7 @@ def test_tiny_slice_table_has_mean_std_cells_and_harp_columns(bench, tmp_path: P
         assert "target_met" in harp["history"][0]
         assert ablation["kept_params"] == pytest.approx(harp["kept_params"], abs=1e-9)  # the same counts per layer
         assert 0 <= harp["robust"] == min(harp["pgd20"], harp["autoattack"])
+        assert 0 <= harp["pre_clean"] <= 1 and 0 <= harp["pre_pgd20"] <= 1 and harp["ft_epoch"] in (0, 1)
     assert by[("dense", 0)]["eval_n"] == 24 and by[("dense", 0)]["aa_n"] == 8
 
     # a second run with the same options reuses every finished cell instead of recomputing it
