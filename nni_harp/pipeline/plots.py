@@ -122,7 +122,8 @@ _PHASE_STYLE = {
 def plot_history(history: Sequence[Mapping[str, Any]], target: float | None, path: str | Path, title: str = "") -> Path:
     """The pruning schedule: the kept fraction at every epoch boundary (right axis; the first point
     is where pruning started), gamma per epoch (left axis, log scale when positive), the phase of
-    every epoch as background colour, and the epoch that first met the target (gamma frozen after it)."""
+    every epoch as background colour (hatched: settling on the final masks), and the epoch that
+    first met the target (gamma frozen after it)."""
     def number(h: Mapping[str, Any], key: str) -> float:
         value = h.get(key)
         return float(value) if value is not None else float("nan")
@@ -143,6 +144,10 @@ def plot_history(history: Sequence[Mapping[str, Any]], target: float | None, pat
         if style is not None:
             ax.axvspan(i, i + 1, color=style[0], zorder=0, linewidth=0)
             shown.setdefault(str(h.get("phase")), Patch(color=style[0], label=style[1]))
+        if h.get("settled"):
+            ax.axvspan(i, i + 1, facecolor="none", edgecolor="grey", hatch="//", zorder=0, linewidth=0)
+            shown.setdefault("settled", Patch(facecolor="none", edgecolor="grey", hatch="//",
+                                              label="final masks fixed (settling)"))
     gamma = [number(h, "gamma") for h in history]
     ax.step(range(n + 1), gamma + gamma[-1:], where="post", color="tab:orange", label="gamma (per epoch)")
     if all(g > 0 for g in gamma):
@@ -160,7 +165,8 @@ def plot_history(history: Sequence[Mapping[str, Any]], target: float | None, pat
     # HYDRA's history has no phases: its rates are fixed, so there is no schedule to freeze
     met = next((i for i, h in enumerate(history) if h.get("target_met") and h.get("phase")), None)
     if met is not None:
-        how = "forced (descent deadline)" if history[met].get("forced") else "met"
+        how = ("met" if not history[met].get("forced") else
+               "forced (settling)" if history[met].get("settled") else "forced (descent deadline)")
         ax2.axvline(met + 1, color="black", linestyle=":", label=f"target {how} after epoch {met + 1}: gamma frozen")
     ax2.set_ylabel("kept fraction", color="tab:blue")
     ax2.set_ylim(0.0, 1.05)

@@ -2,7 +2,8 @@
 
 - :func:`run_epochs`: per epoch, set gamma (the stagewise schedule) and the learning rates, let the
   evaluator train one epoch (or ``steps_per_epoch`` steps), observe whether the target is met
-  (forcing it at ``HARPSettings.descent_deadline``: :func:`force_target`), and append the epoch's
+  (forcing it at ``HARPSettings.descent_deadline`` and at every later epoch end above it:
+  :func:`force_target`), and append the epoch's
   record (with its phase) to ``pruner.history``;
 - :func:`finalize`: project the learned rates onto the budgets, fix the hard masks, hand them to
   NNI's wrappers and remove HARP's tensors from the model.
@@ -23,7 +24,7 @@ from .schedule import epoch_phase
 if TYPE_CHECKING:
     from .harp import HARPPruner
 
-__all__ = ["run_epochs", "force_target", "finalize"]
+__all__ = ["run_epochs", "force_target", "fix_final_masks", "finalize"]
 
 _logger = logging.getLogger("nni_harp.pruning.harp")  # one logger for the pruner's whole run
 
@@ -39,6 +40,9 @@ def run_epochs(pruner: HARPPruner, optimizer: HarpOptimizer, epochs: int, max_st
         optimizer.set_epoch(epoch, epochs)
         pruner._reset_epoch_stats()
         kept_start = pruner.kept_fraction()
+        settle = s.settle_epoch(epochs)
+        settling = settle is not None and epoch >= settle
+        settle_forced = fix_final_masks(pruner, optimizer) if settling and not optimizer.masks_fixed else False
         if by_epoch:
             pruner.evaluator.train(max_steps=steps_left, max_epochs=1)
         else:
@@ -46,8 +50,10 @@ def run_epochs(pruner: HARPPruner, optimizer: HarpOptimizer, epochs: int, max_st
         if steps_left is not None:
             steps_left -= pruner._epoch_steps
         met = pruner._targets_met()
-        deadline = s.deadline_epoch(epochs)
-        forced = s.learn_rates and not met and not pruner.schedule.frozen and deadline is not None and epoch >= deadline
+        deadline = s.deadline_epoch(epochs, pruner.structured)
+        # past the deadline the target is held: an epoch that ends above it (the rates drift back up
+        # when gamma froze at a value the rates had not met by themselves) is projected again
+        forced = s.learn_rates and not settling and not met and deadline is not None and epoch >= deadline
         if forced:
             force_target(pruner)
             met = True
@@ -64,7 +70,8 @@ def run_epochs(pruner: HARPPruner, optimizer: HarpOptimizer, epochs: int, max_st
             "adv_loss": float(pruner._task_sum) / batches if batches else float("nan"),
             "hw_loss": float(pruner._hw_sum) / batches if batches else float("nan"),
             "target_met": met,
-            "forced": forced,
+            "forced": forced or settle_forced,
+            "settled": settling,
             # HYDRA's rates are fixed: it has no schedule, so no phases
             "phase": epoch_phase(pruner.schedule, epoch, kept_start, kept) if s.learn_rates else None,
             "steps": pruner._epoch_steps,
@@ -91,17 +98,38 @@ def force_target(pruner: HARPPruner) -> None:
                  type(pruner).__name__, pruner.kept_fraction())
 
 
-@torch.no_grad()
-def finalize(pruner: HARPPruner) -> None:
-    """Fix the final masks (see the module docstring)."""
+def _final_counts(pruner: HARPPruner) -> dict[int, int]:
+    """Kept entries per unit of the final masks: the rates projected onto every budget, rounded."""
     units = dict(enumerate(pruner._units))
     step = pruner.settings.round_to if pruner.structured else 1
-    counts = final_counts(
+    return final_counts(
         pruner._budgets, {i: u.keep_value() for i, u in units.items()}, {i: u.floor for i, u in units.items()},
         {i: u.ceiling for i, u in units.items()}, {i: u.size for i, u in units.items()},
         {i: u.min_count for i, u in units.items()}, {i: u.max_count for i, u in units.items()},
         {i: step if u.size >= 4 * step else 1 for i, u in units.items()},
     )
+
+
+@torch.no_grad()
+def fix_final_masks(pruner: HARPPruner, optimizer: HarpOptimizer) -> bool:
+    """Start settling (``HARPSettings.settle_epochs``): project rates still above the target onto
+    it, apply the final counts and stop stepping scores and rates. Returns whether it projected."""
+    forced = pruner.settings.learn_rates and not pruner._targets_met()
+    if forced:
+        force_target(pruner)
+    for unit, count in zip(pruner._units, _final_counts(pruner).values()):
+        unit.refresh(count)
+    optimizer.masks_fixed = True
+    _logger.info("%s: final masks fixed for the last %d epoch(s) (kept %.4f)", type(pruner).__name__,
+                 pruner.settings.settle_epochs, pruner.kept_fraction())
+    return forced
+
+
+@torch.no_grad()
+def finalize(pruner: HARPPruner) -> None:
+    """Fix the final masks (see the module docstring)."""
+    units = dict(enumerate(pruner._units))
+    counts = _final_counts(pruner)
     for i, unit in units.items():
         unit.refresh(counts[i])
     _write_masks(pruner)

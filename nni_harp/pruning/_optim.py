@@ -95,7 +95,8 @@ def _build(kind: str, groups: list[dict[str, Any]], momentum: float) -> torch.op
 class HarpOptimizer:
     """The score (+ norm affine) optimizer and, when rates are learned, the rate optimizer."""
 
-    def __init__(self, settings: HARPSettings, units: Sequence[ScoreUnit], norm_params: Iterable[nn.Parameter]) -> None:
+    def __init__(self, settings: HARPSettings, units: Sequence[ScoreUnit], norm_params: Iterable[nn.Parameter],
+                 structured: bool) -> None:
         s = self.settings = settings
         self.units = list(units)
         score_groups: list[dict[str, Any]] = [
@@ -103,14 +104,14 @@ class HarpOptimizer:
         ]
         norms = list(norm_params)
         if norms:
-            norm_lr = s.score_lr if s.norm_lr is None else s.norm_lr
-            score_groups.append({"params": norms, "lr": norm_lr, "weight_decay": s.score_weight_decay})
+            score_groups.append({"params": norms, "lr": s.norm_lr_for(structured), "weight_decay": s.score_weight_decay})
         self.scores = _build(s.optimizer, score_groups, s.momentum)
         self.rates: torch.optim.Optimizer | None = None
         if s.learn_rates:
             rate_group = {"params": [u.rate for u in self.units], "lr": s.rate_lr, "weight_decay": s.rate_weight_decay}
             self.rates = _build(s.rate_optimizer, [rate_group], s.momentum)
         self._base = [[g["lr"] for g in o.param_groups] for o in self._optimizers()]
+        self.masks_fixed = False  # settling (HARPSettings.settle_epochs): scores and rates stay put
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.scores] + ([self.rates] if self.rates is not None else [])
@@ -123,7 +124,12 @@ class HarpOptimizer:
                 group["lr"] = lr * factor
 
     def step(self) -> None:
-        """Clip the rates' gradients, step, clear every gradient stepped here, refresh the masks."""
+        """Clip the rates' gradients, step, clear every gradient stepped here, refresh the masks
+        (once the masks are fixed, only the norm affine parameters are stepped)."""
+        if self.masks_fixed:
+            for unit in self.units:
+                unit.scores.grad = None
+                unit.rate.grad = None
         clip = self.settings.rate_grad_clip
         if self.rates is not None and clip is not None:
             for unit in self.units:
@@ -132,8 +138,9 @@ class HarpOptimizer:
         for optimizer in self._optimizers():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        for unit in self.units:
-            unit.refresh()
+        if not self.masks_fixed:
+            for unit in self.units:
+                unit.refresh()
 
     def state_dict(self) -> dict[str, Any]:
         return {"scores": self.scores.state_dict(), "rates": None if self.rates is None else self.rates.state_dict()}

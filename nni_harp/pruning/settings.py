@@ -44,6 +44,12 @@ def _flag(field: str, value: object) -> None:
         raise SettingsError(field, value, "True or False")
 
 
+#: ``descent_deadline`` when left at ``None``, by mode (``structured``): see the field.
+DEFAULT_DEADLINE: dict[bool, float] = {False: 1.0, True: 0.5}
+#: ``norm_lr / score_lr`` when ``norm_lr`` is left at ``None``, by mode (``structured``): see the field.
+DEFAULT_NORM_LR_FACTOR: dict[bool, float] = {False: 1.0, True: 0.1}
+
+
 @dataclass(frozen=True)
 class HARPSettings:
     """Settings of :class:`~nni_harp.pruning.HARPPruner` (and :class:`~nni_harp.pruning.HydraPruner`).
@@ -114,13 +120,7 @@ class HARPSettings:
         train_norm_affine: train the affine weight and bias of the normalisation layers (BatchNorm,
             LayerNorm, GroupNorm, ...) with the scores while pruning, as the authors and HYDRA do
             (at ``norm_lr``); every other model parameter stays frozen (when ``freeze_weights``).
-            On by default. Single-seed A/B runs on the robust-pruning benchmark (test_resnet,
-            digits, seed 0, 20 epochs, 5 PGD-AT fine-tuning epochs) favoured freezing them at 75 %
-            of the FLOPs removed (robust 62.0 % frozen, 2.0 % trained at 0.01), but with them
-            frozen (and ``descent_deadline=0.5``) the 3-seed run lost at 95 % unstructured
-            (robust 69 / 3 / 1 % against 76 / 61 / 70 % with these defaults) and still collapsed
-            at 75 % FLOPs on seed 1 (0 %), with a low pruning-time adversarial loss every time:
-            the collapses come after fine-tuning, so those A/B runs did not measure this setting.
+            On by default.
         lr_schedule: ``'cosine'`` (annealed per epoch over the pruning run) or ``'constant'``.
         freeze_weights: keep the model's weights frozen while scores and rates are learned.
         steps_per_epoch: length of a gamma epoch in optimizer steps, an ``int >= 1``; needed only
@@ -145,18 +145,34 @@ class HARPSettings:
         descent_deadline: share of the pruning epochs, in ``(0, 1]``, by whose end the target must
             be met: if the rates are still above it at the end of epoch ``ceil(share * epochs) - 1``
             (0-based), they are projected onto the budget there (one common factor: the learned
-            ratios between units are kept) and gamma freezes, so the remaining epochs train the
-            scores at the target's sparsity (the balance phase) instead of meeting the final cut
-            untrained. ``1.0`` never forces: an unmet target is then projected only in the final
-            masks (the default: the 3-seed benchmark evidence is for no deadline, see
-            ``train_norm_affine``). ``0.5`` shows the balance phase in every run: on the benchmark
-            (75 % of the FLOPs removed, 20 epochs) the structured rates without it had met the
-            target at epoch 8 on one seed and never on two.
+            ratios between units are kept), gamma freezes, and every later epoch end above the
+            target is projected again, so the remaining epochs train the scores at the target's
+            sparsity (the balance phase) instead of meeting the final cut untrained. ``1.0`` never
+            forces. ``None`` (default): :data:`DEFAULT_DEADLINE`, ``1.0`` for unstructured pruning,
+            whose rates met the target by themselves at epochs 11-15 of 20 on the robust-pruning
+            benchmark, and ``0.5`` for structured pruning, whose rates had not got below 41-45 % of
+            the FLOPs (target 25 %) by the end of the same 20 epochs, so the whole cut came at once
+            (``benchmarks/results/robust_pruning_01384ec.md`` for the run before this default).
         norm_lr: learning rate of the normalisation layers' affine parameters when
-            ``train_norm_affine``, ``> 0``; ``None`` (default) uses ``score_lr``, as the authors.
-            Scores are scale-free (only their order matters), the affine parameters are not.
+            ``train_norm_affine``, ``> 0``. ``None`` (default): ``score_lr`` times
+            :data:`DEFAULT_NORM_LR_FACTOR`, 1 for unstructured pruning (the authors' one rate) and
+            0.1 for structured pruning. Scores are scale-free (only their order matters), the
+            affine parameters are not: at the score rate the structured runs' pruning-time
+            adversarial loss climbed to chance (2.3) on 2 of 3 seeds, for HYDRA's uniform rates too,
+            and HARP's robust accuracy after fine-tuning was 74 / 7 / 35 %
+            (``benchmarks/results/robust_pruning_01384ec.md``).
         met_tolerance: the target counts as met once the rates' kept fraction (the one the hardware
             loss sees) is ``<= target + met_tolerance``, in ``[0, 1)``.
+        settle_epochs: the last ``settle_epochs`` pruning epochs (of a run longer than that) train
+            with the final masks fixed, an ``int >= 0``: at their start the rates are projected onto
+            the budget if they are still above it, the final counts are taken, and from then on
+            scores and rates stay put while the normalisation layers' affine parameters (with
+            ``train_norm_affine``) go on training and their running statistics settle on the final
+            structure. While scores learn, the kept channels change from step to step, so a
+            BatchNorm's running statistics average over many structures: without settling, the
+            structured HARP models of the robust-pruning benchmark had 29 % clean accuracy in eval
+            mode before fine-tuning, mean of 3 seeds ("before FT" in
+            ``benchmarks/results/robust_pruning_01384ec.md``). ``0`` disables it.
     """
 
     gamma_0: float = 0.01
@@ -180,9 +196,10 @@ class HARPSettings:
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     freeze_weights: bool = True
     steps_per_epoch: int | None = None
-    descent_deadline: float = 1.0
+    descent_deadline: float | None = None
     norm_lr: float | None = None
     met_tolerance: float = 0.0
+    settle_epochs: int = 1
     rate_grad_clip: float | None = 1.0
     min_kept_per_output: int = 1
     round_to: int = 8
@@ -225,10 +242,13 @@ class HARPSettings:
             isinstance(self.steps_per_epoch, bool) or not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 1
         ):
             raise SettingsError("steps_per_epoch", self.steps_per_epoch, "None or an int >= 1")
-        _real("descent_deadline", self.descent_deadline, 0.0, 1.0, low_open=True, high_open=False)
+        if self.descent_deadline is not None:
+            _real("descent_deadline", self.descent_deadline, 0.0, 1.0, low_open=True, high_open=False)
         if self.norm_lr is not None:
             _real("norm_lr", self.norm_lr, 0.0, math.inf, low_open=True, high_open=True)
         _real("met_tolerance", self.met_tolerance, 0.0, 1.0, low_open=False, high_open=True)
+        if isinstance(self.settle_epochs, bool) or not isinstance(self.settle_epochs, int) or self.settle_epochs < 0:
+            raise SettingsError("settle_epochs", self.settle_epochs, "an int >= 0")
         if self.rate_grad_clip is not None:
             _real("rate_grad_clip", self.rate_grad_clip, 0.0, math.inf, low_open=True, high_open=True)
         if (isinstance(self.min_kept_per_output, bool) or not isinstance(self.min_kept_per_output, int)
@@ -246,12 +266,29 @@ class HARPSettings:
             return self.budget
         return "flops" if structured else "params"
 
-    def deadline_epoch(self, epochs: int) -> int | None:
+    def deadline_for(self, structured: bool) -> float:
+        """The descent deadline: the explicit one, else :data:`DEFAULT_DEADLINE` of the mode."""
+        return self.descent_deadline if self.descent_deadline is not None else DEFAULT_DEADLINE[structured]
+
+    def deadline_epoch(self, epochs: int, structured: bool) -> int | None:
         """The 0-based epoch of ``epochs`` at whose end an unmet target is forced
-        (``descent_deadline``); ``None`` for a deadline of 1.0 (only the final masks project)."""
-        if self.descent_deadline >= 1.0:
+        (:meth:`deadline_for`); ``None`` for a deadline of 1.0 (only the final masks project)."""
+        share = self.deadline_for(structured)
+        if share >= 1.0:
             return None
-        return max(0, math.ceil(self.descent_deadline * epochs - 1e-9) - 1)
+        return max(0, math.ceil(share * epochs - 1e-9) - 1)
+
+    def norm_lr_for(self, structured: bool) -> float:
+        """The norm affine parameters' learning rate: the explicit one, else ``score_lr`` times
+        :data:`DEFAULT_NORM_LR_FACTOR` of the mode."""
+        return self.norm_lr if self.norm_lr is not None else self.score_lr * DEFAULT_NORM_LR_FACTOR[structured]
+
+    def settle_epoch(self, epochs: int) -> int | None:
+        """The 0-based epoch of ``epochs`` from which the final masks are fixed (``settle_epochs``);
+        ``None`` when off or when the run is not longer than the settling."""
+        if self.settle_epochs == 0 or epochs <= self.settle_epochs:
+            return None
+        return epochs - self.settle_epochs
 
     def latency_cache_dir(self) -> Path:
         """Where fitted latency models are kept: ``latency_cache``, else ``$XDG_CACHE_HOME/nni_harp/latency``

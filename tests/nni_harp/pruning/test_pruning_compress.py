@@ -109,10 +109,13 @@ def test_descent_deadline_forces_an_unmet_target_and_keeps_the_learned_ratios(
 ) -> None:
     """gamma_0 so small that the hinge cannot win in 4 epochs: with a deadline at half the run the
     rates are projected onto the budget at the end of epoch 1, gamma freezes there and epochs 2-3
-    train the scores at the target (balance); with deadline 1.0 nothing is forced."""
+    train the scores at the target (balance), which every epoch end from the deadline on holds
+    (the frozen gamma is too weak to: an epoch that drifted back up is projected again); with
+    deadline 1.0 nothing is forced."""
     torch.manual_seed(0)
     model = pretrained()
-    pruner = HARPPruner(model, CONFIG, make_evaluator(model, digits), gamma_0=1e-6, descent_deadline=deadline)
+    pruner = HARPPruner(model, CONFIG, make_evaluator(model, digits), gamma_0=1e-6, descent_deadline=deadline,
+                        settle_epochs=0)  # settling would project too (test_the_last_epoch_settles_on_the_final_masks)
     seen: list[tuple[dict[str, float], dict[str, float]]] = []
 
     def watched(p: HARPPruner) -> None:
@@ -126,9 +129,10 @@ def test_descent_deadline_forces_an_unmet_target_and_keeps_the_learned_ratios(
     if deadline == 1.0:
         assert not seen and not any(h["forced"] or h["target_met"] for h in history) and pruner.frozen_at is None
         return
-    assert [h["forced"] for h in history] == [False, True, False, False] and len(seen) == 1
-    assert pruner.frozen_at == 1 and history[1]["target_met"] and not history[0]["target_met"]
-    assert history[0]["kept_fraction"] > 0.2 and history[1]["kept_fraction"] == pytest.approx(0.1, abs=0.01)
+    assert [h["forced"] for h in history[:2]] == [False, True] and len(seen) == sum(h["forced"] for h in history)
+    assert pruner.frozen_at == 1 and all(h["target_met"] for h in history[1:]) and not history[0]["target_met"]
+    assert history[0]["kept_fraction"] > 0.2
+    assert [h["kept_fraction"] for h in history[1:]] == pytest.approx([0.1] * 3, abs=0.01)
     assert [h["gamma"] for h in history] == pytest.approx([1e-6, 2e-6, 2e-6, 2e-6])
     assert [h["phase"] for h in history[2:]] == ["balance", "balance"]
     # one common factor: the units the projection did not clip to their floor keep their learned ratios
@@ -141,14 +145,67 @@ def test_descent_deadline_forces_an_unmet_target_and_keeps_the_learned_ratios(
     assert max(before[n] for n in free) / min(before[n] for n in free) > 1.05  # a non-uniform plan to keep
 
 
+@pytest.mark.parametrize("settle", [1, 0])
+def test_the_last_epoch_settles_on_the_final_masks(
+    pretrained: Callable[[], nn.Sequential], digits: Digits, settle: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``settle_epochs=1`` the final masks are fixed when the last epoch starts (projected onto
+    the budget: gamma_0 is too small for the rates to get there in 3 epochs): no mask, score or rate
+    moves during it while the BatchNorm affine parameters still train, and the masks returned are
+    those it trained with. With 0 the scores move to the end."""
+    torch.manual_seed(0)
+    model = pretrained()
+    pruner = HARPPruner(model, CONFIG, make_evaluator(model, digits), gamma_0=1e-6, settle_epochs=settle)
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    def snapshot(p: HARPPruner) -> dict[str, torch.Tensor]:
+        state = {f"{u.name}.{k}": t.detach().clone() for u in p._units
+                 for k, t in (("hard", u.hard), ("scores", u.scores), ("rate", u.rate))}
+        norms = {n.replace("_nni_wrapper.", ""): t for n, t in p.bound_model.named_parameters()}
+        return state | {n: t.detach().clone() for n, t in norms.items() if n in NORMS}
+
+    original, finalize = _loop.fix_final_masks, pruner._finalize
+
+    def watched(p: HARPPruner, optimizer: HarpOptimizer) -> bool:
+        forced = original(p, optimizer)
+        snapshots.append(snapshot(p))
+        return forced
+
+    def last_epoch_then_finalize() -> None:
+        snapshots.append(snapshot(pruner))
+        finalize()
+
+    monkeypatch.setattr(_loop, "fix_final_masks", watched)
+    monkeypatch.setattr(pruner, "_finalize", last_epoch_then_finalize)
+    _, masks = pruner.compress(max_epochs=3)
+    history = pruner.history
+    assert [h["settled"] for h in history] == [False, False, settle == 1]
+    if settle == 0:
+        assert len(snapshots) == 1 and not history[-1]["forced"]
+        return
+    assert len(snapshots) == 2 and history[-1]["forced"] and history[-1]["target_met"]
+    assert history[-1]["kept_fraction"] == pytest.approx(0.1, abs=0.01)
+    start, end = snapshots
+    units = [k for k in start if k.endswith((".hard", ".scores", ".rate"))]
+    assert len(units) == 3 * len(pruner._units) and all(torch.equal(end[k], start[k]) for k in units)
+    norms = set(start) - set(units)
+    assert norms == NORMS and any(not torch.equal(end[n], start[n]) for n in norms)  # they still train
+    for unit in pruner._units:  # the returned masks are the ones the settling epoch trained with
+        assert torch.equal(masks[unit.name]["weight"].flatten().bool(), start[f"{unit.name}.hard"].flatten().bool())
+
+
 def test_norm_affine_parameters_have_their_own_learning_rate(pretrained: Callable[[], nn.Sequential], digits: Digits) -> None:
     model = pretrained()
     settings = HARPSettings(norm_lr=0.003, score_lr=0.2)
-    optimizer = HarpOptimizer(settings, [], norm_affine_parameters(model))
-    assert [g["lr"] for g in optimizer.scores.param_groups] == [0.2, 0.003]
-    assert sum(p.numel() for p in optimizer.scores.param_groups[1]["params"]) == 2 * (12 + 24 + 24)
-    default = HarpOptimizer(HARPSettings(norm_lr=None, score_lr=0.2), [], norm_affine_parameters(model))
-    assert [g["lr"] for g in default.scores.param_groups] == [0.2, 0.2]
+    for structured in (False, True):
+        optimizer = HarpOptimizer(settings, [], norm_affine_parameters(model), structured)
+        assert [g["lr"] for g in optimizer.scores.param_groups] == [0.2, 0.003]
+        assert sum(p.numel() for p in optimizer.scores.param_groups[1]["params"]) == 2 * (12 + 24 + 24)
+    # left at None: the score rate for unstructured pruning, a tenth of it for structured pruning
+    default = HARPSettings(norm_lr=None, score_lr=0.2)
+    lrs = [[g["lr"] for g in HarpOptimizer(default, [], norm_affine_parameters(model), structured).scores.param_groups]
+           for structured in (False, True)]
+    assert lrs[0] == pytest.approx([0.2, 0.2]) and lrs[1] == pytest.approx([0.2, 0.02])
 
 
 def test_hydra_keeps_uniform_rates_and_learns_scores(pretrained: Callable[[], nn.Sequential], digits: Digits) -> None:

@@ -23,7 +23,20 @@ def test_defaults_follow_the_paper() -> None:
 @pytest.mark.parametrize(("share", "epochs", "epoch"), [(0.5, 20, 9), (0.5, 8, 3), (0.5, 3, 1), (0.5, 1, 0), (1.0, 20, None), (0.99, 20, 19),
                                                          (0.1, 20, 1), (0.01, 20, 0)])
 def test_descent_deadline_epoch(share: float, epochs: int, epoch: int | None) -> None:
-    assert HARPSettings(descent_deadline=share).deadline_epoch(epochs) == epoch
+    assert HARPSettings(descent_deadline=share).deadline_epoch(epochs, structured=False) == epoch
+    assert HARPSettings(descent_deadline=share).deadline_epoch(epochs, structured=True) == epoch
+
+
+def test_descent_deadline_default_depends_on_the_mode() -> None:
+    """Left at None: no deadline for unstructured pruning, half the run for structured pruning."""
+    assert HARPSettings().deadline_epoch(20, structured=False) is None
+    assert HARPSettings().deadline_epoch(20, structured=True) == 9
+
+
+@pytest.mark.parametrize(("settle", "epochs", "epoch"), [(1, 20, 19), (1, 2, 1), (1, 1, None), (0, 20, None), (3, 3, None),
+                                                          (3, 4, 1)])
+def test_settle_epoch(settle: int, epochs: int, epoch: int | None) -> None:
+    assert HARPSettings(settle_epochs=settle).settle_epoch(epochs) == epoch
 
 
 @pytest.mark.parametrize(
@@ -53,6 +66,8 @@ def test_descent_deadline_epoch(share: float, epochs: int, epoch: int | None) ->
         ("min_kept_per_output", 1.5, "int >= 0"),
         ("round_to", 0, "int >= 1"),
         ("round_to", 8.0, "int >= 1"),
+        ("settle_epochs", -1, "int >= 0"),
+        ("settle_epochs", True, "int >= 0"),
     ],
 )
 def test_settings_errors_name_field_and_range(field: str, value: Any, allowed: str) -> None:
