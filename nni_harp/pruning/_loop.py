@@ -42,7 +42,8 @@ def run_epochs(pruner: HARPPruner, optimizer: HarpOptimizer, epochs: int, max_st
         kept_start = pruner.kept_fraction()
         settle = s.settle_epoch(epochs)
         settling = settle is not None and epoch >= settle
-        settle_forced = fix_final_masks(pruner, optimizer) if settling and not optimizer.masks_fixed else False
+        if settling and not optimizer.masks_fixed:  # fixed at the end of epoch settle - 1; again after a resume
+            fix_final_masks(pruner, optimizer)
         if by_epoch:
             pruner.evaluator.train(max_steps=steps_left, max_epochs=1)
         else:
@@ -57,6 +58,9 @@ def run_epochs(pruner: HARPPruner, optimizer: HarpOptimizer, epochs: int, max_st
         if forced:
             force_target(pruner)
             met = True
+        if settle is not None and epoch == settle - 1:  # the last epochs train on the final masks
+            forced = fix_final_masks(pruner, optimizer) or forced
+            met = met or s.learn_rates
         kept = pruner.kept_fraction()
         if s.learn_rates:
             pruner.schedule.observe(epoch, met)
@@ -70,7 +74,7 @@ def run_epochs(pruner: HARPPruner, optimizer: HarpOptimizer, epochs: int, max_st
             "adv_loss": float(pruner._task_sum) / batches if batches else float("nan"),
             "hw_loss": float(pruner._hw_sum) / batches if batches else float("nan"),
             "target_met": met,
-            "forced": forced or settle_forced,
+            "forced": forced,
             "settled": settling,
             # HYDRA's rates are fixed: it has no schedule, so no phases
             "phase": epoch_phase(pruner.schedule, epoch, kept_start, kept) if s.learn_rates else None,

@@ -75,7 +75,11 @@ def test_resumed_pruning_matches_uninterrupted_run(tmp_path, whole, stop_at):
     masks_w, rates_w, history_w = _outcome(whole)
     # Same seed, same batches, same RNG state at every epoch and the pruner's full state restored:
     # the CPU computation is the same sequence of operations, so the results are bit-identical.
-    assert history_w[0]["target_met"] and not history_w[1]["target_met"]  # the scenario above holds
+    # the scenario: the target met in epoch 0 (gamma frozen), the rates drifted back above it in epoch 1
+    # and were projected when the final masks were fixed at its end; epoch 2 settles on them (a run
+    # resumed there fixes them again from the restored rates)
+    assert history_w[0]["target_met"] and history_w[1]["forced"]
+    assert [h["settled"] for h in history_w] == [False, False, True]
     assert [h["gamma"] for h in history_w] == [0.01, 0.01, 0.01]
     assert history_r == history_w  # gamma, kept fraction, losses and target_met of every epoch
     assert rates_r == rates_w
