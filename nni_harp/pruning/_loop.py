@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,15 +19,26 @@ import torch
 from ._apply import APPLY_METHOD, clear_masker
 from ._optim import HarpOptimizer
 from .budget import final_counts, project_budgets
-from .errors import StructureError
+from .errors import SettingsError, StructureError
 from .schedule import epoch_phase
 
 if TYPE_CHECKING:
     from .harp import HARPPruner
+    from .settings import HARPSettings
 
-__all__ = ["run_epochs", "force_target", "fix_final_masks", "finalize"]
+__all__ = ["run_length", "run_epochs", "force_target", "fix_final_masks", "finalize"]
 
 _logger = logging.getLogger("nni_harp.pruning.harp")  # one logger for the pruner's whole run
+
+
+def run_length(settings: HARPSettings, max_steps: int | None, max_epochs: int | None) -> int:
+    """Pruning epochs of a ``compress(max_steps, max_epochs)`` call (``max_steps`` alone counts
+    epochs of ``settings.steps_per_epoch`` steps)."""
+    if max_epochs is not None:
+        return max_epochs
+    if settings.steps_per_epoch is None:
+        raise SettingsError("steps_per_epoch", None, "an int >= 1 when compress() is driven by max_steps alone")
+    return math.ceil(max_steps / settings.steps_per_epoch)  # type: ignore[operator]
 
 
 def run_epochs(pruner: HARPPruner, optimizer: HarpOptimizer, epochs: int, max_steps: int | None, by_epoch: bool) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 from ._units import ScoreUnit
 from .settings import HARPSettings
 
-__all__ = ["NORM_TYPES", "norm_affine_parameters", "SharedScaleAdam", "HarpOptimizer"]
+__all__ = ["NORM_TYPES", "norm_affine_parameters", "freeze_for_pruning", "SharedScaleAdam", "HarpOptimizer"]
 
 #: Normalisation layers whose per-channel affine weight and bias HARP trains while pruning.
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -42,6 +42,20 @@ def norm_affine_parameters(model: nn.Module) -> list[nn.Parameter]:
             if isinstance(value, nn.Parameter):
                 found.setdefault(id(value), value)
     return list(found.values())
+
+
+def freeze_for_pruning(model: nn.Module, units: Sequence[ScoreUnit], train_norm_affine: bool) -> dict[nn.Parameter, bool]:
+    """Freeze every parameter of ``model`` but the units' scores and rates and (``train_norm_affine``)
+    the norm layers' affine ones; returns the ``requires_grad`` flags to restore afterwards."""
+    trained = {id(p) for unit in units for p in (unit.scores, unit.rate)}
+    if train_norm_affine:
+        trained |= {id(p) for p in norm_affine_parameters(model)}
+    saved: dict[nn.Parameter, bool] = {}
+    for param in model.parameters():
+        if id(param) not in trained:
+            saved[param] = param.requires_grad
+            param.requires_grad_(False)
+    return saved
 
 
 class SharedScaleAdam(torch.optim.Optimizer):

@@ -3,7 +3,6 @@ and HYDRA (the same scores and straight-through masks, rates fixed at the target
 from __future__ import annotations
 
 import logging
-import math
 import weakref
 from typing import Any, Callable, Mapping
 
@@ -22,13 +21,13 @@ from graph_passes.latency import LatencyModel
 from ._apply import APPLY_METHOD, set_masker
 from ._config import parse_config_list
 from ._masking import Masking, StructuredMasking, UnstructuredMasking
-from ._optim import HarpOptimizer, norm_affine_parameters
+from ._optim import HarpOptimizer, freeze_for_pruning, norm_affine_parameters
 from ._plan import Plan, channel_structure, plan_structured, plan_unstructured, structured_target
 from ._state import STATE_VERSION, pruner_state, restore_pruner
 from ._units import ScoreUnit
-from ._loop import finalize, run_epochs
+from ._loop import finalize, run_epochs, run_length
 from .budget import hinge
-from .errors import PruningError, SettingsError
+from .errors import PruningError
 from .schedule import GammaSchedule
 from .settings import HARPSettings
 
@@ -80,7 +79,9 @@ class HARPPruner(Pruner):
     :attr:`history` with its phase (``'robustness'``, ``'descent'``, ``'balance'``);
     :attr:`frozen_at` is the epoch that first met the target.
 
-    At the end the learned rates are projected onto the budget (one common scale factor, so their
+    The last ``HARPSettings.settle_epochs`` epochs train with the final masks fixed, so that the
+    normalisation layers' running statistics match the pruned structure. At the end the learned
+    rates are projected onto the budget (one common scale factor, so their
     ratios are kept) and rounded to whole entries as close to the target as one entry allows, so the
     returned masks meet the target *by construction*: for unstructured pruning to within one weight,
     for structured pruning to within the cost of the coarsest channel. The returned model is still
@@ -253,18 +254,6 @@ class HARPPruner(Pruner):
 
         return task
 
-    def _freeze(self) -> dict[nn.Parameter, bool]:
-        """Freeze every model parameter but HARP's own and (``train_norm_affine``) the norm layers'."""
-        trained = {id(p) for unit in self._units for p in (unit.scores, unit.rate)}
-        if self.settings.train_norm_affine:
-            trained |= {id(p) for p in norm_affine_parameters(self.bound_model)}
-        saved: dict[nn.Parameter, bool] = {}
-        for param in self.bound_model.parameters():
-            if id(param) not in trained:
-                saved[param] = param.requires_grad
-                param.requires_grad_(False)
-        return saved
-
     def compress(self, max_steps: int | None = None, max_epochs: int | None = None) -> tuple[nn.Module, dict[str, dict[str, Tensor]]]:
         """Prune for ``max_epochs`` epochs (or ``max_steps`` steps, whichever ends first); returns the
         (still NNI-wrapped) model and its masks ``{module: {'weight': 0/1 tensor, 'bias': ...}}``
@@ -283,13 +272,7 @@ class HARPPruner(Pruner):
                        for module, targets in masks.items()}
 
     def _single_compress(self, max_steps: int | None, max_epochs: int | None) -> None:
-        steps_per_epoch = self.settings.steps_per_epoch
-        if max_epochs is not None:
-            epochs = max_epochs
-        else:
-            if steps_per_epoch is None:
-                raise SettingsError("steps_per_epoch", None, "an int >= 1 when compress() is driven by max_steps alone")
-            epochs = math.ceil(max_steps / steps_per_epoch)  # type: ignore[operator]
+        epochs = run_length(self.settings, max_steps, max_epochs)
         if self._total_epochs is not None and self._total_epochs != epochs:
             raise PruningError(
                 f"the loaded state belongs to a run of {self._total_epochs} pruning epochs, but compress() was asked "
@@ -298,7 +281,8 @@ class HARPPruner(Pruner):
         self._total_epochs = epochs
         if self._units:  # index tensors of the structured masks live where the scores live
             self._masking.to(self._units[0].scores.device)
-        saved = self._freeze() if self.settings.freeze_weights else {}
+        saved = freeze_for_pruning(self.bound_model, self._units, self.settings.train_norm_affine) \
+            if self.settings.freeze_weights else {}
         try:
             self.evaluator.bind_model(self.bound_model, self._get_param_names_map())
             try:
@@ -311,7 +295,7 @@ class HARPPruner(Pruner):
                 self.evaluator.patch_loss(self._loss_patch)
                 self.evaluator.patch_optimizer_step(before_step_tasks=[self._step_task(optimizer)], after_step_tasks=[])
                 self._compressing = True
-                self._run_epochs(optimizer, epochs, max_steps, max_epochs is not None)
+                run_epochs(self, optimizer, epochs, max_steps, max_epochs is not None)
             finally:
                 self._compressing = False
                 self.evaluator.unbind_model()
@@ -319,9 +303,6 @@ class HARPPruner(Pruner):
             for param, flag in saved.items():
                 param.requires_grad_(flag)
         self._finalize()
-
-    def _run_epochs(self, optimizer: HarpOptimizer, epochs: int, max_steps: int | None, by_epoch: bool) -> None:
-        run_epochs(self, optimizer, epochs, max_steps, by_epoch)
 
     # ------------------------------------------------------------------ resuming
     def state_dict(self) -> dict[str, Any]:
