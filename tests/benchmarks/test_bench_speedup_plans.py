@@ -23,7 +23,7 @@ def bench():
 
 @pytest.fixture(scope="module")
 def model_and_input():
-    timm = pytest.importorskip("timm")
+    import timm  # a hard dependency: a missing timm must fail, not skip
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", pretrained=False).eval()
     return model, torch.randn(1, *model.pretrained_cfg["input_size"])
