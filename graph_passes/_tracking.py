@@ -135,7 +135,6 @@ class AnalysisState:
         self.members: list[MemberRecord] = []
         self.pinned: dict[int, str] = {}  # element -> reason (resolved to roots at the end)
         self.layers: list[LayerRecord] = []
-        self.notes: list[str] = []
 
     # --- elements --------------------------------------------------------------------------
     def fresh(self, n: int) -> np.ndarray:
