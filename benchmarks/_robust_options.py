@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +19,8 @@ from nni_harp.adversarial import AUTOATTACK_VERSIONS
 EPS = 0.07
 #: AutoAttack samples per model on CPU by default (Square's 5,000 queries per robust sample
 #: dominate the cost there); a GPU run attacks every evaluation sample.
+#: Default ``--cache-dir``: finished cells and the dense models of every seed.
+DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / "nni_harp_bench"
 CPU_AA_SAMPLES = 200
 #: Whether the CPU default leaves out the large model (see the module docstring for the cost).
 CPU_SKIPS_LARGE_MODEL = True

@@ -75,7 +75,6 @@ import math
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -91,7 +90,7 @@ import timm
 import torch
 from _common import RESULTS, n_flops, n_params, write_atomic
 from _robust_methods import METHODS, Method, Pruned, allocation, prunable_layers
-from _robust_options import _PARSERS, Cell, Grid, Options, cells, grids
+from _robust_options import _PARSERS, DEFAULT_CACHE_DIR, Cell, Grid, Options, cells, grids
 from _robust_report import Row, render
 from _robust_setup import Setup, source_fingerprint
 from torch import nn
@@ -386,7 +385,7 @@ def parse(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
                         help=f"{f.metadata['help']} (default: {default})")
     ap.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPU cores on cpu, 1 on a GPU)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "nni_harp_bench"),
+    ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR),
                     help="dense models and finished cells")
     ap.add_argument("--fresh", action="store_true", help="ignore cached cells (dense models are still reused)")
     ap.add_argument("--dense-only", action="store_true", help="train and evaluate the dense models only")
