@@ -6,13 +6,15 @@ import io
 import logging
 import statistics
 import time
-import warnings
 import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from graph_passes.onnx_export import OnnxExportError
+from graph_passes.onnx_export import export_onnx as gp_export_onnx
 
 from .._io import atomic_save
 
@@ -29,8 +31,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class ExportError(RuntimeError):
-    """The model could not be exported to ONNX by either exporter; carries both causes."""
+#: The model could not be exported to ONNX by either exporter (graph_passes' error, which names both causes).
+ExportError = OnnxExportError
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -110,46 +112,15 @@ def torch_latency_ms(model: nn.Module, example: torch.Tensor, runs: int = 20, wa
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
-    """Export to ONNX with a dynamic batch dimension (input ``input``, output ``logits``).
-
-    Tries the ``torch.export``-based exporter first, then the TorchScript one. The file is
-    written next to its final name and renamed, so a reader never sees a partial file.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    # Two samples, not one: torch.export specialises a size-1 dimension to a constant, and torch
-    # 2.9's ONNX exporter then bakes batch 1 into the model's reshapes instead of failing.
-    x = example[:1].detach().to("cpu").expand(2, *example.shape[1:]).contiguous()
+    """Export the model in eval mode on the CPU with a dynamic batch dimension, through
+    :func:`graph_passes.export_onnx` (atomic; input ``input``, output ``output``)."""
     was_training = model.training
     model = model.to("cpu").eval()
-    errors: list[str] = []
     try:
-        for dynamo in (True, False):
-            try:
-                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                    warnings.simplefilter("ignore")
-                    if dynamo:
-                        batch = torch.export.Dim("batch", min=1, max=4096)
-                        torch.onnx.export(
-                            model, (x,), str(tmp), dynamo=True, verbose=False, external_data=False,
-                            input_names=["input"], output_names=["logits"], dynamic_shapes=({0: batch},),
-                        )
-                    else:
-                        torch.onnx.export(
-                            model, (x,), str(tmp), dynamo=False, input_names=["input"],
-                            output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                            opset_version=17,
-                        )
-                tmp.replace(target)
-                logger.info("exported ONNX (%s exporter) to %s", "dynamo" if dynamo else "torchscript", target)
-                return target
-            except Exception as exc:  # noqa: BLE001 - try the other exporter, report both
-                errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {type(exc).__name__}: {exc}")
-                tmp.unlink(missing_ok=True)
+        with contextlib.redirect_stdout(io.StringIO()):
+            return gp_export_onnx(model, example[:1].detach().to("cpu"), path, dynamic_batch=True)
     finally:
         model.train(was_training)
-    raise ExportError("ONNX export failed; " + " | ".join(e[:500] for e in errors))
 
 
 def onnx_latency_ms(path: str | Path, example: torch.Tensor, runs: int = 20, warmup: int = 5) -> tuple[float, Any]:
