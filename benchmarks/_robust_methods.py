@@ -143,16 +143,18 @@ def _lamp(ctx: Context, model: nn.Module, mode: str, target: float, epochs: int,
 
 
 # ------------------------------------------------------------------- HARP, HYDRA and the ablation
-def _harp_like(ctx: Context, model: nn.Module, mode: str, target: float, epochs: int, hydra: bool) -> Pruned:
-    """HARPPruner / HydraPruner through the public API with their default settings, as a user would
-    call them (README): one global budget over every Conv2d/Linear, NNI TorchEvaluator."""
+def _harp_like(ctx: Context, model: nn.Module, mode: str, target: float, epochs: int, hydra: bool,
+               settings: Any = None) -> Pruned:
+    """HARPPruner / HydraPruner through the public API with their default settings (or
+    ``settings``, a ``HARPSettings``), as a user would call them (README): one global budget over
+    every Conv2d/Linear, NNI TorchEvaluator."""
     from nni_harp import HARPPruner, HydraPruner
 
     config: dict[str, Any] = {"op_types": ["Conv2d", "Linear"], "sparse_ratio": target, "global_group_id": "all"}
     if mode == "structured":
         config["granularity"] = "out_channel"
     cls = HydraPruner if hydra else HARPPruner
-    pruner = cls(model, [config], ctx.evaluator(model, lr=0.01), dummy_input=ctx.example)
+    pruner = cls(model, [config], ctx.evaluator(model, lr=0.01), dummy_input=ctx.example, settings=settings)
     _, masks = pruner.compress(max_steps=None, max_epochs=epochs)
     result = Pruned(masks=_plain_masks(masks), rates=dict(pruner.layer_rates()),
                     history=[_plain(h) for h in getattr(pruner, "history", [])])

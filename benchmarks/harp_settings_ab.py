@@ -3,7 +3,7 @@ pruning run and to the pruned model, per seed.
 
 For each seed (its split and cached PGD-AT dense model, as ``robust_pruning.py`` builds them) and
 each settings variant (a JSON object of ``HARPSettings`` fields), HARP prunes a copy of the dense
-model through the public API, then the model is fine-tuned as the benchmark does
+model through the public API exactly as the benchmark's ``harp`` method does, then the model is fine-tuned as the benchmark does
 (``Setup.finetune``: best of the pruned model and its checkpoints). Printed and saved per run: the
 pruning-time adversarial loss and kept fraction every few epochs, the epoch gamma froze, clean and
 PGD-20 accuracy before and after fine-tuning. No AutoAttack: this is for choosing what to put in
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 from _common import RESULTS, write_atomic
+from _robust_methods import _harp_like
 from _robust_options import DEFAULT_CACHE_DIR, Options, grids
 from _robust_report import Row
 from _robust_setup import Setup
 
-from nni_harp import HARPPruner
 from nni_harp.adversarial import evaluate_robustness
 from nni_harp.pruning import HARPSettings, fix_masks
 
@@ -37,24 +37,16 @@ from nni_harp.pruning import HARPSettings, fix_masks
 def run(setup: Setup, cache: Path, mode: str, target: float, epochs: int, settings: dict) -> dict:
     model = copy.deepcopy(setup.dense(cache))
     torch.manual_seed(setup.seed)
-    config = {"op_types": ["Conv2d", "Linear"], "sparse_ratio": target, "global_group_id": "all"}
-    if mode == "structured":
-        config["granularity"] = "out_channel"
     start = time.perf_counter()
-    pruner = HARPPruner(model, [config], setup.evaluator(model, lr=0.01), dummy_input=setup.example,
-                        settings=HARPSettings(**settings))
-    _, masks = pruner.compress(max_steps=None, max_epochs=epochs)
-    history = pruner.history
-    frozen = pruner.frozen_at
-    pruner.unwrap_model()
-    fix_masks(model, {m: dict(t) for m, t in masks.items()})
+    pruned = _harp_like(setup, model, mode, target, epochs, hydra=False, settings=HARPSettings(**settings))
+    fix_masks(model, pruned.masks)
     row = Row(setup.grid.model, setup.grid.image_size, setup.seed, mode, target, "harp", epochs)
     setup.finetune(model, row)
     model.eval()
     after = evaluate_robustness(model, setup.test_batches, setup.eval_attack, autoattack=False)
-    return {"seed": setup.seed, "settings": settings, "frozen_at": frozen,
-            "loss": [round(float(h["adv_loss"]), 2) for h in history],
-            "kept": [round(float(h["kept_fraction"]), 4) for h in history],
+    return {"seed": setup.seed, "settings": settings, "frozen_at": pruned.frozen_at,
+            "loss": [round(float(h["adv_loss"]), 2) for h in pruned.history],
+            "kept": [round(float(h["kept_fraction"]), 4) for h in pruned.history],
             "before": [row.pre_clean, row.pre_pgd20], "ft_epoch": row.ft_epoch,
             "after": [after.clean, after.pgd], "seconds": round(time.perf_counter() - start)}
 

@@ -45,6 +45,7 @@ def run_epochs(pruner: HARPPruner, optimizer: HarpOptimizer, epochs: int, max_st
     """Epochs ``len(pruner.history)`` (> 0 when resumed) to ``epochs``, or until ``max_steps``."""
     s = pruner.settings
     steps_left = None if max_steps is None else max_steps - sum(int(h["steps"]) for h in pruner.history)
+    deadline, settle = s.deadline_epoch(epochs, pruner.structured), s.settle_epoch(epochs)
     for epoch in range(len(pruner.history), epochs):
         if steps_left is not None and steps_left <= 0:
             break
@@ -52,7 +53,6 @@ def run_epochs(pruner: HARPPruner, optimizer: HarpOptimizer, epochs: int, max_st
         optimizer.set_epoch(epoch, epochs)
         pruner._reset_epoch_stats()
         kept_start = pruner.kept_fraction()
-        settle = s.settle_epoch(epochs)
         settling = settle is not None and epoch >= settle
         if settling and not optimizer.masks_fixed:  # fixed at the end of epoch settle - 1; again after a resume
             fix_final_masks(pruner, optimizer)
@@ -63,7 +63,6 @@ def run_epochs(pruner: HARPPruner, optimizer: HarpOptimizer, epochs: int, max_st
         if steps_left is not None:
             steps_left -= pruner._epoch_steps
         met = pruner._targets_met()
-        deadline = s.deadline_epoch(epochs, pruner.structured)
         # past the deadline the target is held: an epoch that ends above it (the rates drift back up
         # when gamma froze at a value the rates had not met by themselves) is projected again
         forced = s.learn_rates and not settling and not met and deadline is not None and epoch >= deadline
@@ -114,16 +113,20 @@ def force_target(pruner: HARPPruner) -> None:
                  type(pruner).__name__, pruner.kept_fraction())
 
 
-def _final_counts(pruner: HARPPruner) -> dict[int, int]:
-    """Kept entries per unit of the final masks: the rates projected onto every budget, rounded."""
+def _apply_final_counts(pruner: HARPPruner) -> dict[int, int]:
+    """Set every unit's hard mask to its final count (the rates projected onto every budget,
+    rounded); returns the counts."""
     units = dict(enumerate(pruner._units))
     step = pruner.settings.round_to if pruner.structured else 1
-    return final_counts(
+    counts = final_counts(
         pruner._budgets, {i: u.keep_value() for i, u in units.items()}, {i: u.floor for i, u in units.items()},
         {i: u.ceiling for i, u in units.items()}, {i: u.size for i, u in units.items()},
         {i: u.min_count for i, u in units.items()}, {i: u.max_count for i, u in units.items()},
         {i: step if u.size >= 4 * step else 1 for i, u in units.items()},
     )
+    for i, unit in units.items():
+        unit.refresh(counts[i])
+    return counts
 
 
 @torch.no_grad()
@@ -133,8 +136,7 @@ def fix_final_masks(pruner: HARPPruner, optimizer: HarpOptimizer) -> bool:
     forced = pruner.settings.learn_rates and not pruner._targets_met()
     if forced:
         force_target(pruner)
-    for unit, count in zip(pruner._units, _final_counts(pruner).values()):
-        unit.refresh(count)
+    _apply_final_counts(pruner)
     optimizer.masks_fixed = True
     _logger.info("%s: final masks fixed for the last %d epoch(s) (kept %.4f)", type(pruner).__name__,
                  pruner.settings.settle_epochs, pruner.kept_fraction())
@@ -144,10 +146,7 @@ def fix_final_masks(pruner: HARPPruner, optimizer: HarpOptimizer) -> bool:
 @torch.no_grad()
 def finalize(pruner: HARPPruner) -> None:
     """Fix the final masks (see the module docstring)."""
-    units = dict(enumerate(pruner._units))
-    counts = _final_counts(pruner)
-    for i, unit in units.items():
-        unit.refresh(counts[i])
+    counts = _apply_final_counts(pruner)
     _write_masks(pruner)
     pruner._final_counts = counts
     for module in pruner._masking.targets():
@@ -156,7 +155,7 @@ def finalize(pruner: HARPPruner) -> None:
         for space in wrapper.pruning_target_spaces.values():
             if space.apply_method == APPLY_METHOD:
                 space.apply_method = "mul"
-    for unit in units.values():
+    for unit in pruner._units:
         unit.detach()
     kept, target, kind = pruner.kept_fraction(), pruner.target_fraction, pruner.budget_kind
     _logger.info("%s done: kept %s fraction %.4f (target %.4f)", type(pruner).__name__, kind, kept, target)
