@@ -30,9 +30,8 @@ from typing import Any, Callable, Mapping, Sequence
 from tqdm import tqdm
 
 from .distributed import env_rank
+from .data import DATASETS
 from .pipeline.callbacks import PipelineCallback
-from .pruning._allocation import ALLOCATIONS as _ALLOCATIONS
-from .registry import PRUNERS
 
 __all__ = ["main", "build_parser", "TqdmProgress", "guarded", "resume_command"]
 
@@ -73,41 +72,39 @@ outputs in --output-dir (default runs/MODEL-MODE, runs/MODEL-MODE-PRUNER for oth
 """
 
 
-def _add_eval_options(p: argparse.ArgumentParser, default_batch: int | None) -> None:
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-samples", type=int, default=200, metavar="N",
-                   help="test images attacked with PGD and AutoAttack (default: %(default)s)")
-    g.add_argument("--eval-attack-steps", type=int, default=10, metavar="N",
-                   help="PGD steps at evaluation (default: %(default)s)")
-    g.add_argument("--autoattack", default="apgd-ce+apgd-t", metavar="VERSION",
-                   help="AutoAttack version (torchattacks): apgd-ce+apgd-t (its gradient-based members), "
-                        "standard (adds FAB-T and Square: the number to publish, but slow on a CPU), "
-                        "apgd-ce, plus, rand, or off (default: %(default)s)")
-    g.add_argument("--latency-runs", type=int, default=20, metavar="N",
-                   help="timed runs per latency measurement (default: %(default)s)")
-    g.add_argument("--no-onnx", dest="export_onnx", action="store_false",
-                   help="skip the ONNX export (and the onnxruntime latency)")
+def _add_declared(p: argparse.ArgumentParser, only_group: str | None = None) -> None:
+    """One argument per setting declared in :class:`~nni_harp.pipeline.PipelineConfig` with
+    :func:`~nni_harp.pipeline.config.setting` (``--latency-target`` for ``latency_target``, the
+    required ``model`` positional), in the order of the class and grouped as declared: its help,
+    default, type, choices and flag come from the declaration (``only_group``: that group's
+    settings alone). Choices are shown, not enforced here: the config's check names the setting
+    in one line (argparse would print its usage too)."""
+    from dataclasses import MISSING
 
+    from .pipeline.config import declared_settings, setting_type
 
-def _add_declared(p: argparse.ArgumentParser, groups: Mapping[str, Any]) -> None:
-    """One option per setting declared in :class:`~nni_harp.pipeline.PipelineConfig` with
-    :func:`~nni_harp.pipeline.config.setting` (``--latency-target`` for ``latency_target``): its
-    help, default, type and choices come from the declaration. Choices are shown, not enforced
-    here: the config's check names the flag in one line (argparse would print its usage too)."""
-    from .pipeline.config import PipelineConfig, declared_settings, setting_type
-
-    for f in declared_settings(PipelineConfig):
+    groups: dict[str | None, Any] = {None: p}
+    for f in declared_settings():
         meta = f.metadata
-        kind = setting_type(f, PipelineConfig)
-        group = groups.get(meta["group"]) or p.add_argument_group(meta["group"])
-        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": meta["help"]}
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+        if only_group is not None and meta["group"] != only_group:
+            continue
+        if f.default is MISSING:
+            p.add_argument(f.name, metavar=meta["metavar"], help=meta["help"])
+            continue
+        if not meta["hidden"] and meta["group"] not in groups:
+            groups[meta["group"]] = p.add_argument_group(meta["group"])
+        group = p if meta["hidden"] else groups[meta["group"]]
+        default = f.default if meta["cli_default"] is MISSING else meta["cli_default"]
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default,
+                                  "help": argparse.SUPPRESS if meta["hidden"] else meta["help"]}
+        kind = setting_type(f)
+        if kind is bool:  # the flag turns the default around: --resume, --no-onnx
+            kwargs["action"] = "store_false" if default else "store_true"
         else:
             kwargs["type"] = _number if kind is float else kind
             choices = meta["choices"]() if meta["choices"] is not None else None
             kwargs["metavar"] = meta["metavar"] or ("{" + ",".join(choices) + "}" if choices else None)
-        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+        group.add_argument(meta["flag"] or "--" + f.name.replace("_", "-"), **kwargs)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -128,70 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prune a timm model (random init, pretrained=False) with HARP and report dense vs pruned.",
         epilog=_DEFAULTS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", metavar="MODEL", help="a timm model name (see `nni-harp list-models`)")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="digits", choices=["digits", "cifar10", "svhn", "imagefolder"],
-                   help="digits ships with scikit-learn; the others read --data-dir (default: %(default)s)")
-    g.add_argument("--data-dir", default=None, help="dataset folder (cifar10, svhn, imagefolder); nothing is downloaded")
-    g.add_argument("--image-size", type=int, default=32, help="input resolution in pixels (default: %(default)s)")
-    g = p.add_argument_group("pruning target")
-    g.add_argument("--mode", default="unstructured", choices=["unstructured", "structured"],
-                   help="unstructured: single weights (budget: parameters); structured: channels, "
-                        "physically removed (budget: FLOPs) (default: %(default)s)")
-    g.add_argument("--sparsity", type=_number, default=0.9,
-                   help="unstructured: fraction of parameters removed, in (0, 1) (default: %(default)s)")
-    g.add_argument("--flops-target", type=_number, default=0.5,
-                   help="structured: fraction of FLOPs kept, in (0, 1) (default: %(default)s)")
-    g.add_argument("--pruner", default="harp", choices=list(PRUNERS),
-                   help="harp (learned per-layer rates), hydra (learned scores, uniform rates) or one of "
-                        "NNI's pruners: l1norm, l2norm, fpgm (structured only), taylor, movement "
-                        "(unstructured only); every one runs the same stages (default: %(default)s)")
-    g.add_argument("--gamma0", dest="gamma_0", type=_number, default=0.01,
-                   help="initial weight of the hardware loss (default: %(default)s)")
-    g.add_argument("--init-allocation", default="uniform", choices=list(_ALLOCATIONS),
-                   help="where HARP's per-layer rates start: one fraction for all, dense, or a global magnitude, "
-                        "LAMP or ERK allocation (default: %(default)s)")
-    g.add_argument("--init-keep", type=_number, default=None,
-                   help="kept fraction (of params or FLOPs) HARP starts at, between the target and 1 "
-                        "(default: the square root of the target, e.g. 0.32 for 90 %% sparsity)")
-    groups = {"pruning target": g}
-    g = p.add_argument_group("adversarial training")
-    groups["adversarial training"] = g
-    g.add_argument("--adv-loss", default="pgd", choices=["pgd", "trades", "mart"],
-                   help="PGD-AT, TRADES or MART (default: %(default)s)")
-    g.add_argument("--eps", type=_number, default=8 / 255, help="L-inf radius in pixel units, e.g. 8/255 (default: 8/255)")
-    g.add_argument("--attack-steps", type=int, default=3, help="PGD steps during training (default: %(default)s)")
-    g.add_argument("--trades-beta", type=_number, default=None,
-                   help="TRADES/MART beta (default: the loss's own, TRADES 6, MART 5)")
-    g = p.add_argument_group("schedule")
-    g.add_argument("--pretrain-epochs", type=int, default=4, help="default: %(default)s (ignored with --checkpoint)")
-    g.add_argument("--prune-epochs", type=int, default=8,
-                   help="HARP's gamma grows every epoch until the target is met, then freezes (default: %(default)s)")
-    g.add_argument("--finetune-epochs", type=int, default=2, help="default: %(default)s")
-    g.add_argument("--batch-size", type=int, default=64,
-                   help="the global batch; under torchrun each of N processes takes 1/N of it (default: %(default)s)")
-    g.add_argument("--pretrain-lr", type=_number, default=0.05, help="default: %(default)s")
-    g.add_argument("--prune-lr", type=_number, default=0.1,
-                   help="learning rate of HARP's (HYDRA's) scores, the weights being frozen (rates: HARPSettings.rate_lr); NNI's "
-                        "training-aware pruners train the weights at --finetune-lr (default: %(default)s)")
-    g.add_argument("--finetune-lr", type=_number, default=0.01, help="default: %(default)s")
-    g.add_argument("--weight-decay", type=_number, default=5e-4, help="default: %(default)s")
-    g.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    g = p.add_argument_group("files")
-    g.add_argument("--output-dir", default=None, help="where everything is written (default: runs/MODEL-MODE)")
-    g.add_argument("--checkpoint", default=None,
-                   help="start from this trained dense model (a state dict file, or an earlier run's "
-                        "output folder) instead of pretraining")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --output-dir from its last finished epoch (give the same training "
-                        "settings; evaluation settings may change)")
-    g.add_argument("--overwrite", action="store_true", help="start again in an --output-dir that holds a run")
-    _add_eval_options(p, None)
-    _add_declared(p, groups)
-    # testing knobs, not shown in --help
-    p.add_argument("--max-train-batches", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--num-workers", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--epoch-eval-samples", type=int, default=0, help=argparse.SUPPRESS)
+    _add_declared(p)
     _add_common(p)
 
     e = sub.add_parser(
@@ -200,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("model", metavar="MODEL", help="the timm model name the weights belong to")
     e.add_argument("--checkpoint", required=True, help="dense state dict file, or a `nni-harp prune` output folder")
-    e.add_argument("--dataset", default=None, choices=["digits", "cifar10", "svhn", "imagefolder"],
+    e.add_argument("--dataset", default=None, choices=DATASETS,
                    help="default: the run's dataset (output folder) or digits")
     e.add_argument("--data-dir", default=None)
     e.add_argument("--image-size", type=int, default=None, help="default: the run's (output folder) or 32")
@@ -208,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=100, help="default: %(default)s")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--output-dir", default=None, help="also write evaluate_report.json/.md (and model.onnx) here")
-    _add_eval_options(e, 100)
+    _add_declared(e, only_group="evaluation")
     _add_common(e)
 
     lm = sub.add_parser(
@@ -406,23 +340,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from .pipeline import PipelineConfig, run
     from .pipeline.config import declared_settings
 
-    suffix = "" if args.pruner == "harp" else f"-{args.pruner}"
-    output_dir = args.output_dir or f"runs/{args.model}-{args.mode}{suffix}"
-    config = PipelineConfig(
-        model=args.model, dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
-        mode=args.mode, pruner=args.pruner, sparsity=args.sparsity, flops_target=args.flops_target, adv_loss=args.adv_loss,
-        eps=args.eps, attack_steps=args.attack_steps, pretrain_epochs=args.pretrain_epochs,
-        prune_epochs=args.prune_epochs, finetune_epochs=args.finetune_epochs, batch_size=args.batch_size,
-        seed=args.seed, output_dir=output_dir, checkpoint=args.checkpoint, resume=args.resume,
-        overwrite=args.overwrite, pretrain_lr=args.pretrain_lr, prune_lr=args.prune_lr,
-        finetune_lr=args.finetune_lr, weight_decay=args.weight_decay, gamma_0=args.gamma_0,
-        init_allocation=args.init_allocation, init_keep=args.init_keep, trades_beta=args.trades_beta, eval_samples=args.eval_samples,
-        eval_attack_steps=args.eval_attack_steps, autoattack=args.autoattack,
-        latency_runs=args.latency_runs, export_onnx=args.export_onnx,
-        max_train_batches=args.max_train_batches, num_workers=args.num_workers,
-        epoch_eval_samples=args.epoch_eval_samples,
-        **{f.name: getattr(args, f.name) for f in declared_settings(PipelineConfig)},
-    )
+    settings = {f.name: getattr(args, f.name) for f in declared_settings()}
+    config = PipelineConfig.from_dict({**settings, "output_dir": args.output_dir or _default_output_dir(args)})
     main_rank = env_rank() == 0
     callbacks = [] if args.quiet or not main_rank else [TqdmProgress()]
     start = time.perf_counter()
@@ -433,6 +352,17 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     print(f"\nwrote {config.out_path}/report.json, report.md, model.pt, plots "
           f"({time.perf_counter() - start:.1f} s)")
     return 0
+
+
+def _default_output_dir(args: argparse.Namespace) -> str:
+    """runs/MODEL-MODE, runs/MODEL-MODE-PRUNER for pruners other than HARP (by registry name)."""
+    from .registry import get_pruner
+
+    try:
+        pruner = get_pruner(args.pruner).name
+    except KeyError:  # the config's check names it
+        pruner = args.pruner
+    return f"runs/{args.model}-{args.mode}" + ("" if pruner == "harp" else f"-{pruner}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

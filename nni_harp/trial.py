@@ -1,16 +1,18 @@
 """NNI trial: ``python -m nni_harp.trial`` (the ``trialCommand`` of an NNI experiment).
 
-Parameters come from ``nni.get_next_parameter()`` and fill in :data:`DEFAULTS` (outside an
-experiment NNI returns nothing and the defaults are used; ``--param key=value`` overrides any of
-them, for trying a trial by hand). The trial runs the pipeline (:func:`nni_harp.pipeline.run`:
-adversarial pretraining, pruning with the pruner named by ``pruner`` from
-:mod:`nni_harp.registry` -- by its NNI class name (``HARPPruner``, ``HydraPruner``,
-``L1NormPruner``, ``L2NormPruner``, ``FPGMPruner``, ``TaylorPruner``, ``MovementPruner``) or its
-short name (harp, hydra, l1norm, ...) -- adversarial fine-tuning with the masks fixed, speedup
-when structured, evaluation) in a folder of its own, under the command line's rules: an empty
-folder, or one that holds a run of the same settings with ``--resume``, or any with
-``--overwrite`` (which replaces only the files a run writes). Bad parameters, an unusable folder
-and the other user errors print one line on stderr and exit with status 2, as ``nni-harp`` does.
+Parameters come from ``nni.get_next_parameter()`` and fill in :data:`DEFAULTS`: every setting of
+:class:`~nni_harp.pipeline.PipelineConfig` by the same name, except those the trial sets itself
+(:data:`SET_BY_TRIAL`), and ``eval_batches`` (outside an experiment NNI returns nothing and the
+defaults are used; ``--param key=value`` overrides any of them, for trying a trial by hand). The
+trial runs the pipeline (:func:`nni_harp.pipeline.run`: adversarial pretraining, pruning with
+the pruner named by ``pruner`` from :mod:`nni_harp.registry` -- by its NNI class name
+(``HARPPruner``, ``HydraPruner``, ``L1NormPruner``, ``L2NormPruner``, ``FPGMPruner``,
+``TaylorPruner``, ``MovementPruner``) or its short name (harp, hydra, l1norm, ...) -- adversarial
+fine-tuning with the masks fixed, speedup when structured, evaluation) in a folder of its own,
+under the command line's rules: an empty folder, or one that holds a run of the same settings with
+``--resume``, or any with ``--overwrite`` (which replaces only the files a run writes). Bad
+parameters, an unusable folder and the other user errors print one line on stderr and exit with
+status 2, as ``nni-harp`` does.
 
 Reported to NNI: after every pruning and fine-tuning epoch (one pass for a one-shot pruner) an
 intermediate result ``{'default': PGD accuracy on the first eval_batches x batch_size test
@@ -33,40 +35,39 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .pipeline.callbacks import PipelineCallback
-from .pipeline.config import PipelineConfig, declared_settings, setting_type
+from .pipeline.config import PipelineConfig, coerce_number, coerce_setting, declared_settings
 
-__all__ = ["DEFAULTS", "resolve_params", "config_for", "NNIReporter", "run_trial", "main"]
+__all__ = ["DEFAULTS", "TRIAL_DEFAULTS", "SET_BY_TRIAL", "resolve_params", "config_for", "NNIReporter", "run_trial",
+           "main"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {
-    "pruner": "harp",
-    "model": "test_resnet",
-    "dataset": "digits",
-    "image_size": 32,
-    "mode": "unstructured",
-    "sparsity": 0.9,
-    "gamma_0": 0.01,
-    "adv_loss": "pgd",
-    "eps": 8 / 255,
-    "attack_steps": 2,
-    "pretrain_epochs": 2,
-    "prune_epochs": 2,
-    "finetune_epochs": 1,
-    "batch_size": 64,
-    "pretrain_lr": 0.05,
-    "prune_lr": 0.1,
-    "finetune_lr": 0.01,
-    "max_train_batches": None,
-    "eval_batches": 2,
+#: A trial compares pruners on robust accuracy: AutoAttack, the ONNX export and latency runs are left out.
+FIXED: dict[str, Any] = {"autoattack": "off", "latency_runs": 1, "export_onnx": False}
+#: PipelineConfig's settings that the trial sets itself, not parameters: from its command line
+#: (``--output-dir``, ``--resume``, ``--overwrite``), from other parameters (``flops_target = 1 -
+#: sparsity``; ``eval_samples`` and ``epoch_eval_samples``: ``eval_batches x batch_size``), or :data:`FIXED`.
+SET_BY_TRIAL = ("output_dir", "resume", "overwrite", "flops_target", "eval_samples", "epoch_eval_samples", *FIXED)
+#: Where a trial's defaults differ from PipelineConfig's: a small model and short stages.
+TRIAL_DEFAULTS: dict[str, Any] = {
+    "model": "test_resnet", "attack_steps": 2, "pretrain_epochs": 2, "prune_epochs": 2, "finetune_epochs": 1,
     "eval_attack_steps": 5,
-    "seed": 0,
-    # the settings declared once in PipelineConfig (budget, latency_target, latency_backend, ...)
-    **{f.name: f.default for f in declared_settings(PipelineConfig)},
+}
+#: The trial's parameters: every setting of PipelineConfig but :data:`SET_BY_TRIAL`, with its
+#: declared default (or the one in :data:`TRIAL_DEFAULTS`), and the trial's own ``eval_batches``.
+DEFAULTS: dict[str, Any] = {
+    **{f.name: TRIAL_DEFAULTS.get(f.name, f.default) for f in declared_settings(PipelineConfig)
+       if f.name not in SET_BY_TRIAL},
+    "eval_batches": 2,
 }
 
 # the pipeline stages whose epochs are reported as intermediate results
 REPORTED_STAGES = ("prune", "finetune")
+
+
+def _typed(key: str, value: Any) -> Any:
+    """A parameter's value as its setting's type (NNI sends 2.0 for an integer, ``--param`` strings)."""
+    return coerce_number(key, value, int) if key == "eval_batches" else coerce_setting(key, value)
 
 
 def resolve_params(received: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -83,14 +84,7 @@ def resolve_params(received: Mapping[str, Any] | None, overrides: Mapping[str, A
         if unknown:
             raise ConfigError(unknown[0], f"unknown trial parameter; known: {', '.join(DEFAULTS)}")
         params.update(source)
-    for key in ("sparsity", "gamma_0", "eps", "pretrain_lr", "prune_lr", "finetune_lr"):
-        value = params[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(key, f"must be a number, got {value!r}")
-        try:
-            params[key] = float(value)
-        except ValueError:
-            raise ConfigError(key, f"must be a number, got {value!r}") from None
+    params = {key: _typed(key, value) for key, value in params.items()}
     from .registry import get_pruner
 
     try:
@@ -101,69 +95,29 @@ def resolve_params(received: Mapping[str, Any] | None, overrides: Mapping[str, A
 
 
 def config_for(params: Mapping[str, Any], output_dir: str | os.PathLike[str], resume: bool = False,
-               overwrite: bool = False) -> Any:
-    """The :class:`~nni_harp.pipeline.PipelineConfig` of one trial.
+               overwrite: bool = False) -> PipelineConfig:
+    """The :class:`~nni_harp.pipeline.PipelineConfig` of one trial, built and checked by
+    :meth:`PipelineConfig.from_dict <nni_harp.pipeline.PipelineConfig.from_dict>` (parameters
+    missing from ``params`` take :data:`DEFAULTS`).
 
     ``sparsity`` is the target in both modes: the fraction of weights removed (unstructured) or
     of FLOPs removed (structured, ``flops_target = 1 - sparsity``); with ``budget='latency'``
-    (structured) the target is ``latency_target``, the fraction of the dense latency kept. The
-    settings declared in :class:`~nni_harp.pipeline.PipelineConfig` (``budget``, ``latency_*``)
-    are trial parameters of the same names. Evaluation (per epoch and at
-    the end) attacks the first ``eval_batches x batch_size`` test images with PGD; AutoAttack,
-    ONNX and latency runs are left out, a trial compares pruners on robust accuracy.
+    (structured) the target is ``latency_target``, the fraction of the dense latency kept. Every
+    other setting of :class:`~nni_harp.pipeline.PipelineConfig` but :data:`SET_BY_TRIAL` is a
+    trial parameter of the same name. Evaluation (per epoch and at the end) attacks the first
+    ``eval_batches x batch_size`` test images with PGD; AutoAttack, ONNX and latency runs are
+    left out, a trial compares pruners on robust accuracy.
     """
     from .pipeline import ConfigError
 
-    def integer(key: str) -> int | None:
-        value = params[key]
-        if value is None and key == "max_train_batches":
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(key, f"must be an integer, got {value!r}")
-        try:
-            number = float(value)
-        except ValueError:
-            raise ConfigError(key, f"must be an integer, got {value!r}") from None
-        if not number.is_integer():
-            raise ConfigError(key, f"must be an integer, got {value!r}")
-        return int(number)
-
-    def number(key: str) -> float:
-        value = params[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(key, f"must be a number, got {value!r}")
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(key, f"must be a number, got {value!r}") from None
-
-    for key in ("image_size", "attack_steps", "pretrain_epochs", "prune_epochs", "finetune_epochs", "batch_size",
-                "eval_batches", "eval_attack_steps", "seed", "max_train_batches"):
-        params = {**params, key: integer(key)}
-    declared: dict[str, Any] = {}
-    for f in declared_settings(PipelineConfig):
-        kind, value = setting_type(f, PipelineConfig), params[f.name]
-        if value is None or kind in (str, bool):
-            declared[f.name] = value  # PipelineConfig checks them
-        else:
-            declared[f.name] = number(f.name) if kind is float else integer(f.name)
-    if params["eval_batches"] < 1:
-        raise ConfigError("eval_batches", f"must be at least 1, got {params['eval_batches']}")
-    samples = int(params["eval_batches"]) * int(params["batch_size"])
-    return PipelineConfig(
-        model=str(params["model"]), dataset=str(params["dataset"]), image_size=int(params["image_size"]),
-        mode=str(params["mode"]), pruner=str(params["pruner"]), sparsity=float(params["sparsity"]),
-        flops_target=1.0 - float(params["sparsity"]), adv_loss=str(params["adv_loss"]), eps=float(params["eps"]),
-        attack_steps=int(params["attack_steps"]), pretrain_epochs=int(params["pretrain_epochs"]),
-        prune_epochs=int(params["prune_epochs"]), finetune_epochs=int(params["finetune_epochs"]),
-        batch_size=int(params["batch_size"]), seed=int(params["seed"]), output_dir=str(output_dir),
-        resume=resume, overwrite=overwrite, pretrain_lr=float(params["pretrain_lr"]), prune_lr=float(params["prune_lr"]),
-        finetune_lr=float(params["finetune_lr"]), gamma_0=float(params["gamma_0"]),
-        eval_samples=samples, eval_attack_steps=int(params["eval_attack_steps"]), epoch_eval_samples=samples,
-        autoattack="off", latency_runs=1, export_onnx=False,
-        max_train_batches=None if params["max_train_batches"] is None else int(params["max_train_batches"]),
-        **declared,
-    )
+    settings = {**DEFAULTS, **params}
+    eval_batches = _typed("eval_batches", settings.pop("eval_batches"))
+    if eval_batches < 1:
+        raise ConfigError("eval_batches", f"must be at least 1, got {eval_batches}")
+    samples = eval_batches * _typed("batch_size", settings["batch_size"])
+    trial_set = {"flops_target": 1.0 - _typed("sparsity", settings["sparsity"]), "output_dir": str(output_dir),
+                 "resume": resume, "overwrite": overwrite, "eval_samples": samples, "epoch_eval_samples": samples}
+    return PipelineConfig.from_dict({**settings, **trial_set, **FIXED}, coerce=True)
 
 
 class NNIReporter(PipelineCallback):

@@ -31,7 +31,7 @@ import torch
 from .. import distributed as hd
 from .callbacks import CallbackList, PipelineCallback
 from .checkpoint import CheckpointWriteError, ResumeError, RunInterrupted, RunStore
-from .config import ConfigError, EvaluateConfig, PipelineConfig, declared_settings
+from .config import ConfigError, EvaluateConfig, PipelineConfig, resume_defaults
 from .report import ModelMetrics, Report
 
 __all__ = [
@@ -117,9 +117,8 @@ def _run(
     lock = hd.on_main(lambda: outdir.open_output_dir(out, config.resume, config.overwrite))
     if lock is not None:
         cleanup.callback(lock.release)
-    declared = {f.name: f.default for f in declared_settings(PipelineConfig)}  # absent from older runs' records
     hd.on_main(lambda: store.start(config.to_dict(), config.resume, config.overwrite, PipelineConfig.RESUME_KEYS,
-                                   declared))
+                                   resume_defaults()))  # settings absent from older runs' records
     store.adopt(hd.broadcast_object(store.progress))
     if world > 1:
         ctx.checks["world_size"] = float(world)

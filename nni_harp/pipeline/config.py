@@ -10,39 +10,32 @@ from __future__ import annotations
 
 import difflib
 import math
-import typing
-from dataclasses import Field, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, ClassVar, Mapping
+
+from ._settings import (ConfigError, coerce_number, declared_settings, is_optional, resume_defaults, resume_keys,
+                        setting, setting_type)
 
 __all__ = [
     "ConfigError",
     "PipelineConfig",
     "EvaluateConfig",
     "MODES",
-    "ADV_LOSSES",
-    "DATASET_NAMES",
     "MODE_BUDGETS",
     "check_model_name",
     "suggest_models",
     "setting",
     "declared_settings",
     "setting_type",
+    "resume_defaults",
+    "coerce_number",
+    "coerce_setting",
 ]
 
 MODES = ("unstructured", "structured")
 #: What the pruning target counts, per mode (the first one is the mode's default).
 MODE_BUDGETS = {"unstructured": ("params",), "structured": ("flops", "latency")}
-ADV_LOSSES = ("pgd", "trades", "mart")
-DATASET_NAMES = ("digits", "cifar10", "svhn", "imagefolder")
-
-
-class ConfigError(ValueError):
-    """A setting is out of range or inconsistent; the message names the field and what is allowed."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
 
 
 def suggest_models(name: str, n: int = 5) -> list[str]:
@@ -120,29 +113,6 @@ def _check_pruner(cfg: Any) -> None:
     object.__setattr__(cfg, "pruner", spec.name)
 
 
-def setting(default: Any, help: str, *, choices: Callable[[], tuple[str, ...]] | None = None,
-            metavar: str | None = None, group: str = "pruning target", resume: bool = True) -> Any:
-    """A :class:`PipelineConfig` field declared with what the command line, the NNI trial and the
-    resume check need, so that they are derived from it (:func:`declared_settings`) and nothing
-    is written twice: ``help`` for ``--help`` (argparse's ``%(default)s`` works), ``choices`` (a
-    function, so a registry is read when it is asked, not at import), the argument group it is
-    shown in, and ``resume``: whether a run may only be continued with the same value."""
-    return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar, "group": group,
-                                            "resume": resume})
-
-
-def declared_settings(cls: type | None = None) -> tuple[Field, ...]:
-    """The fields of ``cls`` (default :class:`PipelineConfig`) declared with :func:`setting`."""
-    return tuple(f for f in fields(cls or PipelineConfig) if "help" in f.metadata)
-
-
-def setting_type(f: Field, cls: type | None = None) -> type:
-    """The value type of a declared field (``int``, ``float``, ``str``, ``bool``), ``None`` stripped."""
-    hint = typing.get_type_hints(cls or PipelineConfig)[f.name]
-    options = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    return options[0]
-
-
 def _harp_default(name: str) -> Any:
     """The default of one of :class:`~nni_harp.pruning.HARPSettings`' fields (declared there once)."""
     from ..pruning.settings import HARPSettings
@@ -154,6 +124,42 @@ def _latency_backends() -> tuple[str, ...]:
     from graph_passes.latency import BACKENDS
 
     return tuple(BACKENDS)
+
+
+# the names a setting may take, read from their registries when asked (the option's help and
+# the check below use the same function)
+def _dataset_names() -> tuple[str, ...]:
+    from ..data import DATASETS
+
+    return tuple(DATASETS)
+
+
+def _modes() -> tuple[str, ...]:
+    return MODES
+
+
+def _pruner_names() -> tuple[str, ...]:
+    from ..registry import pruner_names
+
+    return pruner_names()
+
+
+def _adv_losses() -> tuple[str, ...]:
+    from ..adversarial import LOSSES
+
+    return tuple(LOSSES)
+
+
+def _allocations() -> tuple[str, ...]:
+    from ..pruning._allocation import ALLOCATIONS
+
+    return tuple(ALLOCATIONS)
+
+
+def _autoattack_versions() -> tuple[str, ...]:
+    from ..adversarial import AUTOATTACK_VERSIONS
+
+    return (*AUTOATTACK_VERSIONS, "off")
 
 
 def _check_latency(cfg: Any) -> None:
@@ -198,76 +204,114 @@ class PipelineConfig:
     ``flops_target`` the fraction of FLOPs kept (``mode='structured'``); the other one is ignored.
     With ``budget='latency'`` (structured) the target is ``latency_target``, the fraction of the
     dense model's latency on ``latency_backend`` kept (:attr:`budget_kind`, :attr:`target_keep`).
-    The fields declared with :func:`setting` are the command line's options and the NNI trial's
-    parameters of the same names, and are compared on resume: add a setting there, once.
+    Every field is declared with :func:`setting`, with its help, choices and resume flag: the
+    command line's options (``nni_harp.cli``), the NNI trial's parameters (``nni_harp.trial``) and
+    :attr:`RESUME_KEYS` are derived from the declarations, so a setting is added here, once.
     """
 
-    model: str
-    dataset: str = "digits"
-    data_dir: str | None = None
-    image_size: int = 32
-    mode: str = "unstructured"
-    # a name of nni_harp.registry: harp, hydra, or one of NNI's pruners (l1norm, l2norm, fpgm,
-    # taylor, movement); every pruner runs through the same stages
-    pruner: str = "harp"
-    sparsity: float = 0.9
-    flops_target: float = 0.5
-    adv_loss: str = "pgd"
-    eps: float = 8 / 255
-    attack_steps: int = 3
-    pretrain_epochs: int = 4
-    prune_epochs: int = 8  # HARP's schedule: gamma grows until the target is met (~epoch 4 on digits), then holds
-    finetune_epochs: int = 2
-    batch_size: int = 64
-    seed: int = 0
-    output_dir: str = "runs/harp"
-    checkpoint: str | None = None
-    resume: bool = False
-    overwrite: bool = False
+    model: str = setting(MISSING, "a timm model name (see `nni-harp list-models`)", metavar="MODEL", group=None)
+    dataset: str = setting(
+        "digits", "digits ships with scikit-learn; the others read --data-dir (default: %(default)s)",
+        choices=_dataset_names, group="data")
+    data_dir: str | None = setting(None, "dataset folder (cifar10, svhn, imagefolder); nothing is downloaded",
+                                   group="data")
+    image_size: int = setting(32, "input resolution in pixels (default: %(default)s)", group="data")
+    mode: str = setting("unstructured", "unstructured: single weights (budget: parameters); structured: channels, "
+                                        "physically removed (budget: FLOPs) (default: %(default)s)", choices=_modes)
+    pruner: str = setting(
+        "harp", "harp (learned per-layer rates), hydra (learned scores, uniform rates) or one of NNI's pruners: "
+                "l1norm, l2norm, fpgm (structured only), taylor, movement (unstructured only); every one runs the "
+                "same stages (default: %(default)s)", choices=_pruner_names)
+    sparsity: float = setting(0.9, "unstructured: fraction of parameters removed, in (0, 1) (default: %(default)s)")
+    flops_target: float = setting(0.5, "structured: fraction of FLOPs kept, in (0, 1) (default: %(default)s)")
+    adv_loss: str = setting("pgd", "PGD-AT, TRADES or MART (default: %(default)s)", choices=_adv_losses,
+                            group="adversarial training")
+    eps: float = setting(8 / 255, "L-inf radius in pixel units, e.g. 8/255 (default: 8/255)",
+                         group="adversarial training")
+    attack_steps: int = setting(3, "PGD steps during training (default: %(default)s)", group="adversarial training")
+    pretrain_epochs: int = setting(4, "default: %(default)s (ignored with --checkpoint)", group="schedule")
+    # HARP's schedule: gamma grows until the target is met (~epoch 4 on digits), then holds
+    prune_epochs: int = setting(
+        8, "HARP's gamma grows every epoch until the target is met, then freezes (default: %(default)s)",
+        group="schedule")
+    finetune_epochs: int = setting(2, "default: %(default)s", group="schedule")
+    batch_size: int = setting(
+        64, "the global batch; under torchrun each of N processes takes 1/N of it (default: %(default)s)",
+        group="schedule")
+    seed: int = setting(0, "default: %(default)s", group="schedule")
+    # the command line derives its default folder from the model, mode and pruner
+    output_dir: str = setting("runs/harp", "where everything is written (default: runs/MODEL-MODE)", group="files",
+                              cli_default=None, resume=False)
+    checkpoint: str | None = setting(None, "start from this trained dense model (a state dict file, or an earlier "
+                                           "run's output folder) instead of pretraining", group="files")
+    resume: bool = setting(False, "continue the run in --output-dir from its last finished epoch (give the same "
+                                  "training settings; evaluation settings may change)", group="files", resume=False)
+    overwrite: bool = setting(False, "start again in an --output-dir that holds a run", group="files", resume=False)
     # learning rates / schedule (SGD, momentum 0.9, cosine, weight decay)
-    pretrain_lr: float = 0.05
-    prune_lr: float = 0.1  # HARP's score learning rate (the weights are frozen while pruning)
-    finetune_lr: float = 0.01
-    weight_decay: float = 5e-4
-    gamma_0: float = 0.01
+    pretrain_lr: float = setting(0.05, "default: %(default)s", group="schedule")
+    prune_lr: float = setting(
+        0.1, "learning rate of HARP's (HYDRA's) scores, the weights being frozen (rates: HARPSettings.rate_lr); NNI's "
+             "training-aware pruners train the weights at --finetune-lr (default: %(default)s)", group="schedule")
+    finetune_lr: float = setting(0.01, "default: %(default)s", group="schedule")
+    weight_decay: float = setting(5e-4, "default: %(default)s", group="schedule")
+    gamma_0: float = setting(0.01, "initial weight of the hardware loss (default: %(default)s)", flag="--gamma0")
     # where HARP's rates start (HARPSettings.init_allocation / init_keep; None: sqrt of the target)
-    init_allocation: str = "uniform"
-    init_keep: float | None = None
-    trades_beta: float | None = None  # TRADES/MART beta; None: the loss's own (TRADES 6, MART 5)
-    # evaluation
-    eval_samples: int = 200
-    eval_attack_steps: int = 10
+    init_allocation: str = setting(
+        "uniform", "where HARP's per-layer rates start: one fraction for all, dense, or a global magnitude, LAMP or "
+                   "ERK allocation (default: %(default)s)", choices=_allocations)
+    init_keep: float | None = setting(
+        None, "kept fraction (of params or FLOPs) HARP starts at, between the target and 1 (default: the square "
+              "root of the target, e.g. 0.32 for 90 %% sparsity)")
+    trades_beta: float | None = setting(None, "TRADES/MART beta (default: the loss's own, TRADES 6, MART 5)",
+                                        group="adversarial training")
+    # evaluation: changing it does not stop a run from resuming
+    eval_samples: int = setting(200, "test images attacked with PGD and AutoAttack (default: %(default)s)",
+                                metavar="N", group="evaluation", resume=False)
+    eval_attack_steps: int = setting(10, "PGD steps at evaluation (default: %(default)s)", metavar="N",
+                                     group="evaluation", resume=False)
     # > 0: after every pruning and fine-tuning epoch, clean and PGD accuracy on this many test
     # images (``val_clean`` / ``val_pgd`` in the epoch metrics; the NNI trial reports them)
-    epoch_eval_samples: int = 0
+    epoch_eval_samples: int = setting(0, "test images evaluated after every pruning and fine-tuning epoch",
+                                      group="testing", resume=False, hidden=True)
     # AutoAttack version (nni_harp.adversarial.AUTOATTACK_VERSIONS) or "off". The default runs
     # its gradient-based members; "standard" adds FAB-T and Square (5000 queries), some 5 s per
     # robust image for a resnet18 on a 2-core CPU
-    autoattack: str = "apgd-ce+apgd-t"
-    latency_runs: int = 20
-    export_onnx: bool = True
-    # testing knobs: cap the number of batches per epoch / evaluation (None: whole dataset)
-    max_train_batches: int | None = None
-    num_workers: int = 0
-    # -- settings declared once (setting()): --help, the NNI trial and the resume check derive from these
+    autoattack: str = setting(
+        "apgd-ce+apgd-t", "AutoAttack version (torchattacks): apgd-ce+apgd-t (its gradient-based members), standard "
+                          "(adds FAB-T and Square: the number to publish, but slow on a CPU), apgd-ce, plus, rand, or "
+                          "off (default: %(default)s)",
+        choices=_autoattack_versions, metavar="VERSION", group="evaluation", resume=False)
+    latency_runs: int = setting(20, "timed runs per latency measurement (default: %(default)s)", metavar="N",
+                                group="evaluation", resume=False)
+    export_onnx: bool = setting(True, "skip the ONNX export (and the onnxruntime latency)", flag="--no-onnx",
+                                group="evaluation", resume=False)
+    # testing knobs, kept out of --help: cap the number of batches per epoch / evaluation (None: whole dataset)
+    max_train_batches: int | None = setting(None, "batches per epoch at most", group="testing", hidden=True)
+    num_workers: int = setting(0, "data loader worker processes", group="testing", hidden=True, resume=False)
+    # the latency budget (#11); runs recorded before it resume with its defaults
     budget: str | None = setting(
         None, "what the target counts: params (unstructured), flops (structured, with --flops-target) or latency "
               "(structured, with --latency-target: the latency HARP's latency model predicts, measured first on "
               "--latency-backend) (default: params unstructured, flops structured)",
-        choices=lambda: tuple(dict.fromkeys(b for bs in MODE_BUDGETS.values() for b in bs)))
+        choices=lambda: tuple(dict.fromkeys(b for bs in MODE_BUDGETS.values() for b in bs)), older_runs_default=True)
     latency_target: float = setting(
-        0.5, "with --budget latency: fraction of the dense model's latency kept, in (0, 1) (default: %(default)s)")
+        0.5, "with --budget latency: fraction of the dense model's latency kept, in (0, 1) (default: %(default)s)",
+        older_runs_default=True)
     latency_backend: str = setting(
         _harp_default("latency_backend"),
         "with --budget latency: where the latency is measured: eager (PyTorch CPU), onnxruntime (CPU) or cuda; "
-        "the fit is cached, a second run measures nothing (default: %(default)s)", choices=_latency_backends)
+        "the fit is cached, a second run measures nothing (default: %(default)s)", choices=_latency_backends,
+        older_runs_default=True)
     latency_threads: int = setting(
         _harp_default("latency_threads"),
-        "with --budget latency: CPU threads the latency is measured with (default: %(default)s)", metavar="N")
+        "with --budget latency: CPU threads the latency is measured with (default: %(default)s)", metavar="N",
+        older_runs_default=True)
+    #: the settings a stored run may only be continued with unchanged (``resume=True``; set below the class)
+    RESUME_KEYS: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         check_model_name(self.model)
-        _choice(self, "dataset", DATASET_NAMES)
+        _choice(self, "dataset", _dataset_names())
         if self.dataset == "imagefolder" and not self.data_dir:
             raise ConfigError("data_dir", "--data-dir is required with --dataset imagefolder")
         if self.data_dir is not None:
@@ -277,12 +321,12 @@ class PipelineConfig:
             if not path.is_dir():
                 raise ConfigError("data_dir", f"not a directory: {path}")
         _int_in(self, "image_size", 8, 1024)
-        _choice(self, "mode", MODES)
+        _choice(self, "mode", _modes())
         _check_pruner(self)
         _float_in(self, "sparsity", 0.0, 1.0, low_open=True, high_open=True)
         _float_in(self, "flops_target", 0.0, 1.0, low_open=True, high_open=True)
         _check_latency(self)
-        _choice(self, "adv_loss", ADV_LOSSES)
+        _choice(self, "adv_loss", _adv_losses())
         _float_in(self, "eps", 0.0, 1.0)
         _int_in(self, "attack_steps", 1, 1000)
         _int_in(self, "pretrain_epochs", 0, 100_000)
@@ -302,9 +346,7 @@ class PipelineConfig:
             _float_in(self, name, 0.0, 10.0)
         _float_in(self, "weight_decay", 0.0, 1.0, low_open=False)
         _float_in(self, "gamma_0", 0.0, 1e6, low_open=False)
-        from ..pruning._allocation import ALLOCATIONS
-
-        _choice(self, "init_allocation", tuple(ALLOCATIONS))
+        _choice(self, "init_allocation", _allocations())
         if self.init_keep is not None:
             _float_in(self, "init_keep", 0.0, 1.0)
             if self.init_keep < self.target_keep:
@@ -318,9 +360,7 @@ class PipelineConfig:
         _int_in(self, "latency_runs", 1, 100_000)
         _int_in(self, "max_train_batches", 1, optional=True)
         _int_in(self, "num_workers", 0, 256)
-        from ..adversarial import AUTOATTACK_VERSIONS
-
-        _choice(self, "autoattack", (*AUTOATTACK_VERSIONS, "off"))
+        _choice(self, "autoattack", _autoattack_versions())
         for name in ("resume", "overwrite", "export_onnx"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"must be True or False, got {getattr(self, name)!r}")
@@ -362,23 +402,31 @@ class PipelineConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "PipelineConfig":
+    def from_dict(cls, data: Mapping[str, Any], *, coerce: bool = False) -> "PipelineConfig":
+        """The config of ``data`` (setting name -> value), checked as the constructor checks it.
+
+        ``coerce``: ``data`` comes from a loosely typed source (an NNI search space sends ``2.0``
+        for an integer, ``--param`` a string): integer and number settings are converted first,
+        and one that is not a number is a :class:`ConfigError` naming it."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(unknown[0], f"unknown setting (known: {', '.join(sorted(known))})")
-        return cls(**dict(data))
-
-    # fields whose change makes a stored run incompatible with the new request
-    RESUME_KEYS = (
-        "model", "dataset", "data_dir", "image_size", "mode", "pruner", "sparsity", "flops_target", "adv_loss", "eps",
-        "attack_steps", "pretrain_epochs", "prune_epochs", "finetune_epochs", "batch_size", "seed",
-        "checkpoint", "pretrain_lr", "prune_lr", "finetune_lr", "weight_decay", "gamma_0", "init_allocation", "init_keep", "trades_beta",
-        "max_train_batches",
-    )  # and the settings declared with resume=True (added below the class)
+        return cls(**{k: coerce_setting(k, v) if coerce else v for k, v in data.items()})
 
 
-PipelineConfig.RESUME_KEYS += tuple(f.name for f in declared_settings(PipelineConfig) if f.metadata["resume"])
+PipelineConfig.RESUME_KEYS = resume_keys(PipelineConfig)
+
+
+def coerce_setting(name: str, value: Any) -> Any:
+    """``value`` of :class:`PipelineConfig`'s setting ``name`` converted by :func:`coerce_number`
+    where the setting is an integer or a number (and not ``None`` where that is allowed); other
+    values are left to the config's checks."""
+    f = PipelineConfig.__dataclass_fields__[name]
+    kind = setting_type(f, PipelineConfig)
+    if kind not in (int, float) or (value is None and is_optional(f, PipelineConfig)):
+        return value
+    return coerce_number(name, value, kind)
 
 
 @dataclass(frozen=True)
@@ -410,7 +458,7 @@ class EvaluateConfig:
         if not isinstance(self.checkpoint, str) or not Path(self.checkpoint).expanduser().exists():
             raise ConfigError("checkpoint", f"file or directory does not exist: {self.checkpoint}")
         if self.dataset is not None:
-            _choice(self, "dataset", DATASET_NAMES)
+            _choice(self, "dataset", _dataset_names())
         if self.dataset == "imagefolder" and not self.data_dir:
             raise ConfigError("data_dir", "--data-dir is required with --dataset imagefolder")
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
@@ -419,9 +467,7 @@ class EvaluateConfig:
         _float_in(self, "eps", 0.0, 1.0)
         _int_in(self, "eval_attack_steps", 1, 10_000)
         _int_in(self, "eval_samples", 1)
-        from ..adversarial import AUTOATTACK_VERSIONS
-
-        _choice(self, "autoattack", (*AUTOATTACK_VERSIONS, "off"))
+        _choice(self, "autoattack", _autoattack_versions())
         _int_in(self, "batch_size", 1, 65_536)
         _int_in(self, "seed", 0, 2**32 - 1)
         _int_in(self, "latency_runs", 1, 100_000)
