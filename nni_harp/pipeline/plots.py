@@ -122,8 +122,8 @@ _PHASE_STYLE = {
 def plot_history(history: Sequence[Mapping[str, Any]], target: float | None, path: str | Path, title: str = "") -> Path:
     """The pruning schedule: the kept fraction at every epoch boundary (right axis; the first point
     is where pruning started), gamma per epoch (left axis, log scale when positive), the phase of
-    every epoch as background colour (hatched: settling on the final masks), and the epoch that
-    first met the target (gamma frozen after it)."""
+    every epoch as background colour (hatched: settling on the final masks), the epoch ends the
+    glide path held (``held``), and the epoch that first met the target (gamma frozen after it)."""
     def number(h: Mapping[str, Any], key: str) -> float:
         value = h.get(key)
         return float(value) if value is not None else float("nan")
@@ -160,6 +160,10 @@ def plot_history(history: Sequence[Mapping[str, Any]], target: float | None, pat
     kept = [number(history[0], "kept_start") if "kept_start" in history[0] else float("nan")]
     kept += [number(h, "kept_fraction") for h in history]
     ax2.plot(range(n + 1), kept, marker="s", color="tab:blue", label="kept fraction")
+    held = [i + 1 for i, h in enumerate(history) if h.get("held")]
+    if held:
+        ax2.plot(held, [kept[i] for i in held], linestyle="none", marker="v", markersize=9, color="tab:purple",
+                 label="held to the glide path (projected)")
     if target is not None:
         ax2.axhline(target, color="tab:red", linestyle="--", label=f"target {target:.3g}")
     # HYDRA's history has no phases: its rates are fixed, so there is no schedule to freeze

@@ -194,8 +194,9 @@ class Report:
                 lines += [f"The target was first met at the end of epoch {int(met) + 1}; gamma is frozen from then on.", ""]
             lines += ["| epoch | phase | gamma | kept fraction | adv loss | hw loss |", "|---:|---|---:|---:|---:|---:|"]
             for h in self.history:
+                notes = ", ".join(note for key, note in _EPOCH_NOTES if h.get(key))
                 lines.append("| {} | {} | {} | {} | {} | {} |".format(
-                    int(h.get("epoch", 0)) + 1, h.get("phase") or "",
+                    int(h.get("epoch", 0)) + 1, (h.get("phase") or "") + (f" ({notes})" if notes else ""),
                     *(_num(h.get(k)) for k in ("gamma", "kept_fraction", "adv_loss", "hw_loss"))
                 ))
         if self.files:
@@ -208,6 +209,11 @@ class Report:
         js = atomic_write_text(out / f"{stem}.json", json.dumps(self.to_dict(), indent=2, default=_json_default))
         md = atomic_write_text(out / f"{stem}.md", self.to_markdown())
         return js, md
+
+
+#: What the pruning run did at an epoch's end, by history key, as the markdown history names it.
+_EPOCH_NOTES = (("held", "held to the glide path"), ("forced", "projected onto the target"),
+                ("settled", "final masks fixed"))
 
 
 def _num(v: Any) -> str:

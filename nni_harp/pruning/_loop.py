@@ -3,7 +3,8 @@
 - :func:`run_epochs`: per epoch, set gamma (the stagewise schedule) and the learning rates, let the
   evaluator train one epoch (or ``steps_per_epoch`` steps), observe whether the target is met
   (forcing it at ``HARPSettings.descent_deadline`` and at every later epoch end above it:
-  :func:`force_target`), and append the epoch's
+  :func:`force_target`; before that, holding the kept fraction to ``descent_glide``'s path:
+  :func:`hold_to_glide_path`), and append the epoch's
   record (with its phase) to ``pruner.history``;
 - :func:`finalize`: project the learned rates onto the budgets, fix the hard masks, hand them to
   NNI's wrappers and remove HARP's tensors from the model.
@@ -12,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
 from ._apply import APPLY_METHOD, clear_masker
 from ._optim import HarpOptimizer
-from .budget import final_counts, project_budgets
+from .budget import Budget, final_counts, project_budgets
 from .errors import SettingsError, StructureError
 from .schedule import epoch_phase
 
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
     from .harp import HARPPruner
     from .settings import HARPSettings
 
-__all__ = ["run_length", "run_epochs", "force_target", "fix_final_masks", "finalize"]
+__all__ = ["run_length", "run_epochs", "glide_slack", "hold_to_glide_path", "force_target", "fix_final_masks", "finalize"]
 
 _logger = logging.getLogger("nni_harp.pruning.harp")  # one logger for the pruner's whole run
 
@@ -46,6 +48,7 @@ def run_epochs(pruner: HARPPruner, optimizer: HarpOptimizer, epochs: int, max_st
     s = pruner.settings
     steps_left = None if max_steps is None else max_steps - sum(int(h["steps"]) for h in pruner.history)
     deadline, settle = s.deadline_epoch(epochs, pruner.structured), s.settle_epoch(epochs)
+    glide_end = s.glide_end(epochs, pruner.structured)
     for epoch in range(len(pruner.history), epochs):
         if steps_left is not None and steps_left <= 0:
             break
@@ -69,6 +72,9 @@ def run_epochs(pruner: HARPPruner, optimizer: HarpOptimizer, epochs: int, max_st
         if forced:
             force_target(pruner)
             met = True
+        held = False
+        if not met and not settling and glide_end is not None and 0 < epoch < glide_end:
+            held = hold_to_glide_path(pruner, glide_slack(pruner.history, pruner.target_fraction, epoch, glide_end))
         if settle is not None and epoch == settle - 1:  # the last epochs train on the final masks
             forced = fix_final_masks(pruner, optimizer) or forced
             met = met or s.learn_rates
@@ -86,6 +92,7 @@ def run_epochs(pruner: HARPPruner, optimizer: HarpOptimizer, epochs: int, max_st
             "hw_loss": float(pruner._hw_sum) / batches if batches else float("nan"),
             "target_met": met,
             "forced": forced,
+            "held": held,
             "settled": settling,
             # HYDRA's rates are fixed: it has no schedule, so no phases
             "phase": epoch_phase(pruner.schedule, epoch, kept_start, kept) if s.learn_rates else None,
@@ -95,22 +102,43 @@ def run_epochs(pruner: HARPPruner, optimizer: HarpOptimizer, epochs: int, max_st
         _logger.info(
             "%s epoch %d (%s): gamma=%.4g kept=%.4f -> %.4f (target %.4f%s) task_loss=%.4f hw_loss=%.4g steps=%d",
             type(pruner).__name__, epoch, record["phase"], record["gamma"], kept_start, kept, pruner.target_fraction,
-            ", forced" if forced else ", met" if met else "", record["adv_loss"], record["hw_loss"], pruner._epoch_steps,
+            ", forced" if forced else ", met" if met else ", held to the glide path" if held else "", record["adv_loss"], record["hw_loss"], pruner._epoch_steps,
         )
 
 
+def glide_slack(history: Sequence[Mapping[str, Any]], target: float, epoch: int, end: int) -> float:
+    """The glide path (``HARPSettings.descent_glide``) at the end of ``epoch`` (``0 < epoch < end``),
+    as the largest allowed ratio of kept fraction to target: ``r0 ** ((end - epoch) / end)``, where
+    ``r0`` is that ratio at the end of epoch 0 (``history[0]``), falling geometrically to 1 at ``end``."""
+    r0 = max(float(history[0]["kept_fraction"]) / target, 1.0)
+    return r0 ** ((end - epoch) / end)
+
+
 @torch.no_grad()
-def force_target(pruner: HARPPruner) -> None:
-    """Project the rates onto every budget (one factor per budget, the units' ratios kept) and
-    refresh the hard masks: the descent deadline's move."""
+def hold_to_glide_path(pruner: HARPPruner, slack: float) -> bool:
+    """Project every budget whose rates keep more than ``slack`` times its target onto that much
+    (:func:`force_target`); returns whether any was."""
+    keep = {i: unit.keep_value() for i, unit in enumerate(pruner._units)}
+    above = [b for b in pruner._budgets if float(b.kept({u: keep[u] for u in b.units})) > b.target * slack * (1 + 1e-6)]
+    if above:
+        force_target(pruner, [replace(b, target=b.target * slack) for b in above], "held to the glide path")
+    return bool(above)
+
+
+@torch.no_grad()
+def force_target(pruner: HARPPruner, budgets: Sequence[Budget] | None = None, why: str = "target not met by the "
+                 "descent deadline") -> None:
+    """Project the rates onto ``budgets`` (default: the pruner's; one factor per budget, the units'
+    ratios kept) and refresh the hard masks: the descent deadline's (and the glide path's) move."""
     units = pruner._units
-    keep = project_budgets(pruner._budgets, {i: u.keep_value() for i, u in enumerate(units)},
+    keep = project_budgets(pruner._budgets if budgets is None else budgets,
+                           {i: u.keep_value() for i, u in enumerate(units)},
                            {i: u.floor for i, u in enumerate(units)}, {i: u.ceiling for i, u in enumerate(units)})
     for i, unit in enumerate(units):
         unit.set_keep(keep[i])
         unit.refresh()
-    _logger.info("%s: target not met by the descent deadline; rates projected onto the budget (kept %.4f)",
-                 type(pruner).__name__, pruner.kept_fraction())
+    _logger.info("%s: %s; rates projected onto the budget (kept %.4f)", type(pruner).__name__, why,
+                 pruner.kept_fraction())
 
 
 def _apply_final_counts(pruner: HARPPruner) -> dict[int, int]:

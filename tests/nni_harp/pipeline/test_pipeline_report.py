@@ -100,6 +100,15 @@ def test_history_plot_draws_the_phases_and_the_start(tmp_path):
     _check_png(plot_layer_rates({"a": 0.3, "b": 0.9}, 0.5, tmp_path / "r.png", start={"a": 0.7, "b": 0.7}))
 
 
+def test_history_plot_and_markdown_show_the_glide_path_holds(tmp_path):
+    held = [{**h, "held": h["phase"] == "descent"} for h in _three_phase_history()]
+    picture = plot_history(held, 0.5, tmp_path / "held.png")
+    _check_png(picture)
+    assert picture.read_bytes() != plot_history(_three_phase_history(), 0.5, tmp_path / "free.png").read_bytes()
+    text = Report(**{**_report().__dict__, "history": held}).to_markdown()
+    assert text.count("descent (held to the glide path)") == 4
+
+
 def test_markdown_names_each_epoch_phase_and_when_gamma_froze():
     report = _report()
     text = Report(**{**report.__dict__, "history": _three_phase_history()}).to_markdown()

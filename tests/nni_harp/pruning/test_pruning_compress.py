@@ -145,6 +145,33 @@ def test_descent_deadline_forces_an_unmet_target_and_keeps_the_learned_ratios(
     assert max(before[n] for n in free) / min(before[n] for n in free) > 1.05  # a non-uniform plan to keep
 
 
+@pytest.mark.parametrize("glide", [True, False])
+def test_a_lagging_descent_is_held_to_the_glide_path(
+    pretrained: Callable[[], nn.Sequential], digits: Digits, glide: bool
+) -> None:
+    """gamma_0 so small that the rates cannot descend by themselves in 6 epochs: with the glide path
+    (default) every end of epochs 1-3 is projected onto the geometric path from the kept fraction
+    after epoch 0 to the target after epoch 4 (the epoch before settling), so the cut comes in
+    steps; without it the rates stay up until settling projects them all at once."""
+    torch.manual_seed(0)
+    model = pretrained()
+    pruner = HARPPruner(model, CONFIG, make_evaluator(model, digits), gamma_0=1e-6, descent_glide=glide)
+    pruner.compress(max_epochs=6)
+    history = pruner.history
+    kept = [h["kept_fraction"] for h in history]
+    assert [h["held"] for h in history] == [False, glide, glide, glide, False, False]
+    assert [h["forced"] for h in history] == [False, False, False, False, True, False]
+    assert kept[4] == pytest.approx(0.1, abs=0.005) and pruner.frozen_at == 4
+    r0 = kept[0] / 0.1
+    assert r0 > 2  # far above the target: the path has somewhere to go
+    if glide:
+        path = [0.1 * r0 ** ((4 - t) / 4) for t in (1, 2, 3)]
+        assert kept[1:4] == pytest.approx(path, rel=0.03)  # hard-mask counts round the projected rates
+        assert all(h["phase"] == "descent" for h in history[1:4])
+    else:
+        assert min(kept[1:4]) > 0.9 * kept[0]  # nothing pulled them down before the cut
+
+
 @pytest.mark.parametrize("settle", [1, 0])
 def test_the_last_epoch_settles_on_the_final_masks(
     pretrained: Callable[[], nn.Sequential], digits: Digits, settle: int, monkeypatch: pytest.MonkeyPatch

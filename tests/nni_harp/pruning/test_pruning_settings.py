@@ -33,6 +33,14 @@ def test_descent_deadline_default_depends_on_the_mode() -> None:
     assert HARPSettings().deadline_epoch(20, structured=True) == 9
 
 
+def test_glide_path_ends_at_the_deadline_else_before_settling() -> None:
+    assert HARPSettings().glide_end(20, structured=True) == 9  # the default structured deadline
+    assert HARPSettings().glide_end(20, structured=False) == 18  # settling starts with epoch 19
+    assert HARPSettings(settle_epochs=0).glide_end(20, structured=False) is None
+    assert HARPSettings(descent_glide=False).glide_end(20, structured=True) is None
+    assert HARPSettings(learn_rates=False).glide_end(20, structured=True) is None  # HYDRA's rates are fixed
+
+
 @pytest.mark.parametrize(("settle", "epochs", "epoch"), [(1, 20, 19), (1, 2, 1), (1, 1, None), (0, 20, None), (3, 3, None),
                                                           (3, 4, 1)])
 def test_settle_epoch(settle: int, epochs: int, epoch: int | None) -> None:
@@ -68,6 +76,7 @@ def test_settle_epoch(settle: int, epochs: int, epoch: int | None) -> None:
         ("round_to", 8.0, "int >= 1"),
         ("settle_epochs", -1, "int >= 0"),
         ("settle_epochs", True, "int >= 0"),
+        ("descent_glide", 1, "True or False"),
     ],
 )
 def test_settings_errors_name_field_and_range(field: str, value: Any, allowed: str) -> None:
