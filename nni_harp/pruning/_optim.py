@@ -109,8 +109,7 @@ def _build(kind: str, groups: list[dict[str, Any]], momentum: float) -> torch.op
 class HarpOptimizer:
     """The score (+ norm affine) optimizer and, when rates are learned, the rate optimizer."""
 
-    def __init__(self, settings: HARPSettings, units: Sequence[ScoreUnit], norm_params: Iterable[nn.Parameter],
-                 structured: bool) -> None:
+    def __init__(self, settings: HARPSettings, units: Sequence[ScoreUnit], norm_params: Iterable[nn.Parameter]) -> None:
         s = self.settings = settings
         self.units = list(units)
         score_groups: list[dict[str, Any]] = [
@@ -118,7 +117,7 @@ class HarpOptimizer:
         ]
         norms = list(norm_params)
         if norms:
-            score_groups.append({"params": norms, "lr": s.norm_lr_for(structured), "weight_decay": s.score_weight_decay})
+            score_groups.append({"params": norms, "lr": s.norm_lr_value(), "weight_decay": s.score_weight_decay})
         self.scores = _build(s.optimizer, score_groups, s.momentum)
         self.rates: torch.optim.Optimizer | None = None
         if s.learn_rates:

@@ -287,7 +287,7 @@ class HARPPruner(Pruner):
             self.evaluator.bind_model(self.bound_model, self._get_param_names_map())
             try:
                 norms = norm_affine_parameters(self.bound_model) if self.settings.train_norm_affine else []
-                optimizer = HarpOptimizer(self.settings, self._units, norms, self.structured)
+                optimizer = HarpOptimizer(self.settings, self._units, norms)
                 if self._pending_optimizer_state is not None:
                     optimizer.load_state_dict(self._pending_optimizer_state)
                     self._pending_optimizer_state = None

@@ -226,16 +226,12 @@ def test_the_last_epoch_settles_on_the_final_masks(
 
 def test_norm_affine_parameters_have_their_own_learning_rate(pretrained: Callable[[], nn.Sequential], digits: Digits) -> None:
     model = pretrained()
-    settings = HARPSettings(norm_lr=0.003, score_lr=0.2)
-    for structured in (False, True):
-        optimizer = HarpOptimizer(settings, [], norm_affine_parameters(model), structured)
-        assert [g["lr"] for g in optimizer.scores.param_groups] == [0.2, 0.003]
-        assert sum(p.numel() for p in optimizer.scores.param_groups[1]["params"]) == 2 * (12 + 24 + 24)
-    # left at None: the score rate for unstructured pruning, a tenth of it for structured pruning
-    default = HARPSettings(norm_lr=None, score_lr=0.2)
-    lrs = [[g["lr"] for g in HarpOptimizer(default, [], norm_affine_parameters(model), structured).scores.param_groups]
-           for structured in (False, True)]
-    assert lrs[0] == pytest.approx([0.2, 0.2]) and lrs[1] == pytest.approx([0.2, 0.02])
+    optimizer = HarpOptimizer(HARPSettings(norm_lr=0.003, score_lr=0.2), [], norm_affine_parameters(model))
+    assert [g["lr"] for g in optimizer.scores.param_groups] == [0.2, 0.003]
+    assert sum(p.numel() for p in optimizer.scores.param_groups[1]["params"]) == 2 * (12 + 24 + 24)
+    # left at None: a tenth of the score rate
+    default = HarpOptimizer(HARPSettings(norm_lr=None, score_lr=0.2), [], norm_affine_parameters(model))
+    assert [g["lr"] for g in default.scores.param_groups] == pytest.approx([0.2, 0.02])
 
 
 def test_hydra_keeps_uniform_rates_and_learns_scores(pretrained: Callable[[], nn.Sequential], digits: Digits) -> None:

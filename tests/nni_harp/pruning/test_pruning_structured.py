@@ -162,7 +162,7 @@ def test_while_learning_consumers_are_masked_so_pruned_channels_keep_their_gradi
     model = TwoBranch().eval()
     dense = copy.deepcopy(model)
     evaluator = TorchEvaluator(lambda *a, **k: None, nni.trace(torch.optim.SGD)(model.parameters(), lr=0.1), lambda b, m: 0)
-    pruner = HandBuiltHARP(model, STRUCTURED, evaluator, dummy_input=torch.zeros(1, 3, 16, 16))
+    HandBuiltHARP(model, STRUCTURED, evaluator, dummy_input=torch.zeros(1, 3, 16, 16))  # wraps the model: scores and rates live in its wrappers
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     score0, rate0 = params["conv1._nni_wrapper.harp_group0_score"], params["conv1._nni_wrapper.harp_group0_rate"]
