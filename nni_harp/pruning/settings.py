@@ -178,7 +178,7 @@ class HARPSettings:
             the score rate, measured on the robust-pruning setup (3 seeds, PGD-20 after fine-tuning,
             ``benchmarks/results/harp_settings_ab_norm_lr_unstructured_*.md``): 90 % unstructured
             72.9 ± 2.4 vs 52.9 ± 19.0 %, 99 % 64.1 ± 6.5 vs 54.3 ± 13.0 %, 95 % 75.7 ± 1.2 vs
-            78.3 ± 1.9 % (the one cost: the rates descend more slowly without the norms' help).
+            78.3 ± 2.0 % (the one cost: the rates descend more slowly without the norms' help).
         met_tolerance: the target counts as met once the rates' kept fraction (the one the hardware
             loss sees) is ``<= target + met_tolerance``, in ``[0, 1)``.
         settle_epochs: the last ``settle_epochs`` pruning epochs (of a run longer than that) train
