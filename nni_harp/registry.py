@@ -46,6 +46,9 @@ class PruneRequest:
 
 @dataclass(frozen=True)
 class PrunerSpec:
+    """A registered pruner: how to build and run it, and what it can do. The pipeline reads these
+    flags, never the pruner's name (see :func:`register_pruner` for what each one means)."""
+
     name: str
     class_name: str  # the NNI-style class name, e.g. "L1NormPruner"
     build: Callable[[PruneRequest], Any]
@@ -55,6 +58,10 @@ class PrunerSpec:
     training: bool = True
     description: str = ""
     aliases: tuple[str, ...] = ()
+    learns_scores: bool = False
+    learns_rates: bool = False
+    resumable: bool = False
+    group_masks: bool = False
 
 
 PRUNERS: dict[str, PrunerSpec] = {}
@@ -63,14 +70,28 @@ PRUNERS: dict[str, PrunerSpec] = {}
 def register_pruner(
     name: str, class_name: str, modes: tuple[str, ...] = ("unstructured", "structured"), global_budget: bool = False,
     training: bool = True, by_steps: bool = False, self_timed: bool = False, description: str = "",
-    aliases: tuple[str, ...] = (),
+    aliases: tuple[str, ...] = (), learns_scores: bool = False, learns_rates: bool = False, resumable: bool = False,
+    group_masks: bool = False,
 ) -> Callable[[Callable[[PruneRequest], Any]], Callable[[PruneRequest], Any]]:
     """Decorator: register a builder ``(PruneRequest) -> pruner`` under ``name`` and ``class_name``
     (and any ``aliases``).
 
+    ``modes``: the modes it can prune in (``("structured",)``: channels only); ``global_budget``:
+    one budget shared by all layers (``global_group_id``) rather than the same ratio per layer;
     ``training``: the pruner needs the evaluator; ``by_steps``: ``compress`` counts optimizer steps
     (epochs x steps per epoch) instead of epochs; ``self_timed``: the pruner got its training length
     in its constructor and ``compress()`` takes no arguments (TaylorPruner).
+
+    What the pipeline's prune stage does with it: ``learns_scores``: it learns importance scores
+    with HARP's settings (:class:`~nni_harp.pruning.HARPSettings`, options ``score_lr`` and those of
+    a latency budget) while the weights stay frozen, so the evaluator's optimizer gets the pruning
+    rate and no weight decay (else the weights train at the fine-tuning rate, as NNI's
+    training-aware pruners expect); ``learns_rates``: it also learns per-layer rates under HARP's
+    hardware loss (options ``gamma_0``, ``init_allocation``, ``init_keep``); ``resumable``: it runs
+    one epoch per call of the training function, keeps a per-epoch ``history`` and its whole state
+    in ``state_dict()``, so the stage reports and checkpoints every epoch and resumes mid-stage (else
+    an interrupted stage starts again); ``group_masks``: its structured masks already cover every
+    layer of each coupled channel group (else its per-layer masks are spread over the groups).
     """
 
     def wrap(build: Callable[[PruneRequest], Any]) -> Callable[[PruneRequest], Any]:
@@ -82,7 +103,8 @@ def register_pruner(
             compress = _compress_oneshot
         else:
             compress = _compress_steps if by_steps else _compress_epochs
-        PRUNERS[name] = PrunerSpec(name, class_name, build, compress, modes, global_budget, training, description, aliases)
+        PRUNERS[name] = PrunerSpec(name, class_name, build, compress, modes, global_budget, training, description, aliases,
+                                   learns_scores, learns_rates, resumable, group_masks)
         return build
 
     return wrap
@@ -165,14 +187,16 @@ def _channel_config(req: PruneRequest) -> list[dict[str, Any]]:
     return graph_passes.auto_set_dependency_group_ids(req.model, req.dummy_input, req.config_list)
 
 
-@register_pruner("harp", "HARPPruner", global_budget=True, description="HARP: learned scores and per-layer rates (nni_harp)")
+@register_pruner("harp", "HARPPruner", global_budget=True, learns_scores=True, learns_rates=True, resumable=True,
+                 group_masks=True, description="HARP: learned scores and per-layer rates (nni_harp)")
 def _harp(req: PruneRequest) -> Any:
     from .pruning import HARPPruner
 
     return HARPPruner(req.model, req.config_list, req.evaluator, dummy_input=req.dummy_input, **req.options)
 
 
-@register_pruner("hydra", "HydraPruner", global_budget=True, description="HYDRA: learned scores, uniform rates at the target")
+@register_pruner("hydra", "HydraPruner", global_budget=True, learns_scores=True, resumable=True, group_masks=True,
+                 description="HYDRA: learned scores, uniform rates at the target")
 def _hydra(req: PruneRequest) -> Any:
     from .pruning import HydraPruner
 

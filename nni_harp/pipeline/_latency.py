@@ -93,7 +93,7 @@ def lowest_fraction(model: nn.Module, example: torch.Tensor, latency: Any, confi
     from ..registry import get_pruner
 
     groups, cost = _cost(model, example)
-    floor = _settings(config).alpha * config.latency_target if get_pruner(config.pruner).global_budget else 0.0
+    floor = _settings(config).alpha * config.latency_target if get_pruner(config.pruner).learns_scores else 0.0
     return float(latency.fraction(cost, {g.id: max(floor, 1.0 / g.size) for g in groups if g.prunable}))
 
 
