@@ -43,8 +43,7 @@ LOCK_FILE = ".nni-harp.lock"
 def run_files() -> frozenset[str]:
     """The names a prune run writes at the top of its output folder (``checkpoints/`` aside)."""
     from ..loading import META_FILE, MODEL_FILE, PLAN_FILE
-    from . import PLOT_HISTORY, PLOT_RATES
-    from .stages import DENSE_MODEL_FILE, ONNX_FILE
+    from .artefacts import DENSE_MODEL_FILE, ONNX_FILE, PLOT_HISTORY, PLOT_RATES
 
     reports = {f"report.{ext}" for ext in ("json", "md")}
     return frozenset({MODEL_FILE, META_FILE, PLAN_FILE, ONNX_FILE, DENSE_MODEL_FILE, PLOT_RATES, PLOT_HISTORY,

@@ -129,7 +129,7 @@ def extra_loss():
 
 
 def test_a_loss_registered_with_register_loss_can_be_chosen(extra_loss, monkeypatch, tmp_path, capsys):
-    from nni_harp.pipeline.stages import adversarial_loss
+    from nni_harp.pipeline.training import adversarial_loss
 
     config = PipelineConfig(model="test_resnet", adv_loss=extra_loss, output_dir=str(tmp_path / "out"))
     assert type(adversarial_loss(SimpleNamespace(config=config))).__name__ == "UnitTestLoss"

@@ -5,17 +5,18 @@ import json
 
 import torch
 
-import nni_harp.pipeline._prune as prune_stage
-import nni_harp.pipeline.stages as stages
+import nni_harp.pipeline.stages.pretrain as pretrain_stage
+import nni_harp.pipeline.stages.prune as prune_stage
+import nni_harp.pipeline.training as training
 from nni_harp._io import safe_load
 from nni_harp.cli import main
 
 
 def _poison_third_step(monkeypatch, module) -> None:
     """The training step ``module`` builds returns NaN on its third call (epoch 2, step 1 at two
-    steps per epoch). Patched where the stage looks the factory up (the prune stage imported it
-    by name)."""
-    real = stages._training_step
+    steps per epoch). Patched where the stage looks the factory up: each stage module imports
+    ``make_training_step`` by name, so only the stage of ``module`` gets the poisoned step."""
+    real = training.make_training_step
     calls = {"n": 0}
 
     def poisoned(ctx):
@@ -28,7 +29,7 @@ def _poison_third_step(monkeypatch, module) -> None:
 
         return training_step
 
-    monkeypatch.setattr(module, "_training_step", poisoned)
+    monkeypatch.setattr(module, "make_training_step", poisoned)
 
 
 def _argv(out, pretrain_epochs: int, prune_epochs: int) -> list[str]:
@@ -40,7 +41,7 @@ def _argv(out, pretrain_epochs: int, prune_epochs: int) -> list[str]:
 
 
 def test_nan_loss_in_pretraining_stops_the_run(tmp_path, capsys, monkeypatch):
-    _poison_third_step(monkeypatch, stages)
+    _poison_third_step(monkeypatch, pretrain_stage)
     out = tmp_path / "run"
     argv = _argv(out, pretrain_epochs=3, prune_epochs=1)
     code = main(argv)

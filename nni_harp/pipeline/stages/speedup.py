@@ -1,0 +1,85 @@
+"""``speedup``: structured, the masked channels physically removed (``graph_passes.ModelSpeedup``)
+and the plan saved; unstructured, nothing to remove (the zeros stay in the state dict). Either way
+the pruned weights and ``model_meta.json`` are written, so that :func:`nni_harp.load_pruned` can
+rebuild the model."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..._io import atomic_save
+from ...loading import MODEL_FILE, PLAN_FILE, write_meta
+from ..context import Context, stage
+
+__all__ = ["stage_speedup", "model_meta"]
+
+logger = logging.getLogger(__name__)
+
+
+def model_meta(ctx: Context, plan: str | None) -> dict[str, Any]:
+    """``model_meta.json``: what :func:`nni_harp.load_pruned` needs to rebuild the model."""
+    info = ctx.info
+    return {
+        "model": ctx.config.model,
+        "num_classes": info.num_classes,
+        "in_chans": info.in_chans,
+        "image_size": ctx.config.image_size,
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "dataset": ctx.config.dataset,
+        "create_kwargs": ctx.create_kwargs,
+        "mode": ctx.config.mode,
+        "pruner": ctx.config.pruner,
+        "state_dict": MODEL_FILE,
+        "plan": plan,
+    }
+
+
+def stage_speedup(ctx: Context, model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]]) -> nn.Module:
+    """Structured: remove the masked channels and save the plan, checking the invariant that the
+    shrunk model computes what the masked one does. Returns the model to export and evaluate."""
+    with stage(ctx, "speedup", one_pass=True) as s:
+        plan_name: str | None = None
+        if ctx.config.mode == "structured":
+            model, diff = _remove_channels(ctx, model, masks)
+            plan_name = PLAN_FILE
+            s.result = {"max_abs_diff": diff}
+        else:
+            s.result = {"skipped": "unstructured: zeros are stored in the state dict"}
+        atomic_save(model.state_dict(), ctx.out / MODEL_FILE)
+        write_meta(ctx.out, model_meta(ctx, plan_name))
+        s.metrics = {k: v for k, v in s.result.items() if isinstance(v, float)}
+    return model
+
+
+def _remove_channels(ctx: Context, model: nn.Module,
+                     masks: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[nn.Module, float]:
+    """The shrunk model on the run's device, and the largest difference of its outputs from the
+    masked model's on the first test images; ``plan.json`` written."""
+    import graph_passes
+
+    model = model.cpu().eval()
+    masked = copy.deepcopy(model)
+    plain = _plain_masks(masks)
+    plan = graph_passes.PruningPlan.from_masks(masked, (ctx.example,), plain)
+    small = graph_passes.ModelSpeedup(model, ctx.example, plain).speedup_model(inplace=False)
+    small = small.eval()
+    batch = torch.stack([ctx.test_ds[i][0] for i in range(min(16, len(ctx.test_ds)))])  # type: ignore[arg-type]
+    with torch.no_grad():
+        ref, got = masked(batch), small(batch)
+    diff = float((ref - got).abs().max())
+    ctx.checks["speedup_max_abs_diff"] = diff
+    scale = float(ref.abs().max()) or 1.0
+    if not math.isfinite(diff) or diff > 1e-3 * max(scale, 1.0):
+        logger.warning("speedup changed the outputs: max |masked - pruned| = %.3g (logits up to %.3g)", diff, scale)
+    plan.save(ctx.out / PLAN_FILE)
+    return small.to(ctx.device), diff
+
+
+def _plain_masks(masks: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    return {m: {p: t.detach().cpu() for p, t in d.items()} for m, d in masks.items()}
