@@ -33,9 +33,10 @@ class StopBeforePruneEpoch(PipelineCallback):
 
 
 def _config(out: Path, **changes) -> PipelineConfig:
-    # started at the target (init_keep) and with this seed, the target is met after epoch 0 (gamma
-    # freezes at gamma_0) and missed again after epoch 1: a resumed pruner that forgot the freeze
-    # would grow gamma there, so the schedule's state matters on either side of a stop
+    # started at the target (init_keep), the target is met after epoch 0 and gamma freezes at
+    # gamma_0: a resumed pruner that forgot the freeze would grow gamma to 2 * gamma_0 in epoch 1
+    # (stop 1) and would not settle on the same final masks (stop 2), so the schedule's state
+    # matters on either side of a stop
     base = PipelineConfig(
         model="test_resnet", output_dir=str(out), sparsity=0.9, pretrain_epochs=1, prune_epochs=3,
         finetune_epochs=1, batch_size=16, max_train_batches=2, attack_steps=1, gamma_0=0.01, init_keep=0.1,
@@ -75,10 +76,10 @@ def test_resumed_pruning_matches_uninterrupted_run(tmp_path, whole, stop_at):
     masks_w, rates_w, history_w = _outcome(whole)
     # Same seed, same batches, same RNG state at every epoch and the pruner's full state restored:
     # the CPU computation is the same sequence of operations, so the results are bit-identical.
-    # the scenario: the target met in epoch 0 (gamma frozen), the rates drifted back above it in epoch 1
-    # and were projected when the final masks were fixed at its end; epoch 2 settles on them (a run
-    # resumed there fixes them again from the restored rates)
-    assert history_w[0]["target_met"] and history_w[1]["forced"]
+    # the scenario: the target met in epoch 0 (gamma frozen there), the final masks fixed at the end
+    # of epoch 1 from the rates; epoch 2 settles on them (a run resumed there fixes them again from
+    # the restored rates)
+    assert history_w[0]["target_met"] and history_w[1]["target_met"]
     assert [h["settled"] for h in history_w] == [False, False, True]
     assert [h["gamma"] for h in history_w] == [0.01, 0.01, 0.01]
     assert history_r == history_w  # gamma, kept fraction, losses and target_met of every epoch
