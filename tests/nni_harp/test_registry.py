@@ -43,7 +43,7 @@ def _prune_stage(tmp_path, **overrides):
     """The pipeline's prune stage alone, on test_resnet with random weights and one tiny batch."""
     from nni_harp.pipeline import PipelineConfig
     from nni_harp.pipeline import stages as st
-    from nni_harp.pipeline._prune import stage_prune
+    from nni_harp.pipeline.stages.prune import stage_prune
     from nni_harp.pipeline.callbacks import CallbackList
     from nni_harp.pipeline.checkpoint import RunStore
 
@@ -60,7 +60,7 @@ def _prune_stage(tmp_path, **overrides):
 
 @pytest.mark.parametrize("name", ["harp", "hydra", "l1norm", "l2norm", "taylor", "movement"])
 def test_pipeline_prune_stage_reaches_the_sparsity_with_every_pruner(tmp_path, name):
-    from nni_harp.pipeline._prune import masks_sparsity
+    from nni_harp.pipeline.stages._pruning import masks_sparsity
 
     ctx, model, masks, result = _prune_stage(tmp_path, pruner=name, sparsity=0.75)
     assert result["pruner"] == name
