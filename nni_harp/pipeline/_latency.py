@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from .. import distributed as hd
+from ..pruning.budget import uniform_keep
 
 __all__ = ["LATENCY_STAGE", "harp_options", "fit_for_run", "prepare_latency", "lowest_fraction",
-           "uniform_latency_fraction", "plan_latency", "measure_budget"]
+           "plan_latency", "measure_budget"]
 
 #: The callbacks' stage name of the latency measuring (one step per model timed).
 LATENCY_STAGE = "measure-latency"
@@ -124,21 +125,6 @@ def _cost(model: nn.Module, example: torch.Tensor) -> tuple[list[Any], Any]:
     return groups, graph_passes.cost(model, (example,), groups)
 
 
-def uniform_latency_fraction(model: nn.Module, example: torch.Tensor, latency: Any, target: float) -> float:
-    """The channel fraction ``k`` that, kept in every prunable group, meets the latency ``target``
-    (a fraction of the dense latency) per ``latency``'s prediction; bisection."""
-    groups, cost = _cost(model, example)
-    ids = [g.id for g in groups if g.prunable]
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if float(latency.fraction(cost, {i: mid for i in ids})) < target:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
-
-
 def _group_names(groups: Iterable[Any], names: Iterable[str]) -> dict[int, str]:
     """The key of ``names`` (the pruner's per-group rates) each prunable group goes by: its first
     producing module, or that with ``[group ID]`` (how HARP names a group whose producer is taken)."""
@@ -187,7 +173,7 @@ def plan_latency(model: nn.Module, example: torch.Tensor, masks: Mapping[str, Ma
         "target": float(config.latency_target),
         "predicted": float(latency.fraction(cost, fractions)),
         "flops_kept": float(cost.flops(fractions)) / float(cost.total_flops),
-        "uniform": uniform_latency_fraction(model, example, latency, config.latency_target),
+        "uniform": uniform_keep(cost, [g.id for g in groups if g.prunable], config.latency_target, latency),
         "backend": latency.backend,
         "threads": latency.threads,
         "fit_error": float(latency.fit_error(cost)),

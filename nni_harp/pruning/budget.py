@@ -32,6 +32,7 @@ __all__ = [
     "hinge",
     "project_keep",
     "project_budgets",
+    "uniform_keep",
     "bisect_increasing",
     "round_to_counts",
     "final_counts",
@@ -175,6 +176,16 @@ def project_keep(
     err_below = abs(_as_float(budget.kept(below)) - target)
     err_above = abs(_as_float(budget.kept(above)) - target)
     return below if err_below <= err_above else above
+
+
+def uniform_keep(cost: CostModel, groups: Sequence[int], target: float, latency: LatencyModel | None = None) -> float:
+    """The channel fraction that, kept in every one of ``groups``, meets ``target`` of the dense
+    FLOPs (or, with ``latency``, of the dense latency it predicts): :func:`project_keep` of an
+    all-ones plan onto that budget."""
+    budget = CostBudget(cost, {g: g for g in groups}, target, metric="flops" if latency is None else "latency",
+                        latency=latency)
+    keep = project_keep(budget, dict.fromkeys(groups, 1.0), dict.fromkeys(groups, 0.0), dict.fromkeys(groups, 1.0))
+    return float(keep[groups[0]])
 
 
 def round_to_counts(

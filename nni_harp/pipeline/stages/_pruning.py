@@ -49,32 +49,21 @@ def uniform_target(model: nn.Module, example: torch.Tensor, mode: str, target_ke
     """The kept fraction every layer would have under uniform pruning at the same budget.
 
     Unstructured: the parameter budget itself. Structured: the channel fraction ``k`` (the same
-    for every prunable group) whose FLOPs equal ``target_keep`` of the dense FLOPs, found by
-    bisection on the cost model; ``sqrt(target_keep)`` when the graph cannot be analysed. With a
-    ``latency`` model (a latency budget): the ``k`` whose predicted latency is ``target_keep`` of
-    the dense latency.
+    for every prunable group) whose FLOPs equal ``target_keep`` of the dense FLOPs on the cost
+    model (``budget.project_keep`` of an all-ones plan); ``sqrt(target_keep)`` when the graph
+    cannot be analysed. With a ``latency`` model (a latency budget): the ``k`` whose predicted
+    latency is ``target_keep`` of the dense latency.
     """
     if mode == "unstructured":
         return target_keep
-    if latency is not None:
-        from .._latency import uniform_latency_fraction
-
-        return uniform_latency_fraction(model, example, latency, target_keep)
     try:
         import graph_passes
 
+        from ...pruning.budget import uniform_keep
+
         groups = graph_passes.channel_groups(model, (example,))
         cost = graph_passes.cost(model, (example,), groups)
-        ids = [g.id for g in groups if g.prunable]
-        total = float(cost.total_flops)
-        lo, hi = 0.0, 1.0
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            if float(cost.flops({i: mid for i in ids})) / total < target_keep:
-                lo = mid
-            else:
-                hi = mid
-        return (lo + hi) / 2
+        return uniform_keep(cost, [g.id for g in groups if g.prunable], target_keep, latency)
     except Exception as exc:  # noqa: BLE001 - only the plot's reference line depends on it
         logger.info("uniform target from the cost model failed (%s); using sqrt(target)", exc)
         return float(target_keep) ** 0.5

@@ -6,6 +6,7 @@ import torch
 
 from graph_passes.cost_model import CostModel, Factor, LayerCost
 from nni_harp.pruning import CostBudget, WeightedBudget, hinge, project_keep, round_to_counts
+from nni_harp.pruning.budget import uniform_keep
 
 
 def test_weighted_budget_and_hinge_gradient() -> None:
@@ -81,6 +82,13 @@ def test_cost_budget_is_differentiable_through_both_groups_of_a_layer() -> None:
     assert float(k1.grad) == pytest.approx((4000 * 0.5 + 36) / 5036)
     params = CostBudget(_conv_chain_cost(), {10: 0, 11: 1}, target=0.5, metric="params")
     assert float(params.kept({10: 1.0, 11: 1.0})) == pytest.approx(1.0)
+
+
+def test_uniform_keep_is_the_one_fraction_that_meets_the_flops_target() -> None:
+    # kept FLOPs with k in both groups: (1000 k + 4000 k^2 + 36 k) / 5036 = 0.5
+    k = uniform_keep(_conv_chain_cost(), [0, 1], 0.5)
+    assert (1036 * k + 4000 * k * k) / 5036 == pytest.approx(0.5, abs=1e-9)
+    assert k == pytest.approx((-1036 + (1036**2 + 4 * 4000 * 2518) ** 0.5) / 8000, abs=1e-9)  # the quadratic's root
 
 
 def test_round_to_counts_keeps_multiples_where_asked_and_still_meets_the_target() -> None:
