@@ -200,8 +200,7 @@ def _harp(req: PruneRequest) -> Any:
 def _hydra(req: PruneRequest) -> Any:
     from .pruning import HydraPruner
 
-    options = {k: v for k, v in req.options.items() if k != "gamma_0"}  # no rates, no hardware loss
-    return HydraPruner(req.model, req.config_list, req.evaluator, dummy_input=req.dummy_input, **options)
+    return HydraPruner(req.model, req.config_list, req.evaluator, dummy_input=req.dummy_input, **req.options)
 
 
 @register_pruner("l1norm", "L1NormPruner", aliases=("l1",), training=False, description="NNI L1NormPruner (magnitude), one shot")
