@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from .harp import HARPPruner
     from .settings import HARPSettings
 
-__all__ = ["run_length", "run_epochs", "glide_slack", "hold_to_glide_path", "force_target", "fix_final_masks", "finalize"]
+__all__ = ["run_length", "run_epochs", "glide_slack", "hold_to_glide_path", "force_target", "fix_final_masks",
+           "finalize"]
 
 _logger = logging.getLogger("nni_harp.pruning.harp")  # one logger for the pruner's whole run
 
@@ -102,7 +103,8 @@ def run_epochs(pruner: HARPPruner, optimizer: HarpOptimizer, epochs: int, max_st
         _logger.info(
             "%s epoch %d (%s): gamma=%.4g kept=%.4f -> %.4f (target %.4f%s) task_loss=%.4f hw_loss=%.4g steps=%d",
             type(pruner).__name__, epoch, record["phase"], record["gamma"], kept_start, kept, pruner.target_fraction,
-            ", forced" if forced else ", met" if met else ", held to the glide path" if held else "", record["adv_loss"], record["hw_loss"], pruner._epoch_steps,
+            ", forced" if forced else ", met" if met else ", held to the glide path" if held else "",
+            record["adv_loss"], record["hw_loss"], pruner._epoch_steps,
         )
 
 
