@@ -9,7 +9,6 @@ by several entries belongs to the first, as in NNI.
 """
 from __future__ import annotations
 
-import math
 import re
 from copy import deepcopy
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from torch import nn
 from nni.compression.base.config import select_modules_by_config, trans_legacy_config_list
 from nni.compression.base.setting import PruningSetting
 
+from .._checks import check_real
 from .errors import ConfigListError
 
 __all__ = ["EntryTarget", "ParsedConfig", "parse_config_list", "GRANULARITIES"]
@@ -62,13 +62,9 @@ class ParsedConfig:
 
 
 def _ratio(index: int, key: str, value: object, low: float, high: float, *, high_open: bool, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise ConfigListError(index, f"{key} must be a real number, got {value!r}")
-    v = float(value)
-    if (v <= low if low_open else v < low) or (v >= high if high_open else v > high):
-        rng = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ConfigListError(index, f"{key} must be in {rng}, got {value!r}")
-    return v
+    return check_real(value, low, high, low_open=low_open, high_open=high_open,
+                      error=lambda _: ConfigListError(index, f"{key} must be a real number, got {value!r}"),
+                      out_of_range=lambda span: ConfigListError(index, f"{key} must be {span}, got {value!r}"))
 
 
 def _weight_setting(index: int, entry: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any, Literal, Mapping
 from graph_passes.latency import BACKENDS as LATENCY_BACKENDS
 
 from ._allocation import ALLOCATIONS
+from .._checks import check_choice, check_flag, check_int, check_real, is_int
 from .errors import SettingsError
 
 __all__ = ["HARPSettings", "BUDGETS", "OPTIMIZERS", "RATE_OPTIMIZERS", "LR_SCHEDULES"]
@@ -22,26 +23,21 @@ LR_SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
 
 def _real(field: str, value: object, low: float, high: float, *, low_open: bool, high_open: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise SettingsError(field, value, "a finite real number")
-    v = float(value)
-    too_low = v <= low if low_open else v < low
-    too_high = v >= high if high_open else v > high
-    if too_low or too_high:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        hi = "inf" if math.isinf(high) else f"{high:g}"
-        raise SettingsError(field, value, f"in {left}{low:g}, {hi}{right}")
+    check_real(value, low, high, low_open=low_open, high_open=high_open,
+               error=lambda _: SettingsError(field, value, "a finite real number"),
+               out_of_range=lambda span: SettingsError(field, value, span))
 
 
 def _choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise SettingsError(field, value, "one of " + ", ".join(repr(a) for a in allowed))
+    check_choice(value, allowed, lambda: SettingsError(field, value, "one of " + ", ".join(repr(a) for a in allowed)))
 
 
 def _flag(field: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise SettingsError(field, value, "True or False")
+    check_flag(value, lambda: SettingsError(field, value, "True or False"))
+
+
+def _int(field: str, value: object, low: int, expected: str = "an int {}") -> None:
+    check_int(value, low, error=lambda span: SettingsError(field, value, expected.format(span)))
 
 
 #: ``descent_deadline`` when left at ``None``, by mode (``structured``): see the field.
@@ -231,7 +227,7 @@ class HARPSettings:
             if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
                 raise SettingsError("stage_boundaries", value, "None or a sequence of ints")
             bounds = tuple(value)
-            if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in bounds):
+            if any(not is_int(b) or b < 1 for b in bounds):
                 raise SettingsError("stage_boundaries", value, "None or a sequence of ints >= 1")
             if any(b >= c for b, c in zip(bounds, bounds[1:])):
                 raise SettingsError("stage_boundaries", value, "strictly increasing")
@@ -239,8 +235,7 @@ class HARPSettings:
         if self.budget is not None:
             _choice("budget", self.budget, BUDGETS)
         _choice("latency_backend", self.latency_backend, tuple(LATENCY_BACKENDS))
-        if isinstance(self.latency_threads, bool) or not isinstance(self.latency_threads, int) or self.latency_threads < 1:
-            raise SettingsError("latency_threads", self.latency_threads, "an int >= 1")
+        _int("latency_threads", self.latency_threads, 1)
         if self.latency_cache is not None and not isinstance(self.latency_cache, str):
             raise SettingsError("latency_cache", self.latency_cache, "None or a folder path (str)")
         _choice("init_allocation", self.init_allocation, tuple(ALLOCATIONS))
@@ -257,25 +252,19 @@ class HARPSettings:
         _flag("train_norm_affine", self.train_norm_affine)
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _flag("freeze_weights", self.freeze_weights)
-        if self.steps_per_epoch is not None and (
-            isinstance(self.steps_per_epoch, bool) or not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 1
-        ):
-            raise SettingsError("steps_per_epoch", self.steps_per_epoch, "None or an int >= 1")
+        if self.steps_per_epoch is not None:
+            _int("steps_per_epoch", self.steps_per_epoch, 1, "None or an int {}")
         if self.descent_deadline is not None:
             _real("descent_deadline", self.descent_deadline, 0.0, 1.0, low_open=True, high_open=False)
         _flag("descent_glide", self.descent_glide)
         if self.norm_lr is not None:
             _real("norm_lr", self.norm_lr, 0.0, math.inf, low_open=True, high_open=True)
         _real("met_tolerance", self.met_tolerance, 0.0, 1.0, low_open=False, high_open=True)
-        if isinstance(self.settle_epochs, bool) or not isinstance(self.settle_epochs, int) or self.settle_epochs < 0:
-            raise SettingsError("settle_epochs", self.settle_epochs, "an int >= 0")
+        _int("settle_epochs", self.settle_epochs, 0)
         if self.rate_grad_clip is not None:
             _real("rate_grad_clip", self.rate_grad_clip, 0.0, math.inf, low_open=True, high_open=True)
-        if (isinstance(self.min_kept_per_output, bool) or not isinstance(self.min_kept_per_output, int)
-                or self.min_kept_per_output < 0):
-            raise SettingsError("min_kept_per_output", self.min_kept_per_output, "an int >= 0")
-        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
-            raise SettingsError("round_to", self.round_to, "an int >= 1 (1: no rounding)")
+        _int("min_kept_per_output", self.min_kept_per_output, 0)
+        _int("round_to", self.round_to, 1, "an int {} (1: no rounding)")
 
     def budget_for(self, structured: bool) -> str:
         """The budget the hardware loss counts: the explicit one, else params/FLOPs by granularity."""
