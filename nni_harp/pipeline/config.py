@@ -9,11 +9,11 @@ fields.
 from __future__ import annotations
 
 import difflib
-import math
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
+from .._checks import check_choice, check_flag, check_int, check_real
 from ._settings import (ConfigError, coerce_number, declared_settings, is_optional, resume_defaults, resume_keys,
                         setting, setting_type)
 
@@ -67,33 +67,23 @@ def check_model_name(name: str, field_name: str = "model") -> str:
 
 def _int_in(cfg: Any, name: str, low: int, high: int | None = None, optional: bool = False) -> None:
     value = getattr(cfg, name)
-    if optional and value is None:
-        return
-    span = f"in [{low}, {high}]" if high is not None else f">= {low}"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, f"must be an integer {span}, got {value!r}")
-    if value < low or (high is not None and value > high):
-        raise ConfigError(name, f"must be an integer {span}, got {value}")
+    if not (optional and value is None):
+        check_int(value, low, high, error=lambda span: ConfigError(name, f"must be an integer {span}, got {value!r}"))
 
 
 def _float_in(
     cfg: Any, name: str, low: float, high: float, low_open: bool = True, high_open: bool = False
 ) -> None:
     value = getattr(cfg, name)
-    span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(name, f"must be a number in {span}, got {value!r}")
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if too_low or too_high:
-        raise ConfigError(name, f"must be in {span}, got {value:g}")
-    object.__setattr__(cfg, name, float(value))
+    number = check_real(value, low, high, low_open=low_open, high_open=high_open,
+                        error=lambda span: ConfigError(name, f"must be a number {span}, got {value!r}"),
+                        out_of_range=lambda span: ConfigError(name, f"must be {span}, got {value:g}"))
+    object.__setattr__(cfg, name, number)
 
 
 def _choice(cfg: Any, name: str, allowed: tuple[str, ...]) -> None:
     value = getattr(cfg, name)
-    if value not in allowed:
-        raise ConfigError(name, f"must be one of {', '.join(allowed)}; got {value!r}")
+    check_choice(value, allowed, lambda: ConfigError(name, f"must be one of {', '.join(allowed)}; got {value!r}"))
 
 
 def _check_pruner(cfg: Any) -> None:
@@ -362,8 +352,8 @@ class PipelineConfig:
         _int_in(self, "num_workers", 0, 256)
         _choice(self, "autoattack", _autoattack_versions())
         for name in ("resume", "overwrite", "export_onnx"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(name, f"must be True or False, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            check_flag(value, lambda: ConfigError(name, f"must be True or False, got {value!r}"))
         if self.resume and self.overwrite:
             raise ConfigError("resume", "--resume and --overwrite exclude each other")
 
