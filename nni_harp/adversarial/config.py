@@ -5,6 +5,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from .._checks import check_flag, check_int, check_real, is_number
 from .errors import AttackConfigError, UnknownNameError
 
 __all__ = ["NORMS", "Norm", "AttackConfig"]
@@ -17,11 +18,10 @@ _TORCHATTACKS_NORM: dict[str, str] = {"linf": "Linf", "l2": "L2"}
 
 
 def _positive_float(field: str, value: object, upper: float = math.inf) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise AttackConfigError(field, value, "a real number")
-    if not (0.0 < float(value) <= upper) or not math.isfinite(float(value)):
-        bound = "a finite number > 0" if math.isinf(upper) else f"in (0, {upper:g}]"
-        raise AttackConfigError(field, value, bound)
+    bound = "a finite number > 0" if math.isinf(upper) else f"in (0, {upper:g}]"
+    # an infinite or NaN number is out of bounds, anything else that is no number is no real number
+    check_real(value, 0.0, upper, low_open=True,
+               error=lambda _: AttackConfigError(field, value, bound if is_number(value) else "a real number"))
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,8 @@ class AttackConfig:
             raise UnknownNameError("norm", self.norm, NORMS)
         _positive_float("eps", self.eps, upper=1.0 if self.norm == "linf" else math.inf)
         _positive_float("step_size", self.step_size)
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise AttackConfigError("steps", self.steps, "an int >= 1")
-        if not isinstance(self.random_start, bool):
-            raise AttackConfigError("random_start", self.random_start, "True or False")
+        check_int(self.steps, 1, error=lambda span: AttackConfigError("steps", self.steps, f"an int {span}"))
+        check_flag(self.random_start, lambda: AttackConfigError("random_start", self.random_start, "True or False"))
 
     @property
     def torchattacks_norm(self) -> str:
