@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .._checks import check_int
 from .errors import DatasetError
 
 __all__ = ["DatasetInfo", "MIN_IMAGE_SIZE", "MAX_IMAGE_SIZE", "check_image_size"]
@@ -14,16 +15,12 @@ MAX_IMAGE_SIZE = 1024
 
 def check_image_size(image_size: object, field_name: str = "image_size") -> int:
     """Return ``image_size`` if it is an int in ``[MIN_IMAGE_SIZE, MAX_IMAGE_SIZE]``, else raise."""
-    if isinstance(image_size, bool) or not isinstance(image_size, int):
-        raise DatasetError(
-            f"{field_name} must be an int in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], "
-            f"got {image_size!r} of type {type(image_size).__name__}"
-        )
-    if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
-        raise DatasetError(
-            f"{field_name} must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] pixels, got {image_size}"
-        )
-    return image_size
+    return check_int(
+        image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE,
+        error=lambda span: DatasetError(
+            f"{field_name} must be an int {span}, got {image_size!r} of type {type(image_size).__name__}"),
+        out_of_range=lambda span: DatasetError(f"{field_name} must be {span} pixels, got {image_size}"),
+    )
 
 
 def _float_tuple(values: object, field_name: str, length: int) -> tuple[float, ...]:
@@ -64,8 +61,8 @@ class DatasetInfo:
             raise DatasetError(f"DatasetInfo.name must be a non-empty str, got {self.name!r}")
         for field_name, low in (("num_classes", 2), ("in_chans", 1)):
             value = getattr(self, field_name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise DatasetError(f"DatasetInfo.{field_name} must be an int >= {low}, got {value!r}")
+            check_int(value, low, error=lambda span: DatasetError(
+                f"DatasetInfo.{field_name} must be an int {span}, got {value!r}"))
         check_image_size(self.image_size, "DatasetInfo.image_size")
         mean = _float_tuple(self.mean, "DatasetInfo.mean", self.in_chans)
         std = _float_tuple(self.std, "DatasetInfo.std", self.in_chans)

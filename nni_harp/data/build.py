@@ -12,6 +12,7 @@ from . import cifar as _cifar  # noqa: F401
 from . import digits as _digits  # noqa: F401
 from . import imagefolder as _imagefolder  # noqa: F401
 from . import svhn as _svhn  # noqa: F401
+from .._checks import check_int
 from ._info import DatasetInfo, check_image_size
 from ._registry import get_builder, registered_names
 from .errors import DatasetError
@@ -29,9 +30,7 @@ _MAX_SEED = 2**32 - 1
 
 
 def check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
-        raise DatasetError(f"seed must be an int in [0, {_MAX_SEED}], got {seed!r}")
-    return seed
+    return check_int(seed, 0, _MAX_SEED, error=lambda span: DatasetError(f"seed must be an int {span}, got {seed!r}"))
 
 
 def build_datasets(

@@ -15,6 +15,7 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
+from .._checks import check_flag, check_int
 from ._info import DatasetInfo
 from .build import build_datasets, check_seed
 from .errors import DatasetError
@@ -22,12 +23,6 @@ from .errors import DatasetError
 __all__ = ["build_loaders"]
 
 logger = logging.getLogger(__name__)
-
-
-def _check_int(value: object, field_name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise DatasetError(f"{field_name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 def build_loaders(
@@ -54,12 +49,11 @@ def build_loaders(
     equal length per rank); call ``train_loader.sampler.set_epoch(epoch)`` each epoch. With
     ``distributed=True`` but no process group, a warning is logged and plain loaders are built.
     """
-    _check_int(batch_size, "batch_size", 1)
-    _check_int(num_workers, "num_workers", 0)
+    for field_name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+        check_int(value, low, error=lambda span: DatasetError(f"{field_name} must be an int {span}, got {value!r}"))
     check_seed(seed)
     for field_name, flag in (("distributed", distributed), ("drop_last", drop_last)):
-        if not isinstance(flag, bool):
-            raise DatasetError(f"{field_name} must be a bool, got {flag!r}")
+        check_flag(flag, lambda: DatasetError(f"{field_name} must be a bool, got {flag!r}"))
     train_ds, test_ds, info = build_datasets(name, data_dir, image_size, seed)
 
     rank = 0
