@@ -50,9 +50,9 @@ def uniform_target(model: nn.Module, example: torch.Tensor, mode: str, target_ke
 
     Unstructured: the parameter budget itself. Structured: the channel fraction ``k`` (the same
     for every prunable group) whose FLOPs equal ``target_keep`` of the dense FLOPs on the cost
-    model (``budget.project_keep`` of an all-ones plan); ``sqrt(target_keep)`` when the graph
-    cannot be analysed. With a ``latency`` model (a latency budget): the ``k`` whose predicted
-    latency is ``target_keep`` of the dense latency.
+    model (``budget.uniform_keep``); ``sqrt(target_keep)`` when the graph cannot be analysed. With
+    a ``latency`` model (a latency budget): the ``k`` whose predicted latency is ``target_keep`` of
+    the dense latency (errors pass through: that graph was analysed to fit the model).
     """
     if mode == "unstructured":
         return target_keep
@@ -65,6 +65,8 @@ def uniform_target(model: nn.Module, example: torch.Tensor, mode: str, target_ke
         cost = graph_passes.cost(model, (example,), groups)
         return uniform_keep(cost, [g.id for g in groups if g.prunable], target_keep, latency)
     except Exception as exc:  # noqa: BLE001 - only the plot's reference line depends on it
+        if latency is not None:
+            raise  # the latency model was fitted on this very graph: a failure here is not a graph that cannot be traced
         logger.info("uniform target from the cost model failed (%s); using sqrt(target)", exc)
         return float(target_keep) ** 0.5
 

@@ -45,7 +45,7 @@ from ._pruning import (
     uniform_target,
 )
 
-__all__ = ["stage_prune", "pruner_config_list", "uniform_target", "masks_sparsity", "PRUNED_INIT", "MASKS"]
+__all__ = ["stage_prune", "PrunerTraining", "PRUNED_INIT", "MASKS"]
 
 #: The weights the masks apply to (the dense weights, with a learned pruner's norm affine), and the
 #: masks, under ``checkpoints/``.
