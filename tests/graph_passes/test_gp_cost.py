@@ -77,8 +77,7 @@ def test_cost_flops_is_differentiable_in_the_fractions():
 @pytest.mark.parametrize("name", ["test_vit", "test_efficientnet", "test_resnet"])
 def test_cost_on_timm_test_model(name):
     import timm  # a hard dependency: a missing timm must fail, not skip
-    if name not in timm.list_models("test_*"):
-        pytest.skip(f"timm has no {name}")
+    assert name in timm.list_models("test_*"), f"timm has no {name}"
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
     x = torch.randn(1, *model.pretrained_cfg["input_size"])
