@@ -3,15 +3,16 @@ as a function of the kept channels, and physically remove channels. No NNI depen
 from __future__ import annotations
 
 from .cost_model import CostModel, Factor, LayerCost, TensorCost
-from .dependency import Analysis, analysis_of, analyze, channel_groups
+from .dependency import Analysis, Traceable, analysis_for, analysis_of, analyze, channel_groups
 from .errors import GraphPassError, MissingAnalysisError, PlanError, SpeedupError, TraceError
 from .groups import ChannelGroup, Member, channel_norms, group_masks, keep_from_masks, random_keep
-from .tracing import HarpTracer, register_leaf_function, register_leaf_type, trace
+from .tracing import HarpTracer, register_leaf_function, register_leaf_type, trace, trace_once
 
 __all__ = [
     "Analysis", "ChannelGroup", "CostModel", "Factor", "GraphPassError", "HarpTracer", "LayerCost", "Member", "TensorCost",
-    "MissingAnalysisError", "PlanError", "SpeedupError", "TraceError", "analysis_of", "analyze", "channel_groups",
-    "channel_norms", "group_masks", "keep_from_masks", "random_keep", "register_leaf_function", "register_leaf_type", "trace",
+    "MissingAnalysisError", "PlanError", "SpeedupError", "TraceError", "Traceable", "analysis_for", "analysis_of", "analyze",
+    "channel_groups", "channel_norms", "group_masks", "keep_from_masks", "random_keep", "register_leaf_function",
+    "register_leaf_type", "trace", "trace_once",
 ]
 
 from ._masks import masked_copy  # noqa: E402

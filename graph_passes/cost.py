@@ -12,10 +12,9 @@ from torch.utils import flop_counter as _flop_counter
 from ._registry import lookup
 from ._tracking import TRACK_KEY, LayerRecord, TensorInfo
 from .cost_model import CostModel, Factor, LayerCost, TensorCost
-from .dependency import Analysis, analysis_of, analyze
-from .errors import GraphPassError, MissingAnalysisError
+from .dependency import Analysis, Traceable, analysis_for
+from .errors import GraphPassError
 from .groups import ChannelGroup
-from .tracing import trace
 
 __all__ = ["cost", "cost_of_analysis", "count_flops", "flop_counter"]
 
@@ -140,22 +139,21 @@ def cost_of_analysis(gm: fx.GraphModule, analysis: Analysis) -> CostModel:
     return CostModel(tuple(layers), 0, tuple(_tensor_costs(gm, analysis, dims)))
 
 
-def cost(model: nn.Module, example_inputs: Any, groups: list[ChannelGroup] | None = None) -> CostModel:
+def cost(model: Traceable, example_inputs: Any = None, groups: list[ChannelGroup] | None = None) -> CostModel:
     """Dense FLOPs (2 per multiply-accumulate, for conv, linear, matmul and attention, as
     ``torch.utils.flop_counter.FlopCounterMode`` counts them on ``example_inputs``; see
     :func:`flop_counter` for torch releases that leave attention uncounted) and
     parameters of every layer, each with the factors by which channel pruning scales it.
+
+    ``model``: a module (traced on ``example_inputs``), a traced ``GraphModule`` or its
+    :class:`Analysis` (see :func:`graph_passes.dependency.analysis_for`: nothing is traced again).
 
     ``CostModel.flops(keep)`` gives the FLOPs when group ``g`` keeps the fraction ``keep[g]``
     of its channels; it is differentiable when the fractions are tensors. ``groups``, when
     given, must be the groups ``channel_groups`` found for the same model and inputs: group ids
     in ``keep`` refer to them (a mismatch raises :class:`GraphPassError`).
     """
-    gm = trace(model, example_inputs)
-    try:
-        analysis = analysis_of(gm)
-    except MissingAnalysisError:
-        analysis = analyze(gm)
+    analysis = analysis_for(model, example_inputs)
     if groups is not None and [(g.id, g.size) for g in groups] != [(g.id, g.size) for g in analysis.groups]:
         raise GraphPassError("the groups passed to cost() are not this model's: call channel_groups(model, x) with the same inputs")
-    return cost_of_analysis(gm, analysis)
+    return cost_of_analysis(analysis.gm, analysis)

@@ -14,9 +14,9 @@ from ._registry import describe_target, lookup
 from ._tracking import TRACK_KEY, AnalysisState, ParamOrigin, TensorInfo, _tensor_infos
 from .errors import GraphPassError, MissingAnalysisError
 from .groups import UNMASKED, ChannelGroup, Member
-from .tracing import trace
+from .tracing import is_traced, trace
 
-__all__ = ["Analysis", "analyze", "analysis_of", "channel_groups", "TRACK_KEY", "ANALYSIS_KEY"]
+__all__ = ["Analysis", "analyze", "analysis_of", "analysis_for", "channel_groups", "TRACK_KEY", "ANALYSIS_KEY"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,11 @@ class Analysis:
     state: AnalysisState
     channel_of: dict[int, tuple[int, int]]  # root element -> (group id, channel)
     unsupported: list[str]
+
+    @property
+    def gm(self) -> fx.GraphModule:
+        """The traced module analysed (its nodes carry the tracking, its ``meta`` this result)."""
+        return self.state.gm
 
     def element_channel(self, element: int) -> tuple[int, int]:
         return self.channel_of[self.state.uf.find(int(element))]
@@ -139,10 +144,29 @@ def _form_groups(state: AnalysisState) -> tuple[list[ChannelGroup], dict[int, tu
     return groups, channel_of
 
 
-def channel_groups(model_or_gm: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
-    """Groups of coupled channels of ``model_or_gm`` (traced first if it is a plain module).
+#: What the public passes take in place of ``(model, example_inputs)``: a module (traced on the
+#: inputs), a ``GraphModule`` from :func:`graph_passes.trace`, or its :class:`Analysis`.
+Traceable = nn.Module | Analysis
+
+
+def analysis_for(model: Traceable, example_inputs: Any = None) -> Analysis:
+    """The channel analysis of ``model``: an :class:`Analysis` as it is; a traced ``GraphModule``'s
+    stored one (run now if it has none); a plain module traced on ``example_inputs`` (see
+    :func:`graph_passes.trace` and :func:`graph_passes.trace_once`) and analysed. Public passes
+    take any of the three, so a caller that traced once never pays for it again."""
+    if isinstance(model, Analysis):
+        return model
+    if example_inputs is None and not is_traced(model):
+        raise GraphPassError(f"{type(model).__name__} is not traced yet: pass example_inputs to trace it with")
+    gm = trace(model, example_inputs)
+    stored = gm.meta.get(ANALYSIS_KEY)
+    return stored if stored is not None else analyze(gm)
+
+
+def channel_groups(model_or_gm: Traceable, example_inputs: Any = None) -> list[ChannelGroup]:
+    """Groups of coupled channels of ``model_or_gm`` (a module, traced first; a traced
+    ``GraphModule``; or its :class:`Analysis`: see :func:`analysis_for`).
 
     Every group lists its members (parameter slices removed together); unprunable groups say why.
     """
-    gm = trace(model_or_gm, example_inputs)
-    return analyze(gm).groups
+    return list(analysis_for(model_or_gm, example_inputs).groups)

@@ -39,6 +39,7 @@ from torch import nn
 
 from ._atomic import atomic_write_text
 from .cost_model import CostModel, Fraction
+from .dependency import Traceable
 from .errors import GraphPassError
 
 __all__ = ["BACKENDS", "LatencyError", "LatencyModel", "check_backend", "fit_latency", "latency_runner", "measure_ms"]
@@ -242,7 +243,7 @@ def _configurations(sizes: Mapping[int, int], round_to: int, samples: int, seed:
 
 
 def fit_latency(
-    model: nn.Module, example_inputs: Any, *, backend: str = "eager", threads: int = 1, round_to: int = 8,
+    model: Traceable, example_inputs: Any, *, backend: str = "eager", threads: int = 1, round_to: int = 8,
     samples: int = 16, reps: int = 20, seed: int = 0, cache_dir: str | Path | None = None,
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
 ) -> LatencyModel:
@@ -251,19 +252,18 @@ def fit_latency(
 
     ``example_inputs`` fixes the input shape and batch the latency is for. ``cache_dir``: read the
     fit from there when its key matches, else write it there (atomically). ``progress`` wraps the
-    configurations (e.g. ``tqdm``)."""
+    configurations (e.g. ``tqdm``).
+
+    ``model`` may also be a traced ``GraphModule`` or its :class:`~graph_passes.Analysis` (see
+    :func:`graph_passes.analysis_for`): it is traced once, and each configuration is removed from a
+    copy of that trace (the model itself is left alone)."""
     from .cost import cost_of_analysis
-    from .dependency import analyze
+    from .dependency import analysis_for
     from .speedup import apply_keep
-    from .tracing import trace
 
     check_backend(backend)  # before tracing or measuring anything
-
-    def traced() -> tuple[nn.Module, Any]:
-        gm = trace(copy.deepcopy(model).eval(), example_inputs)  # a GraphModule shares the model's modules
-        return gm, analyze(gm)
-
-    gm, analysis = traced()
+    analysis = analysis_for(model, example_inputs)
+    gm = analysis.gm
     cost = cost_of_analysis(gm, analysis)
     sizes = {g.id: g.size for g in analysis.groups if g.prunable}
     if not sizes:
@@ -279,7 +279,9 @@ def fit_latency(
     with tempfile.TemporaryDirectory(prefix="harp-latency-") as tmp:
         for i, counts in enumerate(progress(configs) if progress is not None else configs):
             keep = {g: torch.arange(sizes[g]) < c for g, c in counts.items()}
-            pruned = gm if i == 0 else apply_keep(*traced(), keep)  # which channels go does not change the time
+            # a copy (a GraphModule shares the model's modules): the dense one as it is, the others pruned;
+            # which channels go does not change the time
+            pruned = copy.deepcopy(gm) if i == 0 else apply_keep(*copy.deepcopy((gm, analysis)), keep)
             work = Path(tmp) / str(i)
             work.mkdir()
             ms = measure_ms(latency_runner(pruned, example_inputs, backend, threads, work), reps=reps)

@@ -11,9 +11,10 @@ from torch import fx, nn
 
 from ._inplace import apply_ops, check_eager, eager_ops, transfer_ops
 from ._masks import Masks, bake, combine_masks, leftover_zeros, load_masks, normalize_masks
-from .dependency import analyze
+from .dependency import Analysis, analyze
 from .errors import SpeedupError
-from .groups import group_masks, keep_from_masks
+from .groups import ChannelGroup, group_masks, keep_from_masks
+from .plan import PruningPlan
 from .speedup import prune_graph
 from .tracing import as_tuple, trace
 
@@ -60,14 +61,18 @@ class ModelSpeedup:
     too: NNI's speedup drops such constant channels as well): :attr:`applied_masks`, set by
     :meth:`speedup_model`, are the masks under which the masked model equals the pruned one.
     Masked weights inside channels that stay (element-wise sparsity) are kept as zeros, with a
-    :class:`SpeedupWarning`.
+    :class:`SpeedupWarning`. What was removed is kept too: :attr:`keep` (per channel group, which
+    channels stay), :attr:`groups` (the groups of the model's channel analysis) and :attr:`plan`
+    (the :class:`~graph_passes.PruningPlan` applied, to save or to re-apply to a fresh model), so
+    a caller need not trace the model again to learn them.
 
     NNI's other arguments: ``map_location`` (for a masks file) is used; ``batch_dim``,
     ``batch_size`` (NNI 2's ``confidence``) and ``garbage_collect_values`` only tune NNI's
     statistical sparsity inference, which graph_passes does not need (its channel rules are
     exact), and are accepted without effect; ``logger`` receives this object's messages;
-    ``graph_module`` (a ``torch.fx`` trace of ``model`` with its module names) is analysed
-    instead of tracing ``model``, and is pruned too; custom mask updaters and replacers are
+    ``graph_module`` (a ``torch.fx`` trace of ``model`` with its module names, e.g. from
+    :func:`graph_passes.trace`, or its :class:`~graph_passes.Analysis`) is used instead of tracing
+    ``model``, and is pruned too; custom mask updaters and replacers are
     NNI objects with no counterpart here and are refused.
     """
 
@@ -81,7 +86,7 @@ class ModelSpeedup:
         batch_size: int = 8,
         customized_mask_updaters: list[Any] | None = None,
         customized_replacers: list[Any] | None = None,
-        graph_module: fx.GraphModule | None = None,
+        graph_module: fx.GraphModule | Analysis | None = None,
         garbage_collect_values: bool = True,
         logger: logging.Logger | None = None,
         *,
@@ -94,6 +99,8 @@ class ModelSpeedup:
                 "graph_passes builds the smaller modules by the rules of its op registry (graph_passes._registry)")
         _reject("customized_replace_func", customized_replace_func,
                 "graph_passes builds the smaller modules by the rules of its op registry (graph_passes._registry)")
+        if isinstance(graph_module, Analysis):
+            graph_module = graph_module.gm
         if graph_module is not None and not isinstance(graph_module, fx.GraphModule):
             raise SpeedupError(f"graph_module must be a torch.fx.GraphModule traced from the model, got {type(graph_module).__name__}")
         for name, value in (("batch_dim", batch_dim), ("batch_size", batch_size), ("confidence", confidence)):
@@ -105,6 +112,8 @@ class ModelSpeedup:
         self.graph_module = graph_module
         self.logger = logger or _logger
         self.keep: dict[int, torch.Tensor] | None = None
+        self.groups: list[ChannelGroup] | None = None
+        self.plan: PruningPlan | None = None
         self.applied_masks: Masks | None = None
 
     def speedup_model(self, inplace: bool = True) -> nn.Module:
@@ -118,6 +127,8 @@ class ModelSpeedup:
         gm = trace(source, inputs)  # a GraphModule that already carries shapes comes back as it is
         analysis = analyze(gm)
         self.keep = keep_from_masks(analysis.groups, self.masks)
+        self.groups = list(analysis.groups)
+        self.plan = PruningPlan.from_keep(self.groups, self.keep, inputs)
         removed = group_masks(gm, analysis.groups, {g: k for g, k in self.keep.items() if not bool(k.all())})
         self.applied_masks = combine_masks(self.masks, removed)
         self._report(self.masks, removed)

@@ -5,11 +5,13 @@ analysis passes can read shapes without running the model again.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import logging
 import os
 import traceback
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
 
 import torch
 from torch import fx, nn
@@ -18,7 +20,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ._concrete_tracing import concrete_tracer
 from .errors import TraceError
 
-__all__ = ["HarpTracer", "trace", "as_tuple", "flatten_outputs", "extra_leaf_types", "register_leaf_function", "register_leaf_type"]
+__all__ = ["HarpTracer", "trace", "trace_once", "is_traced", "as_tuple", "flatten_outputs", "extra_leaf_types", "register_leaf_function",
+           "register_leaf_type"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +115,70 @@ def trace(
     traced through first, as leaves only where that fails. With ``check``, the traced module's
     outputs are compared to eager outputs (eval mode, same inputs).
 
+    A ``GraphModule`` that already carries shapes (one this function returned) comes back as it
+    is; inside a :func:`trace_once` block, so does the trace of a model traced there before.
+
     Raises :class:`TraceError` naming the function or module that broke tracing, with the fix
     (register it as a leaf with ``leaf_types=`` / ``autowrap_functions=``).
     """
-    if isinstance(model, fx.GraphModule) and any(n.op != "placeholder" and "tensor_meta" in n.meta for n in model.graph.nodes):
+    if is_traced(model):
         return model
+    traces = _TRACES.get()
+    if traces is None:
+        return _trace_model(model, example_inputs, leaf_types, autowrap_functions, check)
+    key = _trace_key(model, example_inputs, leaf_types, autowrap_functions)
+    if key not in traces:
+        traces[key] = (model, _trace_model(model, example_inputs, leaf_types, autowrap_functions, check))
+    return traces[key][1]
+
+
+def is_traced(model: nn.Module) -> bool:
+    """``model`` is a ``GraphModule`` that carries shapes (as :func:`trace` returns them)."""
+    return isinstance(model, fx.GraphModule) and any(n.op != "placeholder" and "tensor_meta" in n.meta for n in model.graph.nodes)
+
+
+# The traces of the innermost trace_once() block: key -> (model, GraphModule); None outside one.
+_TRACES: contextvars.ContextVar[dict[Hashable, tuple[nn.Module, fx.GraphModule]] | None] = contextvars.ContextVar(
+    "graph_passes_traces", default=None)
+
+
+@contextlib.contextmanager
+def trace_once() -> Iterator[None]:
+    """Within the block, :func:`trace` of a model it traced before returns the same
+    ``GraphModule`` (with its channel analysis, once run) instead of tracing and checking it again.
+
+    For callers that hand the model on to code that traces it itself (a pruner's constructor, a
+    latency fit): every pass in the block then works on one trace. "The same model" is the same
+    object with the same module tree (module objects), parameter and buffer shapes, traced on
+    inputs of the same shapes and dtypes with the same options: a model wrapped, changed in place
+    or pruned is traced anew. A nested block shares the outer one's traces. The traces hold the
+    models (and share their modules) until the block ends.
+    """
+    if _TRACES.get() is not None:
+        yield
+        return
+    token = _TRACES.set({})
+    try:
+        yield
+    finally:
+        _TRACES.reset(token)
+
+
+def _trace_key(model: nn.Module, example_inputs: Any, leaf_types: Iterable[type[nn.Module]],
+               autowrap_functions: Sequence[Callable[..., Any]]) -> Hashable:
+    def signature(value: Any) -> Hashable:
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.dtype, value.device)
+        return ("value", type(value).__name__, repr(value))
+
+    modules = tuple((name, id(m)) for name, m in model.named_modules())
+    tensors = tuple((name, tuple(t.shape), t.dtype) for name, t in (*model.named_parameters(), *model.named_buffers()))
+    inputs = tuple(signature(v) for v in as_tuple(example_inputs))
+    return id(model), modules, tensors, inputs, tuple(leaf_types), tuple(autowrap_functions)
+
+
+def _trace_model(model: nn.Module, example_inputs: Any, leaf_types: Iterable[type[nn.Module]],
+                 autowrap_functions: Sequence[Callable[..., Any]], check: bool) -> fx.GraphModule:
     through = _through_types(model, leaf_types)
     if through:
         try:
