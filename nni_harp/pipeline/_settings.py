@@ -10,8 +10,8 @@ from dataclasses import MISSING, Field, field, fields
 from typing import Any, Callable
 
 __all__ = [
-    "ConfigError", "setting", "declared_settings", "setting_type", "is_optional", "resume_keys", "resume_defaults",
-    "coerce_number",
+    "ConfigError", "setting", "setting_like", "declared_settings", "setting_type", "is_optional", "resume_keys",
+    "resume_defaults", "coerce_number",
 ]
 
 
@@ -46,6 +46,14 @@ def setting(default: Any, help: str, *, choices: Callable[[], tuple[str, ...]] |
                 "flag": flag, "cli_default": cli_default, "hidden": hidden,
                 "older_runs_default": older_runs_default}
     return field(default=default, metadata=metadata)
+
+
+def setting_like(cls: type, name: str, **changes: Any) -> Any:
+    """A field declared as ``cls``'s setting ``name`` is, with ``changes`` to the arguments of
+    :func:`setting` (``default``, ``help``, ``group``, ...): another settings class that shares a
+    setting (``EvaluateConfig``'s attacks) declares it with this, so its default and help exist once."""
+    f = cls.__dataclass_fields__[name]
+    return setting(**{"default": f.default, **f.metadata, **changes})
 
 
 def _default_cls(cls: type | None) -> type:

@@ -4,18 +4,19 @@ The defaults are chosen so that ``nni-harp prune resnet18`` on the built-in ``di
 finishes in a few minutes on a 2-core CPU: 32 px images, PGD-3 during training, a handful of
 epochs per stage and a 200-image evaluation subset for PGD-10 and AutoAttack. The original HARP
 recipe (100 + 20 + 100 epochs, PGD-10 everywhere, full test sets) is reachable through the same
-fields.
+fields. ``EvaluateConfig`` declares the settings it shares with a prune run from ``PipelineConfig``'s
+declarations; the checks and the names a setting may take are in :mod:`._config_checks`.
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
-from .._checks import check_choice, check_flag, check_int, check_real
+from . import _config_checks as check
+from ._config_checks import MODE_BUDGETS, MODES, check_model_name, suggest_models
 from ._settings import (ConfigError, coerce_number, declared_settings, is_optional, resume_defaults, resume_keys,
-                        setting, setting_type)
+                        setting, setting_like, setting_type)
 
 __all__ = [
     "ConfigError",
@@ -32,158 +33,6 @@ __all__ = [
     "coerce_number",
     "coerce_setting",
 ]
-
-MODES = ("unstructured", "structured")
-#: What the pruning target counts, per mode (the first one is the mode's default).
-MODE_BUDGETS = {"unstructured": ("params",), "structured": ("flops", "latency")}
-
-
-def suggest_models(name: str, n: int = 5) -> list[str]:
-    """Close timm model names for a misspelt ``name`` (difflib over ``timm.list_models()``)."""
-    import timm
-
-    candidates = timm.list_models()
-    close = difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
-    if not close:
-        # a prefix such as "resnet" or "vit_small" is a common way to get a name wrong
-        close = [c for c in candidates if c.startswith(name.split("_")[0])][:n]
-    return close
-
-
-def check_model_name(name: str, field_name: str = "model") -> str:
-    """Raise :class:`ConfigError` with suggestions when ``name`` is not a timm model."""
-    import timm
-
-    if not isinstance(name, str) or not name:
-        raise ConfigError(field_name, f"must be a timm model name, got {name!r}")
-    if not timm.is_model(name):
-        close = suggest_models(name)
-        hint = f"; did you mean: {', '.join(close)}?" if close else ""
-        raise ConfigError(
-            field_name, f"unknown timm model {name!r}{hint} (`nni-harp list-models PATTERN` lists names)"
-        )
-    return name
-
-
-def _int_in(cfg: Any, name: str, low: int, high: int | None = None, optional: bool = False) -> None:
-    value = getattr(cfg, name)
-    if not (optional and value is None):
-        check_int(value, low, high, error=lambda span: ConfigError(name, f"must be an integer {span}, got {value!r}"))
-
-
-def _float_in(
-    cfg: Any, name: str, low: float, high: float, low_open: bool = True, high_open: bool = False
-) -> None:
-    value = getattr(cfg, name)
-    number = check_real(value, low, high, low_open=low_open, high_open=high_open,
-                        error=lambda span: ConfigError(name, f"must be a number {span}, got {value!r}"),
-                        out_of_range=lambda span: ConfigError(name, f"must be {span}, got {value:g}"))
-    object.__setattr__(cfg, name, number)
-
-
-def _choice(cfg: Any, name: str, allowed: tuple[str, ...]) -> None:
-    value = getattr(cfg, name)
-    check_choice(value, allowed, lambda: ConfigError(name, f"must be one of {', '.join(allowed)}; got {value!r}"))
-
-
-def _check_pruner(cfg: Any) -> None:
-    """``pruner`` must be registered and able to prune in ``mode``; stored under its registry name."""
-    from ..registry import check_mode, get_pruner, pruner_names
-
-    if not isinstance(cfg.pruner, str):
-        raise ConfigError("pruner", f"must be one of {', '.join(pruner_names())}; got {cfg.pruner!r}")
-    try:
-        get_pruner(cfg.pruner)
-    except KeyError:
-        raise ConfigError("pruner", f"must be one of {', '.join(pruner_names())}; got {cfg.pruner!r}") from None
-    try:
-        spec = check_mode(cfg.pruner, cfg.mode)
-    except ValueError as exc:
-        raise ConfigError("pruner", str(exc)) from exc
-    object.__setattr__(cfg, "pruner", spec.name)
-
-
-def _harp_default(name: str) -> Any:
-    """The default of one of :class:`~nni_harp.pruning.HARPSettings`' fields (declared there once)."""
-    from ..pruning.settings import HARPSettings
-
-    return HARPSettings.__dataclass_fields__[name].default
-
-
-def _latency_backends() -> tuple[str, ...]:
-    from graph_passes.latency import BACKENDS
-
-    return tuple(BACKENDS)
-
-
-# the names a setting may take, read from their registries when asked (the option's help and
-# the check below use the same function)
-def _dataset_names() -> tuple[str, ...]:
-    from ..data import DATASETS
-
-    return tuple(DATASETS)
-
-
-def _modes() -> tuple[str, ...]:
-    return MODES
-
-
-def _pruner_names() -> tuple[str, ...]:
-    from ..registry import pruner_names
-
-    return pruner_names()
-
-
-def _adv_losses() -> tuple[str, ...]:
-    from ..adversarial import LOSSES
-
-    return tuple(LOSSES)
-
-
-def _allocations() -> tuple[str, ...]:
-    from ..pruning._allocation import ALLOCATIONS
-
-    return tuple(ALLOCATIONS)
-
-
-def _autoattack_versions() -> tuple[str, ...]:
-    from ..adversarial import AUTOATTACK_VERSIONS
-
-    return (*AUTOATTACK_VERSIONS, "off")
-
-
-def _check_latency(cfg: Any) -> None:
-    """``budget`` fits ``mode``; with a latency budget, a target in (0, 1) and a backend that runs here."""
-    allowed = MODE_BUDGETS[cfg.mode]
-    if cfg.budget is not None and cfg.budget not in allowed:
-        if cfg.budget == "latency":
-            raise ConfigError("budget", "--budget latency needs --mode structured (zeroed weights do not make dense "
-                                        "kernels faster; only removed channels do)")
-        raise ConfigError("budget", f"--budget must be one of {', '.join(allowed)} with --mode {cfg.mode}; "
-                                    f"got {cfg.budget!r}")
-    try:
-        _float_in(cfg, "latency_target", 0.0, 1.0, low_open=True, high_open=True)
-    except ConfigError as exc:
-        raise ConfigError("latency_target", f"--latency-target {str(exc).split(': ', 1)[1]} (the fraction of the "
-                                            "dense model's latency to keep, e.g. 0.5)") from None
-    try:
-        _int_in(cfg, "latency_threads", 1, 1024)
-    except ConfigError as exc:
-        raise ConfigError("latency_threads", f"--latency-threads {str(exc).split(': ', 1)[1]} (CPU threads, "
-                                             "e.g. 1 or the number of cores)") from None
-    backends = _latency_backends()
-    if cfg.latency_backend not in backends:
-        raise ConfigError("latency_backend", f"unknown --latency-backend {cfg.latency_backend!r}; choose one of "
-                                             f"{', '.join(backends)}")
-    if cfg.budget == "latency":
-        from graph_passes.latency import LatencyError, check_backend
-
-        try:
-            check_backend(cfg.latency_backend)
-        except LatencyError as exc:
-            others = [b for b in backends if b != cfg.latency_backend]
-            raise ConfigError("latency_backend", f"--latency-backend {cfg.latency_backend}: {exc} (or choose "
-                                                 f"another --latency-backend: {', '.join(others)})") from exc
 
 
 @dataclass(frozen=True)
@@ -202,19 +51,19 @@ class PipelineConfig:
     model: str = setting(MISSING, "a timm model name (see `nni-harp list-models`)", metavar="MODEL", group=None)
     dataset: str = setting(
         "digits", "digits ships with scikit-learn; the others read --data-dir (default: %(default)s)",
-        choices=_dataset_names, group="data")
+        choices=check.datasets, group="data")
     data_dir: str | None = setting(None, "dataset folder (cifar10, svhn, imagefolder); nothing is downloaded",
                                    group="data")
     image_size: int = setting(32, "input resolution in pixels (default: %(default)s)", group="data")
     mode: str = setting("unstructured", "unstructured: single weights (budget: parameters); structured: channels, "
-                                        "physically removed (budget: FLOPs) (default: %(default)s)", choices=_modes)
+                                        "physically removed (budget: FLOPs) (default: %(default)s)", choices=check.modes)
     pruner: str = setting(
         "harp", "harp (learned per-layer rates), hydra (learned scores, uniform rates) or one of NNI's pruners: "
                 "l1norm, l2norm, fpgm (structured only), taylor, movement (unstructured only); every one runs the "
-                "same stages (default: %(default)s)", choices=_pruner_names)
+                "same stages (default: %(default)s)", choices=check.pruners)
     sparsity: float = setting(0.9, "unstructured: fraction of parameters removed, in (0, 1) (default: %(default)s)")
     flops_target: float = setting(0.5, "structured: fraction of FLOPs kept, in (0, 1) (default: %(default)s)")
-    adv_loss: str = setting("pgd", "PGD-AT, TRADES or MART (default: %(default)s)", choices=_adv_losses,
+    adv_loss: str = setting("pgd", "PGD-AT, TRADES or MART (default: %(default)s)", choices=check.adv_losses,
                             group="adversarial training")
     eps: float = setting(8 / 255, "L-inf radius in pixel units, e.g. 8/255 (default: 8/255)",
                          group="adversarial training")
@@ -248,7 +97,7 @@ class PipelineConfig:
     # where HARP's rates start (HARPSettings.init_allocation / init_keep; None: sqrt of the target)
     init_allocation: str = setting(
         "uniform", "where HARP's per-layer rates start: one fraction for all, dense, or a global magnitude, LAMP or "
-                   "ERK allocation (default: %(default)s)", choices=_allocations)
+                   "ERK allocation (default: %(default)s)", choices=check.allocations)
     init_keep: float | None = setting(
         None, "kept fraction (of params or FLOPs) HARP starts at, between the target and 1 (default: the square "
               "root of the target, e.g. 0.32 for 90 %% sparsity)")
@@ -270,7 +119,7 @@ class PipelineConfig:
         "apgd-ce+apgd-t", "AutoAttack version (torchattacks): apgd-ce+apgd-t (its gradient-based members), standard "
                           "(adds FAB-T and Square: the number to publish, but slow on a CPU), apgd-ce, plus, rand, or "
                           "off (default: %(default)s)",
-        choices=_autoattack_versions, metavar="VERSION", group="evaluation", resume=False)
+        choices=check.autoattack_versions, metavar="VERSION", group="evaluation", resume=False)
     latency_runs: int = setting(20, "timed runs per latency measurement (default: %(default)s)", metavar="N",
                                 group="evaluation", resume=False)
     export_onnx: bool = setting(True, "skip the ONNX export (and the onnxruntime latency)", flag="--no-onnx",
@@ -283,17 +132,17 @@ class PipelineConfig:
         None, "what the target counts: params (unstructured), flops (structured, with --flops-target) or latency "
               "(structured, with --latency-target: the latency HARP's latency model predicts, measured first on "
               "--latency-backend) (default: params unstructured, flops structured)",
-        choices=lambda: tuple(dict.fromkeys(b for bs in MODE_BUDGETS.values() for b in bs)), older_runs_default=True)
+        choices=check.budgets, older_runs_default=True)
     latency_target: float = setting(
         0.5, "with --budget latency: fraction of the dense model's latency kept, in (0, 1) (default: %(default)s)",
         older_runs_default=True)
     latency_backend: str = setting(
-        _harp_default("latency_backend"),
+        check.harp_default("latency_backend"),
         "with --budget latency: where the latency is measured: eager (PyTorch CPU), onnxruntime (CPU) or cuda; "
-        "the fit is cached, a second run measures nothing (default: %(default)s)", choices=_latency_backends,
+        "the fit is cached, a second run measures nothing (default: %(default)s)", choices=check.latency_backends,
         older_runs_default=True)
     latency_threads: int = setting(
-        _harp_default("latency_threads"),
+        check.harp_default("latency_threads"),
         "with --budget latency: CPU threads the latency is measured with (default: %(default)s)", metavar="N",
         older_runs_default=True)
     #: the settings a stored run may only be continued with unchanged (``resume=True``; set below the class)
@@ -301,29 +150,17 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         check_model_name(self.model)
-        _choice(self, "dataset", _dataset_names())
-        if self.dataset == "imagefolder" and not self.data_dir:
-            raise ConfigError("data_dir", "--data-dir is required with --dataset imagefolder")
-        if self.data_dir is not None:
-            path = Path(self.data_dir).expanduser()
-            if not path.exists():
-                raise ConfigError("data_dir", f"directory does not exist: {path}")
-            if not path.is_dir():
-                raise ConfigError("data_dir", f"not a directory: {path}")
-        _int_in(self, "image_size", 8, 1024)
-        _choice(self, "mode", _modes())
-        _check_pruner(self)
-        _float_in(self, "sparsity", 0.0, 1.0, low_open=True, high_open=True)
-        _float_in(self, "flops_target", 0.0, 1.0, low_open=True, high_open=True)
-        _check_latency(self)
-        _choice(self, "adv_loss", _adv_losses())
-        _float_in(self, "eps", 0.0, 1.0)
-        _int_in(self, "attack_steps", 1, 1000)
-        _int_in(self, "pretrain_epochs", 0, 100_000)
-        _int_in(self, "prune_epochs", 1, 100_000)
-        _int_in(self, "finetune_epochs", 0, 100_000)
-        _int_in(self, "batch_size", 1, 65_536)
-        _int_in(self, "seed", 0, 2**32 - 1)
+        check.check_data(self)
+        check.choice(self, "mode", check.modes())
+        check.check_pruner(self)
+        check.float_in(self, "sparsity", 0.0, 1.0, low_open=True, high_open=True)
+        check.float_in(self, "flops_target", 0.0, 1.0, low_open=True, high_open=True)
+        check.check_latency(self)
+        check.choice(self, "adv_loss", check.adv_losses())
+        check.int_in(self, "attack_steps", 1, 1000)
+        check.int_in(self, "pretrain_epochs", 0, 100_000)
+        check.int_in(self, "prune_epochs", 1, 100_000)
+        check.int_in(self, "finetune_epochs", 0, 100_000)
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise ConfigError("output_dir", f"must be a non-empty path, got {self.output_dir!r}")
         if self.checkpoint is not None and not Path(self.checkpoint).expanduser().exists():
@@ -333,27 +170,23 @@ class PipelineConfig:
                 "pretrain_epochs", "must be >= 1 when no --checkpoint is given (the model starts from random weights)"
             )
         for name in ("pretrain_lr", "prune_lr", "finetune_lr"):
-            _float_in(self, name, 0.0, 10.0)
-        _float_in(self, "weight_decay", 0.0, 1.0, low_open=False)
-        _float_in(self, "gamma_0", 0.0, 1e6, low_open=False)
-        _choice(self, "init_allocation", _allocations())
+            check.float_in(self, name, 0.0, 10.0)
+        check.float_in(self, "weight_decay", 0.0, 1.0, low_open=False)
+        check.float_in(self, "gamma_0", 0.0, 1e6, low_open=False)
+        check.choice(self, "init_allocation", check.allocations())
         if self.init_keep is not None:
-            _float_in(self, "init_keep", 0.0, 1.0)
+            check.float_in(self, "init_keep", 0.0, 1.0)
             if self.init_keep < self.target_keep:
                 raise ConfigError("init_keep", f"must be at least the target {self.target_keep:g} (HARP's rates "
                                                f"start above the target and descend to it), got {self.init_keep:g}")
         if self.trades_beta is not None:
-            _float_in(self, "trades_beta", 0.0, 1e3, low_open=False)
-        _int_in(self, "eval_samples", 1)
-        _int_in(self, "eval_attack_steps", 1, 10_000)
-        _int_in(self, "epoch_eval_samples", 0)
-        _int_in(self, "latency_runs", 1, 100_000)
-        _int_in(self, "max_train_batches", 1, optional=True)
-        _int_in(self, "num_workers", 0, 256)
-        _choice(self, "autoattack", _autoattack_versions())
-        for name in ("resume", "overwrite", "export_onnx"):
-            value = getattr(self, name)
-            check_flag(value, lambda: ConfigError(name, f"must be True or False, got {value!r}"))
+            check.float_in(self, "trades_beta", 0.0, 1e3, low_open=False)
+        check.check_measurement(self)
+        check.int_in(self, "epoch_eval_samples", 0)
+        check.int_in(self, "max_train_batches", 1, optional=True)
+        check.int_in(self, "num_workers", 0, 256)
+        check.flag(self, "resume")
+        check.flag(self, "overwrite")
         if self.resume and self.overwrite:
             raise ConfigError("resume", "--resume and --overwrite exclude each other")
 
@@ -419,45 +252,48 @@ def coerce_setting(name: str, value: Any) -> Any:
     return coerce_number(name, value, kind)
 
 
+def _like(name: str, **changes: Any) -> Any:
+    return setting_like(PipelineConfig, name, **changes)
+
+
+def _default(name: str) -> Any:
+    return PipelineConfig.__dataclass_fields__[name].default
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     """Settings of ``nni-harp evaluate``: one saved model, the same attacks as a prune run.
 
     ``checkpoint`` is a dense state dict (file) or the output folder of ``nni-harp prune``. For
     an output folder, the dataset, image size and model construction come from its metadata
-    unless given here.
+    unless given here. The settings a prune run has too are declared as :class:`PipelineConfig`
+    declares them (their defaults and help exist there once; the evaluation batch is larger), and
+    the ``evaluate`` command's arguments are derived from these declarations.
     """
 
-    model: str
-    checkpoint: str
-    dataset: str | None = None
-    data_dir: str | None = None
-    image_size: int | None = None
-    eps: float = 8 / 255
-    eval_attack_steps: int = 10
-    eval_samples: int = 200
-    autoattack: str = "apgd-ce+apgd-t"
-    batch_size: int = 100
-    seed: int = 0
-    latency_runs: int = 20
-    export_onnx: bool = True
-    output_dir: str | None = None
+    model: str = _like("model", help="the timm model name the weights belong to")
+    checkpoint: str = setting(MISSING, "dense state dict file, or a `nni-harp prune` output folder",
+                              flag="--checkpoint", group=None)
+    dataset: str | None = _like(
+        "dataset", default=None, group=None,
+        help=f"default: the run's dataset (output folder) or {_default('dataset')}")
+    data_dir: str | None = _like("data_dir", group=None)
+    image_size: int | None = _like(
+        "image_size", default=None, group=None,
+        help=f"default: the run's (output folder) or {_default('image_size')}")
+    eps: float = _like("eps", group=None)
+    eval_attack_steps: int = _like("eval_attack_steps")
+    eval_samples: int = _like("eval_samples")
+    autoattack: str = _like("autoattack")
+    batch_size: int = _like("batch_size", default=100, help="default: %(default)s", group=None)
+    seed: int = _like("seed", group=None)
+    latency_runs: int = _like("latency_runs")
+    export_onnx: bool = _like("export_onnx")
+    output_dir: str | None = setting(None, "also write evaluate_report.json/.md (and model.onnx) here", group=None)
 
     def __post_init__(self) -> None:
         check_model_name(self.model)
         if not isinstance(self.checkpoint, str) or not Path(self.checkpoint).expanduser().exists():
             raise ConfigError("checkpoint", f"file or directory does not exist: {self.checkpoint}")
-        if self.dataset is not None:
-            _choice(self, "dataset", _dataset_names())
-        if self.dataset == "imagefolder" and not self.data_dir:
-            raise ConfigError("data_dir", "--data-dir is required with --dataset imagefolder")
-        if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
-            raise ConfigError("data_dir", f"directory does not exist: {self.data_dir}")
-        _int_in(self, "image_size", 8, 1024, optional=True)
-        _float_in(self, "eps", 0.0, 1.0)
-        _int_in(self, "eval_attack_steps", 1, 10_000)
-        _int_in(self, "eval_samples", 1)
-        _choice(self, "autoattack", _autoattack_versions())
-        _int_in(self, "batch_size", 1, 65_536)
-        _int_in(self, "seed", 0, 2**32 - 1)
-        _int_in(self, "latency_runs", 1, 100_000)
+        check.check_data(self, optional=True)
+        check.check_measurement(self)
