@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stdout)
-    from .cli import guarded, resume_command
+    from ._cli_guard import guarded, resume_command
 
     def trial() -> int:
         import warnings

@@ -12,7 +12,7 @@ import pytest
 from nni_harp.adversarial import LOSSES, PGDATLoss, register_loss
 from nni_harp.cli import build_parser, main
 from nni_harp.data import DATASETS
-from nni_harp.pipeline import PipelineConfig
+from nni_harp.pipeline import EvaluateConfig, PipelineConfig
 from nni_harp.pipeline.config import ConfigError, declared_settings, resume_defaults
 from nni_harp.registry import pruner_names
 from nni_harp.trial import DEFAULTS, SET_BY_TRIAL, TRIAL_DEFAULTS, config_for, resolve_params
@@ -110,6 +110,30 @@ def test_names_come_from_their_registries():
     assert "{" + ",".join(LOSSES) + "}" in help_text
     evaluate = build_parser().parse_args(["evaluate", "test_resnet", "--checkpoint", "x", "--dataset", DATASETS[-1]])
     assert evaluate.dataset == DATASETS[-1] and evaluate.eval_samples == 200 and evaluate.export_onnx is True
+
+
+def test_evaluate_takes_its_arguments_and_shared_defaults_from_the_declarations(monkeypatch, tmp_path, capsys):
+    pipeline = {f.name: f for f in declared_settings()}
+    evaluate = {f.name: f for f in declared_settings(EvaluateConfig)}
+    for name in ("eps", "eval_attack_steps", "eval_samples", "autoattack", "seed", "latency_runs", "export_onnx"):
+        assert evaluate[name].default == pipeline[name].default, name  # declared once, in PipelineConfig
+        assert evaluate[name].metadata["help"] == pipeline[name].metadata["help"], name
+    checkpoint = tmp_path / "w.pt"
+    checkpoint.write_bytes(b"")
+    args = build_parser().parse_args(["evaluate", "test_resnet", "--checkpoint", str(checkpoint), "--no-onnx"])
+    seen = []
+    monkeypatch.setattr("nni_harp.pipeline.evaluate", lambda config, callbacks=None: seen.append(config) or _stop())
+    with pytest.raises(_Stop):
+        main(["evaluate", "test_resnet", "--checkpoint", str(checkpoint), "--no-onnx", "--quiet"])
+    assert seen[0] == EvaluateConfig(model="test_resnet", checkpoint=str(checkpoint), export_onnx=False)
+    assert {f.name: getattr(args, f.name) for f in declared_settings(EvaluateConfig)} == seen[0].__dict__
+    # a bad choice is the config's one line, as for prune
+    assert main(["evaluate", "test_resnet", "--checkpoint", str(checkpoint), "--dataset", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("nni-harp: error: dataset: must be one of digits")
+
+
+def _stop():
+    raise _Stop
 
 
 @pytest.fixture
