@@ -92,7 +92,9 @@ class CostModel:
     this count rather than the FLOPs."""
 
     layers: tuple[LayerCost, ...]
-    untracked_params: int  # parameters outside every layer (never pruned): embeddings, tokens, ...
+    # parameters counted outside every layer: always 0, graph_passes.cost makes every parameter a 'param' layer
+    # (unprunable ones without factors). Dead: it goes (#14) once cost.py stops passing its positional 0
+    untracked_params: int = 0
     tensors: tuple[TensorCost, ...] = ()
 
     @property

@@ -66,7 +66,6 @@ def _conv_chain_cost() -> CostModel:
                       (Factor(4, ((0, 4),)), Factor(6, ((1, 6),)))),
             LayerCost("fc", "linear", 36, 18, (Factor(6, ((1, 6),)), Factor(3, ())), (Factor(6, ((1, 6),)),)),
         ),
-        untracked_params=0,
     )
 
 

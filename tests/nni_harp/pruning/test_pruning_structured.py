@@ -70,7 +70,7 @@ def hand_cost() -> CostModel:
         LayerCost("conv2a", "conv", 2 * hw * 24 * 16 * 9, 3456, (g0, g1), (g0, g1)),
         LayerCost("conv2b", "conv", 2 * hw * 24 * 16, 408, (g0, g1), (g0, g1)),
         LayerCost("fc", "linear", 2 * 24 * 10, 250, (g1, Factor(10, ())), (g1,)),
-    ), untracked_params=32)
+    ))
 
 
 class HandBuiltHARP(HARPPruner):
