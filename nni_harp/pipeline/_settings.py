@@ -1,6 +1,7 @@
 """Settings declared once: :func:`setting` declares a field of a settings dataclass together with
 what the command line, the NNI trial and the resume check need, and they read it back with
-:func:`declared_settings` (``nni_harp.cli``, ``nni_harp.trial``, ``PipelineConfig.RESUME_KEYS``).
+:func:`declared_settings` (``nni_harp._cli_args``, ``nni_harp.trial``, ``PipelineConfig.RESUME_KEYS``);
+:func:`setting_like` declares a setting another settings class shares (``EvaluateConfig``).
 A bad value is a :class:`ConfigError` that names the setting; :func:`coerce_number` reads numbers
 from loosely typed sources (NNI's search spaces, ``--param`` strings)."""
 from __future__ import annotations
@@ -31,7 +32,7 @@ def setting(default: Any, help: str, *, choices: Callable[[], tuple[str, ...]] |
     need, so that they are derived from it and nothing is written twice.
 
     ``default``: the field's default (``dataclasses.MISSING``: a required field, a positional
-    argument on the command line). ``help``: for ``--help`` (argparse's ``%(default)s`` works).
+    argument on the command line, or a required option where ``flag`` names one). ``help``: for ``--help`` (argparse's ``%(default)s`` works).
     ``choices``: a function returning the allowed names, so that a registry is read when it is
     asked, not at import (the config's check uses the same function). ``metavar`` and ``group``:
     how ``--help`` shows it (``group=None``: among the parser's own arguments). ``resume``: a run
