@@ -10,12 +10,10 @@ records why.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 import numpy as np
-import torch
 from torch import fx, nn
 
 from ._tracking import AnalysisState, TensorInfo
@@ -147,8 +145,3 @@ def describe_target(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_method":
         return f"method Tensor.{node.target}"
     return f"{node.op} {node.target}"
-
-
-# operator module functions fx records for Python operators on proxies
-BINARY_OPERATORS = (operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow, operator.iadd, operator.imul)
-TORCH_BINARY = (torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where)
