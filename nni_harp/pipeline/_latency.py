@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import distributed as hd
+from ..pruning._plan import channel_structure
 from ..pruning.budget import uniform_keep
 
 __all__ = ["LATENCY_STAGE", "harp_options", "fit_for_run", "prepare_latency", "lowest_fraction",
@@ -93,7 +94,7 @@ def lowest_fraction(model: nn.Module, example: torch.Tensor, latency: Any, confi
     fixed cost per run and per op, unprunable layers)."""
     from ..registry import get_pruner
 
-    groups, cost = _cost(model, example)
+    groups, cost = channel_structure(model, (example,))
     floor = _settings(config).alpha * config.latency_target if get_pruner(config.pruner).learns_scores else 0.0
     return float(latency.fraction(cost, {g.id: max(floor, 1.0 / g.size) for g in groups if g.prunable}))
 
@@ -101,13 +102,16 @@ def lowest_fraction(model: nn.Module, example: torch.Tensor, latency: Any, confi
 def prepare_latency(ctx: Any, model: nn.Module) -> Any:
     """Before anything trains: the run's latency model (:func:`fit_for_run`), and a
     :class:`~nni_harp.pipeline.ConfigError` naming ``--latency-target`` when the target is below
-    what the pruner can reach (:func:`lowest_fraction`)."""
+    what the pruner can reach (:func:`lowest_fraction`); the model is traced once for both."""
+    import graph_passes
+
     from .config import ConfigError
 
     cfg = ctx.config
     example = ctx.example.to(ctx.device)
-    latency = fit_for_run(ctx, model, example)
-    lowest = lowest_fraction(model, example, latency, cfg)
+    with graph_passes.trace_once():
+        latency = fit_for_run(ctx, model, example)
+        lowest = lowest_fraction(model, example, latency, cfg)
     if lowest > cfg.latency_target:
         raise ConfigError("latency_target", (
             f"--latency-target {cfg.latency_target:g} cannot be met on {cfg.latency_backend} with "
@@ -116,13 +120,6 @@ def prepare_latency(ctx: Any, model: nn.Module) -> Any:
             f"per op, unprunable layers); choose a --latency-target above {lowest:.2f}, a larger --image-size, or "
             "another --latency-backend"))
     return latency
-
-
-def _cost(model: nn.Module, example: torch.Tensor) -> tuple[list[Any], Any]:
-    import graph_passes
-
-    groups = graph_passes.channel_groups(model, (example,))
-    return groups, graph_passes.cost(model, (example,), groups)
 
 
 def _group_names(groups: Iterable[Any], names: Iterable[str]) -> dict[int, str]:
@@ -161,7 +158,7 @@ def plan_latency(model: nn.Module, example: torch.Tensor, masks: Mapping[str, Ma
     how hard a latency budget, and a FLOPs budget, pull on that group)."""
     import graph_passes
 
-    groups, cost = _cost(model, example)
+    groups, cost = channel_structure(model, (example,))
     keep = graph_passes.keep_from_masks(groups, masks)
     fractions = {g.id: float(keep[g.id].float().mean()) for g in groups if g.prunable}
     names = _group_names(groups, rates)

@@ -1,11 +1,11 @@
 """Can the pruning graph handle a timm model? Used by ``nni-harp list-models --check``.
 
 The check builds the model with random weights, wrapped the way the pipeline wraps it, and runs
-the structured path at a small input: ``graph_passes.channel_groups``, then the removal of half
-the channels of every prunable group with ``graph_passes.ModelSpeedup``, then a comparison of the
-shrunk model's outputs with the masked model's and a FLOP count of the shrunk model. Unstructured
-pruning needs none of this, so a model that fails here can still be pruned with
-``--mode unstructured``.
+the structured path at a small input: one trace and its channel analysis
+(``graph_passes.analysis_for``), then the removal of half the channels of every prunable group
+with ``graph_passes.ModelSpeedup`` on that trace, then a comparison of the shrunk model's outputs
+with the masked model's and a FLOP count of the shrunk model. Unstructured pruning needs none of
+this, so a model that fails here can still be pruned with ``--mode unstructured``.
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def check_model(name: str, image_size: int = 32, num_classes: int = 10) -> Model
         model.eval()
         x = torch.rand(2, 3, image_size, image_size)
         step = "channel groups"
-        groups = graph_passes.channel_groups(model, (x[:1],))
+        analysis = graph_passes.analysis_for(model, (x[:1],))  # traced once: the speedup below uses it too
+        groups = graph_passes.channel_groups(analysis)
         prunable = [g for g in groups if g.prunable]
         if not prunable:
             return ModelSupport(name, False, 0, len(groups))
@@ -68,7 +69,8 @@ def check_model(name: str, image_size: int = 32, num_classes: int = 10) -> Model
                 owner = masked.get_submodule(module)
                 for pname, mask in params.items():
                     getattr(owner, pname).mul_(mask)
-        small = graph_passes.ModelSpeedup(model, x[:1], masks).speedup_model(inplace=False).eval()
+        speedup = graph_passes.ModelSpeedup(model, x[:1], masks, graph_module=analysis)
+        small = speedup.speedup_model(inplace=False).eval()
         step = "compare outputs"
         with torch.no_grad():
             ref, got = masked(x), small(x)

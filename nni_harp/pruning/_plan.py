@@ -133,19 +133,14 @@ def structured_target(parsed: ParsedConfig, budget_kind: str) -> float:
 
 
 def channel_structure(model: nn.Module, example_inputs: Any) -> tuple[list[ChannelGroup], CostModel]:
-    """The model's coupled channel groups and cost model, traced on ``example_inputs``."""
-    from graph_passes import channel_groups, cost
+    """The model's coupled channel groups and cost model, from one trace on ``example_inputs``
+    (inside :func:`graph_passes.trace_once`, the trace the caller made of the same model)."""
+    from graph_passes import analysis_for, cost
 
     if example_inputs is None:
         raise StructureError("structured HARP traces the model: pass dummy_input (or give the evaluator one)")
-    groups = list(channel_groups(model, example_inputs))
-    cost_model = cost(model, example_inputs)
-    known = {g.id for g in groups}
-    stray = sorted({gid for layer in cost_model.layers for f in (*layer.flops_factors, *layer.params_factors)
-                    for gid, _ in f.parts} - known)
-    if stray:
-        raise StructureError(f"the cost model refers to channel groups {stray} that channel_groups did not return")
-    return groups, cost_model
+    analysis = analysis_for(model, example_inputs)
+    return list(analysis.groups), cost(analysis)
 
 
 def plan_structured(

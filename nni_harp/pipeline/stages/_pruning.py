@@ -57,12 +57,10 @@ def uniform_target(model: nn.Module, example: torch.Tensor, mode: str, target_ke
     if mode == "unstructured":
         return target_keep
     try:
-        import graph_passes
-
+        from ...pruning._plan import channel_structure
         from ...pruning.budget import uniform_keep
 
-        groups = graph_passes.channel_groups(model, (example,))
-        cost = graph_passes.cost(model, (example,), groups)
+        groups, cost = channel_structure(model, (example,))
         return uniform_keep(cost, [g.id for g in groups if g.prunable], target_keep, latency)
     except Exception as exc:  # noqa: BLE001 - only the plot's reference line depends on it
         if latency is not None:

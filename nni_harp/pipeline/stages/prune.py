@@ -56,6 +56,8 @@ def stage_prune(ctx: Context, model: nn.Module) -> tuple[nn.Module, Masks, dict[
     """Learn (or compute) masks with ``config.pruner``; returns the unwrapped model, NNI-format
     masks and the stage result (``layer_rates``, ``history``, ``uniform``, ``sparsity``,
     ``pruner``). Reuses the saved result when already finished."""
+    import graph_passes
+
     from ...registry import get_pruner
 
     spec = get_pruner(ctx.config.pruner)
@@ -63,7 +65,8 @@ def stage_prune(ctx: Context, model: nn.Module) -> tuple[nn.Module, Masks, dict[
         if s.done:
             load_weights(model, s.load(PRUNED_INIT), str(s.artefact(PRUNED_INIT)))
             return model, s.load(MASKS, nested=True), s.result
-        masks = _compute_masks(s, spec, model)
+        with graph_passes.trace_once():  # the stage and the pruner it builds share one trace of the model
+            masks = _compute_masks(s, spec, model)
     return model, masks, s.result
 
 

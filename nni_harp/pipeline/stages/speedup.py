@@ -65,10 +65,8 @@ def _remove_channels(ctx: Context, model: nn.Module,
 
     model = model.cpu().eval()
     masked = copy.deepcopy(model)
-    plain = _plain_masks(masks)
-    plan = graph_passes.PruningPlan.from_masks(masked, (ctx.example,), plain)
-    small = graph_passes.ModelSpeedup(model, ctx.example, plain).speedup_model(inplace=False)
-    small = small.eval()
+    speedup = graph_passes.ModelSpeedup(model, ctx.example, _plain_masks(masks))
+    small = speedup.speedup_model(inplace=False).eval()
     batch = torch.stack([ctx.test_ds[i][0] for i in range(min(16, len(ctx.test_ds)))])  # type: ignore[arg-type]
     with torch.no_grad():
         ref, got = masked(batch), small(batch)
@@ -77,7 +75,7 @@ def _remove_channels(ctx: Context, model: nn.Module,
     scale = float(ref.abs().max()) or 1.0
     if not math.isfinite(diff) or diff > 1e-3 * max(scale, 1.0):
         logger.warning("speedup changed the outputs: max |masked - pruned| = %.3g (logits up to %.3g)", diff, scale)
-    plan.save(ctx.out / PLAN_FILE)
+    speedup.plan.save(ctx.out / PLAN_FILE)  # the plan the speedup carried out
     return small.to(ctx.device), diff
 
 

@@ -28,7 +28,7 @@ def test_failing_speedup_is_marked_with_its_reason(monkeypatch):
 def test_no_prunable_group_means_unstructured_only(monkeypatch):
     real = graph_passes.channel_groups
 
-    def frozen(model, example):
+    def frozen(model, example=None):  # a module and its inputs, or a traced model alone
         return [dataclasses.replace(g, prunable=False, reason="test") for g in real(model, example)]
 
     monkeypatch.setattr(graph_passes, "channel_groups", frozen)
