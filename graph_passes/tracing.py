@@ -20,8 +20,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ._concrete_tracing import concrete_tracer
 from .errors import TraceError
 
-__all__ = ["HarpTracer", "trace", "trace_once", "is_traced", "as_tuple", "flatten_outputs", "extra_leaf_types", "register_leaf_function",
-           "register_leaf_type"]
+__all__ = ["HarpTracer", "trace", "trace_once", "is_traced", "as_tuple", "flatten_outputs", "extra_leaf_types",
+           "register_leaf_function", "register_leaf_type"]
 
 logger = logging.getLogger(__name__)
 
