@@ -97,14 +97,14 @@ from torch import nn
 
 import graph_passes as gp
 from nni_harp.pruning import fix_masks, release_masks
-from nni_harp.pruning.budget import layer_flops
 
 log = logging.getLogger("robust_pruning")
 
 # ------------------------------------------------------------------------------------- one cell
 def _sparse_flops_kept(model: nn.Module, masks: dict[str, dict[str, torch.Tensor]], example: torch.Tensor) -> float:
     names = prunable_layers(model)
-    flops = layer_flops(model, example, names)
+    by_module = gp.cost(model, (example,)).flops_by_module()
+    flops = {n: by_module.get(n, 0) for n in names}
     total = sum(flops.values())
     return sum(flops[n] * float(masks[n]["weight"].float().mean()) if n in masks else flops[n] for n in names) / total
 

@@ -21,7 +21,8 @@ def _layer(state: AnalysisState, node: fx.Node, kind: str, flops: int, contracti
     if contraction is not None:
         dims.append(contraction)
     dims += [(ids, out.shape[a]) for a, ids in sorted(out.track.items())]
-    state.layers.append(LayerRecord(node.name, kind, int(flops), 0, dims, []))
+    module = str(node.target) if node.op == "call_module" else None
+    state.layers.append(LayerRecord(node.name, kind, int(flops), 0, dims, [], module))
 
 
 def _module(state: AnalysisState, node: fx.Node) -> nn.Module:

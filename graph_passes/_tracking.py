@@ -114,6 +114,7 @@ class LayerRecord:
     params: int
     flops_dims: list[tuple[np.ndarray | None, int]]
     params_dims: list[tuple[np.ndarray | None, int]]
+    module: str | None = None  # the called module's qualified name (a module call), else None
 
 
 @dataclass

@@ -94,7 +94,7 @@ def _factor(analysis: Analysis, ids: np.ndarray | None, total: int) -> Factor:
 
 def _layer_cost(analysis: Analysis, rec: LayerRecord) -> LayerCost:
     factors = tuple(_factor(analysis, ids, size) for ids, size in rec.flops_dims)
-    return LayerCost(rec.name, rec.kind, rec.flops, 0, factors, ())
+    return LayerCost(rec.name, rec.kind, rec.flops, 0, factors, (), rec.module)
 
 
 def _is_view(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -136,7 +136,7 @@ def cost_of_analysis(gm: fx.GraphModule, analysis: Analysis) -> CostModel:
         module, _, name = qualified.rpartition(".")
         factors = tuple(_factor(analysis, ids, param.shape[d]) for d, ids in sorted(dims.get((module, name), {}).items()))
         layers.append(LayerCost(qualified, "param", 0, param.numel(), (), factors))
-    return CostModel(tuple(layers), 0, tuple(_tensor_costs(gm, analysis, dims)))
+    return CostModel(tuple(layers), tuple(_tensor_costs(gm, analysis, dims)))
 
 
 def cost(model: Traceable, example_inputs: Any = None, groups: list[ChannelGroup] | None = None) -> CostModel:

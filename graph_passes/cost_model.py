@@ -52,12 +52,13 @@ def _scaled(dense: int, factors: tuple[Factor, ...], keep: Mapping[int, Fraction
 class LayerCost:
     """Dense cost of one layer and the factors by which pruning scales it."""
 
-    name: str  # fx node name (the module's qualified name for module calls)
+    name: str  # fx node name (a parameter's qualified name for kind 'param')
     kind: str  # e.g. "conv", "linear", "matmul", "attention", "norm"
     flops: int
     params: int
     flops_factors: tuple[Factor, ...]
     params_factors: tuple[Factor, ...]
+    module: str | None = None  # the called module's qualified name, for a module call
 
     def scaled_flops(self, keep: Mapping[int, Fraction]) -> Fraction:
         return _scaled(self.flops, self.flops_factors, keep)
@@ -91,10 +92,7 @@ class CostModel:
     convs cost little in FLOPs but read and write whole tensors, and their time on a CPU follows
     this count rather than the FLOPs."""
 
-    layers: tuple[LayerCost, ...]
-    # parameters counted outside every layer: always 0, graph_passes.cost makes every parameter a 'param' layer
-    # (unprunable ones without factors). Dead: it goes (#14) once cost.py stops passing its positional 0
-    untracked_params: int = 0
+    layers: tuple[LayerCost, ...]  # every parameter is a 'param' layer (unprunable ones without factors)
     tensors: tuple[TensorCost, ...] = ()
 
     @property
@@ -103,7 +101,7 @@ class CostModel:
 
     @property
     def total_params(self) -> int:
-        return sum(layer.params for layer in self.layers) + self.untracked_params
+        return sum(layer.params for layer in self.layers)
 
     def flops(self, keep: Mapping[int, Fraction] | None = None) -> Fraction:
         keep = keep or {}
@@ -114,7 +112,7 @@ class CostModel:
 
     def params(self, keep: Mapping[int, Fraction] | None = None) -> Fraction:
         keep = keep or {}
-        total: Fraction = float(self.untracked_params)
+        total: Fraction = 0.0
         for layer in self.layers:
             total = total + layer.scaled_params(keep)
         return total
@@ -129,6 +127,15 @@ class CostModel:
         for t in self.tensors:
             total = total + t.scaled_elements(keep)
         return total
+
+    def flops_by_module(self) -> dict[str, int]:
+        """Dense FLOPs of every called module (conv, linear), by qualified name, on the example
+        inputs (summed over the calls of a module called more than once)."""
+        out: dict[str, int] = {}
+        for layer in self.layers:
+            if layer.module is not None:
+                out[layer.module] = out.get(layer.module, 0) + layer.flops
+        return out
 
     def by_layer(self) -> dict[str, LayerCost]:
         return {layer.name: layer for layer in self.layers}

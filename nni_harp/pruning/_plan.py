@@ -18,7 +18,7 @@ from ._allocation import UnitStats, allocate
 from ._config import ParsedConfig, ensure_nni_setting
 from ._structure import MaskFactor, channel_rms, controlled_groups, group_init_scores, group_names, mask_factors
 from ._units import hydra_scores
-from .budget import Budget, CostBudget, WeightedBudget, layer_flops
+from .budget import Budget, CostBudget, WeightedBudget
 from .errors import ConfigListError, SettingsError, StructureError
 from .settings import HARPSettings
 
@@ -109,10 +109,8 @@ def plan_unstructured(
     if budget_kind == "params":
         weights = [float(modules[u.module].weight.numel()) for u in units]
     else:
-        if dummy_input is None:
-            raise SettingsError("budget", "flops", "'params' unless a dummy_input is given (FLOPs are measured by a forward pass)")
-        flops = layer_flops(inner, dummy_input, [_strip(u.module, prefix) for u in units])
-        weights = [flops[_strip(u.module, prefix)] for u in units]
+        flops = _module_flops(inner, dummy_input)
+        weights = [float(flops.get(_strip(u.module, prefix), 0)) for u in units]
     budgets: list[Budget] = [
         _weighted([i for i, k in enumerate(keys) if k == key], weights, targets) for key in dict.fromkeys(keys)
     ]
@@ -120,6 +118,20 @@ def plan_unstructured(
     stats = [UnitStats(modules[u.module].weight.detach().abs(), tuple(modules[u.module].weight.shape)) for u in units]
     _start(units, budgets, settings, stats)
     return Plan(config_list=parsed.nni_config_list, units=units, budgets=budgets, overall=overall)
+
+
+def _module_flops(model: nn.Module, example_inputs: Any) -> dict[str, int]:
+    """Dense FLOPs of every called module (the unstructured FLOPs budget's layer weights), from the
+    traced cost model."""
+    from graph_passes import cost
+    from graph_passes.errors import GraphPassError
+
+    if example_inputs is None:
+        raise SettingsError("budget", "flops", "'params' unless a dummy_input is given (FLOPs are counted on a trace)")
+    try:
+        return cost(model, example_inputs).flops_by_module()
+    except GraphPassError as exc:
+        raise SettingsError("budget", "flops", f"'params' for a model graph_passes cannot trace ({exc})") from exc
 
 
 def structured_target(parsed: ParsedConfig, budget_kind: str) -> float:

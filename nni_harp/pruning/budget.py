@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, Sequence, Union
+from typing import Callable, Mapping, Protocol, Sequence, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from graph_passes.cost_model import CostModel
 from graph_passes.latency import LatencyModel
@@ -36,7 +36,6 @@ __all__ = [
     "bisect_increasing",
     "round_to_counts",
     "final_counts",
-    "layer_flops",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -279,40 +278,3 @@ def project_budgets(
     for budget in budgets:
         projected.update(project_keep(budget, {u: keep[u] for u in budget.units}, floors, ceilings))
     return projected
-
-
-def layer_flops(model: nn.Module, example_inputs: Any, names: Sequence[str]) -> dict[str, float]:
-    """Dense FLOPs (2 per multiply-accumulate) of the named weight layers for one sample, measured
-    with forward hooks: ``2 * outputs_per_sample * weight.numel() / weight.shape[0]`` for weights of
-    two or more dims (conv, linear), ``outputs_per_sample`` for 1-d weights (norms)."""
-    modules = dict(model.named_modules())
-    counts: dict[str, float] = {}
-    handles = []
-
-    def hook_for(name: str):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            out = output[0] if isinstance(output, (tuple, list)) else output
-            weight = getattr(module, "weight", None)
-            if not isinstance(out, Tensor) or not isinstance(weight, Tensor) or out.dim() == 0:
-                return
-            per_sample = out.numel() / max(out.shape[0], 1)
-            per_output = weight.numel() / weight.shape[0] if weight.dim() >= 2 else 0.5
-            counts[name] = counts.get(name, 0.0) + 2.0 * per_sample * per_output
-
-        return hook
-
-    for name in names:
-        if name not in modules:
-            raise KeyError(f"model has no module named {name!r}")
-        handles.append(modules[name].register_forward_hook(hook_for(name)))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-            model(*args)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return {name: counts.get(name, 0.0) for name in names}

@@ -116,3 +116,23 @@ def test_flop_counter_counts_sdpa_on_every_torch_release(grad):
     expected = matmul * (7 if grad else 2)  # forward: 2 matmuls; backward: 5 (torch's flash formula recomputes the scores)
     assert reference.get_total_flops() == matmul * (6 if grad else 2)
     assert counter.get_total_flops() == expected
+
+
+class TwiceLinear(nn.Module):
+    """A conv, then one Linear called twice (weight sharing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x).mean((2, 3))
+        return self.fc(torch.relu(self.fc(h)))
+
+
+def test_flops_by_module_names_modules_and_sums_their_calls() -> None:
+    model, x = TwiceLinear().eval(), torch.randn(2, 3, 5, 5)
+    by_module = gp.cost(model, (x,)).flops_by_module()
+    assert by_module == {"conv": 2 * 2 * 5 * 5 * 6 * 27, "fc": 2 * (2 * 2 * 6 * 6)}
+    assert sum(by_module.values()) == measured_flops(model, x)

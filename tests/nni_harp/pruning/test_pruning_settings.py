@@ -165,3 +165,25 @@ def test_compress_arguments_are_checked(tiny: tuple[nn.Module, Any]) -> None:
     # nothing trained, nothing left frozen by the failed calls
     assert all(p.requires_grad for n, p in model.named_parameters() if "harp" not in n)
     assert torch.is_tensor(next(model.parameters()))
+
+
+class _LoopsByValue(nn.Module):
+    """Calls its layer a number of times that depends on the input's values: fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(int(x.abs().sum().item()) % 3 + 1):
+            x = self.fc(x)
+        return x
+
+
+def test_unstructured_flops_budget_on_an_untraceable_model_names_the_way_out(digits: Digits) -> None:
+    model = _LoopsByValue()
+    with pytest.raises(SettingsError, match=r"budget must be 'params' for a model graph_passes cannot trace"):
+        HARPPruner(model, [{"op_types": ["Linear"], "sparse_ratio": 0.5}], make_evaluator(model, digits),
+                   budget="flops", dummy_input=torch.randn(2, 4))
+    _assert_untouched(model)
+    HARPPruner(model, [{"op_types": ["Linear"], "sparse_ratio": 0.5}], make_evaluator(model, digits))  # params: no trace
