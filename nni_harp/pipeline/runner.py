@@ -192,8 +192,9 @@ def evaluate(config: EvaluateConfig, callbacks: Iterable[PipelineCallback] | Pip
         check_output_dir(Path(config.output_dir).expanduser())
     pruned_dir = ckpt.is_dir() and (ckpt / META_FILE).is_file()
     meta = read_meta(ckpt) if pruned_dir else {}
-    dataset = config.dataset or meta.get("dataset") or "digits"
-    image_size = config.image_size or meta.get("image_size") or 32
+    fallback = PipelineConfig.__dataclass_fields__  # a dense state dict: what a prune run would use
+    dataset = config.dataset or meta.get("dataset") or fallback["dataset"].default
+    image_size = config.image_size or meta.get("image_size") or fallback["image_size"].default
     _seed_everything(config.seed)
     _, test_ds, info = build_datasets(dataset, config.data_dir, image_size, config.seed)
     if pruned_dir:
