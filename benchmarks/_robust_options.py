@@ -102,6 +102,9 @@ class Options:
     finetune_lr: float = _opt(0.01, "their SGD learning rate (cosine)")
     finetune_select_every: int = _opt(1, "keep the best of the pruned model before fine-tuning and the fine-tuning "
                                          "checkpoints of every N epochs (PGD-10 on 256 training images); 0: the last")
+    finetune_repeats: int = _opt(1, "fine-tune every pruned model N times, each with its own attack randomness and "
+                                    "batch order, and report the means (fine-tuning alone can move one model's "
+                                    "robust accuracy by 10-30 points: benchmarks/results/finetune_noise.md)")
     unstructured: tuple[float, ...] = _opt((0.9, 0.95, 0.99), "sparsities, e.g. 0.9,0.95,0.99")
     structured: tuple[float, ...] = _opt((0.5, 0.75, 0.9), "fractions of FLOPs removed, e.g. 0.5,0.75,0.9")
     methods: tuple[str, ...] = _opt(tuple(METHODS), f"subset of {','.join(METHODS)}")
@@ -121,6 +124,7 @@ class Options:
             "" if 0 < self.eps < 1 else f"eps must lie in (0, 1), got {self.eps}",
             "" if self.autoattack in AUTOATTACK_VERSIONS else f"autoattack must be one of {AUTOATTACK_VERSIONS}",
             "" if self.seeds >= 1 else f"seeds must be >= 1, got {self.seeds}",
+            "" if self.finetune_repeats >= 1 else f"finetune_repeats must be >= 1, got {self.finetune_repeats}",
             "" if self.pretrain_optimizer in ("adam", "sgd") else "pretrain_optimizer must be adam or sgd",
             "" if min(self.pretrain_epochs, self.finetune_epochs, self.short_prune_epochs, self.finetune_select_every) >= 0
             and self.prune_epochs >= 1

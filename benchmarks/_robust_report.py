@@ -42,6 +42,7 @@ class Row:
     history: list[dict[str, Any]] = field(default_factory=list)  # HARP/HYDRA: pruner.history
     frozen_at: int | None = None  # HARP: pruner.schedule.frozen_at
     alloc: dict[str, int] = field(default_factory=dict)  # HARP: kept entries per layer / channel group
+    repeats: list[dict[str, Any]] = field(default_factory=list)  # --finetune-repeats > 1: each fine-tuning's numbers
 
     @property
     def ok(self) -> bool:

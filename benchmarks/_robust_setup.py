@@ -72,15 +72,17 @@ class Setup:
         net = timm.create_model(self.grid.model, num_classes=self.info.num_classes)
         return with_normalization(net, self.info.mean, self.info.std).to(self.device)
 
-    def train_loader(self) -> DataLoader:
-        """A fresh loader: the same batch order for every method of this seed."""
-        sampler = RandomSampler(self.train_set, generator=torch.Generator().manual_seed(self.seed))  # type: ignore[arg-type]
+    def train_loader(self, order: int | None = None) -> DataLoader:
+        """A fresh loader: the same batch order for every method of this seed (``order``: another one)."""
+        seed = self.seed if order is None else order
+        sampler = RandomSampler(self.train_set, generator=torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
         return DataLoader(self.train_set, batch_size=self.opts.batch_size, sampler=sampler)
 
-    def training_func(self) -> Callable[..., None]:
-        """A TorchEvaluator training function: passes over a fresh train loader, honouring max_steps
-        and max_epochs (max_steps alone runs as many epochs as it takes)."""
-        loader, device = self.train_loader(), self.device
+    def training_func(self, order: int | None = None) -> Callable[..., None]:
+        """A TorchEvaluator training function: passes over a fresh train loader (batch order
+        ``order``, default the seed's), honouring max_steps and max_epochs (max_steps alone runs as
+        many epochs as it takes)."""
+        loader, device = self.train_loader(order), self.device
 
         def training_func(model: nn.Module, optimizers: Any, training_step: Callable[..., torch.Tensor],
                           lr_schedulers: Any = None, max_steps: int | None = None, max_epochs: int | None = None) -> None:
@@ -111,7 +113,8 @@ class Setup:
         return TorchEvaluator(self.training_func(), optimizer, self.step, dummy_input=self.example)
 
     def adversarial_training(self, model: nn.Module, epochs: int, lr: float, ramp: float = 0.0,
-                             select_every: int = 0, optimizer_name: str = "sgd", keep_start: bool = False) -> int:
+                             select_every: int = 0, optimizer_name: str = "sgd", keep_start: bool = False,
+                             order: int | None = None) -> int:
         """PGD-AT: SGD (momentum 0.9) or Adam, weight decay 5e-4, cosine over ``epochs``. For training from scratch,
         eps grows linearly over the first ``ramp`` of the epochs, and with ``select_every > 0`` the
         model's PGD-10 accuracy on the first :data:`SELECT_SAMPLES` training images is measured every
@@ -119,14 +122,15 @@ class Setup:
         these radii, on this little data, PGD-AT from scratch sometimes collapses for a few epochs
         (clean accuracy near 60 %, robust near 5 %) depending on the seed, and may end in such a dip.
         ``keep_start`` also makes the model as it came in a candidate (fine-tuning after pruning can
-        fall into the same dip). Returns the number of epochs the kept model was trained for."""
+        fall into the same dip). ``order``: the batch order (:meth:`train_loader`). Returns the number
+        of epochs the kept model was trained for."""
         if epochs < 1:
             return 0
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = (torch.optim.Adam(params, lr=lr, weight_decay=5e-4) if optimizer_name == "adam" else
                      torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
-        train = self.training_func()
+        train = self.training_func(order)
         ramp_epochs = round(ramp * epochs)
         best: tuple[float, int, dict[str, torch.Tensor]] | None = None
         if select_every and keep_start:
@@ -152,14 +156,23 @@ class Setup:
         attack = replace(self.eval_attack, step_size=2.5 * self.opts.eps / 10, steps=10)
         return evaluate_robustness(model, [(x, y)], attack, autoattack=False).pgd
 
-    def finetune(self, model: nn.Module, row: Row) -> None:
+    def finetune(self, model: nn.Module, row: Row, repeat: int = 0) -> None:
         """Record the pruned model's clean and PGD-20 accuracy, then fine-tune it (PGD-AT,
-        ``--finetune-epochs``) keeping the best of it and its checkpoints (``--finetune-select-every``)."""
+        ``--finetune-epochs``) keeping the best of it and its checkpoints (``--finetune-select-every``).
+
+        ``repeat`` > 0 fine-tunes with its own randomness (``--finetune-repeats``): the global torch
+        seed (attack starts) and the batch order both ``1000 * repeat + seed``; repeat 0 continues
+        the cell's torch state with the seed's batch order."""
+        order = None
+        if repeat:
+            order = 1000 * repeat + self.seed
+            torch.manual_seed(order)
         model.eval()
         before = evaluate_robustness(model, self.test_batches, self.eval_attack, autoattack=False)
         row.pre_clean, row.pre_pgd20 = before.clean, before.pgd
         row.ft_epoch = self.adversarial_training(model, self.opts.finetune_epochs, self.opts.finetune_lr,
-                                                 select_every=self.opts.finetune_select_every, keep_start=True)
+                                                 select_every=self.opts.finetune_select_every, keep_start=True,
+                                                 order=order)
 
     def evaluate(self, model: nn.Module, row: Row) -> Row:
         """Clean and PGD-20 accuracy on the evaluation samples, AutoAttack (``opts.autoattack``) on

@@ -74,11 +74,12 @@ import logging
 import math
 import multiprocessing
 import os
+import statistics
 import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,28 +110,18 @@ def _sparse_flops_kept(model: nn.Module, masks: dict[str, dict[str, torch.Tensor
     return sum(flops[n] * float(masks[n]["weight"].float().mean()) if n in masks else flops[n] for n in names) / total
 
 
-def run_cell(setup: Setup, cache: Path, cell: Cell, prior: Row | None) -> Row:
-    """Prune the dense model with one method, fine-tune it (PGD-AT) and evaluate it."""
-    method: Method = METHODS[cell.method]
-    row = Row(cell.grid.model, cell.grid.image_size, cell.seed, cell.mode, cell.target, cell.method, cell.prune_epochs)
-    dense = setup.dense(cache)
-    model = copy.deepcopy(dense)
-    torch.manual_seed(cell.seed)
+def finetune_and_evaluate(setup: Setup, dense: nn.Module, model: nn.Module, small: nn.Module | None,
+                          masks: dict[str, dict[str, torch.Tensor]] | None, cell: Cell, row: Row, repeat: int) -> Row:
+    """Fine-tune a copy of the pruned model (``small``, or ``model`` under ``masks``) as repeat
+    ``repeat`` of ``--finetune-repeats``, then evaluate it into ``row``."""
     start = time.perf_counter()
-    pruned: Pruned = method.prune(setup, model, cell.mode, cell.target, cell.prune_epochs,
-                                  None if prior is None else prior.alloc)
-    row.prune_s = time.perf_counter() - start
-    row.rates, row.history, row.frozen_at = pruned.rates, pruned.history, pruned.frozen_at
-    start = time.perf_counter()
-    if pruned.small is not None:
-        small = pruned.small
-        setup.finetune(small, row)
+    if small is not None:
+        small = copy.deepcopy(small)
+        setup.finetune(small, row, repeat)
     else:
-        masks = {m: {p: t.to(setup.device) for p, t in d.items()} for m, d in (pruned.masks or {}).items()}
-        if cell.method == "harp":
-            row.alloc = allocation(masks, cell.mode, setup.structure)
+        model = copy.deepcopy(model)
         fix_masks(model, masks)
-        setup.finetune(model, row)
+        setup.finetune(model, row, repeat)
         release_masks(model)
         model.eval()
         if cell.mode == "structured":
@@ -149,7 +140,41 @@ def run_cell(setup: Setup, cache: Path, cell: Cell, prior: Row | None) -> Row:
     if cell.mode == "structured":
         row.kept_params = n_params(small) / n_params(dense)
         row.kept_flops = n_flops(small, setup.example) / n_flops(dense, setup.example)
-    setup.evaluate(small, row)
+    return setup.evaluate(small, row)
+
+
+def _mean_of(runs: list[Row]) -> Row:
+    """One row for several fine-tunings of one pruned model: accuracies averaged (each repeat's in
+    ``repeats``), times summed, the first repeat's kept epoch and note."""
+    row = replace(runs[0], repeats=[{k: getattr(r, k) for k in ("clean", "pgd20", "autoattack", "robust", "ft_epoch")}
+                                    for r in runs])
+    for key in ("clean", "pgd20", "autoattack", "robust"):
+        setattr(row, key, statistics.fmean(getattr(r, key) for r in runs))
+    row.finetune_s, row.eval_s = sum(r.finetune_s for r in runs), sum(r.eval_s for r in runs)
+    row.note = "; ".join(dict.fromkeys(r.note for r in runs if r.note))
+    return row
+
+
+def run_cell(setup: Setup, cache: Path, cell: Cell, prior: Row | None) -> Row:
+    """Prune the dense model with one method, fine-tune it (PGD-AT) and evaluate it."""
+    method: Method = METHODS[cell.method]
+    row = Row(cell.grid.model, cell.grid.image_size, cell.seed, cell.mode, cell.target, cell.method, cell.prune_epochs)
+    dense = setup.dense(cache)
+    model = copy.deepcopy(dense)
+    torch.manual_seed(cell.seed)
+    start = time.perf_counter()
+    pruned: Pruned = method.prune(setup, model, cell.mode, cell.target, cell.prune_epochs,
+                                  None if prior is None else prior.alloc)
+    row.prune_s = time.perf_counter() - start
+    row.rates, row.history, row.frozen_at = pruned.rates, pruned.history, pruned.frozen_at
+    masks = None
+    if pruned.small is None:
+        masks = {m: {p: t.to(setup.device) for p, t in d.items()} for m, d in (pruned.masks or {}).items()}
+        if cell.method == "harp":
+            row.alloc = allocation(masks, cell.mode, setup.structure)
+    runs = [finetune_and_evaluate(setup, dense, model, pruned.small, masks, cell, replace(row), repeat)
+            for repeat in range(setup.opts.finetune_repeats)]
+    row = runs[0] if len(runs) == 1 else _mean_of(runs)
     log.info("%s: robust %.3f in %.0f s (prune %.0f, fine-tune %.0f, eval %.0f)", cell.key, row.robust, row.seconds,
              row.prune_s, row.finetune_s, row.eval_s)
     return row
@@ -325,6 +350,9 @@ class Run:
             + (f"; the best of the pruned model and the checkpoints of every {o.finetune_select_every} epoch(s) by "
                f"PGD-10 on 256 training images is kept: 'FT epoch kept', 0 = the pruned model" if o.finetune_select_every
                else "; the last checkpoint") + "). "
+            + (f"Each pruned model is fine-tuned {o.finetune_repeats} times (its own attack randomness and batch "
+               "order each) and evaluated after each; a cell's numbers are the means of those. " if
+               o.finetune_repeats > 1 else "") +
             f"HARP and HYDRA (public API, default "
             f"settings) learn for {o.prune_epochs} pruning epochs with frozen weights; NNI MovementPruner fine-prunes "
             f"for the same number of epochs."),

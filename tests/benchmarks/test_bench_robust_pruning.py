@@ -130,3 +130,19 @@ def test_global_lamp_never_empties_a_layer(methods) -> None:
     assert int(lamp["2"]["weight"].sum()) >= 1 and int(glob["2"]["weight"].sum()) == 0
     total = sum(m.weight.numel() for m in model if isinstance(m, (nn.Conv2d, nn.Linear)))
     assert sum(int(v["weight"].sum()) for v in lamp.values()) == round(0.01 * total)
+
+
+def test_finetune_repeats_average_fine_tunings_whose_first_is_the_single_run(bench, tmp_path: Path) -> None:
+    base = [*TINY, "--seeds", "1", "--methods", "layer-mag", "--cache-dir", str(tmp_path / "cache")]
+    assert bench.main([*base, "--out", str(tmp_path / "once")]) == 0
+    assert bench.main([*base, "--finetune-repeats", "2", "--out", str(tmp_path / "twice")]) == 0
+    once = {r["method"]: r for r in json.loads((tmp_path / "once.json").read_text())["rows"]}["layer-mag"]
+    twice = {r["method"]: r for r in json.loads((tmp_path / "twice.json").read_text())["rows"]}["layer-mag"]
+    assert once["repeats"] == [] and len(twice["repeats"]) == 2
+    first = twice["repeats"][0]
+    assert {k: first[k] for k in ("clean", "pgd20", "autoattack", "robust")} == {
+        k: once[k] for k in ("clean", "pgd20", "autoattack", "robust")}  # repeat 0 is the cell without repeats
+    for key in ("clean", "pgd20", "autoattack", "robust"):
+        assert twice[key] == pytest.approx(sum(r[key] for r in twice["repeats"]) / 2)
+    assert all(r["robust"] == min(r["pgd20"], r["autoattack"]) for r in twice["repeats"])
+    assert "fine-tuned 2 times" in (tmp_path / "twice.md").read_text()
