@@ -2,23 +2,14 @@
 every fine-tuning's PGD-20 with the spreads it names."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-_BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from _bench_loader import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def noise():
-    sys.path.insert(0, str(_BENCH))
-    spec = importlib.util.spec_from_file_location("bench_finetune_noise", _BENCH / "finetune_noise.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(_BENCH))
+    with benchmark_module("finetune_noise.py") as module:
+        yield module
 
 
 @pytest.mark.parametrize(("argv", "needle"), [

@@ -2,23 +2,14 @@
 every run and the per-variant mean ± std of the PGD-20 accuracy after fine-tuning."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-_BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from _bench_loader import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def ab():
-    sys.path.insert(0, str(_BENCH))
-    spec = importlib.util.spec_from_file_location("bench_harp_settings_ab", _BENCH / "harp_settings_ab.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(_BENCH))
+    with benchmark_module("harp_settings_ab.py") as module:
+        yield module
 
 
 @pytest.mark.parametrize("variant", ["{not json", '{"gamma_0": -1}', '{"no_such_setting": 1}'])

@@ -3,7 +3,6 @@ HARP and the allocation ablation through the job scheduler, the cache, the table
 pruning helpers on their own."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
@@ -11,20 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from _bench_loader import benchmark_module
 from torch import nn
 
-_BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 _CELL = r"\d+\.\d ± \d+\.\d"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_robust_pruning", _BENCH / "robust_pruning.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through it
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_module("robust_pruning.py") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

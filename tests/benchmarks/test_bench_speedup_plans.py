@@ -2,23 +2,17 @@
 removes more activation traffic than the uniform one at the same FLOPs."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from _bench_loader import benchmark_module
 
 import graph_passes as gp
-
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "speedup.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_speedup", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    with benchmark_module("speedup.py") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")
