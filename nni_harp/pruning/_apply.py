@@ -3,11 +3,13 @@
 NNI's ``ModuleWrapper`` multiplies each pruning target by ``pruning_apply_methods[name](target,
 target_space)``. While HARP prunes, the targets it controls use ``'harp_mul'``, which asks the
 wrapper's registered masker for a differentiable straight-through mask; without a masker (before
-installation, after pruning) it multiplies by the stored 0/1 mask like NNI's ``'mul'``.
+installation, after pruning) it multiplies by the stored 0/1 mask like NNI's ``'mul'``. The wrapper
+holds its masker itself, so the wrapped model masks as long as it is wrapped, whether or not the
+pruner object is still referenced (it used to depend on when the garbage collector found a dropped
+pruner).
 """
 from __future__ import annotations
 
-import weakref
 from typing import Callable
 
 import torch
@@ -22,22 +24,22 @@ APPLY_METHOD = "harp_mul"
 
 # masker(target_name, target) -> differentiable mask broadcastable to target, or None: use the stored mask
 Masker = Callable[[str, Tensor], "Tensor | None"]
-_MASKERS: "weakref.WeakKeyDictionary[nn.Module, Masker]" = weakref.WeakKeyDictionary()
+_MASKER_ATTR = "_harp_masker"  # in the wrapper's __dict__
 
 
 def _harp_mul(target: Tensor, target_space: PruningTargetSpace) -> Tensor:
-    masker = _MASKERS.get(target_space._wrapper)
+    masker = target_space._wrapper.__dict__.get(_MASKER_ATTR)
     mask = masker(target_space._target_name, target) if masker is not None else None
     return torch.mul(target, target_space.mask if mask is None else mask)
 
 
 def set_masker(wrapper: nn.Module, masker: Masker) -> None:
-    """Route ``wrapper``'s ``'harp_mul'`` targets through ``masker`` (held weakly by wrapper)."""
-    _MASKERS[wrapper] = masker
+    """Route ``wrapper``'s ``'harp_mul'`` targets through ``masker`` (held by the wrapper)."""
+    wrapper.__dict__[_MASKER_ATTR] = masker
 
 
 def clear_masker(wrapper: nn.Module) -> None:
-    _MASKERS.pop(wrapper, None)
+    wrapper.__dict__.pop(_MASKER_ATTR, None)
 
 
 pruning_apply_methods.setdefault(APPLY_METHOD, _harp_mul)

@@ -2,8 +2,8 @@
 and HYDRA (the same scores and straight-through masks, rates fixed at the target) beside it."""
 from __future__ import annotations
 
+import functools
 import logging
-import weakref
 from typing import Any, Callable, Mapping
 
 import torch
@@ -176,13 +176,8 @@ class HARPPruner(Pruner):
             set_masker(wrapper, self._masker_for(module))
 
     def _masker_for(self, module: str) -> Callable[[str, Tensor], Tensor | None]:
-        ref = weakref.ref(self)
-
-        def masker(target_name: str, target: Tensor) -> Tensor | None:
-            pruner = ref()
-            return None if pruner is None else pruner._masking.soft_mask(module, target_name, target)
-
-        return masker
+        # the masking, not the pruner: the wrapped model does not keep the pruner alive
+        return functools.partial(self._masking.soft_mask, module)
 
     # ------------------------------------------------------------------ reporting
     @property
