@@ -9,8 +9,10 @@ Common to every attack here:
 
 - the model runs in eval mode during the attack; every submodule's own train/eval flag is restored
   afterwards (so BatchNorm statistics are neither used from the batch nor updated);
-- gradients are taken with respect to the input only (``torch.autograd.grad``), so no ``.grad`` of
-  a parameter is created or changed;
+- gradients are taken with respect to the input only (``torch.autograd.grad``), with every
+  parameter frozen meanwhile (``requires_grad`` restored afterwards), so no ``.grad`` of a
+  parameter is created or changed and no graph is recorded for the parameters (a pruner's masked
+  weights are then constants it can reuse across the attack's steps);
 - the returned tensor is detached and lies in ``[0, 1]``.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._model_state import eval_mode, unwrap_parallel
+from ._model_state import eval_mode, frozen_parameters, unwrap_parallel
 from .config import AttackConfig
 from .errors import AttackConfigError, InputError
 
@@ -141,7 +143,7 @@ def projected_gradient_ascent(
     else:
         delta = torch.zeros_like(x)
     delta = _project(delta, x, config)
-    with eval_mode(net), torch.enable_grad():
+    with eval_mode(net), frozen_parameters(net), torch.enable_grad():
         for _ in range(config.steps):
             delta.requires_grad_(True)
             value = objective(logits_of(net, x + delta))
@@ -176,7 +178,7 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
     check_inputs(x, y)
     net = unwrap_parallel(model)
     x = x.detach()
-    with eval_mode(net), torch.enable_grad():
+    with eval_mode(net), frozen_parameters(net), torch.enable_grad():
         x_var = x.clone().requires_grad_(True)
         loss = F.cross_entropy(logits_of(net, x_var), y.detach(), reduction="sum")
         (grad,) = torch.autograd.grad(loss, x_var)

@@ -2,11 +2,11 @@
 
 NNI's ``ModuleWrapper`` multiplies each pruning target by ``pruning_apply_methods[name](target,
 target_space)``. While HARP prunes, the targets it controls use ``'harp_mul'``, which asks the
-wrapper's registered masker for a differentiable straight-through mask; without a masker (before
-installation, after pruning) it multiplies by the stored 0/1 mask like NNI's ``'mul'``. The wrapper
-holds its masker itself, so the wrapped model masks as long as it is wrapped, whether or not the
-pruner object is still referenced (it used to depend on when the garbage collector found a dropped
-pruner).
+wrapper's registered masker for the target times a differentiable straight-through mask; without
+a masker (before installation, after pruning), or where the masker leaves a target alone, it
+multiplies by the stored 0/1 mask like NNI's ``'mul'``. The wrapper holds its masker itself, so the
+wrapped model masks as long as it is wrapped, whether or not the pruner object is still referenced
+(it used to depend on when the garbage collector found a dropped pruner).
 """
 from __future__ import annotations
 
@@ -22,15 +22,15 @@ __all__ = ["APPLY_METHOD", "Masker", "set_masker", "clear_masker"]
 
 APPLY_METHOD = "harp_mul"
 
-# masker(target_name, target) -> differentiable mask broadcastable to target, or None: use the stored mask
+# masker(target_name, target) -> target times its differentiable mask, or None: use the stored mask
 Masker = Callable[[str, Tensor], "Tensor | None"]
 _MASKER_ATTR = "_harp_masker"  # in the wrapper's __dict__
 
 
 def _harp_mul(target: Tensor, target_space: PruningTargetSpace) -> Tensor:
     masker = target_space._wrapper.__dict__.get(_MASKER_ATTR)
-    mask = masker(target_space._target_name, target) if masker is not None else None
-    return torch.mul(target, target_space.mask if mask is None else mask)
+    masked = masker(target_space._target_name, target) if masker is not None else None
+    return torch.mul(target, target_space.mask) if masked is None else masked
 
 
 def set_masker(wrapper: nn.Module, masker: Masker) -> None:

@@ -178,6 +178,7 @@ def finalize(pruner: HARPPruner) -> None:
     """Fix the final masks (see the module docstring)."""
     counts = _apply_final_counts(pruner)
     _write_masks(pruner)
+    pruner._masking.clear()
     pruner._final_counts = counts
     for module in pruner._masking.targets():
         wrapper = pruner._module_wrappers[module]

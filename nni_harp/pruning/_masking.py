@@ -1,22 +1,28 @@
 """How HARP's units meet the model's parameters: unstructured (one unit per weight tensor) and
 structured (one unit per coupled channel group) masking behind one interface.
 
-A strategy names the parameters HARP routes through its apply method (``targets``), gives the
-differentiable mask of a parameter while HARP learns (``soft_mask``; ``None``: leave it alone)
-and the final 0/1 mask once the rates are fixed (``final_mask``).
+A strategy names the parameters HARP routes through its apply method (``targets``), gives a
+parameter with its mask applied while HARP learns (``masked``: straight-through gradients to the
+scores and rates when a gradient can flow; ``None``: leave it alone) and the final 0/1 mask once
+the rates are fixed (``final_mask``).
+
+Where no gradient can reach the scores, rates or the parameter (an attack's forward passes, which
+freeze every parameter; ``torch.no_grad``), the masked parameter is a constant: it is computed
+once and reused (:class:`ProductCache`) until the parameter or a hard mask it is built from changes.
 """
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Mapping, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
+from ._ste import given_product, masked_straight_through
 from ._structure import MaskFactor, factor_mask, learning_factors
 from ._units import ScoreUnit
 
-__all__ = ["Masking", "UnstructuredMasking", "StructuredMasking"]
+__all__ = ["Masking", "UnstructuredMasking", "StructuredMasking", "ProductCache"]
 
 
 class Masking(Protocol):
@@ -24,8 +30,8 @@ class Masking(Protocol):
         """``{module: {param, ...}}``: every parameter HARP masks (bound-model module names)."""
         ...
 
-    def soft_mask(self, module: str, param: str, like: Tensor) -> Tensor | None:
-        """The mask of ``module.param`` while learning, with straight-through gradients."""
+    def masked(self, module: str, param: str, target: Tensor) -> Tensor | None:
+        """``module.param`` (``target``) times its mask while learning, with straight-through gradients."""
         ...
 
     def final_mask(self, module: str, param: str, like: Tensor) -> Tensor | None:
@@ -36,6 +42,46 @@ class Masking(Protocol):
         """Move index tensors next to the scores."""
         ...
 
+    def clear(self) -> None:
+        """Drop the cached products (pruning ended)."""
+        ...
+
+
+def _stamp(tensor: Tensor) -> tuple[object, ...]:
+    return (tensor, tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device)
+
+
+class ProductCache:
+    """Masked parameters that carry no gradient, per ``(module, param)``, reused while the parameter
+    and the hard masks they were computed from are the same tensors, unchanged (same storage, same
+    version counter: every in-place update, an optimizer step or a mask refresh, bumps it)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], tuple[list[tuple[object, ...]], Tensor]] = {}
+
+    def product(self, key: tuple[str, str], sources: Iterable[Tensor], compute: Callable[[], Tensor]) -> Tensor:
+        if torch.is_inference_mode_enabled():  # an inference tensor cannot be saved for a later backward
+            with torch.no_grad():
+                return compute()
+        stamps = [_stamp(t) for t in sources]
+        hit = self._entries.get(key)
+        if hit is not None and len(hit[0]) == len(stamps) and all(
+                a[0] is b[0] and a[1:] == b[1:] for a, b in zip(hit[0], stamps)):
+            return hit[1]
+        with torch.no_grad():
+            value = compute()
+        self._entries[key] = (stamps, value)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def _needs_graph(target: Tensor, units: Iterable[ScoreUnit]) -> bool:
+    """Whether a gradient can flow from the masked ``target`` to it, or to the units' scores or rates."""
+    return torch.is_grad_enabled() and (
+        target.requires_grad or any(u.scores.requires_grad or u.rate.requires_grad for u in units))
+
 
 class UnstructuredMasking:
     """Each unit masks one layer's weight entry by entry."""
@@ -43,14 +89,21 @@ class UnstructuredMasking:
     def __init__(self, units: Sequence[ScoreUnit], modules: Sequence[str]) -> None:
         self.units = units
         self.unit_of = {module: i for i, module in enumerate(modules)}
+        self.cache = ProductCache()
 
     def targets(self) -> dict[str, set[str]]:
         return {module: {"weight"} for module in self.unit_of}
 
-    def soft_mask(self, module: str, param: str, like: Tensor) -> Tensor | None:
+    def masked(self, module: str, param: str, target: Tensor) -> Tensor | None:
         if param != "weight" or module not in self.unit_of:
             return None
-        return self.units[self.unit_of[module]].soft_mask().view_as(like).to(like.dtype)
+        unit = self.units[self.unit_of[module]]
+        hard = unit.hard
+        product = self.cache.product((module, param), (target, hard),
+                                     lambda: torch.mul(target, hard.view_as(target).to(target.dtype)))
+        if not _needs_graph(target, (unit,)):
+            return product
+        return masked_straight_through(target, unit.scores, unit.keep(), hard, product)
 
     def final_mask(self, module: str, param: str, like: Tensor) -> Tensor | None:
         if param != "weight" or module not in self.unit_of:
@@ -59,6 +112,9 @@ class UnstructuredMasking:
 
     def to(self, device: torch.device) -> None:
         pass
+
+    def clear(self) -> None:
+        self.cache.clear()
 
 
 Factors = Mapping[str, Mapping[str, Sequence[MaskFactor]]]
@@ -81,15 +137,21 @@ class StructuredMasking:
         self.units = units
         self.factors = _moved(factors, torch.device("cpu"))
         self.learning = learning_factors(self.factors)
+        self.cache = ProductCache()
 
     def targets(self) -> dict[str, set[str]]:
         return {module: set(params) for module, params in self.factors.items()}
 
-    def soft_mask(self, module: str, param: str, like: Tensor) -> Tensor | None:
+    def masked(self, module: str, param: str, target: Tensor) -> Tensor | None:
         items = self.learning.get(module, {}).get(param)
         if not items:
             return None
-        return factor_mask(items, {f.unit: self.units[f.unit].soft_mask() for f in items}, like)
+        units = {f.unit: self.units[f.unit] for f in items}
+        product = self.cache.product((module, param), (target, *(u.hard for u in units.values())),
+                                     lambda: torch.mul(target, factor_mask(items, {i: u.hard for i, u in units.items()}, target)))
+        if not _needs_graph(target, units.values()):
+            return product
+        return given_product(target, factor_mask(items, {i: u.soft_mask() for i, u in units.items()}, target), product)
 
     def final_mask(self, module: str, param: str, like: Tensor) -> Tensor | None:
         items = self.factors.get(module, {}).get(param)
@@ -100,3 +162,7 @@ class StructuredMasking:
     def to(self, device: torch.device) -> None:
         self.factors = _moved(self.factors, device)
         self.learning = learning_factors(self.factors)
+        self.cache.clear()
+
+    def clear(self) -> None:
+        self.cache.clear()

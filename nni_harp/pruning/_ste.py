@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["keep_from_rate", "rate_for_keep", "keep_count", "topk_mask", "straight_through_mask"]
+__all__ = ["keep_from_rate", "rate_for_keep", "keep_count", "topk_mask", "fill_topk", "straight_through_mask",
+           "masked_straight_through", "given_product"]
 
 _EPS = 1e-6
 
@@ -50,12 +51,19 @@ def keep_count(keep: float, n: int) -> int:
 @torch.no_grad()
 def topk_mask(scores_abs: Tensor, count: int) -> Tensor:
     """A float 0/1 tensor shaped like ``scores_abs`` with ones at its ``count`` largest entries."""
+    mask = torch.empty_like(scores_abs, dtype=torch.float32)
+    fill_topk(mask, scores_abs, count)
+    return mask
+
+
+@torch.no_grad()
+def fill_topk(out: Tensor, scores_abs: Tensor, count: int) -> None:
+    """Write :func:`topk_mask` into ``out`` (a contiguous float tensor shaped like ``scores_abs``)."""
     flat = scores_abs.detach().reshape(-1)
     count = int(min(max(count, 0), flat.numel()))
-    mask = torch.zeros_like(flat, dtype=torch.float32)
+    out.zero_()
     if count > 0:
-        mask[torch.topk(flat, count, sorted=False).indices] = 1.0
-    return mask.view_as(scores_abs)
+        out.view(-1).index_fill_(0, torch.topk(flat, count, sorted=False).indices, 1.0)
 
 
 class _TopKStraightThrough(torch.autograd.Function):
@@ -77,3 +85,67 @@ def straight_through_mask(scores_abs: Tensor, keep: Tensor, hard: Tensor) -> Ten
     if hard.shape != scores_abs.shape:
         raise ValueError(f"hard mask of shape {tuple(hard.shape)} does not match scores of shape {tuple(scores_abs.shape)}")
     return _TopKStraightThrough.apply(scores_abs, keep, hard)
+
+
+class _MaskedStraightThrough(torch.autograd.Function):
+    """``target * straight_through_mask(|scores|, keep, hard)`` in one node, forward value given.
+
+    Gradients as the unfused chain gives them, operation for operation (so bit for bit): the mask
+    gets ``g * target`` (mul's backward), ``keep`` its sum, ``scores`` that times ``sgn(scores)``
+    (abs's backward), ``target`` ``g * mask``."""
+
+    @staticmethod
+    def forward(ctx: Any, target: Tensor, scores: Tensor, keep: Tensor, hard: Tensor,  # type: ignore[override]
+                product: Tensor) -> Tensor:
+        ctx.keep_shape = keep.shape
+        ctx.save_for_backward(target, scores, hard if ctx.needs_input_grad[0] else None)
+        return product.detach()  # a new tensor object: autograd's grad_fn must not stick to the caller's
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
+        target, scores, hard = ctx.saved_tensors
+        g_target = grad * hard.view_as(grad).to(grad.dtype) if ctx.needs_input_grad[0] else None
+        g_scores = g_keep = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            g_mask = (grad * target).view_as(scores).to(scores.dtype)
+            if ctx.needs_input_grad[2]:
+                g_keep = g_mask.sum().reshape(ctx.keep_shape)
+            if ctx.needs_input_grad[1]:
+                g_scores = g_mask * scores.sgn()
+        return g_target, g_scores, g_keep, None, None
+
+
+def masked_straight_through(target: Tensor, scores: Tensor, keep: Tensor, hard: Tensor, product: Tensor) -> Tensor:
+    """``target * straight_through_mask(scores.abs(), keep, hard).view_as(target)``, whose value
+    ``product`` (``target * hard``) the caller computed: the same value and gradients, without
+    the ``|scores|``, mask and product temporaries."""
+    if hard.shape != scores.shape or product.shape != target.shape:
+        raise ValueError(f"hard mask {tuple(hard.shape)}, scores {tuple(scores.shape)}, product {tuple(product.shape)} "
+                         f"and target {tuple(target.shape)} do not match")
+    return _MaskedStraightThrough.apply(target, scores, keep, hard, product)
+
+
+class _GivenProduct(torch.autograd.Function):
+    """``torch.mul(target, mask)`` whose value ``product`` the caller computed; ``mask`` may
+    broadcast. Gradients as mul's: ``g * mask`` and ``g * target`` summed to ``mask``'s shape."""
+
+    @staticmethod
+    def forward(ctx: Any, target: Tensor, mask: Tensor, product: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(target if ctx.needs_input_grad[1] else None, mask if ctx.needs_input_grad[0] else None)
+        ctx.mask_shape = mask.shape
+        return product.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        target, mask = ctx.saved_tensors
+        g_target = grad * mask if ctx.needs_input_grad[0] else None
+        g_mask = (grad * target).sum_to_size(ctx.mask_shape) if ctx.needs_input_grad[1] else None
+        return g_target, g_mask, None
+
+
+def given_product(target: Tensor, mask: Tensor, product: Tensor) -> Tensor:
+    """``torch.mul(target, mask)`` (same value and gradients), its value ``product`` given."""
+    if product.shape != target.shape or torch.broadcast_shapes(target.shape, mask.shape) != target.shape:
+        raise ValueError(f"mask {tuple(mask.shape)} and product {tuple(product.shape)} do not fit target "
+                         f"{tuple(target.shape)}")
+    return _GivenProduct.apply(target, mask, product)

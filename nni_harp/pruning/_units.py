@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._ste import START_MARGIN, keep_count, keep_from_rate, rate_for_keep, straight_through_mask, topk_mask
+from ._ste import START_MARGIN, fill_topk, keep_count, keep_from_rate, rate_for_keep, straight_through_mask
 
 __all__ = ["ScoreUnit", "hydra_scores"]
 
@@ -93,7 +93,7 @@ class ScoreUnit:
     def refresh(self, count: int | None = None) -> None:
         """Recompute the hard mask: the top ``count`` (default: the rate's count) of ``|scores|``."""
         count = self.target_count() if count is None else int(count)
-        self.hard.copy_(topk_mask(self.scores.abs(), count))
+        fill_topk(self.hard, self.scores.abs(), count)
 
     @torch.no_grad()
     def set_keep(self, keep: float) -> None:

@@ -177,7 +177,7 @@ class HARPPruner(Pruner):
 
     def _masker_for(self, module: str) -> Callable[[str, Tensor], Tensor | None]:
         # the masking, not the pruner: the wrapped model does not keep the pruner alive
-        return functools.partial(self._masking.soft_mask, module)
+        return functools.partial(self._masking.masked, module)
 
     # ------------------------------------------------------------------ reporting
     @property

@@ -5,14 +5,93 @@ from __future__ import annotations
 import gc
 
 import nni
+import pytest
 import torch
+import torch.nn.functional as F
 from nni.compression import TorchEvaluator
 
+from nni_harp.adversarial import AttackConfig, pgd
 from nni_harp.pruning import HARPPruner
+from nni_harp.pruning._masking import ProductCache
+from nni_harp.pruning._ste import fill_topk, given_product, masked_straight_through, straight_through_mask, topk_mask
 
 from _pruning_helpers import tiny_cnn
 
 UNSTRUCTURED = [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": 0.8}]
+
+
+def _plain_topk(values: torch.Tensor, count: int) -> torch.Tensor:
+    mask = torch.zeros(values.numel())
+    mask[torch.topk(values.reshape(-1), count, sorted=False).indices] = 1.0
+    return mask.view_as(values)
+
+
+@pytest.mark.parametrize("fraction", [1e-6, 0.03, 0.1, 0.27, 0.5, 0.51, 0.9, 0.999, 1.0])
+@pytest.mark.parametrize("shape", [(64, 64, 3, 3), (1536, 128), (100, 7)])
+def test_fill_topk_selects_what_one_topk_selects(shape: tuple[int, ...], fraction: float) -> None:
+    values = torch.randn(shape, generator=torch.Generator().manual_seed(0)).abs()
+    count = max(1, round(fraction * values.numel()))
+    out = torch.full(shape, 7.0)
+    fill_topk(out, values, count)
+    assert torch.equal(out, _plain_topk(values, count))
+    assert torch.equal(topk_mask(values, count), out)
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_masked_straight_through_matches_the_unfused_chain_bit_for_bit(weight_grad: bool) -> None:
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(6, 5, 3, generator=gen).requires_grad_(weight_grad)
+    coeff = torch.randn(6, 5, 3, generator=gen)
+    grads = []
+    for fused in (False, True):
+        scores = torch.randn(6, 5, 3, generator=torch.Generator().manual_seed(3))
+        scores[0, 0, 0] = 0.0
+        scores.requires_grad_(True)
+        rate = torch.tensor(0.4, requires_grad=True)
+        keep = 0.1 + 0.9 * torch.sigmoid(rate)
+        hard = topk_mask(scores.abs(), 40)
+        if fused:
+            out = masked_straight_through(weight, scores, keep, hard, torch.mul(weight.detach(), hard))
+        else:
+            out = torch.mul(weight, straight_through_mask(scores.abs(), keep, hard))
+        (coeff * out).sum().backward()
+        grads.append((out.detach(), scores.grad, rate.grad, None if weight.grad is None else weight.grad.clone()))
+        weight.grad = None
+    for a, b in zip(*grads):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_given_product_matches_mul_with_a_broadcast_mask_bit_for_bit() -> None:
+    gen = torch.Generator().manual_seed(4)
+    target = torch.randn(8, 6, 3, 3, generator=gen, requires_grad=True)
+    coeff = torch.randn(8, 6, 3, 3, generator=gen)
+    results = []
+    for fused in (False, True):
+        channels = torch.rand(6, generator=torch.Generator().manual_seed(5)).round().requires_grad_(True)
+        mask = channels.view(1, 6, 1, 1)
+        out = given_product(target, mask, torch.mul(target, mask).detach()) if fused else torch.mul(target, mask)
+        (coeff * out).sum().backward()
+        results.append((out.detach(), channels.grad, target.grad.clone()))
+        target.grad = None
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_product_cache_reuses_until_a_source_changes() -> None:
+    cache, calls = ProductCache(), []
+    weight, hard = torch.randn(4, 4), torch.ones(4, 4)
+
+    def compute() -> torch.Tensor:
+        calls.append(1)
+        return weight * hard
+
+    first = cache.product(("m", "weight"), (weight, hard), compute)
+    assert cache.product(("m", "weight"), (weight, hard), compute) is first and len(calls) == 1
+    hard[0, 0] = 0.0  # an in-place change (a mask refresh, an optimizer step) bumps the version
+    assert float(cache.product(("m", "weight"), (weight, hard), compute)[0, 0]) == 0.0 and len(calls) == 2
+    with torch.inference_mode():  # never cached: an inference tensor could not be saved for backward later
+        cache.product(("m", "weight"), (weight, hard), compute)
+    assert len(calls) == 3
 
 
 def _pruned_cnn() -> tuple[torch.nn.Module, HARPPruner]:
@@ -30,3 +109,20 @@ def test_wrapped_model_masks_whether_or_not_the_pruner_is_still_referenced() -> 
     del pruner
     gc.collect()
     assert torch.equal(model(x), masked)
+
+
+def test_attack_runs_with_frozen_parameters_and_reuses_the_masked_weights() -> None:
+    model, pruner = _pruned_cnn()
+    model.eval()
+    x, y = torch.rand(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    weights: list[torch.Tensor] = []
+    model[0].register_forward_hook(lambda m, args, out: weights.append(m.weight))  # the masked weight NNI set
+    pgd(model, x, y, AttackConfig(steps=3))
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert not any(p.grad is not None for p in model.parameters())
+    # every attack step's forward uses one cached masked weight, which carries no graph
+    assert len(weights) == 3 and all(w is weights[0] for w in weights) and not weights[0].requires_grad
+    # outside the attack the masked weight carries the straight-through gradient again
+    F.cross_entropy(model(x), y).backward()
+    assert pruner._units[0].scores.grad is not None
