@@ -7,6 +7,11 @@ a masker (before installation, after pruning), or where the masker leaves a targ
 multiplies by the stored 0/1 mask like NNI's ``'mul'``. The wrapper holds its masker itself, so the
 wrapped model masks as long as it is wrapped, whether or not the pruner object is still referenced
 (it used to depend on when the garbage collector found a dropped pruner).
+
+NNI's target space answers ``apply_method`` from a deep copy of its whole setting (the config
+list entry, about 5 us), and the wrapper asks twice per target per forward pass: on test_resnet
+about 2 ms of a 60 ms pruning step. :func:`quick_apply_method` gives HARP's wrappers target
+spaces that read the one field instead.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from torch import Tensor, nn
 from nni.compression.base.apply_method import pruning_apply_methods
 from nni.compression.base.target_space import PruningTargetSpace
 
-__all__ = ["APPLY_METHOD", "Masker", "set_masker", "clear_masker"]
+__all__ = ["APPLY_METHOD", "Masker", "set_masker", "clear_masker", "quick_apply_method"]
 
 APPLY_METHOD = "harp_mul"
 
@@ -40,6 +45,25 @@ def set_masker(wrapper: nn.Module, masker: Masker) -> None:
 
 def clear_masker(wrapper: nn.Module) -> None:
     wrapper.__dict__.pop(_MASKER_ATTR, None)
+
+
+class _QuickTargetSpace(PruningTargetSpace):
+    """NNI's pruning target space whose ``apply_method`` reads its setting without copying it."""
+
+    @property
+    def apply_method(self) -> str:
+        return self._setting.get("apply_method") or "mul"  # NNI's rule, without deepcopy(self._setting)
+
+    @apply_method.setter
+    def apply_method(self, val: str) -> None:
+        self._setting["apply_method"] = val
+
+
+def quick_apply_method(wrapper: nn.Module) -> None:
+    """Give ``wrapper``'s pruning target spaces the ``apply_method`` of :class:`_QuickTargetSpace`."""
+    for space in wrapper.pruning_target_spaces.values():
+        if type(space) is PruningTargetSpace:
+            space.__class__ = _QuickTargetSpace
 
 
 pruning_apply_methods.setdefault(APPLY_METHOD, _harp_mul)
