@@ -13,7 +13,14 @@ from nni.compression import TorchEvaluator
 from nni_harp.adversarial import AttackConfig, pgd
 from nni_harp.pruning import HARPPruner
 from nni_harp.pruning._masking import ProductCache
-from nni_harp.pruning._ste import fill_topk, given_product, masked_straight_through, straight_through_mask, topk_mask
+from nni_harp.pruning._ste import (
+    BAND_MIN_SIZE,
+    fill_topk,
+    given_product,
+    masked_straight_through,
+    straight_through_mask,
+    topk_mask,
+)
 
 from _pruning_helpers import tiny_cnn
 
@@ -35,6 +42,18 @@ def test_fill_topk_selects_what_one_topk_selects(shape: tuple[int, ...], fractio
     fill_topk(out, values, count)
     assert torch.equal(out, _plain_topk(values, count))
     assert torch.equal(topk_mask(values, count), out)
+
+
+def test_fill_topk_falls_back_where_the_sample_misleads() -> None:
+    # sorted entries make the strided sample's threshold exact, NaN makes the band test unusable
+    ordered = torch.arange(4 * BAND_MIN_SIZE, dtype=torch.float32)
+    out = torch.empty_like(ordered)
+    fill_topk(out, ordered, 5000)
+    assert torch.equal(out, _plain_topk(ordered, 5000))
+    with_nan = torch.rand(2 * BAND_MIN_SIZE, generator=torch.Generator().manual_seed(1))
+    with_nan[5] = float("nan")
+    fill_topk(out[: with_nan.numel()], with_nan, 3000)
+    assert torch.equal(out[: with_nan.numel()], _plain_topk(with_nan, 3000))
 
 
 @pytest.mark.parametrize("weight_grad", [False, True])
