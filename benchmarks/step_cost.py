@@ -10,7 +10,8 @@ and options) and driven through NNI's ``TorchEvaluator`` (patched loss and optim
 pruner's own optimizers and mask refresh). Both steps run inside the evaluator's training function,
 alternately (``speedup.paired_latency``), so a slow phase of a shared machine hits both alike.
 
-Analysis: ``graph_passes.channel_groups`` + ``graph_passes.cost`` against Torch-Pruning's
+Analysis: ``graph_passes.channel_groups`` + ``graph_passes.cost`` on one trace (``analysis_for``,
+as structured HARP calls them: ``nni_harp.pruning._plan.channel_structure``) against Torch-Pruning's
 ``DependencyGraph().build_dependency`` + ``get_all_groups`` (and ``count_ops_and_params``, its
 FLOPs count), same model and input, alternately. Writes ``results/step_cost.md`` and ``.json``.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import statistics
 import sys
 import time
@@ -35,14 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-import graph_passes as gp  # noqa: E402
 from _common import RESULTS, write_atomic  # noqa: E402
 from speedup import keep_heap  # noqa: E402
 
 from nni_harp.loading import create_model  # noqa: E402
 from nni_harp.pipeline.config import PipelineConfig  # noqa: E402
 from nni_harp.pipeline.stages._pruning import pruner_config_list  # noqa: E402
-from nni_harp.pipeline.training import adversarial_loss, make_training_step, sgd  # noqa: E402
+from nni_harp.pipeline.training import make_training_step, sgd  # noqa: E402
+from nni_harp.pruning._plan import channel_structure  # noqa: E402
 from nni_harp.registry import PruneRequest, get_pruner  # noqa: E402
 
 MODELS = ["test_resnet", "resnet18", "vit_small_patch16_224"]
@@ -103,7 +105,7 @@ def step_row(name: str, pruner: str, mode: str, batch: int, reps: int) -> dict[s
         out.update(paired(plain_step, pruner_step, reps))
 
     optimizer = sgd(model.parameters(), cfg.prune_lr, 0.0, traced=True)
-    evaluator = TorchEvaluator(training, optimizer, make_training_step(SimpleNamespace(config=cfg)), dummy_input=x[:1])
+    evaluator = TorchEvaluator(training, optimizer, step, dummy_input=x[:1])
     options: dict[str, Any] = {"score_lr": cfg.prune_lr}
     if spec.learns_rates:
         options.update(gamma_0=cfg.gamma_0, init_allocation=cfg.init_allocation, init_keep=cfg.init_keep)
@@ -125,7 +127,7 @@ def dg_row(name: str, reps: int) -> dict[str, Any]:
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
     x = torch.randn(1, 3, 224, 224)
-    ours = lambda: gp.cost(model, x, gp.channel_groups(model, x))  # noqa: E731
+    ours = lambda: channel_structure(model, x)  # noqa: E731 - groups + cost on one trace, as structured HARP calls them
     groups = lambda: list(tp.DependencyGraph().build_dependency(model, example_inputs=x).get_all_groups())  # noqa: E731
     t = paired(ours, groups, reps, warmup=1)
     t_ours, t_dg, m_ours, m_dg = min(t["a"]), min(t["b"]), statistics.median(t["a"]), statistics.median(t["b"])
@@ -150,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", type=Path, default=RESULTS / "step_cost.md")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
+    logging.getLogger("nni_harp").setLevel(logging.ERROR)  # one pruning epoch never meets the target: no news
     args.kept_heap = keep_heap()
     torch.set_num_threads(args.threads)
     steps, dgs = [], []
@@ -208,7 +211,8 @@ def render(steps: list[dict], dgs: list[dict], args: argparse.Namespace) -> str:
             "",
             "## Channel analysis against Torch-Pruning",
             "",
-            "`graph_passes.channel_groups(model, x)` + `graph_passes.cost(model, x, groups)` against Torch-Pruning's "
+            "`graph_passes.channel_groups` + `graph_passes.cost` on one trace (`analysis_for`; structured HARP's "
+            "`channel_structure`) against Torch-Pruning's "
             "`DependencyGraph().build_dependency(model, example_inputs=x)` + `get_all_groups()`, alternately, and "
             "`tp.utils.count_ops_and_params(model, x)` (its FLOPs count, the counterpart of `cost`) after them; timm, "
             f"random weights, 224 px, batch 1, {dgs[0]['reps']} repetitions, min. Goal: ours no slower than "
