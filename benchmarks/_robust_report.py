@@ -172,4 +172,22 @@ def render(header: Sequence[str], rows: Sequence[Row], prune_epochs: int) -> str
                     f"{mean_std(s['min'], digits=1)} | {mean_std(s['max'], digits=1)} | "
                     f"{mean_std(s['spread'], digits=1)} | {mean_std(s['start_kept'])}{target} | "
                     f"{_epochs(s['first_met'])} | {_epochs(s['frozen_at'])} |")
+        repeated = [k for k in keys if any(r.repeats for r in groups[k])]
+        if repeated:
+            lines += ["", f"### Fine-tuning spread (`{model}`)", "",
+                      ("Robust accuracy (%) of each fine-tuning of each pruned model (`--finetune-repeats`), per seed, and "
+                      "the pooled standard deviation of the same pruned model fine-tuned again."), "",
+                      "| setting | method | robust per fine-tuning (per seed) | within-model std |", "|---|---|---|---:|"]
+            for k in repeated:
+                runs = [[100 * x["robust"] for x in r.repeats] for r in groups[k] if r.ok and r.repeats]
+                lines.append(f"| {setting_label(k[2], k[3], k[5], prune_epochs)} | {method_label(k[4])} | "
+                             f"{'; '.join(' '.join(f'{x:.1f}' for x in run) for run in runs)} | {pooled_std(runs):.1f} |")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def pooled_std(groups: Sequence[Sequence[float]]) -> float:
+    """The standard deviation within groups, pooled over them (nan without two values in one)."""
+    dof = sum(len(g) - 1 for g in groups)
+    if dof < 1:
+        return float("nan")
+    return math.sqrt(sum((x - statistics.fmean(g)) ** 2 for g in groups for x in g) / dof)

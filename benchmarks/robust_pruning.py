@@ -74,6 +74,7 @@ import logging
 import math
 import multiprocessing
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -434,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     _quiet_logging()
     given = sys.argv[1:] if argv is None else argv
-    command = "python benchmarks/robust_pruning.py" + "".join(" " + a for a in given)
+    command = shlex.join(["python", "benchmarks/robust_pruning.py", *given])
     run = Run(opts, Path(args.cache_dir), Path(args.out), command, max(1, args.jobs), args.threads, args.fresh)
     print(run.execute(dense_only=args.dense_only))
     return 0

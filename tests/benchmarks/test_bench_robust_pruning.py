@@ -140,4 +140,9 @@ def test_finetune_repeats_average_fine_tunings_whose_first_is_the_single_run(ben
     for key in ("clean", "pgd20", "autoattack", "robust"):
         assert twice[key] == pytest.approx(sum(r[key] for r in twice["repeats"]) / 2)
     assert all(r["robust"] == min(r["pgd20"], r["autoattack"]) for r in twice["repeats"])
-    assert "fine-tuned 2 times" in (tmp_path / "twice.md").read_text()
+    text = (tmp_path / "twice.md").read_text()
+    assert "fine-tuned 2 times" in text
+    spread = [line for line in text.splitlines() if line.startswith("| 90 % sparse") and line.count("|") == 5]
+    runs = [100 * r["robust"] for r in twice["repeats"]]
+    assert spread == [f"| 90 % sparse (unstructured) | layer-wise magnitude | {runs[0]:.1f} {runs[1]:.1f} | "
+                      f"{abs(runs[0] - runs[1]) / 2 ** 0.5:.1f} |"], text  # two values: std = |a - b| / sqrt 2
