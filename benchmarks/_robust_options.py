@@ -104,7 +104,7 @@ class Options:
                                          "checkpoints of every N epochs (PGD-10 on 256 training images); 0: the last")
     finetune_repeats: int = _opt(1, "fine-tune every pruned model N times, each with its own attack randomness and "
                                     "batch order, and report the means (fine-tuning the same pruned model again moved "
-                                    "its robust accuracy by 10-26 points std in robust_pruning_structured_ft3.md)")
+                                    "its robust accuracy by 10-26 points (std) in robust_pruning_structured_ft3.md)")
     unstructured: tuple[float, ...] = _opt((0.9, 0.95, 0.99), "sparsities, e.g. 0.9,0.95,0.99")
     structured: tuple[float, ...] = _opt((0.5, 0.75, 0.9), "fractions of FLOPs removed, e.g. 0.5,0.75,0.9")
     methods: tuple[str, ...] = _opt(tuple(METHODS), f"subset of {','.join(METHODS)}")
