@@ -20,7 +20,9 @@ from test_cli_end_to_end import FAST  # the end-to-end tests' argv
 
 @pytest.mark.parametrize("budget", [
     pytest.param([], id="flops"),  # README's command: HARP to half the FLOPs
-    pytest.param(["--budget", "latency", "--latency-target", "0.6", "--latency-backend", "eager"], id="latency",
+    # 0.9: a target the measured latency floor never refuses (0.6 was refused on a loaded machine, floor
+    # x0.646); the test counts traces, not what the budget reaches
+    pytest.param(["--budget", "latency", "--latency-target", "0.9", "--latency-backend", "eager"], id="latency",
                  marks=pytest.mark.slow),  # and with the latency model fitted (measure-latency) first
 ])
 def test_structured_run_traces_each_model_once_per_stage(budget, tmp_path, monkeypatch):
