@@ -95,6 +95,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .pipeline._settings import declared_default
     from .pipeline.config import EvaluateConfig, PipelineConfig
 
     parser = argparse.ArgumentParser(
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lm.add_argument("pattern", nargs="?", default="*", metavar="PATTERN")
     lm.add_argument("--check", action="store_true", help="analyse each model with graph_passes")
-    lm.add_argument("--image-size", type=int, default=PipelineConfig.__dataclass_fields__["image_size"].default,
+    lm.add_argument("--image-size", type=int, default=declared_default(PipelineConfig, "image_size"),
                     help="input size for --check (default: %(default)s)")
     lm.add_argument("--verbose", "-v", action="store_true", help=argparse.SUPPRESS)
     return parser

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .._checks import check_choice, check_flag, check_int, check_real
-from ._settings import ConfigError
+from ._settings import ConfigError, declared_default
 
 __all__ = [
     "MODES", "MODE_BUDGETS", "suggest_models", "check_model_name", "int_in", "float_in", "choice", "flag",
@@ -128,7 +128,7 @@ def harp_default(name: str) -> Any:
     """The default of one of :class:`~nni_harp.pruning.HARPSettings`' fields (declared there once)."""
     from ..pruning.settings import HARPSettings
 
-    return HARPSettings.__dataclass_fields__[name].default
+    return declared_default(HARPSettings, name)
 
 
 def latency_backends() -> tuple[str, ...]:

@@ -49,6 +49,11 @@ def setting(default: Any, help: str, *, choices: Callable[[], tuple[str, ...]] |
     return field(default=default, metadata=metadata)
 
 
+def declared_default(cls: type, name: str) -> Any:
+    """The default of dataclass ``cls``'s field ``name``, as declared there (once)."""
+    return cls.__dataclass_fields__[name].default
+
+
 def setting_like(cls: type, name: str, **changes: Any) -> Any:
     """A field declared as ``cls``'s setting ``name`` is, with ``changes`` to the arguments of
     :func:`setting` (``default``, ``help``, ``group``, ...): another settings class that shares a

@@ -15,8 +15,8 @@ from typing import Any, ClassVar, Mapping
 
 from . import _config_checks as check
 from ._config_checks import MODE_BUDGETS, MODES, check_model_name, suggest_models
-from ._settings import (ConfigError, coerce_number, declared_settings, is_optional, resume_defaults, resume_keys,
-                        setting, setting_like, setting_type)
+from ._settings import (ConfigError, coerce_number, declared_default, declared_settings, is_optional, resume_defaults,
+                        resume_keys, setting, setting_like, setting_type)
 
 __all__ = [
     "ConfigError",
@@ -257,7 +257,7 @@ def _like(name: str, **changes: Any) -> Any:
 
 
 def _default(name: str) -> Any:
-    return PipelineConfig.__dataclass_fields__[name].default
+    return declared_default(PipelineConfig, name)
 
 
 @dataclass(frozen=True)

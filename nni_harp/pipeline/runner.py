@@ -17,6 +17,7 @@ from .. import distributed as hd
 from .artefacts import DENSE_MODEL_FILE, ONNX_FILE, PLOT_HISTORY, PLOT_RATES, read_source_weights
 from .callbacks import CallbackList, PipelineCallback
 from .checkpoint import RunInterrupted, RunStore
+from ._settings import declared_default
 from .config import ConfigError, EvaluateConfig, PipelineConfig, resume_defaults
 from .report import Report
 
@@ -192,9 +193,9 @@ def evaluate(config: EvaluateConfig, callbacks: Iterable[PipelineCallback] | Pip
         check_output_dir(Path(config.output_dir).expanduser())
     pruned_dir = ckpt.is_dir() and (ckpt / META_FILE).is_file()
     meta = read_meta(ckpt) if pruned_dir else {}
-    fallback = PipelineConfig.__dataclass_fields__  # a dense state dict: what a prune run would use
-    dataset = config.dataset or meta.get("dataset") or fallback["dataset"].default
-    image_size = config.image_size or meta.get("image_size") or fallback["image_size"].default
+    # a dense state dict: what a prune run would use
+    dataset = config.dataset or meta.get("dataset") or declared_default(PipelineConfig, "dataset")
+    image_size = config.image_size or meta.get("image_size") or declared_default(PipelineConfig, "image_size")
     _seed_everything(config.seed)
     _, test_ds, info = build_datasets(dataset, config.data_dir, image_size, config.seed)
     if pruned_dir:
