@@ -1,6 +1,8 @@
 """Helpers shared by the benchmark scripts (not a package API)."""
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,3 +51,21 @@ def calibrate_norms(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
 
 def write_atomic(path: Path, text: str) -> None:
     atomic_write_text(path, text)
+
+
+def alternate_timings(a: Callable[[], object], b: Callable[[], object], reps: int,
+                      warmup: int = 2) -> dict[str, list[float]]:
+    """Wall and process CPU seconds of ``a`` and ``b`` (keys ``a``, ``b``, ``a_cpu``, ``b_cpu``),
+    run alternately (``a`` first on even repetitions, ``b`` on odd ones) after ``warmup`` runs
+    each, so that a slow phase of a shared machine hits both alike."""
+    for _ in range(warmup):
+        a()
+        b()
+    out: dict[str, list[float]] = {"a": [], "b": [], "a_cpu": [], "b_cpu": []}
+    for i in range(reps):
+        for fn, key in ((a, "a"), (b, "b")) if i % 2 == 0 else ((b, "b"), (a, "a")):
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            out[key].append(time.perf_counter() - w)
+            out[f"{key}_cpu"].append(time.process_time() - c)
+    return out

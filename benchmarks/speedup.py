@@ -17,7 +17,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import graph_passes as gp  # noqa: E402
-from _common import RESULTS, calibrate_norms, n_flops, n_params, write_atomic  # noqa: E402
+from _common import RESULTS, alternate_timings, calibrate_norms, n_flops, n_params, write_atomic  # noqa: E402
 
 MODELS = ["resnet50", "mobilenetv3_large_100", "efficientnet_b0", "convnext_tiny", "vit_small_patch16_224"]
 TARGET = 0.5
@@ -129,16 +128,8 @@ def paired_latency(dense, pruned, reps: int, warmup: int = 2) -> tuple[float, fl
     Returns (dense min, pruned min, dense median, pruned median, median of the per-repetition
     dense / pruned ratios). The minima are the figures least disturbed by other processes; the
     median paired ratio shows how stable the speedup was."""
-    for _ in range(warmup):
-        dense()
-        pruned()
-    td, tp = [], []
-    for i in range(reps):
-        order = ((dense, td), (pruned, tp)) if i % 2 == 0 else ((pruned, tp), (dense, td))
-        for fn, times in order:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+    times = alternate_timings(dense, pruned, reps, warmup)
+    td, tp = times["a"], times["b"]
     ratios = [d / p for d, p in zip(td, tp)]
     return min(td), min(tp), statistics.median(td), statistics.median(tp), statistics.median(ratios)
 

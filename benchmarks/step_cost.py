@@ -8,7 +8,7 @@ side trains every weight with the pipeline's SGD (pretraining and fine-tuning); 
 is built by the registry as the prune stage builds it (``spec.build`` with the stage's config list
 and options) and driven through NNI's ``TorchEvaluator`` (patched loss and optimizer step, the
 pruner's own optimizers and mask refresh). Both steps run inside the evaluator's training function,
-alternately (``speedup.paired_latency``), so a slow phase of a shared machine hits both alike.
+alternately (``_common.alternate_timings``), so a slow phase of a shared machine hits both alike.
 
 Analysis: ``graph_passes.channel_groups`` + ``graph_passes.cost`` on one trace (``analysis_for``,
 as structured HARP calls them: ``nni_harp.pruning._plan.channel_structure``) against Torch-Pruning's
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-from _common import RESULTS, write_atomic  # noqa: E402
+from _common import RESULTS, alternate_timings, write_atomic  # noqa: E402
 from speedup import keep_heap  # noqa: E402
 
 from nni_harp.loading import create_model  # noqa: E402
@@ -51,22 +51,6 @@ MODELS = ["test_resnet", "resnet18", "vit_small_patch16_224"]
 ROWS = ["harp:unstructured", "harp:structured", "hydra:unstructured", "hydra:structured"]
 DG_MODELS = ["resnet50", "vit_small_patch16_224", "convnext_tiny"]
 GOAL, MEAN, STD = 1.10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-
-
-def paired(a, b, reps: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Wall and process CPU seconds of ``a`` and ``b``, run alternately (``a`` first on even
-    repetitions, ``b`` on odd ones) after ``warmup`` runs each (as ``speedup.paired_latency``)."""
-    for _ in range(warmup):
-        a()
-        b()
-    out: dict[str, list[float]] = {"a": [], "b": [], "a_cpu": [], "b_cpu": []}
-    for i in range(reps):
-        for fn, key in ((a, "a"), (b, "b")) if i % 2 == 0 else ((b, "b"), (a, "a")):
-            w, c = time.perf_counter(), time.process_time()
-            fn()
-            out[key].append(time.perf_counter() - w)
-            out[f"{key}_cpu"].append(time.process_time() - c)
-    return out
 
 
 def step_row(name: str, pruner: str, mode: str, batch: int, reps: int) -> dict[str, Any]:
@@ -102,7 +86,7 @@ def step_row(name: str, pruner: str, mode: str, batch: int, reps: int) -> dict[s
             for opt in opts:
                 opt.step()
 
-        out.update(paired(plain_step, pruner_step, reps))
+        out.update(alternate_timings(plain_step, pruner_step, reps))
 
     optimizer = sgd(model.parameters(), cfg.prune_lr, 0.0, traced=True)
     evaluator = TorchEvaluator(training, optimizer, step, dummy_input=x[:1])
@@ -129,7 +113,7 @@ def dg_row(name: str, reps: int) -> dict[str, Any]:
     x = torch.randn(1, 3, 224, 224)
     ours = lambda: channel_structure(model, x)  # noqa: E731 - groups + cost on one trace, as structured HARP calls them
     groups = lambda: list(tp.DependencyGraph().build_dependency(model, example_inputs=x).get_all_groups())  # noqa: E731
-    t = paired(ours, groups, reps, warmup=1)
+    t = alternate_timings(ours, groups, reps, warmup=1)
     t_ours, t_dg, m_ours, m_dg = min(t["a"]), min(t["b"]), statistics.median(t["a"]), statistics.median(t["b"])
     t_ops = []
     for _ in range(reps):
