@@ -9,7 +9,6 @@ this, so a model that fails here can still be pruned with ``--mode unstructured`
 """
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 
@@ -63,12 +62,7 @@ def check_model(name: str, image_size: int = 32, num_classes: int = 10) -> Model
         step = "speedup"
         keep = {g.id: torch.arange(g.size) % 2 == 0 for g in prunable}
         masks = graph_passes.group_masks(model, groups, keep)
-        masked = copy.deepcopy(model)
-        with torch.no_grad():
-            for module, params in masks.items():
-                owner = masked.get_submodule(module)
-                for pname, mask in params.items():
-                    getattr(owner, pname).mul_(mask)
+        masked = graph_passes.masked_copy(model, masks)
         speedup = graph_passes.ModelSpeedup(model, x[:1], masks, graph_module=analysis)
         small = speedup.speedup_model(inplace=False).eval()
         step = "compare outputs"
