@@ -244,15 +244,18 @@ def _configurations(sizes: Mapping[int, int], round_to: int, samples: int, seed:
 
 def fit_latency(
     model: Traceable, example_inputs: Any, *, backend: str = "eager", threads: int = 1, round_to: int = 8,
-    samples: int = 16, reps: int = 20, seed: int = 0, cache_dir: str | Path | None = None,
+    samples: int = 16, reps: int = 20, rounds: int = 2, seed: int = 0, cache_dir: str | Path | None = None,
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
 ) -> LatencyModel:
     """Measure ``model`` on ``backend`` dense and pruned to ``samples - 1`` configurations of its
     prunable channel groups, and fit a :class:`LatencyModel` (see the module docstring).
 
-    ``example_inputs`` fixes the input shape and batch the latency is for. ``cache_dir``: read the
-    fit from there when its key matches, else write it there (atomically). ``progress`` wraps the
-    configurations (e.g. ``tqdm``).
+    ``example_inputs`` fixes the input shape and batch the latency is for. The configurations are
+    timed in ``rounds`` passes over all of them, ``ceil(reps / rounds)`` runs each per pass, and a
+    configuration's latency is the lowest of its per-pass medians: a burst of other work on the
+    machine then spoils one pass of a configuration, not its value. ``cache_dir``: read the fit
+    from there when its key matches, else write it there (atomically). ``progress`` wraps the
+    ``rounds * samples`` timing steps (e.g. ``tqdm``).
 
     ``model`` may also be a traced ``GraphModule`` or its :class:`~graph_passes.Analysis` (see
     :func:`graph_passes.analysis_for`): it is traced once, and each configuration is removed from a
@@ -268,24 +271,33 @@ def fit_latency(
     sizes = {g.id: g.size for g in analysis.groups if g.prunable}
     if not sizes:
         raise LatencyError("the model has no prunable channel group: its latency cannot change with pruning")
-    grid = {"round_to": round_to, "samples": samples, "seed": seed, "reps": reps}
+    if rounds < 1 or reps < 1:
+        raise LatencyError(f"reps and rounds must be >= 1, got reps={reps!r}, rounds={rounds!r}")
+    grid = {"round_to": round_to, "samples": samples, "seed": seed, "reps": reps, "rounds": rounds}
     key = cache_key(gm, example_inputs, backend, threads, grid)
     cached = Path(cache_dir) / f"latency-{key}.json" if cache_dir is not None else None
     if cached is not None and cached.is_file():
         logger.info("latency model read from %s", cached)
         return LatencyModel.from_json(cached.read_text())
     configs = _configurations(sizes, round_to, samples, seed)
-    rows: list[tuple[dict[int, float], float]] = []
+    per_round = -(-reps // rounds)
+    steps = [(r, i) for r in range(rounds) for i in range(len(configs))]
+    runners: dict[int, Runner] = {}
+    medians: dict[int, list[float]] = {i: [] for i in range(len(configs))}
     with tempfile.TemporaryDirectory(prefix="harp-latency-") as tmp:
-        for i, counts in enumerate(progress(configs) if progress is not None else configs):
-            keep = {g: torch.arange(sizes[g]) < c for g, c in counts.items()}
-            # a copy (a GraphModule shares the model's modules): the dense one as it is, the others pruned;
-            # which channels go does not change the time
-            pruned = copy.deepcopy(gm) if i == 0 else apply_keep(*copy.deepcopy((gm, analysis)), keep)
-            work = Path(tmp) / str(i)
-            work.mkdir()
-            ms = measure_ms(latency_runner(pruned, example_inputs, backend, threads, work), reps=reps)
-            rows.append(({g: c / sizes[g] for g, c in counts.items()}, ms))
+        for r, i in progress(steps) if progress is not None else steps:
+            if i not in runners:
+                counts = configs[i]
+                keep = {g: torch.arange(sizes[g]) < c for g, c in counts.items()}
+                # a copy (a GraphModule shares the model's modules): the dense one as it is, the others
+                # pruned; which channels go does not change the time
+                pruned = copy.deepcopy(gm) if i == 0 else apply_keep(*copy.deepcopy((gm, analysis)), keep)
+                work = Path(tmp) / str(i)
+                work.mkdir()
+                runners[i] = latency_runner(pruned, example_inputs, backend, threads, work)
+            medians[i].append(measure_ms(runners[i], reps=per_round, warmup=3 if r == 0 else 1))
+        runners.clear()
+    rows = [({g: c / sizes[g] for g, c in counts.items()}, min(medians[i])) for i, counts in enumerate(configs)]
     fitted = _fit(rows, cost)
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     result = LatencyModel(backend=backend, threads=threads, batch=int(inputs[0].shape[0]), intercept=fitted[0],
