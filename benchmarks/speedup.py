@@ -1,18 +1,20 @@
 """Measured CPU latency of dense vs pruned models next to their FLOPs ratio.
 
-Each model is pruned to half its FLOPs by two plans ('uniform': one keep fraction for every
-prunable group; 'memory': groups whose channels carry many activation elements per FLOP pruned
-harder), keeping each group's highest-L2-norm channels. Dense and pruned are timed alternately
+Each model is pruned by channel plans (``_speedup_plans.py``): to half its FLOPs by 'uniform'
+(one keep fraction for every prunable group) and 'memory' (groups whose channels carry many
+activation elements per FLOP pruned harder); and, per batch and runtime, by 'latency' (groups
+that cost much predicted latency per FLOP pruned harder, to a latency a fitted
+``graph_passes.LatencyModel`` predicts: the uniform plan's, and half the dense), keeping each
+group's highest-L2-norm channels. Dense and pruned are timed alternately
 (eager PyTorch and ONNX Runtime, CPU, batch 1 and 32 at 224 px). Writes ``results/speedup.md``.
 
-    python benchmarks/speedup.py [--models resnet50,...] [--plans uniform,memory] [--reps N] [--threads T]
+    python benchmarks/speedup.py [--models resnet50,...] [--plans uniform,memory,latency] [--reps N] [--threads T] [--cache-dir DIR]
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
 import ctypes.util
-import math
 import platform
 import statistics
 import sys
@@ -27,80 +29,10 @@ import torch  # noqa: E402
 
 import graph_passes as gp  # noqa: E402
 from _common import RESULTS, alternate_timings, calibrate_norms, n_flops, n_params, write_atomic  # noqa: E402
+from _speedup_plans import fractions, keep_for_target, latency_weights, memory_weights, plan_keep  # noqa: E402,F401
 
 MODELS = ["resnet50", "mobilenetv3_large_100", "efficientnet_b0", "convnext_tiny", "vit_small_patch16_224"]
 TARGET = 0.5
-
-
-def _rounded(n: float, size: int, round_to: int) -> int:
-    """Kept channels of a group: ``n`` rounded to a multiple of ``round_to`` (never 0, never more
-    than the group). Channel counts that are multiples of 8 keep the vectorised CPU kernels
-    (oneDNN / ONNX Runtime's NCHWc layouts) on their fast paths."""
-    if round_to > 1 and size > round_to:
-        return int(min(size, max(round_to, round_to * round(n / round_to))))
-    return int(min(size, max(1, round(n))))
-
-
-def memory_weights(cm: gp.CostModel, groups: list[gp.ChannelGroup], gamma: float) -> dict[int, float]:
-    """Per-group multipliers of the keep fraction for the 'memory' plan.
-
-    ``rho_g`` = activation elements per FLOP that one channel of group ``g`` carries (from
-    ``CostModel.activations`` and ``CostModel.flops`` with ``g`` removed). Channels with a high
-    ``rho`` (inverted-residual hidden channels: a depthwise conv, norms, activations and SE gating
-    per channel, few FLOPs) are mostly memory traffic; channels with a low ``rho`` feed wide dense
-    convs. The multiplier is ``(rho_g / rho_ref) ** -gamma`` with ``rho_ref`` the FLOPs-weighted
-    geometric mean, so high-``rho`` groups are pruned harder; gamma = 0 is the uniform plan."""
-    f0, a0 = float(cm.total_flops), float(cm.total_activations)
-    group_flops, rho = {}, {}
-    for g in groups:
-        group_flops[g.id] = f0 - float(cm.flops({g.id: 0.0}))
-        acts = a0 - float(cm.activations({g.id: 0.0}))
-        rho[g.id] = acts / group_flops[g.id] if group_flops[g.id] > 0 else math.inf
-    finite = [gid for gid, r in rho.items() if 0 < r < math.inf]
-    if not finite or gamma == 0:
-        return {g.id: 1.0 for g in groups}
-    lo, hi = min(rho[gid] for gid in finite), max(rho[gid] for gid in finite)
-    log_ref = sum(group_flops[gid] * math.log(rho[gid]) for gid in finite) / sum(group_flops[gid] for gid in finite)
-    # Groups without FLOPs (or without activations) get the extreme finite value.
-    return {gid: math.exp(-gamma * (math.log(min(max(r, lo), hi)) - log_ref)) for gid, r in rho.items()}
-
-
-def keep_for_target(model: torch.nn.Module, x: torch.Tensor, target: float, round_to: int = 1, gamma: float = 0.0):
-    """Keep vectors for every prunable group at about ``target`` of the dense FLOPs: group ``g``
-    keeps ``min(1, frac * w_g)`` of its channels (rounded to ``round_to``), its highest-L2-norm
-    ones; ``frac`` is found by bisection. ``w_g`` = 1 (gamma = 0): the uniform plan; otherwise
-    :func:`memory_weights`. Returns (groups, keep, frac, kept activation fraction)."""
-    groups = gp.channel_groups(model, x)
-    cm = gp.cost(model, x, groups)
-    prunable = [g for g in groups if g.prunable]
-    weight = memory_weights(cm, prunable, gamma)
-    norms = {g.id: gp.channel_norms(model, g) for g in prunable}
-
-    def keep_of(frac: float) -> dict[int, torch.Tensor]:
-        out = {}
-        for g in prunable:
-            k = _rounded(min(1.0, frac * weight[g.id]) * g.size, g.size, round_to)
-            v = torch.zeros(g.size, dtype=torch.bool)
-            v[torch.topk(norms[g.id], k).indices] = True
-            out[g.id] = v
-        return out
-
-    def fractions(keep: dict[int, torch.Tensor]) -> dict[int, float]:
-        return {gid: float(v.sum()) / v.numel() for gid, v in keep.items()}
-
-    def flops_at(frac: float) -> float:
-        return float(cm.flops(fractions(keep_of(frac)))) / cm.total_flops
-
-    lo, hi = 0.0, 1.0 / min(1.0, min(weight.values(), default=1.0))
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        if flops_at(mid) > target:
-            hi = mid
-        else:
-            lo = mid
-    frac = hi if abs(flops_at(hi) - target) < abs(flops_at(lo) - target) else lo
-    keep = keep_of(frac)
-    return groups, keep, frac, float(cm.activations(fractions(keep))) / cm.total_activations
 
 
 def keep_heap() -> bool:
@@ -146,7 +78,15 @@ def ort_session(model: torch.nn.Module, x: torch.Tensor, path: Path, threads: in
     return lambda xb: sess.run(None, {name: xb.numpy()})
 
 
-PLANS = {"uniform": 0.0, "memory": None}  # plan -> gamma (None: --gamma)
+#: Plans pruned once per model (plan -> gamma; None: --gamma) and the plan fitted per row.
+STATIC_PLANS = {"uniform": 0.0, "memory": None}
+LATENCY_PLAN = "latency"
+PLANS = (*STATIC_PLANS, LATENCY_PLAN)
+#: Runtime column -> graph_passes latency backend.
+BACKEND = {"eager": "eager", "ort": "onnxruntime"}
+RUNTIMES = tuple(BACKEND)
+#: A prediction is within tolerance when |measured / predicted - 1| <= this.
+PREDICTION_TOLERANCE = 0.10
 
 
 FLOOR_PX = 32
@@ -165,23 +105,66 @@ def dispatch_floor(model: torch.nn.Module, pruned: torch.nn.Module, reps: int) -
     return d, p
 
 
+def _prune(model: torch.nn.Module, x1: torch.Tensor, groups, keep) -> torch.nn.Module:
+    return gp.ModelSpeedup(model, x1, gp.group_masks(model, groups, keep)).speedup_model(inplace=False).eval()
+
+
+def _measure(model, pruned, sessions, batch: int, runtime: str, reps: int) -> dict:
+    """One row's paired latency of dense and pruned (``sessions``: their ONNX Runtime runners)."""
+    xb = torch.randn(batch, 3, 224, 224)
+    if runtime == "eager":
+        with torch.inference_mode():
+            d, p, d_med, p_med, paired = paired_latency(lambda: model(xb), lambda: pruned(xb), reps)
+    else:
+        d, p, d_med, p_med, paired = paired_latency(lambda: sessions[0](xb), lambda: sessions[1](xb), reps)
+    return {"batch": batch, "runtime": runtime, "reps": reps, "dense": d, "pruned": p, "dense_med": d_med,
+            "pruned_med": p_med, "paired": paired, "speedup": d / p}
+
+
+def _fit_all(model, args, cache_dir) -> dict[tuple[int, str], tuple[gp.LatencyModel, gp.CostModel]]:
+    """A latency model per (batch, runtime), with the cost model of that input shape."""
+    fits = {}
+    for batch in (1, 32):
+        xb = torch.randn(batch, 3, 224, 224)
+        analysis = gp.analysis_for(model, xb)
+        cm = gp.cost(analysis)
+        for rt in RUNTIMES:
+            reps = args.fit_reps if batch == 1 else args.fit_reps_b32
+            lat = gp.fit_latency(analysis, xb, backend=BACKEND[rt], threads=args.threads, round_to=args.round_to,
+                                 samples=args.fit_samples, reps=reps, cache_dir=cache_dir)
+            print(f"  latency model b{batch} {rt}: dense {lat.dense_ms:.2f} ms, fit error "
+                  f"{100 * lat.fit_error(cm):.1f} %", flush=True)
+            fits[(batch, rt)] = (lat, cm)
+    return fits
+
+
+def _reps(args, batch: int) -> int:
+    return args.reps if batch == 1 else args.reps_b32
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--plans", default="uniform,memory",
-                    help="comma-separated: 'uniform' (one keep fraction everywhere) and/or 'memory' "
-                         "(groups that carry many activation elements per FLOP pruned harder)")
-    ap.add_argument("--gamma", type=float, default=0.5, help="strength of the 'memory' plan's reweighting")
+    ap.add_argument("--plans", default=",".join(PLANS),
+                    help="comma-separated: 'uniform' (one keep fraction everywhere), 'memory' (groups that carry "
+                         "many activation elements per FLOP pruned harder), 'latency' (groups that cost much "
+                         "predicted latency per FLOP pruned harder, at the uniform plan's latency and at half the "
+                         "dense latency, per batch and runtime)")
+    ap.add_argument("--gamma", type=float, default=0.5, help="strength of the 'memory' and 'latency' reweighting")
     ap.add_argument("--reps", type=int, default=50, help="timed repetitions at batch 1")
     ap.add_argument("--reps-b32", type=int, default=6, help="timed repetitions at batch 32")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads for PyTorch and ONNX Runtime")
     ap.add_argument("--round-to", type=int, default=8,
                     help="kept channels per group rounded to a multiple of this (1: no rounding)")
+    ap.add_argument("--fit-samples", type=int, default=16, help="configurations a latency model is fitted on")
+    ap.add_argument("--fit-reps", type=int, default=20, help="timed runs per configuration of a batch-1 fit")
+    ap.add_argument("--fit-reps-b32", type=int, default=3, help="timed runs per configuration of a batch-32 fit")
+    ap.add_argument("--cache-dir", type=Path, default=None, help="where latency models are cached (default: none)")
     ap.add_argument("--output", type=Path, default=RESULTS / "speedup.md")
     args = ap.parse_args(argv)
     plans = args.plans.split(",")
     if unknown := [p for p in plans if p not in PLANS]:
-        ap.error(f"unknown plan(s) {unknown}: choose from {sorted(PLANS)}")
+        ap.error(f"unknown plan(s) {unknown}: choose from {', '.join(PLANS)}")
     warnings.simplefilter("ignore")
     args.kept_heap = keep_heap()
     torch.set_num_threads(args.threads)
@@ -195,54 +178,111 @@ def main(argv: list[str] | None = None) -> int:
         calibrate_norms(model, torch.randn(8, 3, 224, 224))
         x1 = torch.randn(1, 3, 224, 224)
         dense_session = ort_session(model, x1, tmp / f"{name}_dense.onnx", args.threads)
-        for plan in plans:
-            gamma = args.gamma if PLANS[plan] is None else PLANS[plan]
+        fits = _fit_all(model, args, args.cache_dir) if LATENCY_PLAN in plans else {}
+
+        def predicted(keep, batch: int, rt: str) -> dict:
+            if (batch, rt) not in fits:
+                return {}
+            lat, cm = fits[(batch, rt)]
+            return {"predicted": float(lat.fraction(cm, fractions(keep))), "fit_error": lat.fit_error(cm)}
+
+        uniform_keep = None
+        for plan in [p for p in plans if p in STATIC_PLANS]:
+            gamma = args.gamma if STATIC_PLANS[plan] is None else STATIC_PLANS[plan]
             groups, keep, frac, act_ratio = keep_for_target(model, x1, TARGET, args.round_to, gamma)
-            pruned = gp.ModelSpeedup(model, x1, gp.group_masks(model, groups, keep)).speedup_model(inplace=False).eval()
+            uniform_keep = keep if plan == "uniform" else uniform_keep
+            pruned = _prune(model, x1, groups, keep)
             base = {"model": name, "plan": plan, "frac": frac, "acts": act_ratio,
                     "flops": n_flops(pruned, x1) / n_flops(model, x1), "params": n_params(pruned) / n_params(model)}
-            pruned_session = ort_session(pruned, x1, tmp / f"{name}_{plan}.onnx", args.threads)
+            sessions = (dense_session, ort_session(pruned, x1, tmp / f"{name}_{plan}.onnx", args.threads))
             floor = dispatch_floor(model, pruned, args.reps)
-            for batch, reps in ((1, args.reps), (32, args.reps_b32)):
-                xb = torch.randn(batch, 3, 224, 224)
-                with torch.inference_mode():
-                    eager = paired_latency(lambda: model(xb), lambda: pruned(xb), reps)
-                ort = paired_latency(lambda: dense_session(xb), lambda: pruned_session(xb), reps)
-                for rt, (d, p, d_med, p_med, ratio_med) in (("eager", eager), ("ort", ort)):
-                    row = {**base, "batch": batch, "runtime": rt, "reps": reps, "dense": d, "pruned": p,
-                           "dense_med": d_med, "pruned_med": p_med, "paired": ratio_med, "speedup": d / p}
-                    row["met"] = row["speedup"] >= 0.8 / row["flops"]
+            for batch in (1, 32):
+                for rt in RUNTIMES:
+                    row = {**base, **_measure(model, pruned, sessions, batch, rt, _reps(args, batch)),
+                           **predicted(keep, batch, rt)}
                     if rt == "eager" and batch == 1 and floor is not None:
                         # If everything above the floor shrank with the FLOPs, this is the speedup.
-                        row["bound"] = d / (floor[1] + (d - floor[0]) * row["flops"])
+                        row["bound"] = row["dense"] / (floor[1] + (row["dense"] - floor[0]) * row["flops"])
                         row["floor"] = floor
-                    rows.append(row)
-                    print(f"{name:22s} {plan:7s} b{batch:<3d} {rt:5s} flops={row['flops']:.3f} acts={act_ratio:.3f} "
-                          f"dense={1e3 * d:8.1f}ms pruned={1e3 * p:8.1f}ms (paired median {ratio_med:.2f}x) "
-                          f"speedup={row['speedup']:.2f}x (goal {0.8 / row['flops']:.2f}x)", flush=True)
+                    rows.append(_finish(row))
             write_atomic(args.output, render(rows, args))
-    for plan in plans:
-        sel = [r for r in rows if r["plan"] == plan]
-        print(f"plan {plan}: speedup >= 0.8 x (1 / FLOPs ratio) in {sum(r['met'] for r in sel)}/{len(sel)} rows")
+        if LATENCY_PLAN in plans:
+            groups = gp.channel_groups(model, x1)
+            prunable = [g for g in groups if g.prunable]
+            norms = {g.id: gp.channel_norms(model, g) for g in prunable}
+            if uniform_keep is None:
+                _, uniform_keep, _, _ = keep_for_target(model, x1, TARGET, args.round_to, 0.0)
+            for batch in (1, 32):
+                for rt in RUNTIMES:
+                    lat, cm = fits[(batch, rt)]
+                    weight = latency_weights(lat, cm, prunable, args.gamma)
+                    as_uniform = float(lat.fraction(cm, fractions(uniform_keep)))
+                    for label, target in (("uniform's", as_uniform), (f"{TARGET:g}", TARGET)):
+                        keep, frac = plan_keep(prunable, norms, weight, lambda f: float(lat.fraction(cm, f)), target,
+                                               args.round_to)
+                        pruned = _prune(model, x1, groups, keep)
+                        sessions = (dense_session, ort_session(pruned, x1, tmp / f"{name}_lat.onnx", args.threads)
+                                    if rt == "ort" else None)
+                        row = {"model": name, "plan": f"{LATENCY_PLAN} at {label}", "frac": frac, "target": target,
+                               "acts": float(cm.activations(fractions(keep))) / float(cm.total_activations),
+                               "flops": n_flops(pruned, x1) / n_flops(model, x1),
+                               "params": n_params(pruned) / n_params(model),
+                               **_measure(model, pruned, sessions, batch, rt, _reps(args, batch)),
+                               **predicted(keep, batch, rt)}
+                        rows.append(_finish(row))
+                        write_atomic(args.output, render(rows, args))
+    for plan in dict.fromkeys(r["plan"] for r in rows):
+        print(_total(plan, [r for r in rows if r["plan"] == plan]))
     return 0
+
+
+def _finish(row: dict) -> dict:
+    """Derived columns of a measured row; prints it."""
+    row["met"] = row["speedup"] >= 0.8 / row["flops"]
+    row["measured"] = row["pruned"] / row["dense"]
+    if "predicted" in row:
+        row["error"] = row["measured"] / row["predicted"] - 1
+    print(f"{row['model']:22s} {row['plan']:18s} b{row['batch']:<3d} {row['runtime']:5s} flops={row['flops']:.3f} "
+          f"dense={1e3 * row['dense']:8.1f}ms pruned={1e3 * row['pruned']:8.1f}ms (paired median {row['paired']:.2f}x) "
+          f"speedup={row['speedup']:.2f}x (goal {0.8 / row['flops']:.2f}x)"
+          + (f" predicted x{row['predicted']:.3f} measured x{row['measured']:.3f}" if "predicted" in row else ""),
+          flush=True)
+    return row
+
+
+def _total(plan: str, rows: list[dict]) -> str:
+    text = f"plan **{plan}**: speedup >= 0.8 x (1 / FLOPs ratio) in {sum(r['met'] for r in rows)}/{len(rows)} rows"
+    predicted = [r for r in rows if "error" in r]
+    if predicted:
+        text += (f", measured latency within {PREDICTION_TOLERANCE:.0%} of the predicted in "
+                 f"{sum(abs(r['error']) <= PREDICTION_TOLERANCE for r in predicted)}/{len(predicted)}")
+    targeted = [r for r in rows if "target" in r]
+    if targeted:
+        text += (f", measured <= target in {sum(r['measured'] <= r['target'] for r in targeted)}/{len(targeted)} "
+                 f"(<= target x {1 + PREDICTION_TOLERANCE:g} in "
+                 f"{sum(r['measured'] <= r['target'] * (1 + PREDICTION_TOLERANCE) for r in targeted)}/{len(targeted)})")
+    return text
 
 
 def render(rows: list[dict], args) -> str:
     plans = list(dict.fromkeys(r["plan"] for r in rows))
-    totals = "; ".join(f"plan **{p}**: goal met in {sum(r['met'] for r in rows if r['plan'] == p)}/"
-                       f"{sum(r['plan'] == p for r in rows)} rows" for p in plans)
+    totals = "; ".join(_total(p, [r for r in rows if r["plan"] == p]) for p in plans)
     lines = [
         "# Dense vs pruned latency (CPU)",
         "",
-        f"Models pruned to about {TARGET:.0%} of their FLOPs (bisection on `graph_passes.cost(...).flops`), kept "
-        f"channels per group rounded to a multiple of {args.round_to}, highest-L2-norm channels kept "
-        "(`graph_passes.channel_norms`), random weights with BatchNorm statistics from one batch of 8 random "
-        "images, 224 px. Two plans reach the same FLOPs: **uniform** keeps the same fraction of every prunable "
-        "group; **memory** (`--gamma "
-        f"{args.gamma}`) multiplies each group's fraction by (rho_g / rho_ref)^-gamma, where rho_g is the number "
-        "of activation elements per FLOP one channel of the group carries (`CostModel.activations` / "
-        "`CostModel.flops`), so channels that are mostly memory traffic (depthwise convs, norms, activations, SE "
-        "gates) go first. 'acts kept' is the fraction of activation elements the pruned model still produces.",
+        f"Models pruned by channel plans (`benchmarks/_speedup_plans.py`), kept channels per group rounded to a "
+        f"multiple of {args.round_to}, highest-L2-norm channels kept (`graph_passes.channel_norms`), random weights "
+        "with BatchNorm statistics from one batch of 8 random images, 224 px. **uniform** keeps the same fraction "
+        f"of every prunable group, at {TARGET:.0%} of the dense FLOPs (bisection on `graph_passes.cost(...).flops`); "
+        f"**memory** (`--gamma {args.gamma}`) reaches the same FLOPs with each group's fraction multiplied by "
+        "(rho_g / rho_ref)^-gamma, where rho_g is the number of activation elements per FLOP one channel of the "
+        "group carries (`CostModel.activations` / `CostModel.flops`), so channels that are mostly memory traffic "
+        "(depthwise convs, norms, activations, SE gates) go first. **latency** uses the same reweighting with rho_g "
+        "= the *predicted latency* per FLOP of one channel, from a latency model (`graph_passes.fit_latency`: "
+        f"{args.fit_samples} channel configurations timed on the row's runtime, batch and threads, {args.fit_reps} "
+        f"runs each at batch 1, {args.fit_reps_b32} at batch 32), and bisects to a *predicted latency* target: "
+        "the uniform plan's predicted latency in that row ('at uniform's'), and half the dense latency "
+        f"('at {TARGET:g}'). 'acts kept' is the fraction of activation elements the pruned model still produces.",
         "",
         f"Latency: wall time of one batch, {args.threads} intra-op threads, dense and pruned timed alternately "
         f"after two warm-up runs each; {args.reps} repetitions at batch 1, {args.reps_b32} at batch 32; **min** "
@@ -251,7 +291,10 @@ def render(rows: list[dict], args) -> str:
         f"({'applied' if args.kept_heap else 'NOT applied on this machine'}; see `keep_heap`), so activations "
         "are not page-faulted in again on every pass. ONNX: `graph_passes.export_onnx`, ONNX Runtime CPU "
         "execution provider, default graph optimisations. 'speedup' = dense / pruned min latency; goal: "
-        "speedup >= 0.8 x (dense FLOPs / pruned FLOPs).",
+        "speedup >= 0.8 x (dense FLOPs / pruned FLOPs). 'measured' = pruned / dense min latency; 'predicted' = "
+        "the row's latency model's prediction for the plan over its prediction for the dense model; 'error' = "
+        f"measured / predicted - 1 (goal: within {PREDICTION_TOLERANCE:.0%}); 'fit error' = the latency model's "
+        "largest relative error on its own measurements.",
         "",
         f"Eager batch-1 rows also give the **floor**: the same models at {FLOOR_PX} px (about 2% of the "
         "arithmetic), i.e. eager PyTorch's per-op dispatch, which removing channels does not shorten. "
@@ -259,15 +302,19 @@ def render(rows: list[dict], args) -> str:
         "speedup if all time above the floor fell with the FLOPs. Where it is below the goal, no channel "
         "plan can meet the goal in that row on this machine.",
         "",
-        f"Command: `python benchmarks/speedup.py --plans {','.join(plans)} --gamma {args.gamma} --reps {args.reps} "
-        f"--reps-b32 {args.reps_b32} --threads {args.threads} --round-to {args.round_to}`",
+        f"Command: `python benchmarks/speedup.py --models {args.models} --plans {','.join(args.plans.split(','))} "
+        f"--gamma {args.gamma} --reps {args.reps} --reps-b32 {args.reps_b32} --threads {args.threads} "
+        f"--round-to {args.round_to}"
+        + (f" --fit-samples {args.fit_samples} --fit-reps {args.fit_reps} --fit-reps-b32 {args.fit_reps_b32}"
+           if LATENCY_PLAN in args.plans.split(",") else "") + "`",
         "",
         f"**Totals:** {totals}.",
         "",
         "| model | plan | batch | runtime | reps | FLOPs ratio | params ratio | acts kept | dense ms | pruned ms "
         "| dense / pruned median ms | median paired ratio | speedup | goal (0.8 / FLOPs ratio) | met "
+        "| target | predicted | measured | error | fit error "
         f"| eager floor at {FLOOR_PX} px, dense / pruned ms | attainable above the floor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -275,6 +322,9 @@ def render(rows: list[dict], args) -> str:
             f"| {r['params']:.3f} | {r['acts']:.3f} | {1e3 * r['dense']:.1f} | {1e3 * r['pruned']:.1f} "
             f"| {1e3 * r['dense_med']:.1f} / {1e3 * r['pruned_med']:.1f} | {r['paired']:.2f}x | {r['speedup']:.2f}x "
             f"| {0.8 / r['flops']:.2f}x | {'yes' if r['met'] else 'no'} "
+            + (f"| {r['target']:.3f} " if "target" in r else "| ")
+            + (f"| {r['predicted']:.3f} | {r['measured']:.3f} | {100 * r['error']:+.1f} % | {100 * r['fit_error']:.1f} % "
+               if "predicted" in r else f"| | {r['measured']:.3f} | | ")
             + (f"| {1e3 * r['floor'][0]:.1f} / {1e3 * r['floor'][1]:.1f} | {r['bound']:.2f}x |" if "bound" in r else "| | |"))
     return "\n".join(lines) + "\n"
 

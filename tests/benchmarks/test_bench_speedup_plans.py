@@ -58,3 +58,35 @@ def test_memory_plan_prunes_memory_heavy_groups_harder(bench, model_and_input):
     _, _, _, uniform_acts = bench.keep_for_target(model, x, 0.5, round_to=1, gamma=0.0)
     _, _, _, memory_acts = bench.keep_for_target(model, x, 0.5, round_to=1, gamma=0.5)
     assert memory_acts < uniform_acts
+
+
+def _latency_model(intercept: float, **coefficients: float) -> gp.LatencyModel:
+    return gp.LatencyModel(backend="eager", threads=1, batch=1, intercept=intercept, coefficients=coefficients,
+                           dense_ms=1.0, measured=[])
+
+
+def test_latency_plan_on_activation_time_alone_is_the_memory_plan(bench, model_and_input):
+    """A latency model whose time is all activation traffic ranks groups as the memory plan does."""
+    model, x = model_and_input
+    cm = gp.cost(model, x)
+    prunable = [g for g in gp.channel_groups(model, x) if g.prunable]
+    by_latency = bench.latency_weights(_latency_model(0.3, activations=1e-5), cm, prunable, gamma=0.5)
+    by_memory = bench.memory_weights(cm, prunable, gamma=0.5)
+    assert by_latency.keys() == by_memory.keys()
+    assert all(by_latency[g] == pytest.approx(by_memory[g], rel=1e-9) for g in by_memory)
+    assert len(set(round(w, 6) for w in by_latency.values())) > 1
+
+
+def test_latency_plan_meets_its_predicted_target(bench, model_and_input):
+    model, x = model_and_input
+    groups = gp.channel_groups(model, x)
+    cm = gp.cost(model, x, groups)
+    prunable = [g for g in groups if g.prunable]
+    latency = _latency_model(0.05, conv=2e-7, linear=1e-7, activations=4e-6)
+    norms = {g.id: gp.channel_norms(model, g) for g in prunable}
+    weight = bench.latency_weights(latency, cm, prunable, gamma=0.5)
+    for target in (0.5, 0.7):
+        keep, _ = bench.plan_keep(prunable, norms, weight, lambda f: float(latency.fraction(cm, f)), target, 1)
+        assert float(latency.fraction(cm, bench.fractions(keep))) == pytest.approx(target, abs=0.02)
+        # the plan is not uniform: the reweighting moved the groups apart
+        assert len({round(float(v.float().mean()), 2) for v in keep.values()}) > 2
