@@ -66,38 +66,62 @@ class TensorInfo:
 
 
 class UnionFind:
-    """Union-find over element ids with path halving; grows on demand."""
+    """Union-find over element ids with path halving; grows on demand.
+
+    A class's root is its smallest element (a union hangs the larger root under the smaller), so
+    every element's parent is no larger than itself. :meth:`table` gives every element's root at
+    once, kept until the next union or new element: the passes that read the finished analysis
+    look whole arrays up in it instead of one :meth:`find` per element."""
 
     def __init__(self) -> None:
-        self.parent = np.zeros(0, dtype=np.int64)
+        self._parent: list[int] = []  # a list: scalar reads and writes are much cheaper than numpy's
+        self._table: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self._parent)
 
     def new(self, n: int) -> np.ndarray:
-        start = len(self.parent)
-        ids = np.arange(start, start + n, dtype=np.int64)
-        self.parent = np.concatenate([self.parent, ids])
-        return ids
+        start = len(self._parent)
+        self._parent.extend(range(start, start + n))
+        self._table = None
+        return np.arange(start, start + n, dtype=np.int64)
 
     def find(self, x: int) -> int:
-        parent = self.parent
+        parent = self._parent
+        x = int(x)
         while parent[x] != x:
             parent[x] = parent[parent[x]]
-            x = int(parent[x])
+            x = parent[x]
         return x
 
     def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(int(a)), self.find(int(b))
+        ra, rb = self.find(a), self.find(b)
         if ra != rb:
             if ra < rb:
                 ra, rb = rb, ra
-            self.parent[ra] = rb
+            self._parent[ra] = rb
+            self._table = None
 
     def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
         for x, y in zip(a.tolist(), b.tolist()):
             if x != y:
                 self.union(x, y)
 
+    def table(self) -> np.ndarray:
+        """The root of every element (read-only; pointer jumping until every entry is a root)."""
+        if self._table is None:
+            roots = np.fromiter(self._parent, dtype=np.int64, count=len(self._parent))
+            while True:
+                up = roots[roots]
+                if np.array_equal(up, roots):
+                    break
+                roots = up
+            roots.flags.writeable = False
+            self._table = roots
+        return self._table
+
     def roots(self, ids: np.ndarray) -> np.ndarray:
-        return np.fromiter((self.find(int(i)) for i in ids), dtype=np.int64, count=len(ids))
+        return self.table()[np.asarray(ids, dtype=np.int64)]
 
 
 @dataclass

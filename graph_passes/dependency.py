@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from torch import fx, nn
 
 from . import _ops_binary, _ops_conv_linear, _ops_elementwise, _ops_layers, _ops_norms, _ops_shape, _ops_timm  # noqa: F401  (fill the registry)
+from ._grouping import form_groups
 from ._ops_common import untracked_like
 from ._registry import describe_target, lookup
 from ._tracking import TRACK_KEY, AnalysisState, ParamOrigin, TensorInfo, _tensor_infos
 from .errors import GraphPassError, MissingAnalysisError
-from .groups import UNMASKED, ChannelGroup, Member
+from .groups import UNMASKED, ChannelGroup
 from .tracing import is_traced, trace
 
 __all__ = ["Analysis", "analyze", "analysis_of", "analysis_for", "channel_groups", "TRACK_KEY", "ANALYSIS_KEY"]
@@ -32,6 +33,18 @@ class Analysis:
     state: AnalysisState
     channel_of: dict[int, tuple[int, int]]  # root element -> (group id, channel)
     unsupported: list[str]
+    element_groups: np.ndarray | None = field(default=None, repr=False, compare=False)  # see group_of
+
+    def group_of(self) -> np.ndarray:
+        """Every element's group id (-1: in no group), read-only: one table to look whole element
+        arrays up in (``group_of()[ids]``) rather than :meth:`element_channel` per element."""
+        if self.element_groups is None:
+            by_root = np.full(len(self.state.uf), -1, dtype=np.int64)
+            for root, (gid, _) in self.channel_of.items():
+                by_root[root] = gid
+            self.element_groups = by_root[self.state.uf.table()]
+            self.element_groups.flags.writeable = False
+        return self.element_groups
 
     @property
     def gm(self) -> fx.GraphModule:
@@ -91,8 +104,10 @@ def analyze(gm: fx.GraphModule) -> Analysis:
             raise GraphPassError(f"channel analysis failed at node {node.name} ({describe_target(gm, node)}): {type(exc).__name__}: {exc}") from exc
         state.values[node] = value
         node.meta[TRACK_KEY] = value
-    groups, channel_of = _form_groups(state)
-    result = Analysis(groups, state, channel_of, unsupported)
+    groups, channel_of, by_root = form_groups(state)
+    element_groups = by_root[state.uf.table()]
+    element_groups.flags.writeable = False
+    result = Analysis(groups, state, channel_of, unsupported, element_groups)
     gm.meta[ANALYSIS_KEY] = result
     if unsupported:
         logger.info("%d ops without channel rules; their channels are kept: %s", len(unsupported), "; ".join(unsupported[:5]))
@@ -104,44 +119,6 @@ def analysis_of(gm: fx.GraphModule) -> Analysis:
     if result is None:
         raise MissingAnalysisError("no channel analysis on this GraphModule: call graph_passes.dependency.analyze(gm) first")
     return result
-
-
-def _form_groups(state: AnalysisState) -> tuple[list[ChannelGroup], dict[int, tuple[int, int]]]:
-    uf = state.uf
-    by_key: dict[tuple[str, str, int], list] = defaultdict(list)
-    for rec in state.members:
-        by_key[(rec.module, rec.param, rec.dim)].append(rec)
-    for recs in by_key.values():  # a parameter dimension is sliced one way, whatever its call sites
-        for other in recs[1:]:
-            state.unite(recs[0].ids, other.ids)
-    pinned: dict[int, str] = {}
-    for element, reason in state.pinned.items():
-        pinned.setdefault(uf.find(element), reason)
-    roots_of = {key: uf.roots(recs[0].ids) for key, recs in by_key.items()}
-    signature: dict[int, list[tuple[str, str, int]]] = defaultdict(list)
-    for key, roots in roots_of.items():
-        for r in dict.fromkeys(roots.tolist()):
-            signature[r].append(key)
-    classes: dict[tuple, list[int]] = defaultdict(list)
-    for root, keys in signature.items():
-        classes[(tuple(keys), root in pinned)].append(root)
-    groups: list[ChannelGroup] = []
-    channel_of: dict[int, tuple[int, int]] = {}
-    for gid, ((keys, is_pinned), roots) in enumerate(classes.items()):
-        position = {r: c for c, r in enumerate(roots)}
-        for r, c in position.items():
-            channel_of[r] = (gid, c)
-        members = []
-        for key in keys:
-            key_roots = roots_of[key]
-            idx = [i for i, r in enumerate(key_roots.tolist()) if r in position]
-            chan = [position[int(key_roots[i])] for i in idx]
-            members.append(Member(key[0], key[1], key[2], tuple(idx), tuple(chan), by_key[key][0].role))
-        reason = pinned[roots[0]] if is_pinned else None
-        if not is_pinned and len(roots) < 2:
-            reason = "a single channel: removing it would empty the tensor"
-        groups.append(ChannelGroup(gid, len(roots), tuple(members), prunable=reason is None, reason=reason))
-    return groups, channel_of
 
 
 #: What the public passes take in place of ``(model, example_inputs)``: a module (traced on the
