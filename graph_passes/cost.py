@@ -1,7 +1,6 @@
 """Cost pass: FLOPs, parameters and activation elements, as functions of the kept channel fractions."""
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any, Callable
 
 import numpy as np
@@ -79,21 +78,33 @@ def count_flops(model: nn.Module, *inputs: Any) -> int:
     return int(counter.get_total_flops())
 
 
-def _factor(analysis: Analysis, ids: np.ndarray | None, total: int) -> Factor:
-    if ids is None:
-        return Factor(total, ())
-    counts: Counter[int] = Counter()
-    for e in ids.tolist():
-        found = analysis.channel_of.get(analysis.state.uf.find(e))
-        if found is not None and analysis.groups[found[0]].prunable:
-            counts[found[0]] += 1
-    if len(ids) != total:  # an axis only partly tracked: the rest is fixed
-        total = max(total, len(ids))
-    return Factor(total, tuple(sorted(counts.items())))
+class _Factors:
+    """The :class:`Factor` of a dimension whose positions carry the elements ``ids``: how many of
+    them each prunable group holds, from one table of every element's prunable group; cached per
+    array (the tracks of many tensors share theirs)."""
+
+    def __init__(self, analysis: Analysis) -> None:
+        prunable = np.array([g.prunable for g in analysis.groups] + [False], dtype=bool)
+        groups = analysis.group_of()
+        self.group = np.where(prunable[groups], groups, -1)  # group -1 reads the final False
+        self.cache: dict[int, tuple[np.ndarray, tuple[tuple[int, int], ...]]] = {}
+
+    def __call__(self, ids: np.ndarray | None, total: int) -> Factor:
+        if ids is None:
+            return Factor(total, ())
+        hit = self.cache.get(id(ids))
+        if hit is None or hit[0] is not ids:
+            found = self.group[ids]
+            counts = np.bincount(found[found >= 0])
+            held = np.flatnonzero(counts)
+            hit = self.cache[id(ids)] = (ids, tuple(zip(held.tolist(), counts[held].tolist())))
+        if len(ids) != total:  # an axis only partly tracked: the rest is fixed
+            total = max(total, len(ids))
+        return Factor(total, hit[1])
 
 
-def _layer_cost(analysis: Analysis, rec: LayerRecord) -> LayerCost:
-    factors = tuple(_factor(analysis, ids, size) for ids, size in rec.flops_dims)
+def _layer_cost(factor: _Factors, rec: LayerRecord) -> LayerCost:
+    factors = tuple(factor(ids, size) for ids, size in rec.flops_dims)
     return LayerCost(rec.name, rec.kind, rec.flops, 0, factors, (), rec.module)
 
 
@@ -104,7 +115,7 @@ def _is_view(gm: fx.GraphModule, node: fx.Node) -> bool:
     return handler is not None and handler.view
 
 
-def _tensor_costs(gm: fx.GraphModule, analysis: Analysis, param_dims: dict[tuple[str, str], dict[int, np.ndarray]]) -> list[TensorCost]:
+def _tensor_costs(gm: fx.GraphModule, factor: _Factors, param_dims: dict[tuple[str, str], dict[int, np.ndarray]]) -> list[TensorCost]:
     """One TensorCost per tensor an op produces (views excluded). A tensor computed from a
     parameter alone (a resampled position embedding) has no tracked axes of its own; its channel
     axes are those of the parameter, which later ops that add it to activations tie to groups."""
@@ -122,21 +133,22 @@ def _tensor_costs(gm: fx.GraphModule, analysis: Analysis, param_dims: dict[tuple
                     ids = param_dims.get((info.origin.module, info.origin.param), {}).get(dim) if dim is not None else None
                     if axis not in track and ids is not None and len(ids) == info.shape[axis]:
                         track[axis] = ids
-            factors = tuple(_factor(analysis, ids, info.shape[d]) for d, ids in sorted(track.items()))
+            factors = tuple(factor(ids, info.shape[d]) for d, ids in sorted(track.items()))
             out.append(TensorCost(node.name if len(infos) == 1 else f"{node.name}[{i}]", elements, factors))
     return out
 
 
 def cost_of_analysis(gm: fx.GraphModule, analysis: Analysis) -> CostModel:
-    layers = [_layer_cost(analysis, rec) for rec in analysis.state.layers]
+    factor = _Factors(analysis)
+    layers = [_layer_cost(factor, rec) for rec in analysis.state.layers]
     dims: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     for rec in analysis.state.members:
         dims.setdefault((rec.module, rec.param), {}).setdefault(rec.dim, rec.ids)
     for qualified, param in gm.named_parameters():
         module, _, name = qualified.rpartition(".")
-        factors = tuple(_factor(analysis, ids, param.shape[d]) for d, ids in sorted(dims.get((module, name), {}).items()))
+        factors = tuple(factor(ids, param.shape[d]) for d, ids in sorted(dims.get((module, name), {}).items()))
         layers.append(LayerCost(qualified, "param", 0, param.numel(), (), factors))
-    return CostModel(tuple(layers), tuple(_tensor_costs(gm, analysis, dims)))
+    return CostModel(tuple(layers), tuple(_tensor_costs(gm, factor, dims)))
 
 
 def cost(model: Traceable, example_inputs: Any = None, groups: list[ChannelGroup] | None = None) -> CostModel:
