@@ -27,9 +27,9 @@ __all__ += ["cost", "count_flops", "flop_counter"]
 from .plan import PruningPlan  # noqa: E402
 
 __all__ += ["PruningPlan"]
-from .onnx_export import OnnxExportError, export_onnx, run_onnx  # noqa: E402
+from .onnx_export import OnnxExportError, export_onnx, onnx_runner, run_onnx  # noqa: E402
 
-__all__ += ["OnnxExportError", "export_onnx", "run_onnx"]
+__all__ += ["OnnxExportError", "export_onnx", "onnx_runner", "run_onnx"]
 from .nni_config import auto_set_denpendency_group_ids, auto_set_dependency_group_ids  # noqa: E402
 
 __all__ += ["auto_set_denpendency_group_ids", "auto_set_dependency_group_ids"]

@@ -87,16 +87,10 @@ def _require_cuda() -> None:
 
 
 def _onnxruntime(model: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int, work: Path) -> Runner:
-    ort = _require_onnxruntime()
-    from .onnx_export import export_onnx
+    _require_onnxruntime()
+    from .onnx_export import export_onnx, onnx_runner
 
-    path = export_onnx(model, inputs, work / "model.onnx")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
-    return lambda: session.run(None, feeds)
+    return onnx_runner(export_onnx(model, inputs, work / "model.onnx"), inputs, threads=threads)
 
 
 def _cuda(model: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int, work: Path) -> Runner:

@@ -13,7 +13,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from torch import nn
 from ._atomic import temp_file_beside
 from .errors import GraphPassError
 
-__all__ = ["OnnxExportError", "export_onnx", "run_onnx"]
+__all__ = ["OnnxExportError", "export_onnx", "onnx_runner", "run_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,14 +108,22 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     raise OnnxExportError("ONNX export failed; " + " | ".join(errors))
 
 
-def run_onnx(path: str | os.PathLike, example_inputs: Any, *, threads: int | None = None) -> list:
-    """Run an exported model in ONNX Runtime (CPU) and return its outputs as numpy arrays."""
+def onnx_runner(path: str | os.PathLike, example_inputs: Any, *, threads: int | None = None) -> Callable[[], list]:
+    """A callable that runs the ONNX file ``path`` once on ``example_inputs`` in ONNX Runtime's CPU
+    execution provider and returns the outputs as numpy arrays; the session is built once.
+    ``threads``: intra-op threads (one inter-op thread); None leaves onnxruntime's default."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.log_severity_level = 3
     if threads is not None:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), _as_tuple(example_inputs))}
-    return sess.run(None, feeds)
+    return lambda: sess.run(None, feeds)
+
+
+def run_onnx(path: str | os.PathLike, example_inputs: Any, *, threads: int | None = None) -> list:
+    """Run an exported model in ONNX Runtime (CPU) once and return its outputs as numpy arrays."""
+    return onnx_runner(path, example_inputs, threads=threads)()

@@ -30,7 +30,8 @@ defaults (chosen so that `nni-harp prune resnet18` on {dataset} takes a few minu
   Evaluation on the first {eval_samples} test images: PGD-{eval_attack_steps} and AutoAttack's APGD-CE + APGD-T
   (torchattacks). `--autoattack standard` adds FAB-T and Square (5000 queries), about
   5 s per robust image for resnet18 on 2 CPU cores: use it with a small --eval-samples or
-  on a GPU. Latency: median of {latency_runs} batch-1 CPU runs, PyTorch eager and onnxruntime.
+  on a GPU. Latency: median of {latency_runs} batch-1 CPU runs with {latency_threads} thread(s) (--latency-threads),
+  PyTorch eager and onnxruntime.
   `nni-harp prune resnet18 --mode structured` with these defaults: about 2 minutes on an
   idle 2-core CPU (99.0 % clean / 94.5 % PGD-10 after removing half the FLOPs; README).
   The HARP paper's recipe is 100 + 20 + 100 epochs with PGD-10 and batch 128:

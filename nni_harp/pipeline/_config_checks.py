@@ -96,7 +96,7 @@ def check_data(cfg: Any, optional: bool = False) -> None:
 
 def check_measurement(cfg: Any) -> None:
     """What evaluating a model takes: the attacks (radius, PGD steps, images, AutoAttack
-    version), the batch, the seed and the latency runs, the ONNX export."""
+    version), the batch, the seed, the latency runs and threads, the ONNX export."""
     float_in(cfg, "eps", 0.0, 1.0)
     int_in(cfg, "eval_attack_steps", 1, 10_000)
     int_in(cfg, "eval_samples", 1)
@@ -104,6 +104,11 @@ def check_measurement(cfg: Any) -> None:
     int_in(cfg, "batch_size", 1, 65_536)
     int_in(cfg, "seed", 0, 2**32 - 1)
     int_in(cfg, "latency_runs", 1, 100_000)
+    try:
+        int_in(cfg, "latency_threads", 1, 1024)
+    except ConfigError as exc:
+        raise ConfigError("latency_threads", f"--latency-threads {str(exc).split(': ', 1)[1]} (CPU threads, "
+                                             "e.g. 1 or the number of cores)") from None
     flag(cfg, "export_onnx")
 
 
@@ -191,11 +196,6 @@ def check_latency(cfg: Any) -> None:
     except ConfigError as exc:
         raise ConfigError("latency_target", f"--latency-target {str(exc).split(': ', 1)[1]} (the fraction of the "
                                             "dense model's latency to keep, e.g. 0.5)") from None
-    try:
-        int_in(cfg, "latency_threads", 1, 1024)
-    except ConfigError as exc:
-        raise ConfigError("latency_threads", f"--latency-threads {str(exc).split(': ', 1)[1]} (CPU threads, "
-                                             "e.g. 1 or the number of cores)") from None
     backends = latency_backends()
     if cfg.latency_backend not in backends:
         raise ConfigError("latency_backend", f"unknown --latency-backend {cfg.latency_backend!r}; choose one of "

@@ -143,7 +143,8 @@ class PipelineConfig:
         older_runs_default=True)
     latency_threads: int = setting(
         check.harp_default("latency_threads"),
-        "with --budget latency: CPU threads the latency is measured with (default: %(default)s)", metavar="N",
+        "CPU threads every latency is measured with: the report's PyTorch and onnxruntime latency and, with "
+        "--budget latency, the latency model and the budget (default: %(default)s)", metavar="N",
         older_runs_default=True)
     #: the settings a stored run may only be continued with unchanged (``resume=True``; set below the class)
     RESUME_KEYS: ClassVar[tuple[str, ...]] = ()
@@ -288,6 +289,7 @@ class EvaluateConfig:
     batch_size: int = _like("batch_size", default=100, help="default: %(default)s", group=None)
     seed: int = _like("seed", group=None)
     latency_runs: int = _like("latency_runs")
+    latency_threads: int = _like("latency_threads")
     export_onnx: bool = _like("export_onnx")
     output_dir: str | None = setting(None, "also write evaluate_report.json/.md (and model.onnx) here", group=None)
 

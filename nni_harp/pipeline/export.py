@@ -4,8 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import statistics
-import time
+import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from graph_passes.onnx_export import OnnxExportError
+from graph_passes.latency import latency_runner, measure_ms
+from graph_passes.onnx_export import OnnxExportError, onnx_runner
 from graph_passes.onnx_export import export_onnx as gp_export_onnx
 
 from .._io import atomic_save
@@ -91,24 +91,17 @@ def state_dict_sizes(model: nn.Module, path: str | Path) -> tuple[int, int]:
     return len(data), len(zlib.compress(data, 6))
 
 
-def torch_latency_ms(model: nn.Module, example: torch.Tensor, runs: int = 20, warmup: int = 5) -> float:
-    """Median wall time of one eager forward pass on CPU, batch 1, in milliseconds."""
+def torch_latency_ms(model: nn.Module, example: torch.Tensor, runs: int = 20, warmup: int = 5, threads: int = 1) -> float:
+    """Median wall time of one eager forward pass on CPU with ``threads`` threads, batch 1, in ms
+    (``graph_passes``' eager latency runner and timer, as the latency budget measures)."""
     x = example[:1].detach().to("cpu")
     model = model.to("cpu")
     was_training = model.training
-    model.eval()
-    times = []
     try:
-        with torch.inference_mode():
-            for _ in range(warmup):
-                model(x)
-            for _ in range(runs):
-                start = time.perf_counter()
-                model(x)
-                times.append((time.perf_counter() - start) * 1e3)
+        with tempfile.TemporaryDirectory(prefix="nni-harp-latency-") as tmp:
+            return measure_ms(latency_runner(model, x, "eager", threads, Path(tmp)), reps=runs, warmup=warmup)
     finally:
         model.train(was_training)
-    return float(statistics.median(times))
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
@@ -123,20 +116,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Pa
         model.train(was_training)
 
 
-def onnx_latency_ms(path: str | Path, example: torch.Tensor, runs: int = 20, warmup: int = 5) -> tuple[float, Any]:
-    """(median latency in ms of one onnxruntime CPU run at batch 1, the last output as numpy)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    x = example[:1].detach().cpu().numpy()
-    for _ in range(warmup):
-        session.run(None, {name: x})
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        out = session.run(None, {name: x})
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(statistics.median(times)), out[0]
+def onnx_latency_ms(path: str | Path, example: torch.Tensor, runs: int = 20, warmup: int = 5,
+                    threads: int = 1) -> tuple[float, Any]:
+    """(median latency in ms of one onnxruntime CPU run at batch 1 with ``threads`` intra-op
+    threads, the last output as numpy)."""
+    run = onnx_runner(path, example[:1].detach().cpu(), threads=threads)
+    return measure_ms(run, reps=runs, warmup=warmup), run()[-1]

@@ -61,6 +61,7 @@ def measure_model(
     autoattack: str,
     seed: int,
     latency_runs: int,
+    latency_threads: int,
     state_file: Path,
     onnx_file: Path | None,
     device: torch.device,
@@ -82,11 +83,11 @@ def measure_model(
     params, nonzero = count_params(model)
     flops, effective = measure_flops(model, example)
     file_bytes, compressed = state_dict_sizes(model, state_file)
-    lat_torch = torch_latency_ms(model, example, runs=latency_runs)
+    lat_torch = torch_latency_ms(model, example, runs=latency_runs, threads=latency_threads)
     lat_onnx = None
     checks: dict[str, float] = {}
     if onnx_file is not None and onnx_file.is_file():
-        lat_onnx, out = onnx_latency_ms(onnx_file, example, runs=latency_runs)
+        lat_onnx, out = onnx_latency_ms(onnx_file, example, runs=latency_runs, threads=latency_threads)
         with torch.no_grad():
             ref = model(example[:1])
         checks["onnx_max_abs_diff"] = float((torch.as_tensor(out) - ref).abs().max())
@@ -95,7 +96,7 @@ def measure_model(
         clean_acc=rob.clean, pgd_acc=rob.pgd, autoattack_acc=rob.autoattack, eval_samples=rob.n,
         params=params, nonzero_params=nonzero, flops=flops, effective_flops=effective,
         file_bytes=file_bytes, compressed_bytes=compressed,
-        latency_ms_torch=lat_torch, latency_ms_onnx=lat_onnx,
+        latency_ms_torch=lat_torch, latency_ms_onnx=lat_onnx, latency_threads=latency_threads,
     )
     summary = {"clean": rob.clean, "pgd": rob.pgd}
     if rob.autoattack is not None:

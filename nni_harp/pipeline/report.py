@@ -28,6 +28,7 @@ class ModelMetrics:
     compressed_bytes: int  # size of the saved state dict after zlib compression (sparsity shows here)
     latency_ms_torch: float | None  # median CPU latency, batch 1, PyTorch eager
     latency_ms_onnx: float | None  # median CPU latency, batch 1, onnxruntime
+    latency_threads: int | None = None  # CPU threads both latencies were measured with (None: older reports)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelMetrics":
@@ -121,9 +122,13 @@ class Report:
     def rows(self) -> list[tuple[str, ...]]:
         """Table rows: (metric, dense, pruned, pruned/dense), or (metric, value) for one model."""
         out: list[tuple[str, ...]] = []
+        threads = {m.latency_threads for m in (self.dense, self.pruned) if m is not None} - {None}
         for key, label, kind in METRIC_ROWS:
             d = getattr(self.dense, key) if self.dense is not None else None
             p = getattr(self.pruned, key) if self.pruned is not None else None
+            if key.startswith("latency_ms") and threads:
+                n = "/".join(str(t) for t in sorted(threads))
+                label = label.replace("(ms)", f"(ms, {n} thread{'s' if n != '1' else ''})")
             if len(self.columns) == 2:
                 out.append((label, _fmt(d, kind), _fmt(p, kind), _ratio(d, p, kind)))
             else:

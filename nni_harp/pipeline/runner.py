@@ -223,7 +223,8 @@ def evaluate(config: EvaluateConfig, callbacks: Iterable[PipelineCallback] | Pip
         metrics, checks = measure_model(
             model, "evaluate", cb, test_ds, example, eps=config.eps, attack_steps=config.eval_attack_steps,
             samples=config.eval_samples, batch_size=config.batch_size, autoattack=config.autoattack,
-            seed=config.seed, latency_runs=config.latency_runs, state_file=work / "evaluated_model.pt",
+            seed=config.seed, latency_runs=config.latency_runs,
+            latency_threads=config.latency_threads, state_file=work / "evaluated_model.pt",
             onnx_file=onnx, device=device,
         )
     report = Report(

@@ -29,7 +29,7 @@ def stage_evaluate(ctx: Context, model: nn.Module, name: str, state_file: Path, 
             model, name, ctx.cb, ctx.test_ds, ctx.example,
             eps=cfg.eps, attack_steps=cfg.eval_attack_steps, samples=cfg.eval_samples,
             batch_size=max(cfg.batch_size, 100), autoattack=cfg.autoattack, seed=cfg.seed,
-            latency_runs=cfg.latency_runs, state_file=state_file, onnx_file=onnx_file, device=ctx.device,
+            latency_runs=cfg.latency_runs, latency_threads=cfg.latency_threads, state_file=state_file, onnx_file=onnx_file, device=ctx.device,
         )
         prefix = "dense" if name == "evaluate-dense" else "pruned"
         checks = {f"{prefix}_{k}": v for k, v in checks.items()}

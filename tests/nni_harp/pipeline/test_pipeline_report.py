@@ -42,6 +42,34 @@ def test_table_has_dense_pruned_and_ratio():
     assert "n/a" in next(line for line in lines if "onnxruntime" in line)
 
 
+def test_latency_rows_name_the_threads_they_were_measured_with():
+    import dataclasses
+
+    one = _report()
+    assert "thread" not in next(line for line in one.table().splitlines() if "PyTorch" in line)  # older reports
+    two = dataclasses.replace(one, dense=dataclasses.replace(one.dense, latency_threads=2),
+                              pruned=dataclasses.replace(one.pruned, latency_threads=2))
+    row = next(line for line in two.table().splitlines() if "PyTorch" in line)
+    assert row.startswith("CPU latency, PyTorch (ms, 2 threads)") and "x0.500" in row
+    assert Report.from_dict(json.loads(json.dumps(two.to_dict()))) == two
+
+
+def test_latency_measurement_uses_the_threads_asked_for_and_leaves_torch_as_it_was(tmp_path, monkeypatch):
+    import torch
+
+    from nni_harp.pipeline import export
+
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    model.register_forward_pre_hook(lambda m, a: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    ms = export.torch_latency_ms(model.train(), torch.rand(2, 3, 8, 8), runs=3, warmup=1, threads=1)
+    assert ms > 0 and seen == [1] * 4 and torch.get_num_threads() == before and model.training
+    path = export.export_onnx(model, torch.rand(1, 3, 8, 8), tmp_path / "m.onnx")
+    ms, out = export.onnx_latency_ms(path, torch.rand(2, 3, 8, 8), runs=3, warmup=1, threads=1)
+    assert ms > 0 and out.shape == (1, 4, 6, 6)
+
+
 def test_json_and_markdown_hold_the_table_numbers(tmp_path):
     report = _report()
     js, md = report.save(tmp_path)
