@@ -66,62 +66,59 @@ class TensorInfo:
 
 
 class UnionFind:
-    """Union-find over element ids with path halving; grows on demand.
+    """Classes of element ids, united in pairs; grows on demand.
 
-    A class's root is its smallest element (a union hangs the larger root under the smaller), so
-    every element's parent is no larger than itself. :meth:`table` gives every element's root at
-    once, kept until the next union or new element: the passes that read the finished analysis
-    look whole arrays up in it instead of one :meth:`find` per element."""
+    A class's root is its smallest element. Unions are only recorded; the classes are found when
+    a root is first asked for (:meth:`find`, :meth:`table`), as the connected components of every
+    pair recorded (whole arrays at once: the analysis unites some 10^4 pairs per model and asks
+    for roots only when it is done), and kept until the next union or new element."""
 
     def __init__(self) -> None:
-        self._parent: list[int] = []  # a list: scalar reads and writes are much cheaper than numpy's
-        self._table: np.ndarray | None = None
+        self._size = 0
+        self._table = np.zeros(0, dtype=np.int64)  # every element's root, as of the last resolution
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
 
     def __len__(self) -> int:
-        return len(self._parent)
+        return self._size
 
     def new(self, n: int) -> np.ndarray:
-        start = len(self._parent)
-        self._parent.extend(range(start, start + n))
-        self._table = None
+        start, self._size = self._size, self._size + n
         return np.arange(start, start + n, dtype=np.int64)
 
     def find(self, x: int) -> int:
-        parent = self._parent
-        x = int(x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
+        return int(self.table()[int(x)])
 
     def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            if ra < rb:
-                ra, rb = rb, ra
-            self._parent[ra] = rb
-            self._table = None
+        self._pending.append((np.array([a], dtype=np.int64), np.array([b], dtype=np.int64)))
 
     def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
-        for x, y in zip(a.tolist(), b.tolist()):
-            if x != y:
-                self.union(x, y)
+        """Unite ``a[i]`` with ``b[i]`` for every ``i`` (copies: later changes to the arrays do not count)."""
+        self._pending.append((np.array(a, dtype=np.int64), np.array(b, dtype=np.int64)))
 
     def table(self) -> np.ndarray:
-        """The root of every element (read-only; pointer jumping until every entry is a root)."""
-        if self._table is None:
-            roots = np.fromiter(self._parent, dtype=np.int64, count=len(self._parent))
-            while True:
-                up = roots[roots]
-                if np.array_equal(up, roots):
-                    break
-                roots = up
-            roots.flags.writeable = False
-            self._table = roots
+        """The root of every element (read-only)."""
+        if self._pending or len(self._table) != self._size:
+            self._table = self._resolve()
+            self._table.flags.writeable = False
         return self._table
 
     def roots(self, ids: np.ndarray) -> np.ndarray:
         return self.table()[np.asarray(ids, dtype=np.int64)]
+
+    def _resolve(self) -> np.ndarray:
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        n, known = self._size, len(self._table)
+        merged = np.flatnonzero(self._table != np.arange(known))  # earlier unions: element -> its root
+        a = np.concatenate([merged] + [pair[0] for pair in self._pending])
+        b = np.concatenate([self._table[merged]] + [pair[1] for pair in self._pending])
+        self._pending = []
+        edges = coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
+        _, component = connected_components(edges, directed=False)
+        smallest = np.full(component.max() + 1 if n else 0, n, dtype=np.int64)
+        np.minimum.at(smallest, component, np.arange(n, dtype=np.int64))
+        return smallest[component]
 
 
 @dataclass
