@@ -1,7 +1,8 @@
 """Trace a model into a ``torch.fx.GraphModule`` with timm's no-trace leaves honoured.
 
 The result carries ``tensor_meta`` (shape and dtype of every value) from ``ShapeProp`` so that
-analysis passes can read shapes without running the model again.
+analysis passes can read shapes without running the model again; the check against the eager
+model reuses that one run's layer outputs.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ._concrete_tracing import concrete_tracer
+from ._leaf_replay import LeafCalls
 from .errors import TraceError
 
 __all__ = ["HarpTracer", "trace", "trace_once", "is_traced", "as_tuple", "flatten_outputs", "extra_leaf_types",
@@ -113,7 +115,9 @@ def trace(
     kept as leaves, so every timm model that timm's own FX feature extraction handles can be
     traced. Its no-trace modules without a channel rule (``NormFreeBlock``, ``GPSA``, ...) are
     traced through first, as leaves only where that fails. With ``check``, the traced module's
-    outputs are compared to eager outputs (eval mode, same inputs).
+    outputs are compared to eager outputs (eval mode, same inputs). The model's layers run once:
+    the eager run is given the leaf modules' outputs of the shape propagation wherever their
+    inputs are the same (see ``graph_passes._leaf_replay``).
 
     A ``GraphModule`` that already carries shapes (one this function returned) comes back as it
     is; inside a :func:`trace_once` block, so does the trace of a model traced there before.
@@ -226,16 +230,17 @@ def _trace(model: nn.Module, example_inputs: Any, leaf_types: Iterable[type[nn.M
     _keep_non_persistent_buffers(tracer.root, gm)
     was_training = model.training
     gm.eval()
+    calls = LeafCalls(gm) if check else None  # the eager check reuses the leaf calls of this one run
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+        with torch.no_grad(), calls.recording() if calls is not None else contextlib.nullcontext():
+            got = ShapeProp(gm).propagate(*inputs)
     except Exception as exc:
         raise TraceError(f"shape propagation through the traced {name} failed: {type(exc).__name__}: {exc}") from exc
-    if check:
+    if calls is not None:
+        got = [t.clone() for t in flatten_outputs(got)]  # the eager run may change the recorded tensors in place
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), calls.replaying():
             expected = model(*inputs)
-            got = gm(*inputs)
         model.train(was_training)
         _assert_same(expected, got, name)
     gm.train(was_training)

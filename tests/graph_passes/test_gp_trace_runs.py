@@ -1,0 +1,94 @@
+"""One run of the model per analysis (#14): the eager check of ``trace`` reuses the leaf modules'
+calls of the traced run (graph_passes._leaf_replay), and still sees every way eager can differ."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.fx._symbolic_trace import is_fx_tracing
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import graph_passes as gp
+
+
+class _Count(TorchDispatchMode):
+    """The aten ops run, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] = self.ops.get(str(func), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_an_analysis_and_its_cost_run_every_conv_and_linear_once():
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10).eval()
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    with _Count() as count:
+        analysis = gp.analysis_for(model, torch.rand(1, 3, 32, 32))
+        gp.cost(analysis)
+    assert count.ops["aten.convolution.default"] == convs
+    assert count.ops["aten.addmm.default"] == 1  # the classifier
+    assert all("forward" not in vars(m) for m in model.modules())  # the leaf patches are gone
+
+
+class EagerDiffers(nn.Module):
+    """Eager computes something else than the trace, after a leaf or before one."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if self.where == "before" and not is_fx_tracing():
+            x = x * 2  # the conv gets other inputs in eager: computed, not given the recorded output
+        y = self.conv(x)
+        if self.where == "after" and not is_fx_tracing():
+            y = y + 1  # the recorded conv output must not be changed for the traced side
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_the_check_still_sees_eager_differ(where):
+    model = EagerDiffers(where)
+    with pytest.raises(gp.TraceError, match="differs from eager"):
+        gp.trace(model, torch.randn(1, 3, 4, 4))
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+class InPlace(nn.Module):
+    """Recorded outputs changed in place after their call, and an in-place leaf whose output is
+    its input: given back as recorded, eager would compute other values and the check would fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y.add_(1)  # in the traced graph too (fx records `+=` as an add): changes the recorded output
+        z = self.bn(y)
+        w = self.act(z)  # in place: w is z
+        return self.conv2(w) + z + y
+
+
+def test_outputs_changed_in_place_and_in_place_leaves_are_computed_again():
+    torch.manual_seed(0)
+    model = InPlace().eval()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+    x = torch.randn(1, 3, 5, 5)
+    with _Count() as count:
+        gm = gp.trace(model, x)
+    assert count.ops["aten.convolution.default"] == 3  # conv computed again (its output changed), conv2 once
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
