@@ -1,4 +1,4 @@
-"""Top-k masks with straight-through gradients, and the rate parametrisation that feeds them.
+"""Straight-through gradients of top-k masks (the masks themselves: ``_topk``), and the rate parametrisation that feeds them.
 
 A unit (a layer's weight, or a channel group) of ``n`` entries keeps the ``round(k * n)`` entries
 with the largest ``|s|`` (never fewer than one). The rate is ``k = floor + (ceiling - floor) *
@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["keep_from_rate", "rate_for_keep", "keep_count", "topk_mask", "fill_topk", "straight_through_mask",
-           "masked_straight_through", "given_product"]
+__all__ = ["keep_from_rate", "rate_for_keep", "keep_count", "straight_through_mask", "masked_straight_through",
+           "given_product"]
 
 _EPS = 1e-6
 
@@ -46,78 +46,6 @@ def keep_count(keep: float, n: int) -> int:
     if n < 1:
         raise ValueError(f"a unit needs at least one entry, got n={n}")
     return int(min(n, max(1, round(float(keep) * n))))
-
-
-@torch.no_grad()
-def topk_mask(scores_abs: Tensor, count: int) -> Tensor:
-    """A float 0/1 tensor shaped like ``scores_abs`` with ones at its ``count`` largest entries."""
-    mask = torch.empty_like(scores_abs, dtype=torch.float32)
-    fill_topk(mask, scores_abs, count)
-    return mask
-
-
-#: Units of at least this many entries select their top-k in two rounds (:func:`fill_topk`); smaller
-#: ones call ``torch.topk`` once.
-BAND_MIN_SIZE = 1 << 15
-_SAMPLE_STRIDE = 50  # every 50th entry estimates the boundary
-_SAMPLE_Z = 4.0  # standard deviations of the sample quantile's rank on either side of the boundary
-
-
-def _select(flat: Tensor, m: int, largest: bool) -> Tensor | None:
-    """A bool mask of the ``m`` largest (``largest``) or smallest entries of ``flat``, or ``None``.
-
-    Two thresholds read off a strided sample, a few standard deviations of the sample quantile's
-    rank on either side of the boundary, split the entries into sure ones (beyond the inner
-    threshold), a narrow band and the rest; only the band is ranked. ``None`` where the band
-    misses the boundary (then rank everything)."""
-    sample = flat[::_SAMPLE_STRIDE]
-    s, p = sample.numel(), m / flat.numel()
-    dev = _SAMPLE_Z * math.sqrt(s * p * (1.0 - p))
-    outer_rank, inner_rank = min(s, math.ceil(p * s + dev) + 1), math.floor(p * s - dev)
-
-    def at_rank(r: int) -> Tensor:  # the sample's r-th largest (smallest) entry
-        return torch.kthvalue(sample, s - r + 1 if largest else r).values
-
-    outer = at_rank(outer_rank)
-    band = flat >= outer if largest else flat <= outer
-    if inner_rank >= 1:
-        inner = at_rank(inner_rank)
-        sure = flat > inner if largest else flat < inner
-        band ^= sure  # sure entries lie beyond the outer threshold too
-    else:
-        sure = torch.zeros_like(band)
-    n_sure, n_band = int(sure.count_nonzero()), int(band.count_nonzero())
-    if not n_sure <= m <= n_sure + n_band:
-        return None
-    index = band.view(-1).nonzero().squeeze(1)
-    picked = torch.topk(flat[index], m - n_sure, largest=largest, sorted=False).indices
-    return sure.index_fill_(0, index[picked], True)
-
-
-@torch.no_grad()
-def fill_topk(out: Tensor, scores_abs: Tensor, count: int) -> None:
-    """Write :func:`topk_mask` into ``out`` (a contiguous float tensor shaped like ``scores_abs``).
-
-    A large unit ranks only a narrow band of its entries around the boundary (:func:`_select`):
-    the same set as one ``torch.topk`` over all entries (which entry of a tie at the boundary is
-    kept is arbitrary either way), at a fraction of its cost (``torch.topk`` on CPU runs on one
-    thread, about 10 ns an entry). The side nearer to an end is selected (the kept entries, or the
-    removed ones); non-finite values, or a band that misses the boundary, fall back to
-    ``torch.topk``."""
-    flat = scores_abs.detach().reshape(-1)
-    n = flat.numel()
-    count = int(min(max(count, 0), n))
-    if count in (0, n):
-        out.fill_(float(count > 0))
-        return
-    if n >= BAND_MIN_SIZE and bool(torch.isfinite(flat.sum())):
-        largest = 2 * count <= n  # select the kept entries, else the removed ones
-        chosen = _select(flat, count if largest else n - count, largest)
-        if chosen is not None:
-            out.view(-1).copy_(chosen if largest else ~chosen)
-            return
-    out.zero_()
-    out.view(-1).index_fill_(0, torch.topk(flat, count, sorted=False).indices, 1.0)
 
 
 class _TopKStraightThrough(torch.autograd.Function):

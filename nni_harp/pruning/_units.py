@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._ste import START_MARGIN, fill_topk, keep_count, keep_from_rate, rate_for_keep, straight_through_mask
+from ._ste import START_MARGIN, keep_count, keep_from_rate, rate_for_keep, straight_through_mask
+from ._topk import CutTracker, fill_topk
 
 __all__ = ["ScoreUnit", "hydra_scores"]
 
@@ -55,6 +56,7 @@ class ScoreUnit:
         owner.register_parameter(f"{attr}_score", nn.Parameter(scores))
         owner.register_parameter(f"{attr}_rate", nn.Parameter(rate, requires_grad=learn_rate))
         owner.register_buffer(f"{attr}_keep", torch.zeros_like(scores))
+        self._cut = CutTracker()  # where the last refresh cut the scores: a head start for the next
         self.refresh()
 
     @property
@@ -93,7 +95,7 @@ class ScoreUnit:
     def refresh(self, count: int | None = None) -> None:
         """Recompute the hard mask: the top ``count`` (default: the rate's count) of ``|scores|``."""
         count = self.target_count() if count is None else int(count)
-        fill_topk(self.hard, self.scores.abs(), count)
+        fill_topk(self.hard, self.scores.abs(), count, self._cut)
 
     @torch.no_grad()
     def set_keep(self, keep: float) -> None:

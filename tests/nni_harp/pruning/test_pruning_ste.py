@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from nni_harp.pruning._ste import keep_count, keep_from_rate, rate_for_keep, straight_through_mask, topk_mask
+from nni_harp.pruning._ste import keep_count, keep_from_rate, rate_for_keep, straight_through_mask
+from nni_harp.pruning._topk import topk_mask
 from nni_harp.pruning._units import ScoreUnit, hydra_scores
 
 

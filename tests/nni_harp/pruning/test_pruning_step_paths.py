@@ -13,14 +13,8 @@ from nni.compression import TorchEvaluator
 from nni_harp.adversarial import AttackConfig, pgd
 from nni_harp.pruning import HARPPruner
 from nni_harp.pruning._masking import ProductCache
-from nni_harp.pruning._ste import (
-    BAND_MIN_SIZE,
-    fill_topk,
-    given_product,
-    masked_straight_through,
-    straight_through_mask,
-    topk_mask,
-)
+from nni_harp.pruning._ste import given_product, masked_straight_through, straight_through_mask
+from nni_harp.pruning._topk import BAND_MIN_SIZE, fill_topk, topk_mask
 
 from _pruning_helpers import tiny_cnn
 
