@@ -45,19 +45,17 @@ def form_groups(state: AnalysisState) -> tuple[list[ChannelGroup], dict[int, tup
     key_roots = [table[by_key[key][0].ids] for key in keys]
     roots, at, group, channel, group_keys = _classes(key_roots, pinned, len(table))
     members: dict[tuple[int, int], Member] = {}
+    parts_of: dict[int, tuple[np.ndarray, list[tuple[int, tuple[int, ...], tuple[int, ...]]]]] = {}
     offset = 0
-    for k, key in enumerate(keys):  # each key's positions, split by group (ascending within each)
-        of_key = at[offset:offset + len(key_roots[k])]
-        offset += len(of_key)
-        gids = group[of_key]
-        if gids.min() == gids.max():
-            parts = [np.arange(len(gids))]
-        else:
-            order = np.argsort(gids, kind="stable")
-            parts = np.split(order, np.flatnonzero(np.diff(gids[order])) + 1)
-        role = by_key[key][0].role
-        for idx in parts:
-            members[(int(gids[idx[0]]), k)] = Member(*key, tuple(idx.tolist()), tuple(channel[of_key[idx]].tolist()), role)
+    for k, key in enumerate(keys):
+        ids = by_key[key][0].ids
+        of_key = at[offset:offset + len(ids)]
+        offset += len(ids)
+        hit = parts_of.get(id(ids))  # records of one array (a conv's weight and bias rows) split alike
+        if hit is None or hit[0] is not ids:
+            hit = parts_of[id(ids)] = (ids, _parts(of_key, group, channel))
+        for gid, index, chan in hit[1]:
+            members[(gid, k)] = Member(*key, index, chan, by_key[key][0].role)
     sizes = np.bincount(group).tolist()
     first_root = np.empty(len(sizes), dtype=np.int64)
     first_root[group[channel == 0]] = roots[channel == 0]
@@ -70,6 +68,19 @@ def form_groups(state: AnalysisState) -> tuple[list[ChannelGroup], dict[int, tup
         groups.append(ChannelGroup(gid, size, group_members, prunable=reason is None, reason=reason))
     by_root[roots] = group
     return groups, dict(zip(roots.tolist(), zip(group.tolist(), channel.tolist()))), by_root
+
+
+def _parts(of_key: np.ndarray, group: np.ndarray, channel: np.ndarray) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:
+    """A key's positions (their roots' indices ``of_key``) split by group: (group, positions
+    ascending, their channels)."""
+    if not len(of_key):
+        return []
+    gids = group[of_key]
+    if gids[0] == gids[-1] and (gids == gids[0]).all():
+        return [(int(gids[0]), tuple(range(len(gids))), tuple(channel[of_key].tolist()))]
+    order = np.argsort(gids, kind="stable")
+    return [(int(gids[idx[0]]), tuple(idx.tolist()), tuple(channel[of_key[idx]].tolist()))
+            for idx in np.split(order, np.flatnonzero(np.diff(gids[order])) + 1)]
 
 
 def _unique(values: np.ndarray) -> np.ndarray:
