@@ -9,17 +9,22 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from ._atomic import atomic_write_text
-from .dependency import analyze
+from .dependency import Analysis, Traceable, analysis_for
 from .errors import PlanError
 from .groups import ChannelGroup, keep_from_masks
 from ._masks import bake, normalize_masks
 from .speedup import apply_keep
-from .tracing import as_tuple, trace
+from .tracing import as_tuple
 
 __all__ = ["PruningPlan"]
+
+
+def _traceable_copy(model: Traceable) -> Traceable:
+    """A plain module is traced on an eval-mode copy; a traced one or an analysis is used as is."""
+    return model if isinstance(model, (Analysis, fx.GraphModule)) else copy.deepcopy(model).eval()
 
 FORMAT = "graph_passes.pruning_plan/1"
 
@@ -104,11 +109,13 @@ class PruningPlan:
         return cls(kept, _fingerprint(groups), shapes)
 
     @classmethod
-    def from_masks(cls, model: nn.Module, example_inputs: Any, masks: Mapping[str, Mapping[str, torch.Tensor]]) -> "PruningPlan":
-        """The plan that :class:`ModelSpeedup` would carry out for these NNI-format masks."""
-        gm = trace(copy.deepcopy(model).eval(), example_inputs)
-        groups = analyze(gm).groups
-        return cls.from_keep(groups, keep_from_masks(groups, masks), example_inputs)
+    def from_masks(cls, model: Traceable, example_inputs: Any, masks: Mapping[str, Mapping[str, torch.Tensor]]) -> "PruningPlan":
+        """The plan that :class:`ModelSpeedup` would carry out for these NNI-format masks.
+
+        ``model``: a module (traced on a copy, in eval mode), or a traced ``GraphModule`` or its
+        :class:`~graph_passes.Analysis` (see :func:`graph_passes.analysis_for`), used as they are."""
+        analysis = analysis_for(_traceable_copy(model), example_inputs)
+        return cls.from_keep(analysis.groups, keep_from_masks(analysis.groups, masks), example_inputs)
 
     def keep_vectors(self, groups: list[ChannelGroup]) -> dict[int, torch.Tensor]:
         self.check(groups)
@@ -131,17 +138,25 @@ class PruningPlan:
                                 f"channels over {want['members'][:3]}..., the model {have['size']} over "
                                 f"{have['members'][:3]}...")
 
-    def apply(self, model: nn.Module, example_inputs: Any = None, masks: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> fx.GraphModule:
-        """Remove the planned channels from a copy of ``model`` (e.g. freshly built by name)."""
-        if example_inputs is None:
+    def apply(self, model: Traceable, example_inputs: Any = None, masks: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> fx.GraphModule:
+        """Remove the planned channels from a copy of ``model`` (e.g. freshly built by name), or of a
+        traced ``GraphModule`` or its :class:`~graph_passes.Analysis` (not traced again); ``masks``
+        are baked into the copy first."""
+        if example_inputs is None and not isinstance(model, (Analysis, fx.GraphModule)):
             if not self.input_shapes:
                 raise PlanError("the plan stores no input shape: pass example_inputs")
             example_inputs = tuple(torch.randn(*s) for s in self.input_shapes)
-        model = copy.deepcopy(model).eval()
-        if masks:
-            bake(model, normalize_masks(model, masks))
-        gm = trace(model, example_inputs)
-        analysis = analyze(gm)
+        if isinstance(model, (Analysis, fx.GraphModule)):
+            analysis = analysis_for(model, example_inputs)
+            gm, analysis = copy.deepcopy((analysis.gm, analysis))
+            if masks:
+                bake(gm, normalize_masks(gm, masks))
+        else:
+            model = copy.deepcopy(model).eval()
+            if masks:
+                bake(model, normalize_masks(model, masks))
+            analysis = analysis_for(model, example_inputs)
+            gm = analysis.gm
         return apply_keep(gm, analysis, self.keep_vectors(analysis.groups))
 
     def to_json(self) -> str:

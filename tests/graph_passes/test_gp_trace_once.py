@@ -92,6 +92,23 @@ def test_model_speedup_exposes_the_plan_it_applied_and_takes_an_analysis(model, 
     assert_same(outputs(again, X), outputs(pruned, X))
 
 
+def test_pruning_plan_takes_a_graph_module_or_its_analysis_and_traces_nothing(model, traces):
+    analysis = gp.analysis_for(model, X)
+    keep = random_keep(analysis.groups, seed=2)
+    masks = gp.group_masks(model, analysis.groups, keep)
+    plan = gp.PruningPlan.from_masks(model, X, masks)  # a plain module: traced (on a copy)
+    expected = outputs(plan.apply(model, X, masks), X)
+    del traces[:]
+    for source in (analysis.gm, analysis):
+        assert gp.PruningPlan.from_masks(source, X, masks) == plan
+        pruned = plan.apply(source, masks=masks)
+        assert_same(outputs(pruned, X), expected)
+        assert pruned is not analysis.gm
+    assert traces == []
+    # the given trace is left as it was: dense, its weights unmasked
+    assert_same(outputs(analysis.gm, X), outputs(model, X))
+
+
 def test_fit_latency_traces_the_model_once(model, traces, monkeypatch, tmp_path):
     monkeypatch.setattr(lat, "measure_ms", lambda run, reps=20, warmup=3: 1.0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
