@@ -1,6 +1,7 @@
 """Channel dependency analysis: walk a traced graph and find groups of coupled channels."""
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,36 @@ class Analysis:
     def gm(self) -> fx.GraphModule:
         """The traced module analysed (its nodes carry the tracking, its ``meta`` this result)."""
         return self.state.gm
+
+    def copy(self) -> "Analysis":
+        """The analysis of a deep copy of :attr:`gm`: for passes that change a module in place
+        (:func:`graph_passes.apply_keep`) and must leave this one as it is. (``copy.deepcopy`` of
+        an analysis walks the graph's linked nodes one recursion level each and passes Python's
+        limit on models of resnet50's size.)"""
+        return analyze(copy.deepcopy(self.gm))
+
+
+class _Stored:
+    """``GraphModule.meta``'s holder of the module's :class:`Analysis`. A deep copy (or pickle) of
+    the module is another module, whose nodes the analysis does not describe: its holder is empty,
+    so the copy is analysed anew when asked (:func:`analysis_for`)."""
+
+    __slots__ = ("analysis",)
+
+    def __init__(self, analysis: Analysis | None) -> None:
+        self.analysis = analysis
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_Stored":
+        return _Stored(None)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Stored, (None,))
+
+
+def stored_analysis(gm: fx.GraphModule) -> Analysis | None:
+    """The analysis :func:`analyze` stored on ``gm``, or None."""
+    held = gm.meta.get(ANALYSIS_KEY)
+    return held.analysis if isinstance(held, _Stored) else None
 
     def element_channel(self, element: int) -> tuple[int, int]:
         return self.channel_of[self.state.uf.find(int(element))]
@@ -108,14 +139,14 @@ def analyze(gm: fx.GraphModule) -> Analysis:
     element_groups = by_root[state.uf.table()]
     element_groups.flags.writeable = False
     result = Analysis(groups, state, channel_of, unsupported, element_groups)
-    gm.meta[ANALYSIS_KEY] = result
+    gm.meta[ANALYSIS_KEY] = _Stored(result)
     if unsupported:
         logger.info("%d ops without channel rules; their channels are kept: %s", len(unsupported), "; ".join(unsupported[:5]))
     return result
 
 
 def analysis_of(gm: fx.GraphModule) -> Analysis:
-    result = gm.meta.get(ANALYSIS_KEY)
+    result = stored_analysis(gm)
     if result is None:
         raise MissingAnalysisError("no channel analysis on this GraphModule: call graph_passes.dependency.analyze(gm) first")
     return result
@@ -136,7 +167,7 @@ def analysis_for(model: Traceable, example_inputs: Any = None) -> Analysis:
     if example_inputs is None and not is_traced(model):
         raise GraphPassError(f"{type(model).__name__} is not traced yet: pass example_inputs to trace it with")
     gm = trace(model, example_inputs)
-    stored = gm.meta.get(ANALYSIS_KEY)
+    stored = stored_analysis(gm)
     return stored if stored is not None else analyze(gm)
 
 

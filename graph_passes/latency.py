@@ -285,7 +285,7 @@ def fit_latency(
                 keep = {g: torch.arange(sizes[g]) < c for g, c in counts.items()}
                 # a copy (a GraphModule shares the model's modules): the dense one as it is, the others
                 # pruned; which channels go does not change the time
-                pruned = copy.deepcopy(gm) if i == 0 else apply_keep(*copy.deepcopy((gm, analysis)), keep)
+                pruned = copy.deepcopy(gm) if i == 0 else apply_keep((fresh := analysis.copy()).gm, fresh, keep)
                 work = Path(tmp) / str(i)
                 work.mkdir()
                 runners[i] = latency_runner(pruned, example_inputs, backend, threads, work)

@@ -147,8 +147,8 @@ class PruningPlan:
                 raise PlanError("the plan stores no input shape: pass example_inputs")
             example_inputs = tuple(torch.randn(*s) for s in self.input_shapes)
         if isinstance(model, (Analysis, fx.GraphModule)):
-            analysis = analysis_for(model, example_inputs)
-            gm, analysis = copy.deepcopy((analysis.gm, analysis))
+            analysis = analysis_for(model, example_inputs).copy()
+            gm = analysis.gm
             if masks:
                 bake(gm, normalize_masks(gm, masks))
         else:

@@ -123,3 +123,31 @@ def test_fit_latency_traces_the_model_once(model, traces, monkeypatch, tmp_path)
     del traces[:]
     assert gp.fit_latency(gp.analysis_for(gp.trace(model, X)), X, samples=4, cache_dir=tmp_path) == fitted
     assert len(traces) == 1  # the trace handed in; the fit came from the cache
+
+
+def test_a_large_graph_and_its_analysis_are_copied_without_deep_recursion(traces, monkeypatch, tmp_path):
+    """A trace of a few hundred nodes (resnet50, convnext_tiny, vit_small have that many): copying
+    the traced module with its stored analysis walked the graph's linked nodes one recursion level
+    each and raised RecursionError in ModelSpeedup(graph_module=analysis), PruningPlan.apply and
+    fit_latency. A copy now carries no analysis and is analysed anew."""
+    import sys
+
+    layers = []
+    for _ in range(sys.getrecursionlimit() // 4):
+        layers += [torch.nn.Conv2d(4, 4, 1), torch.nn.ReLU()]
+    deep = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), *layers).eval()
+    x = torch.rand(1, 3, 4, 4)
+    analysis = gp.analysis_for(deep, x)
+    assert len(analysis.gm.graph.nodes) > sys.getrecursionlimit() // 2
+    copied = copy.deepcopy(analysis.gm)
+    assert gp.dependency.stored_analysis(copied) is None and gp.dependency.stored_analysis(analysis.gm) is analysis
+    keep = random_keep(analysis.groups, seed=0)
+    masks = gp.group_masks(deep, analysis.groups, keep)
+    del traces[:]
+    speedup = gp.ModelSpeedup(deep, x, masks, graph_module=analysis)
+    pruned = speedup.speedup_model(inplace=False)
+    assert_same(outputs(pruned, x), outputs(apply_masks(deep, masks), x))
+    assert_same(outputs(speedup.plan.apply(analysis, masks=masks), x), outputs(pruned, x))
+    monkeypatch.setattr(lat, "measure_ms", lambda run, reps=20, warmup=3: 1.0)
+    assert len(gp.fit_latency(analysis, x, samples=3, reps=1, cache_dir=tmp_path).measured) == 3
+    assert traces == []
