@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ._registry import node_module
+
 __all__ = ["LeafCalls"]
 
 _CONSTANTS = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
@@ -86,7 +88,7 @@ class LeafCalls:
     :meth:`recording`, given back while :meth:`replaying` (see the module docstring)."""
 
     def __init__(self, gm: fx.GraphModule, budget: int = 1 << 30) -> None:
-        modules = {id(m): m for m in (gm.get_submodule(str(n.target)) for n in gm.graph.nodes if n.op == "call_module")}
+        modules = {id(m): m for m in (node_module(gm, n) for n in gm.graph.nodes if n.op == "call_module")}
         self.modules = [m for m in modules.values() if not isinstance(m, torch.jit.ScriptModule)]
         self.calls: dict[int, list[_Call | None]] = {id(m): [] for m in self.modules}
         self.budget = budget

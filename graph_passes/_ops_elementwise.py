@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ._ops_common import arg, axes_of, combine_elementwise, is_number, out_shape, untracked_like, zero_axes
-from ._registry import register_function, register_method, register_module
+from ._registry import node_module, register_function, register_method, register_module
 from ._tracking import AnalysisState, ParamOrigin, TensorInfo
 
 # position-wise ops by what they do to a zero (a removed channel in the masked model):
@@ -46,8 +46,8 @@ def _position_wise(state: AnalysisState, node: fx.Node, keeps_zero: bool) -> Any
     """Channels pass through unchanged (a parameter stays a parameter view); ``keeps_zero``: the
     op maps 0 to 0, so removed channels that were zero stay zero."""
     info = _first(state, node)
-    if node.op == "call_module" and isinstance(state.gm.get_submodule(str(node.target)), nn.PReLU):
-        module = state.gm.get_submodule(str(node.target))
+    if node.op == "call_module" and isinstance(node_module(state.gm, node), nn.PReLU):
+        module = node_module(state.gm, node)
         if module.weight.numel() > 1 and isinstance(info, TensorInfo) and 1 in info.track:
             state.member(str(node.target), "weight", 0, info.track[1], "norm")
     if not isinstance(info, TensorInfo):
@@ -116,7 +116,7 @@ def bounded(state: AnalysisState, node: fx.Node) -> Any:
         exponent = arg(node, 1, "exponent")
         return _position_wise(state, node, keeps_zero=is_number(exponent) and exponent > 0)
     if node.op == "call_module":
-        m = state.gm.get_submodule(str(node.target))
+        m = node_module(state.gm, node)
         low, high = m.min_val, m.max_val
     elif node.target is F.hardtanh:
         low, high = arg(node, 1, "min_val", -1.0), arg(node, 2, "max_val", 1.0)
@@ -183,7 +183,7 @@ def _along_dim(state: AnalysisState, node: fx.Node, keeps_zero: bool) -> Any:
         return untracked_like(node)
     zero = info.zero if keeps_zero else frozenset()
     if node.op == "call_module":
-        dim = getattr(state.gm.get_submodule(str(node.target)), "dim", None)
+        dim = getattr(node_module(state.gm, node), "dim", None)
     elif node.target in (torch.roll, "roll"):
         dims = arg(node, 2, "dims", None)
         if dims is None:
@@ -233,7 +233,7 @@ _POOL_FUNCTIONS = {
 
 def _spatial_count(state: AnalysisState, node: fx.Node, ndim: int) -> int:
     if node.op == "call_module":
-        count = _POOL_MODULES[type(state.gm.get_submodule(str(node.target)))]
+        count = _POOL_MODULES[type(node_module(state.gm, node))]
     else:
         count = _POOL_FUNCTIONS[node.target]
     if count == -2:  # F.pad: see _padded_axes
@@ -279,7 +279,7 @@ def pooling(state: AnalysisState, node: fx.Node) -> Any:
 
 def _pads_with_non_zero(state: AnalysisState, node: fx.Node) -> bool:
     if node.op == "call_module":
-        return isinstance(state.gm.get_submodule(str(node.target)), nn.ConstantPad2d) and state.gm.get_submodule(str(node.target)).value != 0
+        return isinstance(node_module(state.gm, node), nn.ConstantPad2d) and node_module(state.gm, node).value != 0
     if node.target is F.pad:
         value = arg(node, 3, "value", None)
         return arg(node, 2, "mode", "constant") == "constant" and value is not None and value != 0

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ._ops_common import arg, combine_elementwise, out_shape, untracked_like, zero_axes
-from ._registry import Keeper, register_function, register_method
+from ._registry import Keeper, node_module, register_function, register_method
 from ._tracking import SCALE_KEPT, AnalysisState, LayerRecord, TensorInfo, tracked
 
 
@@ -26,7 +26,7 @@ def _layer(state: AnalysisState, node: fx.Node, kind: str, flops: int, contracti
 
 
 def _module(state: AnalysisState, node: fx.Node) -> nn.Module:
-    return state.gm.get_submodule(str(node.target))
+    return node_module(state.gm, node)
 
 
 def _contract(state: AnalysisState, node: fx.Node, a: Any, axis_a: int, b: Any, axis_b: int) -> np.ndarray | None:

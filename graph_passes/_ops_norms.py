@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ._ops_common import arg, out_shape, untracked_like
-from ._registry import Keeper, register_eager, register_function, register_module
+from ._registry import Keeper, node_module, register_eager, register_function, register_module
 from ._tracking import EXACT_STATS, AnalysisState, TensorInfo, tracked
 from .modules import ExactStatsNorm, exact_stats_norm
 from .tracing import register_leaf_function, register_leaf_type
@@ -21,7 +21,7 @@ __all__ = ["norm", "BN_PARAMS", "shrink_batch_norm", "shrink_group_norm", "shrin
 
 
 def _module(state: AnalysisState, node: fx.Node) -> nn.Module:
-    return state.gm.get_submodule(str(node.target))
+    return node_module(state.gm, node)
 
 
 # --- speedup -------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from torch import fx, nn
 from . import _ops_conv_linear as conv_linear
 from . import _ops_norms as norms
 from ._ops_common import out_shape, untracked_like
-from ._registry import module_handler, register_eager, register_function, register_module
+from ._registry import module_handler, node_module, register_eager, register_function, register_module
 from ._tracking import AnalysisState
 from .tracing import register_leaf_type
 
@@ -40,7 +40,7 @@ def _register(handler: Callable[[AnalysisState, fx.Node], Any], like: type[nn.Mo
 
 def _exact(kind: str, axis: int) -> Callable[[AnalysisState, fx.Node], Any]:
     def handler(state: AnalysisState, node: fx.Node) -> Any:
-        m = state.gm.get_submodule(str(node.target))
+        m = node_module(state.gm, node)
         if len(getattr(m, "normalized_shape", (0,))) != 1:
             state.pin_track(state.info(node.args[0]), f"{node.name} normalises over several dims")
             return untracked_like(node)
@@ -73,7 +73,7 @@ def _freeze_standardized(module: nn.Module, slices: Mapping[str, Mapping[int, An
 
 def _scaled_std_conv(state: AnalysisState, node: fx.Node) -> Any:
     out = conv_linear.conv_module(state, node)
-    m = state.gm.get_submodule(str(node.target))
+    m = node_module(state.gm, node)
     if getattr(m, "gain", None) is not None:
         state.member(str(node.target), "gain", 0, out.track[1], "out")
     return out

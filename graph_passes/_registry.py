@@ -20,7 +20,7 @@ from ._tracking import AnalysisState, TensorInfo
 
 __all__ = [
     "OpHandler", "Keeper", "register_module", "register_function", "register_method", "register_eager", "lookup",
-    "module_handler", "eager_rule", "describe_target", "module_types",
+    "module_handler", "eager_rule", "describe_target", "module_types", "node_module",
 ]
 
 
@@ -113,9 +113,23 @@ def register_eager(*types: type) -> Callable[[Eager], Eager]:
     return deco
 
 
+def node_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
+    """The module a ``call_module`` node calls: ``gm.get_submodule(node.target)`` read straight
+    from the module dicts (the analysis asks some thousand times per model), torch's own walk,
+    with its messages, where that fails."""
+    target = str(node.target)
+    module: Any = gm
+    try:
+        for name in target.split("."):
+            module = module._modules[name]
+    except (AttributeError, KeyError):
+        return gm.get_submodule(target)
+    return module if isinstance(module, nn.Module) else gm.get_submodule(target)
+
+
 def lookup(gm: fx.GraphModule, node: fx.Node) -> Optional[OpHandler]:
     if node.op == "call_module":
-        return _MODULES.get(type(gm.get_submodule(str(node.target))))
+        return _MODULES.get(type(node_module(gm, node)))
     if node.op == "call_function":
         return _FUNCTIONS.get(node.target)
     if node.op == "call_method":
@@ -138,7 +152,7 @@ def module_types() -> frozenset[type]:
 
 def describe_target(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
-        return f"module {node.target} ({type(gm.get_submodule(str(node.target))).__qualname__})"
+        return f"module {node.target} ({type(node_module(gm, node)).__qualname__})"
     if node.op == "call_function":
         target = node.target
         return f"function {getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)}"
