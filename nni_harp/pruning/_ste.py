@@ -93,7 +93,7 @@ class _MaskedStraightThrough(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 g_keep = g_mask.sum().reshape(ctx.keep_shape)
             if ctx.needs_input_grad[1]:
-                g_scores = g_mask * scores.sgn()
+                g_scores = g_mask.mul_(scores.sgn())  # in place: g_mask is not needed any more
         return g_target, g_scores, g_keep, None, None
 
 

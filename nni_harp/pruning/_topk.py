@@ -159,16 +159,21 @@ def _row_counts(mask: Tensor) -> Tensor:
     return counts if full == mask.numel() else torch.cat([counts, mask[full:].sum().view(1)])
 
 
-def _band_values(flat: Tensor, rows: Tensor, lo: float, hi: float) -> Tensor:
-    """The entries of ``flat`` in ``[lo, hi]``, looking only at ``rows`` (those that hold them)."""
-    if 4 * rows.numel() * _ROW > flat.numel():
-        candidates = flat
-    else:
-        full = flat.numel() // _ROW
-        candidates = flat[:full * _ROW].view(full, _ROW).index_select(0, rows[rows < full]).view(-1)
-        if full * _ROW < flat.numel():
-            candidates = torch.cat([candidates, flat[full * _ROW:]])
-    return candidates[(candidates >= lo) & (candidates <= hi)]
+def _gather_rows(flat: Tensor, rows: Tensor) -> Tensor:
+    """The entries of ``rows`` (of ``_ROW`` entries) of ``flat``, and always those of its shorter last row."""
+    full = flat.numel() // _ROW
+    picked = flat[:full * _ROW].view(full, _ROW).index_select(0, rows[rows < full]).view(-1)
+    return picked if full * _ROW == flat.numel() else torch.cat([picked, flat[full * _ROW:]])
+
+
+def _scatter_rows(out: Tensor, rows: Tensor, values: Tensor) -> None:
+    """Write ``values`` (laid out as :func:`_gather_rows` gives them) back into ``rows`` of ``out``."""
+    full = out.numel() // _ROW
+    rows = rows[rows < full]
+    k = rows.numel() * _ROW
+    out[:full * _ROW].view(full, _ROW).index_copy_(0, rows, values[:k].view(-1, _ROW))
+    if full * _ROW < out.numel():
+        out[full * _ROW:] = values[k:]
 
 
 def _cut(out: Tensor, flat: Tensor, m: int, lo: float, hi: float) -> _Seen:
@@ -191,12 +196,18 @@ def _cut(out: Tensor, flat: Tensor, m: int, lo: float, hi: float) -> _Seen:
     if m == n_hi:
         o.copy_(above)
         return _Seen(lo, hi, n_lo, n_hi, hi)
-    band = _band_values(flat, (rows_lo - rows_hi).nonzero().squeeze(1), lo, hi)
+    rows = (rows_lo - rows_hi).nonzero().squeeze(1)  # the rows holding the band's entries
+    narrow = 4 * rows.numel() * _ROW <= flat.numel()
+    candidates = _gather_rows(flat, rows) if narrow else flat
+    band = candidates[(candidates >= lo) & (candidates <= hi)]
     j = m - n_hi  # the cut is the band's j-th largest entry
     value = torch.kthvalue(band, band.numel() - j + 1).values if band.numel() == n_lo - n_hi else None
     if value is None or int((band >= value).sum()) != j:  # a tie across the boundary: no cut keeps exactly m
         return _Seen(lo, hi, n_lo, n_hi, None, band)
-    torch.ge(flat, value, out=o)
+    if narrow:  # o holds flat >= lo, which is flat >= value outside the band's rows
+        _scatter_rows(o, rows, torch.ge(candidates, value, out=torch.empty_like(candidates)))
+    else:
+        torch.ge(flat, value, out=o)
     return _Seen(lo, hi, n_lo, n_hi, float(value), band)
 
 
