@@ -20,6 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ._concrete_tracing import concrete_tracer
 from ._leaf_replay import LeafCalls
+from ._tracer_lookups import LookupsOnce
 from .errors import TraceError
 
 __all__ = ["HarpTracer", "trace", "trace_once", "is_traced", "as_tuple", "flatten_outputs", "extra_leaf_types",
@@ -61,10 +62,12 @@ def _timm_leaves() -> tuple[list[type[nn.Module]], list[Callable[..., Any]]]:
     return list(get_notrace_modules()), functions
 
 
-class HarpTracer(fx.Tracer):
+class HarpTracer(LookupsOnce):
     """``fx.Tracer`` whose leaves are torch.nn modules, timm's no-trace modules (but the types in
     ``through``) and the module types registered with :func:`register_leaf_type`; timm's no-trace
-    functions and those registered with :func:`register_leaf_function` are autowrapped."""
+    functions and those registered with :func:`register_leaf_function` are autowrapped. fx's
+    per-use look-ups of parameter names and of unpacking bytecode are made once per trace
+    (``graph_passes._tracer_lookups``)."""
 
     def __init__(self, leaf_types: Iterable[type[nn.Module]] = (), autowrap_functions: Sequence[Callable[..., Any]] = (),
                  through: Iterable[type[nn.Module]] = ()) -> None:

@@ -92,3 +92,61 @@ def test_outputs_changed_in_place_and_in_place_leaves_are_computed_again():
     assert count.ops["aten.convolution.default"] == 3  # conv computed again (its output changed), conv2 once
     with torch.no_grad():
         assert torch.equal(gm(x), model(x))
+
+
+class Unpacks(nn.Module):
+    """Parameters read in the forward, and proxies unpacked: fx's per-use look-ups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.scale = nn.Parameter(torch.ones(8))
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        for block in self.blocks:
+            B, N, C = x.shape
+            q, k, v = self.qkv(x).reshape(B, N, 3, C).unbind(2)
+            x = block(q * self.scale + k + v * self.blocks[0].bias)
+        return x
+
+
+def _nodes(graph):
+    return [(n.name, n.op, str(n.target), str(n.args), str(n.kwargs)) for n in graph.nodes]
+
+
+def test_the_tracer_makes_fx_graph_with_its_look_ups_made_once(monkeypatch):
+    from torch import fx
+
+    from graph_passes import _tracer_lookups
+
+    class FxLookups(gp.HarpTracer):  # fx's own: a scan of the parameters, a disassembly per use
+        def proxy(self, node):
+            return fx.Proxy(node, self)
+
+        def getattr(self, attr, attr_val, cache):
+            return fx.Tracer.getattr(self, attr, attr_val, cache)
+
+    disassembled = []
+    real = _tracer_lookups.dis.get_instructions
+    monkeypatch.setattr(_tracer_lookups.dis, "get_instructions", lambda code: disassembled.append(code) or real(code))
+    model = Unpacks()
+    expected = FxLookups().trace(model)
+    del disassembled[:]
+    graph = gp.HarpTracer().trace(model)
+    assert _nodes(graph) == _nodes(expected)
+    assert disassembled == [Unpacks.forward.__code__]  # six unpackings, one disassembly
+    gm = gp.trace(model, torch.randn(2, 5, 8))  # the checked trace equals eager
+    assert len([n for n in gm.graph.nodes if n.op == "get_attr"]) == 2
+
+
+class IteratesAProxy(nn.Module):
+    def forward(self, x):
+        return sum(t for t in x)  # iteration of unknown length: fx refuses
+
+
+def test_iterating_a_proxy_is_refused_as_by_fx():
+    from torch import fx
+
+    with pytest.raises(fx.proxy.TraceError, match="Proxy object cannot be iterated"):
+        gp.HarpTracer().trace(IteratesAProxy())
