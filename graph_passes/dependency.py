@@ -59,6 +59,10 @@ class Analysis:
         limit on models of resnet50's size.)"""
         return analyze(copy.deepcopy(self.gm))
 
+    def element_channel(self, element: int) -> tuple[int, int]:
+        """The (group id, channel) of an element (KeyError: the element is in no group)."""
+        return self.channel_of[self.state.uf.find(int(element))]
+
 
 class _Stored:
     """``GraphModule.meta``'s holder of the module's :class:`Analysis`. A deep copy (or pickle) of
@@ -81,9 +85,6 @@ def stored_analysis(gm: fx.GraphModule) -> Analysis | None:
     """The analysis :func:`analyze` stored on ``gm``, or None."""
     held = gm.meta.get(ANALYSIS_KEY)
     return held.analysis if isinstance(held, _Stored) else None
-
-    def element_channel(self, element: int) -> tuple[int, int]:
-        return self.channel_of[self.state.uf.find(int(element))]
 
 
 def _param_origin(target: str) -> ParamOrigin:

@@ -150,3 +150,16 @@ def test_iterating_a_proxy_is_refused_as_by_fx():
 
     with pytest.raises(fx.proxy.TraceError, match="Proxy object cannot be iterated"):
         gp.HarpTracer().trace(IteratesAProxy())
+
+
+def test_element_channel_names_the_group_and_channel_of_a_member_position():
+    torch.manual_seed(0)
+    analysis = gp.analysis_for(timm.create_model("test_resnet", num_classes=10).eval(), torch.rand(1, 3, 32, 32))
+    checked = 0
+    for rec in analysis.state.members:
+        for position, element in enumerate(rec.ids.tolist()):
+            gid, channel = analysis.element_channel(element)
+            member = next(m for m in analysis.groups[gid].members if (m.module, m.param, m.dim) == (rec.module, rec.param, rec.dim))
+            assert member.channel[member.index.index(position)] == channel
+            checked += 1
+    assert checked > 100
