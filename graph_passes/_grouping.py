@@ -12,18 +12,20 @@ dimensions are found by labelling each root's sequence of member dimensions (:fu
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
+from typing import Any
 
 import numpy as np
 
 from ._tracking import AnalysisState
 from .groups import ChannelGroup, Member
 
-__all__ = ["form_groups"]
+__all__ = ["ChannelMap", "form_groups"]
 
 _SINGLE = "a single channel: removing it would empty the tensor"
 
 
-def form_groups(state: AnalysisState) -> tuple[list[ChannelGroup], dict[int, tuple[int, int]], np.ndarray]:
+def form_groups(state: AnalysisState) -> tuple[list[ChannelGroup], Mapping[int, tuple[int, int]], np.ndarray]:
     """The groups, the map root element -> (group id, channel), and every element's group (-1:
     in none). Unites the positions that several records of one parameter dimension hold first."""
     by_key: dict[tuple[str, str, int], list] = defaultdict(list)
@@ -35,7 +37,7 @@ def form_groups(state: AnalysisState) -> tuple[list[ChannelGroup], dict[int, tup
     table = state.uf.table()
     by_root = np.full(len(table), -1, dtype=np.int64)
     if not by_key:
-        return [], {}, by_root
+        return [], ChannelMap(*(np.zeros(0, dtype=np.int64),) * 3), by_root
     pinned: dict[int, str] = {}  # root -> the reason of its first pinned element
     if state.pinned:
         elements = np.fromiter(state.pinned, dtype=np.int64, count=len(state.pinned))
@@ -67,7 +69,57 @@ def form_groups(state: AnalysisState) -> tuple[list[ChannelGroup], dict[int, tup
         group_members = tuple(members[(gid, k)] for k in group_keys[gid])
         groups.append(ChannelGroup(gid, size, group_members, prunable=reason is None, reason=reason))
     by_root[roots] = group
-    return groups, dict(zip(roots.tolist(), zip(group.tolist(), channel.tolist()))), by_root
+    return groups, ChannelMap(roots, group, channel), by_root
+
+
+class ChannelMap(Mapping[int, tuple[int, int]]):
+    """Root element -> (group id, channel): :attr:`~graph_passes.Analysis.channel_of`. Kept as
+    arrays and made a dict when first read: the analysis and the cost model look elements up
+    through whole arrays (``Analysis.group_of``), and some 10^4 pairs built for nothing cost more
+    than the rest of the grouping (and bring on the garbage collector)."""
+
+    __slots__ = ("_roots", "_group", "_channel", "_dict")
+
+    def __init__(self, roots: np.ndarray, group: np.ndarray, channel: np.ndarray) -> None:
+        self._roots, self._group, self._channel = roots, group, channel
+        self._dict: dict[int, tuple[int, int]] | None = None
+
+    def _pairs(self) -> dict[int, tuple[int, int]]:
+        if self._dict is None:  # by group, then channel
+            order = np.lexsort((self._channel, self._group))
+            pairs = zip(self._group[order].tolist(), self._channel[order].tolist())
+            self._dict = dict(zip(self._roots[order].tolist(), pairs))
+        return self._dict
+
+    def __getitem__(self, root: int) -> tuple[int, int]:
+        return self._pairs()[root]
+
+    def get(self, root: int, default: Any = None) -> Any:
+        return self._pairs().get(root, default)
+
+    def __contains__(self, root: object) -> bool:
+        return root in self._pairs()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._pairs())
+
+    def __len__(self) -> int:
+        return len(self._roots)
+
+    def keys(self) -> KeysView[int]:
+        return self._pairs().keys()
+
+    def values(self) -> ValuesView[tuple[int, int]]:
+        return self._pairs().values()
+
+    def items(self) -> ItemsView[int, tuple[int, int]]:
+        return self._pairs().items()
+
+    def __eq__(self, other: object) -> bool:
+        return self._pairs() == (other._pairs() if isinstance(other, ChannelMap) else other)
+
+    def __repr__(self) -> str:
+        return repr(self._pairs())
 
 
 def _parts(of_key: np.ndarray, group: np.ndarray, channel: np.ndarray) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,7 @@ class Analysis:
 
     groups: list[ChannelGroup]
     state: AnalysisState
-    channel_of: dict[int, tuple[int, int]]  # root element -> (group id, channel)
+    channel_of: Mapping[int, tuple[int, int]]  # root element -> (group id, channel), a dict when read
     unsupported: list[str]
     element_groups: np.ndarray | None = field(default=None, repr=False, compare=False)  # see group_of
 

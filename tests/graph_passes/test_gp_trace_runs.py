@@ -163,3 +163,6 @@ def test_element_channel_names_the_group_and_channel_of_a_member_position():
             assert member.channel[member.index.index(position)] == channel
             checked += 1
     assert checked > 100
+    pairs = dict(analysis.channel_of.items())  # a map read as a dict, by group and channel
+    assert analysis.channel_of == pairs and len(pairs) == sum(g.size for g in analysis.groups)
+    assert list(pairs.values()) == [(g.id, c) for g in analysis.groups for c in range(g.size)]
