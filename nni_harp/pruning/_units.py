@@ -59,18 +59,20 @@ class ScoreUnit:
         self._cut = CutTracker()  # where the last refresh cut the scores: a head start for the next
         self.refresh()
 
+    # read from the owner's parameter and buffer dicts (as Module.__getattr__ does, without its call:
+    # several reads per unit and forward pass)
     @property
     def scores(self) -> nn.Parameter:
-        return getattr(self.owner, f"{self.attr}_score")
+        return self.owner._parameters[f"{self.attr}_score"]  # type: ignore[return-value]
 
     @property
     def rate(self) -> nn.Parameter:
-        return getattr(self.owner, f"{self.attr}_rate")
+        return self.owner._parameters[f"{self.attr}_rate"]  # type: ignore[return-value]
 
     @property
     def hard(self) -> Tensor:
         """The current 0/1 mask over the unit's scores."""
-        return getattr(self.owner, f"{self.attr}_keep")
+        return self.owner._buffers[f"{self.attr}_keep"]  # type: ignore[return-value]
 
     def keep(self) -> Tensor:
         """The kept fraction ``k`` as a differentiable 0-dim tensor, always in ``[floor, ceiling]``."""

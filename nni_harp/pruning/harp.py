@@ -18,7 +18,7 @@ from graph_passes.cost_model import CostModel
 from graph_passes.groups import ChannelGroup
 from graph_passes.latency import LatencyModel
 
-from ._apply import APPLY_METHOD, quick_apply_method, set_masker
+from ._apply import APPLY_METHOD, quicken, set_masker
 from ._config import parse_config_list
 from ._masking import Masking, StructuredMasking, UnstructuredMasking
 from ._optim import HarpOptimizer, freeze_for_pruning, norm_affine_parameters
@@ -175,7 +175,7 @@ class HARPPruner(Pruner):
                     space.apply_method = APPLY_METHOD
             set_masker(wrapper, self._masker_for(module))
         for wrapper in self._module_wrappers.values():
-            quick_apply_method(wrapper)
+            quicken(wrapper)
 
     def _masker_for(self, module: str) -> Callable[[str, Tensor], Tensor | None]:
         # the masking, not the pruner: the wrapped model does not keep the pruner alive

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from nni.compression import TorchEvaluator
+from nni.compression.base.wrapper import ModuleWrapper
 
 from nni_harp.adversarial import AttackConfig, pgd
 from nni_harp.pruning import HARPPruner
@@ -139,3 +140,21 @@ def test_attack_runs_with_frozen_parameters_and_reuses_the_masked_weights() -> N
     # outside the attack the masked weight carries the straight-through gradient again
     F.cross_entropy(model(x), y).backward()
     assert pruner._units[0].scores.grad is not None
+
+
+def test_quick_wrapper_forward_is_nni_forward_and_steps_aside_for_other_targets() -> None:
+    model, pruner = _pruned_cnn()
+    inputs: dict[str, tuple] = {}
+    for name, wrapper in pruner._module_wrappers.items():
+        wrapper.module.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, args))
+    x = torch.rand(2, 3, 16, 16)
+    model(x)
+    assert set(inputs) == set(pruner._module_wrappers)
+    for name, wrapper in pruner._module_wrappers.items():
+        assert type(wrapper).forward is not ModuleWrapper.forward  # HARP's wrappers have their own
+        assert torch.equal(wrapper.module(*inputs[name]), ModuleWrapper.forward(wrapper, *inputs[name]))
+    # with anything else to track (or other targets), the forward pass goes through NNI's machinery
+    seen: list[str] = []
+    next(iter(pruner._module_wrappers.values())).register_track_func(lambda w, name, t: seen.append(name))
+    model(x)
+    assert "_input_0" in seen and "weight" in seen
