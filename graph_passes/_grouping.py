@@ -78,8 +78,6 @@ class ChannelMap(Mapping[int, tuple[int, int]]):
     through whole arrays (``Analysis.group_of``), and some 10^4 pairs built for nothing cost more
     than the rest of the grouping (and bring on the garbage collector)."""
 
-    __slots__ = ("_roots", "_group", "_channel", "_dict")
-
     def __init__(self, roots: np.ndarray, group: np.ndarray, channel: np.ndarray) -> None:
         self._roots, self._group, self._channel = roots, group, channel
         self._dict: dict[int, tuple[int, int]] | None = None
@@ -89,6 +87,7 @@ class ChannelMap(Mapping[int, tuple[int, int]]):
             order = np.lexsort((self._channel, self._group))
             pairs = zip(self._group[order].tolist(), self._channel[order].tolist())
             self._dict = dict(zip(self._roots[order].tolist(), pairs))
+            self.get = self._dict.get  # type: ignore[method-assign]  # speedup asks once per element
         return self._dict
 
     def __getitem__(self, root: int) -> tuple[int, int]:

@@ -77,23 +77,29 @@ class UnionFind:
         self._size = 0
         self._table = np.zeros(0, dtype=np.int64)  # every element's root, as of the last resolution
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._listed: list[int] | None = None  # the table as a list, for find()
 
     def __len__(self) -> int:
         return self._size
 
     def new(self, n: int) -> np.ndarray:
         start, self._size = self._size, self._size + n
+        self._listed = None
         return np.arange(start, start + n, dtype=np.int64)
 
     def find(self, x: int) -> int:
-        return int(self.table()[int(x)])
+        listed = self._listed
+        if listed is None:
+            listed = self._listed = self.table().tolist()
+        return listed[x]
 
     def union(self, a: int, b: int) -> None:
-        self._pending.append((np.array([a], dtype=np.int64), np.array([b], dtype=np.int64)))
+        self.union_arrays(np.array([a]), np.array([b]))
 
     def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
         """Unite ``a[i]`` with ``b[i]`` for every ``i`` (copies: later changes to the arrays do not count)."""
         self._pending.append((np.array(a, dtype=np.int64), np.array(b, dtype=np.int64)))
+        self._listed = None
 
     def table(self) -> np.ndarray:
         """The root of every element (read-only)."""
