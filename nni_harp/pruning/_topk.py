@@ -21,10 +21,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["topk_mask", "fill_topk", "CutTracker", "BAND_MIN_SIZE"]
+__all__ = ["topk_mask", "fill_topk", "CutTracker", "CUT_MIN_SIZE", "BAND_MIN_SIZE"]
 
-#: Units of at least this many entries are cut or select their top-k in two rounds
-#: (:func:`fill_topk`); smaller ones call ``torch.topk`` once.
+#: Units of at least this many entries are cut (:func:`fill_topk`); smaller ones call ``torch.topk``
+#: (about as fast there).
+CUT_MIN_SIZE = 1 << 14
+#: Where no cut is found, units of at least this many entries select their top-k in two rounds
+#: (:func:`_select`); smaller ones call ``torch.topk`` once.
 BAND_MIN_SIZE = 1 << 15
 _SAMPLE_STRIDE = 50  # every 50th entry estimates the boundary
 _SAMPLE_Z = 4.0  # standard deviations of the sample quantile's rank on either side of the boundary
@@ -79,8 +82,10 @@ class CutTracker:
 
     def observe(self, count: int, center: float | None, seen: _Seen) -> None:
         """Learn from a band around ``center`` (``None``: not a guess of this tracker)."""
-        inside = seen.n_lo - seen.n_hi
-        density = inside / (seen.hi - seen.lo) if inside >= _MIN_SPREAD and seen.hi > seen.lo else self.density
+        # entries per unit of value in the band (up to the cut where the band is open above)
+        top, inside = (seen.hi, seen.n_lo - seen.n_hi) if seen.hi < math.inf or seen.value is None \
+            else (seen.value, seen.n_lo - count)
+        density = inside / (top - seen.lo) if inside >= _MIN_SPREAD and top > seen.lo else self.density
         if seen.value is None:  # missed: aim the next guess where the counts say the cut is
             if center is None or self.retry is not None or not 0.0 < density < math.inf:
                 self.value, self.retry = None, None  # start again from a sample
@@ -230,9 +235,10 @@ def _tracked_cut(out: Tensor, flat: Tensor, count: int, tracker: CutTracker) -> 
 def fill_topk(out: Tensor, scores_abs: Tensor, count: int, tracker: CutTracker | None = None) -> None:
     """Write :func:`topk_mask` into ``out`` (a contiguous float tensor shaped like ``scores_abs``).
 
-    A large unit is cut (see the module docstring) in a band around ``tracker``'s previous cut, or
-    else around a strided sample's estimate; where neither band holds a cut, only a narrow band of
-    entries around the boundary is ranked (:func:`_select`). The same set as one ``torch.topk``
+    A unit of ``CUT_MIN_SIZE`` entries or more is cut (see the module docstring) in a band around
+    ``tracker``'s previous cut, or else around a strided sample's estimate; where neither band holds
+    a cut, a unit of ``BAND_MIN_SIZE`` or more ranks only a narrow band of entries around the
+    boundary (:func:`_select`). The same set as one ``torch.topk``
     over all entries (which entry of a tie at the boundary is kept is arbitrary either way), at a
     fraction of its cost. Non-finite values, or a band that misses the boundary, fall back to
     ``torch.topk``."""
@@ -242,9 +248,10 @@ def fill_topk(out: Tensor, scores_abs: Tensor, count: int, tracker: CutTracker |
     if count in (0, n):
         out.fill_(float(count > 0))
         return
-    if n >= BAND_MIN_SIZE and bool(torch.isfinite(flat.sum())):
-        if out.dtype == torch.float32 and _tracked_cut(out, flat, count, CutTracker() if tracker is None else tracker):
-            return
+    finite = n >= CUT_MIN_SIZE and bool(torch.isfinite(flat.sum()))
+    if finite and out.dtype == torch.float32 and _tracked_cut(out, flat, count, tracker or CutTracker()):
+        return
+    if finite and n >= BAND_MIN_SIZE:
         largest = 2 * count <= n  # select the kept entries, else the removed ones
         chosen = _select(flat, count if largest else n - count, largest)
         if chosen is not None:
