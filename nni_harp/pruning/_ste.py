@@ -125,9 +125,15 @@ class _GivenProduct(torch.autograd.Function):
         return g_target, g_mask, None
 
 
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """``torch.broadcast_shapes(target, shape) == target`` (which takes ~50 us a call, per forward
+    pass and target)."""
+    return len(shape) <= len(target) and all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
+
+
 def given_product(target: Tensor, mask: Tensor, product: Tensor) -> Tensor:
     """``torch.mul(target, mask)`` (same value and gradients), its value ``product`` given."""
-    if product.shape != target.shape or torch.broadcast_shapes(target.shape, mask.shape) != target.shape:
+    if product.shape != target.shape or not _broadcasts_to(mask.shape, target.shape):
         raise ValueError(f"mask {tuple(mask.shape)} and product {tuple(product.shape)} do not fit target "
                          f"{tuple(target.shape)}")
     return _GivenProduct.apply(target, mask, product)
