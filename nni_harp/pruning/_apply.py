@@ -2,9 +2,10 @@
 
 NNI's ``ModuleWrapper`` multiplies each pruning target by ``pruning_apply_methods[name](target,
 target_space)``. While HARP prunes, the targets it controls use ``'harp_mul'``, which asks the
-wrapper's registered masker for the target times a differentiable straight-through mask; without
-a masker (before installation, after pruning), or where the masker leaves a target alone, it
-multiplies by the stored 0/1 mask like NNI's ``'mul'``. The wrapper holds its masker itself, so the
+wrapper's registered masker for the target times a differentiable straight-through mask (or,
+for a target HARP learns no mask for, times the stored 0/1 mask, computed once per step where no
+gradient can flow); without a masker (before installation, after pruning) it multiplies by the
+stored mask like NNI's ``'mul'``. The wrapper holds its masker itself, so the
 wrapped model masks as long as it is wrapped, whether or not the pruner object is still referenced
 (it used to depend on when the garbage collector found a dropped pruner).
 
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from nni.compression.base.apply_method import pruning_apply_methods
+from torch.nn.modules.module import _global_buffer_registration_hooks as _buffer_hooks
 from nni.compression.base.target_space import PruningTargetSpace, TargetType
 from nni.compression.base.wrapper import ModuleWrapper, track_target_shape
 
@@ -30,8 +32,8 @@ __all__ = ["APPLY_METHOD", "Masker", "set_masker", "clear_masker", "quicken"]
 
 APPLY_METHOD = "harp_mul"
 
-# masker(target_name, target) -> target times its differentiable mask, or None: use the stored mask
-Masker = Callable[[str, Tensor], "Tensor | None"]
+# masker(target_name, target, stored_mask) -> target times its (differentiable) mask
+Masker = Callable[[str, Tensor, Tensor], Tensor]
 _MASKER_ATTR = "_harp_masker"  # in the wrapper's __dict__
 
 
@@ -41,8 +43,7 @@ def _harp_mul(target: Tensor, target_space: PruningTargetSpace) -> Tensor:
 
 def _masked(wrapper: nn.Module, name: str, target: Tensor, mask: Tensor) -> Tensor:
     masker = wrapper.__dict__.get(_MASKER_ATTR)
-    masked = masker(name, target) if masker is not None else None
-    return torch.mul(target, mask) if masked is None else masked
+    return torch.mul(target, mask) if masker is None else masker(name, target, mask)
 
 
 def set_masker(wrapper: nn.Module, masker: Masker) -> None:
@@ -82,8 +83,10 @@ class _QuickWrapper(ModuleWrapper):
             # NNI's _apply_mask_helper, straight to 'harp_mul' for HARP's targets
             quick = mask is not None and space.apply_method == APPLY_METHOD
             masked.append((name, _masked(self, name, target, mask) if quick else self._apply_mask_helper(target, space)))
+        buffers = self.module.__dict__.get("_buffers", {})
         for name, value in masked:
-            setattr(self.module, name, value)
+            if buffers.get(name) is not value or _buffer_hooks:  # a cached product may be set already
+                setattr(self.module, name, value)
         outputs = self.module_forward(*args, **kwargs)
         if not isinstance(outputs, Tensor):
             outputs = self.patch_outputs(outputs)  # NNI's checks of other outputs

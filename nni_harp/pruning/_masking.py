@@ -3,12 +3,12 @@ structured (one unit per coupled channel group) masking behind one interface.
 
 A strategy names the parameters HARP routes through its apply method (``targets``), gives a
 parameter with its mask applied while HARP learns (``masked``: straight-through gradients to the
-scores and rates when a gradient can flow; ``None``: leave it alone) and the final 0/1 mask once
-the rates are fixed (``final_mask``).
+scores and rates when a gradient can flow; a parameter HARP learns no mask for gets NNI's stored
+one) and the final 0/1 mask once the rates are fixed (``final_mask``).
 
 Where no gradient can reach the scores, rates or the parameter (an attack's forward passes, which
 freeze every parameter; ``torch.no_grad``), the masked parameter is a constant: it is computed
-once and reused (:class:`ProductCache`) until the parameter or a hard mask it is built from changes.
+once and reused (:class:`ProductCache`) until the parameter or a mask it is built from changes.
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ class Masking(Protocol):
         """``{module: {param, ...}}``: every parameter HARP masks (bound-model module names)."""
         ...
 
-    def masked(self, module: str, param: str, target: Tensor) -> Tensor | None:
-        """``module.param`` (``target``) times its mask while learning, with straight-through gradients."""
+    def masked(self, module: str, param: str, target: Tensor, stored: Tensor) -> Tensor:
+        """``module.param`` (``target``) times its mask while learning, with straight-through
+        gradients; a target HARP does not learn a mask for gets its ``stored`` (NNI) mask."""
         ...
 
     def final_mask(self, module: str, param: str, like: Tensor) -> Tensor | None:
@@ -77,6 +78,14 @@ class ProductCache:
         self._entries.clear()
 
 
+def _stored_product(cache: ProductCache, key: tuple[str, str], target: Tensor, stored: Tensor) -> Tensor:
+    """``target * stored``: NNI's mask of a target HARP learns no mask for (all ones while it
+    learns), computed once where no gradient can flow."""
+    if torch.is_grad_enabled() and (target.requires_grad or stored.requires_grad):
+        return torch.mul(target, stored)
+    return cache.product(key, (target, stored), lambda: torch.mul(target, stored))
+
+
 def _needs_graph(target: Tensor, units: Iterable[ScoreUnit]) -> bool:
     """Whether a gradient can flow from the masked ``target`` to it, or to the units' scores or rates."""
     return torch.is_grad_enabled() and (
@@ -94,9 +103,9 @@ class UnstructuredMasking:
     def targets(self) -> dict[str, set[str]]:
         return {module: {"weight"} for module in self.unit_of}
 
-    def masked(self, module: str, param: str, target: Tensor) -> Tensor | None:
+    def masked(self, module: str, param: str, target: Tensor, stored: Tensor) -> Tensor:
         if param != "weight" or module not in self.unit_of:
-            return None
+            return _stored_product(self.cache, (module, param), target, stored)
         unit = self.units[self.unit_of[module]]
         hard = unit.hard
         product = self.cache.product((module, param), (target, hard),
@@ -142,10 +151,10 @@ class StructuredMasking:
     def targets(self) -> dict[str, set[str]]:
         return {module: set(params) for module, params in self.factors.items()}
 
-    def masked(self, module: str, param: str, target: Tensor) -> Tensor | None:
+    def masked(self, module: str, param: str, target: Tensor, stored: Tensor) -> Tensor:
         items = self.learning.get(module, {}).get(param)
         if not items:
-            return None
+            return _stored_product(self.cache, (module, param), target, stored)
         units = {f.unit: self.units[f.unit] for f in items}
         product = self.cache.product((module, param), (target, *(u.hard for u in units.values())),
                                      lambda: torch.mul(target, factor_mask(items, {i: u.hard for i, u in units.items()}, target)))

@@ -177,7 +177,7 @@ class HARPPruner(Pruner):
         for wrapper in self._module_wrappers.values():
             quicken(wrapper)
 
-    def _masker_for(self, module: str) -> Callable[[str, Tensor], Tensor | None]:
+    def _masker_for(self, module: str) -> Callable[[str, Tensor, Tensor], Tensor]:
         # the masking, not the pruner: the wrapped model does not keep the pruner alive
         return functools.partial(self._masking.masked, module)
 

@@ -158,3 +158,23 @@ def test_quick_wrapper_forward_is_nni_forward_and_steps_aside_for_other_targets(
     next(iter(pruner._module_wrappers.values())).register_track_func(lambda w, name, t: seen.append(name))
     model(x)
     assert "_input_0" in seen and "weight" in seen
+
+
+def test_a_target_without_a_learned_mask_gets_its_stored_mask_once_per_attack() -> None:
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    evaluator = TorchEvaluator(lambda *a, **k: None, nni.trace(torch.optim.SGD)(model.parameters(), lr=0.1),
+                               lambda b, m: 0)
+    structured = [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": 0.5, "granularity": "out_channel"}]
+    pruner = HARPPruner(model, structured, evaluator, dummy_input=torch.rand(2, 3, 16, 16))
+    model.eval()
+    x, y = torch.rand(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    norm = model[1]  # its affine parameters are masked by the group's final mask only, not while learning
+    space = pruner._module_wrappers["1"].pruning_target_spaces["weight"]
+    weights: list[torch.Tensor] = []
+    norm.register_forward_hook(lambda m, args, out: weights.append(m.weight))
+    pgd(model, x, y, AttackConfig(steps=3))
+    assert len(weights) == 3 and all(w is weights[0] for w in weights) and not weights[0].requires_grad
+    assert torch.equal(weights[0], space.target * space.mask)
+    model(x)  # with gradients the product is taken afresh, as NNI's 'mul'
+    assert weights[-1] is not weights[0] and weights[-1].grad_fn is not None
