@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from nni.compression.base.apply_method import pruning_apply_methods
-from torch.nn.modules.module import _global_buffer_registration_hooks as _buffer_hooks
+import torch.nn.modules.module as _torch_module
 from nni.compression.base.target_space import PruningTargetSpace, TargetType
 from nni.compression.base.wrapper import ModuleWrapper, track_target_shape
 
@@ -83,15 +83,22 @@ class _QuickWrapper(ModuleWrapper):
             # NNI's _apply_mask_helper, straight to 'harp_mul' for HARP's targets
             quick = mask is not None and space.apply_method == APPLY_METHOD
             masked.append((name, _masked(self, name, target, mask) if quick else self._apply_mask_helper(target, space)))
-        buffers = self.module.__dict__.get("_buffers", {})
+        buffers = self.module.__dict__.get("_buffers", {}) if _no_buffer_hooks() else {}
         for name, value in masked:
-            if buffers.get(name) is not value or _buffer_hooks:  # a cached product may be set already
+            if buffers.get(name) is not value:  # a cached product may be set already
                 setattr(self.module, name, value)
         outputs = self.module_forward(*args, **kwargs)
         if not isinstance(outputs, Tensor):
             outputs = self.patch_outputs(outputs)  # NNI's checks of other outputs
         torch.cuda.empty_cache()  # as NNI's forward
         return outputs
+
+
+def _no_buffer_hooks() -> bool:
+    """Whether no global buffer registration hook exists (torch's private registry of them; where
+    it cannot be read, assume one does), so that setting a buffer to its own value does nothing."""
+    hooks = getattr(_torch_module, "_global_buffer_registration_hooks", None)
+    return hooks is not None and not hooks
 
 
 def _parameters_only(wrapper: ModuleWrapper) -> bool:

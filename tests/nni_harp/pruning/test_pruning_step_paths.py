@@ -178,3 +178,10 @@ def test_a_target_without_a_learned_mask_gets_its_stored_mask_once_per_attack() 
     assert torch.equal(weights[0], space.target * space.mask)
     model(x)  # with gradients the product is taken afresh, as NNI's 'mul'
     assert weights[-1] is not weights[0] and weights[-1].grad_fn is not None
+    calls: list[str] = []  # with a global buffer registration hook, every pass sets its parameters again
+    handle = torch.nn.modules.module.register_module_buffer_registration_hook(lambda m, n, b: calls.append(n))
+    try:
+        pgd(model, x, y, AttackConfig(steps=2))
+    finally:
+        handle.remove()
+    assert calls.count("weight") >= 2 * len(pruner._module_wrappers)
