@@ -42,7 +42,8 @@ from .cost_model import CostModel, Fraction
 from .dependency import Traceable
 from .errors import GraphPassError
 
-__all__ = ["BACKENDS", "LatencyError", "LatencyModel", "check_backend", "fit_latency", "latency_runner", "measure_ms"]
+__all__ = ["BACKENDS", "LatencyError", "LatencyModel", "check_backend", "fit_latency", "latency_runner", "measure_ms",
+           "time_ms"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,13 @@ def measure_ms(run: Runner, reps: int = 20, warmup: int = 3) -> float:
         run()
         times.append((time.perf_counter() - start) * 1e3)
     return float(statistics.median(times))
+
+
+def time_ms(model: nn.Module, example_inputs: Any, backend: str, threads: int, reps: int = 20, warmup: int = 3) -> float:
+    """:func:`measure_ms` of one forward pass of ``model`` on ``backend`` (:func:`latency_runner`,
+    its files in a temporary folder removed afterwards)."""
+    with tempfile.TemporaryDirectory(prefix="harp-latency-") as tmp:
+        return measure_ms(latency_runner(model, example_inputs, backend, threads, Path(tmp)), reps=reps, warmup=warmup)
 
 
 def _terms(cost: CostModel, keep: Mapping[int, Fraction]) -> dict[str, Fraction]:

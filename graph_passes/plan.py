@@ -15,18 +15,19 @@ from ._atomic import atomic_write_text
 from .dependency import Analysis, Traceable, analysis_for
 from .errors import PlanError
 from .groups import ChannelGroup, keep_from_masks
-from ._masks import bake, normalize_masks
+from ._masks import bake, masked_copy, normalize_masks
 from .speedup import apply_keep
 from .tracing import as_tuple
 
 __all__ = ["PruningPlan"]
 
-
-def _traceable_copy(model: Traceable) -> Traceable:
-    """A plain module is traced on an eval-mode copy; a traced one or an analysis is used as is."""
-    return model if isinstance(model, (Analysis, fx.GraphModule)) else copy.deepcopy(model).eval()
-
 FORMAT = "graph_passes.pruning_plan/1"
+
+
+def _given_trace(model: Traceable) -> bool:
+    """A traced ``GraphModule`` or its analysis (used as they are), not a plain module (traced on an
+    eval-mode copy)."""
+    return isinstance(model, (Analysis, fx.GraphModule))
 
 
 def _fingerprint(groups: list[ChannelGroup]) -> list[dict[str, Any]]:
@@ -114,7 +115,7 @@ class PruningPlan:
 
         ``model``: a module (traced on a copy, in eval mode), or a traced ``GraphModule`` or its
         :class:`~graph_passes.Analysis` (see :func:`graph_passes.analysis_for`), used as they are."""
-        analysis = analysis_for(_traceable_copy(model), example_inputs)
+        analysis = analysis_for(model if _given_trace(model) else copy.deepcopy(model).eval(), example_inputs)
         return cls.from_keep(analysis.groups, keep_from_masks(analysis.groups, masks), example_inputs)
 
     def keep_vectors(self, groups: list[ChannelGroup]) -> dict[int, torch.Tensor]:
@@ -142,22 +143,17 @@ class PruningPlan:
         """Remove the planned channels from a copy of ``model`` (e.g. freshly built by name), or of a
         traced ``GraphModule`` or its :class:`~graph_passes.Analysis` (not traced again); ``masks``
         are baked into the copy first."""
-        if example_inputs is None and not isinstance(model, (Analysis, fx.GraphModule)):
-            if not self.input_shapes:
-                raise PlanError("the plan stores no input shape: pass example_inputs")
-            example_inputs = tuple(torch.randn(*s) for s in self.input_shapes)
-        if isinstance(model, (Analysis, fx.GraphModule)):
+        if _given_trace(model):  # a copy of the trace, analysed anew, the masks baked into it
             analysis = analysis_for(model, example_inputs).copy()
-            gm = analysis.gm
             if masks:
-                bake(gm, normalize_masks(gm, masks))
-        else:
-            model = copy.deepcopy(model).eval()
-            if masks:
-                bake(model, normalize_masks(model, masks))
-            analysis = analysis_for(model, example_inputs)
-            gm = analysis.gm
-        return apply_keep(gm, analysis, self.keep_vectors(analysis.groups))
+                bake(analysis.gm, normalize_masks(analysis.gm, masks))
+        else:  # a copy of the module with the masks baked in, traced
+            if example_inputs is None:
+                if not self.input_shapes:
+                    raise PlanError("the plan stores no input shape: pass example_inputs")
+                example_inputs = tuple(torch.randn(*s) for s in self.input_shapes)
+            analysis = analysis_for((masked_copy(model, masks) if masks else copy.deepcopy(model)).eval(), example_inputs)
+        return apply_keep(analysis.gm, analysis, self.keep_vectors(analysis.groups))
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "kept": {str(k): v for k, v in sorted(self.kept.items())},

@@ -12,9 +12,7 @@ from the cache.
 from __future__ import annotations
 
 import copy
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
@@ -178,24 +176,19 @@ def plan_latency(model: nn.Module, example: torch.Tensor, masks: Mapping[str, Ma
     }
 
 
-def _time_ms(model: nn.Module, example: torch.Tensor, backend: str, threads: int, reps: int) -> float:
-    from graph_passes.latency import latency_runner, measure_ms
-
-    with tempfile.TemporaryDirectory(prefix="nni-harp-latency-") as tmp:
-        return measure_ms(latency_runner(model, example, backend, threads, Path(tmp)), reps=reps)
-
-
 def measure_budget(dense: nn.Module, pruned: nn.Module, example: torch.Tensor, backend: str, threads: int,
                    reps: int, rounds: int = 2) -> dict[str, float]:
     """The pruned model's latency as a fraction of the dense one's, measured now on ``backend``
     with ``threads`` on ``example``'s shape (``graph_passes.latency``'s runner and timer, as the
     latency model was fitted): ``rounds`` alternating medians of ``reps`` runs each, the lowest of
     each model's kept (the least disturbed by other work on the machine)."""
+    from graph_passes.latency import time_ms
+
     dense, pruned = copy.deepcopy(dense).cpu().eval(), copy.deepcopy(pruned).cpu().eval()
     example = example.cpu()
     times: dict[str, list[float]] = {"dense": [], "pruned": []}
     for _ in range(rounds):
         for name, model in (("dense", dense), ("pruned", pruned)):
-            times[name].append(_time_ms(model, example, backend, threads, reps))
+            times[name].append(time_ms(model, example, backend, threads, reps))
     dense_ms, pruned_ms = min(times["dense"]), min(times["pruned"])
     return {"measured": pruned_ms / dense_ms, "dense_ms": dense_ms, "pruned_ms": pruned_ms}

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graph_passes.latency import latency_runner, measure_ms
+from graph_passes.latency import measure_ms, time_ms
 from graph_passes.onnx_export import OnnxExportError, onnx_runner
 from graph_passes.onnx_export import export_onnx as gp_export_onnx
 
@@ -98,8 +97,7 @@ def torch_latency_ms(model: nn.Module, example: torch.Tensor, runs: int = 20, wa
     model = model.to("cpu")
     was_training = model.training
     try:
-        with tempfile.TemporaryDirectory(prefix="nni-harp-latency-") as tmp:
-            return measure_ms(latency_runner(model, x, "eager", threads, Path(tmp)), reps=runs, warmup=warmup)
+        return time_ms(model, x, "eager", threads, reps=runs, warmup=warmup)
     finally:
         model.train(was_training)
 
