@@ -126,8 +126,8 @@ def dg_row(name: str, reps: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated pruner:mode pairs")
+    ap.add_argument("--models", default=",".join(MODELS), help="empty: skip the step rows")
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated pruner:mode pairs; empty: no step rows")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--reps", type=int, default=10, help="timed steps per side (after two warm-up steps each)")
     ap.add_argument("--threads", type=int, default=2)
@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     args.kept_heap = keep_heap()
     torch.set_num_threads(args.threads)
     steps, dgs = [], []
-    for name in args.models.split(","):
-        for pair in args.rows.split(","):
+    for name in filter(None, args.models.split(",")):
+        for pair in filter(None, args.rows.split(",")):
             pruner, mode = pair.split(":")
             steps.append(step_row(name, pruner, mode, args.batch, args.reps))
             r = steps[-1]
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def command(args: argparse.Namespace) -> str:
-    return (f"python benchmarks/step_cost.py --models {args.models} --rows {args.rows} --batch {args.batch} "
+    return (f"python benchmarks/step_cost.py --models '{args.models}' --rows '{args.rows}' --batch {args.batch} "
             f"--reps {args.reps} --threads {args.threads} --dg-models '{args.dg_models}' --dg-reps {args.dg_reps}")
 
 
@@ -180,12 +180,17 @@ def render(steps: list[dict], dgs: list[dict], args: argparse.Namespace) -> str:
         "",
         f"Command: `{command(args)}`",
         "",
-        f"**Goal met in {met}/{len(steps)} rows.**",
-        "",
-        "| model | pruner | mode | plain ms | pruner ms | plain / pruner median ms | median paired ratio | CPU time ratio (min) "
-        "| ratio (min) | met |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if steps:
+        lines += [
+            f"**Goal met in {met}/{len(steps)} rows.**",
+            "",
+            "| model | pruner | mode | plain ms | pruner ms | plain / pruner median ms | median paired ratio "
+            "| CPU time ratio (min) | ratio (min) | met |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+    else:
+        lines.append("No step rows in this run (`--models` or `--rows` empty).")
     for r in steps:
         lines.append(f"| {r['model']} | {r['pruner']} | {r['mode']} | {1e3 * r['plain']:.1f} | {1e3 * r['pruned']:.1f} | "
                      f"{1e3 * r['plain_med']:.1f} / {1e3 * r['pruned_med']:.1f} | {r['paired']:.3f}x | {r['cpu_ratio']:.3f}x | "
