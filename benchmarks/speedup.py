@@ -121,21 +121,43 @@ def _measure(model, pruned, sessions, batch: int, runtime: str, reps: int) -> di
             "pruned_med": p_med, "paired": paired, "speedup": d / p}
 
 
-def _fit_all(model, args, cache_dir) -> dict[tuple[int, str], tuple[gp.LatencyModel, gp.CostModel]]:
-    """A latency model per (batch, runtime), with the cost model of that input shape."""
+def _fit_all(model, args, cache_dir) -> dict[tuple[int, str], tuple[gp.LatencyModel, gp.CostModel, gp.Analysis]]:
+    """A latency model per (batch, runtime), with the cost model and the analysis of that input shape."""
     fits = {}
     for batch in (1, 32):
         xb = torch.randn(batch, 3, 224, 224)
         analysis = gp.analysis_for(model, xb)
         cm = gp.cost(analysis)
         for rt in RUNTIMES:
-            reps = args.fit_reps if batch == 1 else args.fit_reps_b32
             lat = gp.fit_latency(analysis, xb, backend=BACKEND[rt], threads=args.threads, round_to=args.round_to,
-                                 samples=args.fit_samples, reps=reps, cache_dir=cache_dir)
+                                 samples=args.fit_samples, reps=_fit_reps(args, batch), cache_dir=cache_dir)
             print(f"  latency model b{batch} {rt}: dense {lat.dense_ms:.2f} ms, fit error "
                   f"{100 * lat.fit_error(cm):.1f} %", flush=True)
-            fits[(batch, rt)] = (lat, cm)
+            fits[(batch, rt)] = (lat, cm, analysis)
     return fits
+
+
+def _fit_reps(args, batch: int) -> int:
+    return args.fit_reps if batch == 1 else args.fit_reps_b32
+
+
+def latency_plan(fit: tuple[gp.LatencyModel, gp.CostModel, gp.Analysis], prunable, norms, target_of, args):
+    """The 'latency' plan of one row: groups reweighted by the latency model's ms per FLOP, bisected
+    to ``target_of(model)`` (a predicted latency fraction), then ``args.refine`` times: the plan
+    measured (``graph_passes.refine_latency``), the model fitted again with it, the plan chosen
+    anew. Returns (keep vectors, frac, the final latency model, target)."""
+    lat, cm, analysis = fit
+    batch = lat.batch
+    xb = torch.randn(batch, 3, 224, 224)
+    for step in range(args.refine + 1):
+        target = target_of(lat)
+        weight = latency_weights(lat, cm, prunable, args.gamma)
+        keep, frac = plan_keep(prunable, norms, weight, lambda f, lat=lat: float(lat.fraction(cm, f)), target,
+                               args.round_to)
+        if step < args.refine:
+            counts = {gid: int(v.sum()) for gid, v in keep.items()}
+            lat = gp.refine_latency(analysis, xb, lat, [counts], reps=_fit_reps(args, batch))
+    return keep, frac, lat, target
 
 
 def _reps(args, batch: int) -> int:
@@ -159,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit-samples", type=int, default=16, help="configurations a latency model is fitted on")
     ap.add_argument("--fit-reps", type=int, default=20, help="timed runs per configuration of a batch-1 fit")
     ap.add_argument("--fit-reps-b32", type=int, default=3, help="timed runs per configuration of a batch-32 fit")
+    ap.add_argument("--refine", type=int, default=2,
+                    help="times a latency plan is measured and the latency model fitted again with it (0: never)")
     ap.add_argument("--cache-dir", type=Path, default=None, help="where latency models are cached (default: none)")
     ap.add_argument("--output", type=Path, default=RESULTS / "speedup.md")
     args = ap.parse_args(argv)
@@ -180,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         dense_session = ort_session(model, x1, tmp / f"{name}_dense.onnx", args.threads)
         fits = _fit_all(model, args, args.cache_dir) if LATENCY_PLAN in plans else {}
 
-        def predicted(keep, batch: int, rt: str) -> dict:
+        def predicted(keep, batch: int, rt: str, lat: gp.LatencyModel | None = None) -> dict:
             if (batch, rt) not in fits:
                 return {}
-            lat, cm = fits[(batch, rt)]
+            fitted, cm, _ = fits[(batch, rt)]
+            lat = lat or fitted
             return {"predicted": float(lat.fraction(cm, fractions(keep))), "fit_error": lat.fit_error(cm)}
 
         uniform_keep = None
@@ -214,12 +239,11 @@ def main(argv: list[str] | None = None) -> int:
                 _, uniform_keep, _, _ = keep_for_target(model, x1, TARGET, args.round_to, 0.0)
             for batch in (1, 32):
                 for rt in RUNTIMES:
-                    lat, cm = fits[(batch, rt)]
-                    weight = latency_weights(lat, cm, prunable, args.gamma)
-                    as_uniform = float(lat.fraction(cm, fractions(uniform_keep)))
-                    for label, target in (("uniform's", as_uniform), (f"{TARGET:g}", TARGET)):
-                        keep, frac = plan_keep(prunable, norms, weight, lambda f: float(lat.fraction(cm, f)), target,
-                                               args.round_to)
+                    cm = fits[(batch, rt)][1]
+                    targets = (("uniform's", lambda lat: float(lat.fraction(cm, fractions(uniform_keep)))),
+                               (f"{TARGET:g}", lambda lat: TARGET))
+                    for label, target_of in targets:
+                        keep, frac, lat, target = latency_plan(fits[(batch, rt)], prunable, norms, target_of, args)
                         pruned = _prune(model, x1, groups, keep)
                         sessions = (dense_session, ort_session(pruned, x1, tmp / f"{name}_lat.onnx", args.threads)
                                     if rt == "ort" else None)
@@ -228,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                                "flops": n_flops(pruned, x1) / n_flops(model, x1),
                                "params": n_params(pruned) / n_params(model),
                                **_measure(model, pruned, sessions, batch, rt, _reps(args, batch)),
-                               **predicted(keep, batch, rt)}
+                               **predicted(keep, batch, rt, lat)}
                         rows.append(_finish(row))
                         write_atomic(args.output, render(rows, args))
     for plan in dict.fromkeys(r["plan"] for r in rows):
@@ -282,7 +306,10 @@ def render(rows: list[dict], args) -> str:
         f"{args.fit_samples} channel configurations timed on the row's runtime, batch and threads, {args.fit_reps} "
         f"runs each at batch 1, {args.fit_reps_b32} at batch 32), and bisects to a *predicted latency* target: "
         "the uniform plan's predicted latency in that row ('at uniform's'), and half the dense latency "
-        f"('at {TARGET:g}'). 'acts kept' is the fraction of activation elements the pruned model still produces.",
+        f"('at {TARGET:g}'); then, {args.refine} time(s), the plan is measured, the latency model fitted again with "
+        "it (`graph_passes.refine_latency`: a measured plan weighs as much as all the samples) and the plan chosen "
+        "anew; the row's prediction is that last model's, for the last plan, which it has not measured. "
+        "'acts kept' is the fraction of activation elements the pruned model still produces.",
         "",
         f"Latency: wall time of one batch, {args.threads} intra-op threads, dense and pruned timed alternately "
         f"after two warm-up runs each; {args.reps} repetitions at batch 1, {args.reps_b32} at batch 32; **min** "
@@ -306,7 +333,7 @@ def render(rows: list[dict], args) -> str:
         f"--gamma {args.gamma} --reps {args.reps} --reps-b32 {args.reps_b32} --threads {args.threads} "
         f"--round-to {args.round_to}"
         + (f" --fit-samples {args.fit_samples} --fit-reps {args.fit_reps} --fit-reps-b32 {args.fit_reps_b32}"
-           if LATENCY_PLAN in args.plans.split(",") else "") + "`",
+           f" --refine {args.refine}" if LATENCY_PLAN in args.plans.split(",") else "") + "`",
         "",
         f"**Totals:** {totals}.",
         "",

@@ -34,6 +34,6 @@ from .nni_config import auto_set_denpendency_group_ids, auto_set_dependency_grou
 
 __all__ += ["auto_set_denpendency_group_ids", "auto_set_dependency_group_ids"]
 from .latency import BACKENDS as LATENCY_BACKENDS  # noqa: E402
-from .latency import LatencyError, LatencyModel, fit_latency  # noqa: E402
+from .latency import LatencyError, LatencyModel, fit_latency, refine_latency  # noqa: E402
 
-__all__ += ["LATENCY_BACKENDS", "LatencyError", "LatencyModel", "fit_latency"]
+__all__ += ["LATENCY_BACKENDS", "LatencyError", "LatencyModel", "fit_latency", "refine_latency"]

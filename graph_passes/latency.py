@@ -15,6 +15,8 @@ fractions and a layer's latency falls with the product of its input and output f
 cost does (a sum of per-group tables cannot express that a conv between two halved groups keeps a
 quarter of its time). The fit is cached on disk under a key of everything that changes it (model
 structure, input shape, backend, threads, library versions, grid), so a second run measures nothing.
+:func:`refine_latency` measures given configurations (a plan chosen on the model's prediction)
+and fits again with them added, which corrects the model where that plan lives.
 
 Backends (:data:`BACKENDS`): ``eager`` (PyTorch on CPU), ``onnxruntime`` (CPU execution provider)
 and ``cuda`` (PyTorch on the GPU). A backend that is not installed or has no device raises
@@ -43,7 +45,7 @@ from .dependency import Traceable
 from .errors import GraphPassError
 
 __all__ = ["BACKENDS", "LatencyError", "LatencyModel", "check_backend", "fit_latency", "latency_runner", "measure_ms",
-           "time_ms"]
+           "refine_latency", "time_ms"]
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +169,9 @@ def _terms(cost: CostModel, keep: Mapping[int, Fraction]) -> dict[str, Fraction]
 class LatencyModel:
     """Milliseconds per unit of every cost term, fitted on one backend (see the module docstring).
 
-    ``measured`` holds the fit's data, ``[(kept fractions by group id, measured ms)]``, and
-    ``dense_ms`` the dense model's measured latency."""
+    ``measured`` holds the fit's data, ``[(kept fractions by group id, measured ms)]``, the last
+    ``refined`` of them added by :func:`refine_latency`, and ``dense_ms`` the dense model's
+    measured latency."""
 
     backend: str
     threads: int
@@ -177,6 +180,7 @@ class LatencyModel:
     coefficients: dict[str, float]
     dense_ms: float
     measured: list[tuple[dict[int, float], float]]
+    refined: int = 0
 
     def latency(self, cost: CostModel, keep: Mapping[int, Fraction] | None = None) -> Fraction:
         """Predicted milliseconds with kept fractions ``keep`` (differentiable when they are tensors)."""
@@ -228,9 +232,16 @@ def cache_key(gm: nn.Module, example_inputs: Any, backend: str, threads: int, gr
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+#: Version of the configurations :func:`_configurations` draws (part of the cache key).
+_DESIGN = 2
+
+
 def _configurations(sizes: Mapping[int, int], round_to: int, samples: int, seed: int) -> list[dict[int, int]]:
-    """Channel counts per group: dense, then ``samples - 1`` draws of one global kept fraction in
-    [0.25, 1] with per-group jitter, each count on the ``round_to`` grid of its group."""
+    """Channel counts per group: dense, then ``samples - 1`` draws, each count on the ``round_to``
+    grid of its group. Draws alternate between one global kept fraction in [0.25, 1] with per-group
+    jitter (plans near uniform) and a fraction drawn for every group on its own in [0.25, 1] (plans
+    far from uniform, which a latency-driven plan is: they set the terms apart that near-uniform
+    draws move together)."""
     rng = np.random.default_rng(seed)
 
     def on_grid(size: int, fraction: float) -> int:
@@ -238,9 +249,13 @@ def _configurations(sizes: Mapping[int, int], round_to: int, samples: int, seed:
         return int(min(size, max(step, step * round(fraction * size / step))))
 
     configs = [dict(sizes)]
-    for _ in range(samples - 1):
-        scale = rng.uniform(0.25, 1.0)
-        configs.append({g: on_grid(n, float(np.clip(scale * rng.uniform(0.7, 1.3), 0.05, 1.0))) for g, n in sizes.items()})
+    for i in range(samples - 1):
+        if i % 2 == 0:
+            scale = rng.uniform(0.25, 1.0)
+            fractions = {g: float(np.clip(scale * rng.uniform(0.7, 1.3), 0.05, 1.0)) for g in sizes}
+        else:
+            fractions = {g: float(rng.uniform(0.25, 1.0)) for g in sizes}
+        configs.append({g: on_grid(n, fractions[g]) for g, n in sizes.items()})
     return configs
 
 
@@ -264,7 +279,6 @@ def fit_latency(
     copy of that trace (the model itself is left alone)."""
     from .cost import cost_of_analysis
     from .dependency import analysis_for
-    from .speedup import apply_keep
 
     check_backend(backend)  # before tracing or measuring anything
     analysis = analysis_for(model, example_inputs)
@@ -275,31 +289,15 @@ def fit_latency(
         raise LatencyError("the model has no prunable channel group: its latency cannot change with pruning")
     if rounds < 1 or reps < 1:
         raise LatencyError(f"reps and rounds must be >= 1, got reps={reps!r}, rounds={rounds!r}")
-    grid = {"round_to": round_to, "samples": samples, "seed": seed, "reps": reps, "rounds": rounds}
+    grid = {"round_to": round_to, "samples": samples, "seed": seed, "reps": reps, "rounds": rounds, "design": _DESIGN}
     key = cache_key(gm, example_inputs, backend, threads, grid)
     cached = Path(cache_dir) / f"latency-{key}.json" if cache_dir is not None else None
     if cached is not None and cached.is_file():
         logger.info("latency model read from %s", cached)
         return LatencyModel.from_json(cached.read_text())
     configs = _configurations(sizes, round_to, samples, seed)
-    per_round = -(-reps // rounds)
-    steps = [(r, i) for r in range(rounds) for i in range(len(configs))]
-    runners: dict[int, Runner] = {}
-    medians: dict[int, list[float]] = {i: [] for i in range(len(configs))}
-    with tempfile.TemporaryDirectory(prefix="harp-latency-") as tmp:
-        for r, i in progress(steps) if progress is not None else steps:
-            if i not in runners:
-                counts = configs[i]
-                keep = {g: torch.arange(sizes[g]) < c for g, c in counts.items()}
-                # a copy (a GraphModule shares the model's modules): the dense one as it is, the others
-                # pruned; which channels go does not change the time
-                pruned = copy.deepcopy(gm) if i == 0 else apply_keep((fresh := analysis.copy()).gm, fresh, keep)
-                work = Path(tmp) / str(i)
-                work.mkdir()
-                runners[i] = latency_runner(pruned, example_inputs, backend, threads, work)
-            medians[i].append(measure_ms(runners[i], reps=per_round, warmup=3 if r == 0 else 1))
-        runners.clear()
-    rows = [({g: c / sizes[g] for g, c in counts.items()}, min(medians[i])) for i, counts in enumerate(configs)]
+    times = _measure(analysis, example_inputs, configs, backend, threads, reps, rounds, progress)
+    rows = [({g: c / sizes[g] for g, c in counts.items()}, ms) for counts, ms in zip(configs, times)]
     fitted = _fit(rows, cost)
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     result = LatencyModel(backend=backend, threads=threads, batch=int(inputs[0].shape[0]), intercept=fitted[0],
@@ -311,17 +309,82 @@ def fit_latency(
     return result
 
 
-def _fit(rows: list[tuple[dict[int, float], float]], cost: CostModel) -> tuple[float, dict[str, float]]:
+def _measure(analysis: Any, example_inputs: Any, configs: list[dict[int, int]], backend: str, threads: int,
+             reps: int, rounds: int, progress: Callable[[Iterable[Any]], Iterable[Any]] | None) -> list[float]:
+    """Milliseconds of the model of ``analysis`` with each configuration's channel counts (an
+    empty configuration or every group at its size: the model itself), timed in ``rounds`` passes
+    over all of them, ``ceil(reps / rounds)`` runs each per pass; a configuration's latency is the
+    lowest of its per-pass medians."""
+    from .speedup import apply_keep
+
+    sizes = {g.id: g.size for g in analysis.groups if g.prunable}
+    per_round = -(-reps // rounds)
+    steps = [(r, i) for r in range(rounds) for i in range(len(configs))]
+    runners: dict[int, Runner] = {}
+    medians: dict[int, list[float]] = {i: [] for i in range(len(configs))}
+    with tempfile.TemporaryDirectory(prefix="harp-latency-") as tmp:
+        for r, i in progress(steps) if progress is not None else steps:
+            if i not in runners:
+                counts = configs[i]
+                if all(counts.get(g, n) >= n for g, n in sizes.items()):
+                    pruned = copy.deepcopy(analysis.gm)  # a copy: a GraphModule shares the model's modules
+                else:  # which channels go does not change the time
+                    keep = {g: torch.arange(sizes[g]) < counts.get(g, sizes[g]) for g in sizes}
+                    pruned = apply_keep((fresh := analysis.copy()).gm, fresh, keep)
+                work = Path(tmp) / str(i)
+                work.mkdir()
+                runners[i] = latency_runner(pruned, example_inputs, backend, threads, work)
+            medians[i].append(measure_ms(runners[i], reps=per_round, warmup=3 if r == 0 else 1))
+        runners.clear()
+    return [min(medians[i]) for i in range(len(configs))]
+
+
+def refine_latency(
+    model: Traceable, example_inputs: Any, latency: LatencyModel, configs: Iterable[Mapping[int, int]], *,
+    reps: int = 20, rounds: int = 2, progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+) -> LatencyModel:
+    """``latency`` fitted again with ``configs`` (kept channel counts by group id; a group left out
+    keeps all its channels) measured on its backend, threads and input and added to its data.
+
+    A plan chosen by minimising predicted latency lands where the fitted model errs most in its
+    favour (its groups are reweighted by the model's own figures); measuring that plan and fitting
+    again, a few times, corrects the model exactly where the plan lives. ``model`` as for
+    :func:`fit_latency` (the model ``latency`` was fitted on; nothing is cached)."""
+    from .cost import cost_of_analysis
+    from .dependency import analysis_for
+
+    analysis = analysis_for(model, example_inputs)
+    sizes = {g.id: g.size for g in analysis.groups if g.prunable}
+    configs = [dict(c) for c in configs]
+    if unknown := sorted({g for c in configs for g in c} - set(sizes)):
+        raise LatencyError(f"configurations name channel groups {unknown} that are not prunable groups of this model "
+                           f"(those are {sorted(sizes)})")
+    if rounds < 1 or reps < 1:
+        raise LatencyError(f"reps and rounds must be >= 1, got reps={reps!r}, rounds={rounds!r}")
+    times = _measure(analysis, example_inputs, configs, latency.backend, latency.threads, reps, rounds, progress)
+    rows = latency.measured + [({g: c.get(g, n) / n for g, n in sizes.items()}, ms) for c, ms in zip(configs, times)]
+    refined = latency.refined + len(configs)
+    intercept, coefficients = _fit(rows, cost_of_analysis(analysis.gm, analysis), refined)
+    return LatencyModel(backend=latency.backend, threads=latency.threads, batch=latency.batch, intercept=intercept,
+                        coefficients=coefficients, dense_ms=latency.dense_ms, measured=rows, refined=refined)
+
+
+def _fit(rows: list[tuple[dict[int, float], float]], cost: CostModel, refined: int = 0) -> tuple[float, dict[str, float]]:
     """Non-negative least squares of measured ms on ``[1, terms...]``, relative errors weighted
-    alike (every row divided by its measurement)."""
+    alike (every row divided by its measurement), except that each of the last ``refined`` rows
+    (plans measured by :func:`refine_latency`) weighs as much as all the sampled rows together:
+    the fit then passes close to the plans, and the samples set the slopes around them."""
     from scipy.optimize import nnls
 
     dense = _terms(cost, {})
     names = [n for n in TERMS if float(dense[n]) > 0]
     design = np.array([[1.0] + [float(_terms(cost, keep)[n]) for n in names] for keep, _ in rows])
     target = np.array([ms for _, ms in rows])
+    weight = np.ones_like(target)
+    if refined:
+        weight[len(rows) - refined:] = np.sqrt(len(rows) - refined)  # squared in the least squares
     scale = design.max(axis=0)
     scale[scale == 0] = 1.0
-    solution, _ = nnls(design / scale / target[:, None], np.ones_like(target))
+    solution, _ = nnls(design / scale / target[:, None] * weight[:, None], weight)
     solution = solution / scale
     return float(solution[0]), {n: float(c) for n, c in zip(names, solution[1:])}

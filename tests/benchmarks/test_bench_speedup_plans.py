@@ -90,3 +90,34 @@ def test_latency_plan_meets_its_predicted_target(bench, model_and_input):
         assert float(latency.fraction(cm, bench.fractions(keep))) == pytest.approx(target, abs=0.02)
         # the plan is not uniform: the reweighting moved the groups apart
         assert len({round(float(v.float().mean()), 2) for v in keep.values()}) > 2
+
+
+def test_latency_plan_refines_the_model_on_each_plan_and_plans_on_the_last(bench, model_and_input, monkeypatch):
+    """With --refine 2 the plan is measured twice (here: a stand-in that makes conv time dearer
+    each time), and the plan returned is the one the last model chooses, at its target."""
+    from types import SimpleNamespace
+
+    model, x = model_and_input
+    analysis = gp.analysis_for(model, x)
+    cm = gp.cost(analysis)
+    prunable = [g for g in analysis.groups if g.prunable]
+    norms = {g.id: gp.channel_norms(model, g) for g in prunable}
+    first = _latency_model(0.05, conv=2e-7, linear=1e-7, activations=4e-6)
+    measured: list[dict[int, int]] = []
+
+    def refine(model_, example, latency, configs, reps=20, rounds=2, progress=None):
+        assert model_ is analysis and latency.batch == example.shape[0]
+        measured.extend(configs)
+        return _latency_model(latency.intercept, conv=latency.coefficients["conv"] * 4,
+                              linear=latency.coefficients["linear"], activations=latency.coefficients["activations"])
+
+    monkeypatch.setattr(bench.gp, "refine_latency", refine)
+    args = SimpleNamespace(refine=2, gamma=0.5, round_to=1, fit_reps=3, fit_reps_b32=1)
+    keep, _, last, target = bench.latency_plan((first, cm, analysis), prunable, norms, lambda lat: 0.6, args)
+    assert len(measured) == 2 and target == 0.6
+    assert last.coefficients["conv"] == pytest.approx(2e-7 * 16)
+    assert float(last.fraction(cm, bench.fractions(keep))) == pytest.approx(0.6, abs=0.02)
+    plain, _ = bench.plan_keep(prunable, norms, bench.latency_weights(first, cm, prunable, 0.5),
+                               lambda f: float(first.fraction(cm, f)), 0.6, 1)
+    assert measured[0] == {gid: int(v.sum()) for gid, v in plain.items()}  # the first plan measured is the unrefined one
+    assert any(int(keep[g].sum()) != int(plain[g].sum()) for g in keep)  # and the last plan differs from it

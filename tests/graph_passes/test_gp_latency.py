@@ -148,3 +148,62 @@ def test_check_backend_names_what_is_missing_without_building_anything(model, mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(gp.LatencyError, match="needs a CUDA GPU"):
         lat.check_backend("cuda")
+
+
+def test_refining_on_a_plan_corrects_the_prediction_where_the_plan_lives(model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 'backend' whose time has a part the model's terms cannot express (a fixed 0.4 ms per
+    group cut below half its channels: a slow kernel for narrow layers). The fit errs on a plan
+    that cuts every group that deep; measured there and fitted again, the model predicts it within
+    the noise-free residual, keeps its backend and data, and still recovers the smooth part."""
+
+    class Narrow(_Known):
+        def __init__(self, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            super().__init__(model, inputs)
+            narrow = sum(1 for g in gp.channel_groups(copy.deepcopy(model), inputs) if g.prunable and g.size < sizes[g.id] / 2)
+            self.ms += 0.4 * narrow
+
+    groups = [g for g in gp.channel_groups(model, X) if g.prunable]
+    sizes = {g.id: g.size for g in groups}
+    timed: list[float] = []
+
+    def runner(model, example_inputs, backend, threads, work):
+        inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        return Narrow(model, inputs)
+
+    def measure(run, reps=20, warmup=3):
+        timed.append(run.ms)
+        return run.ms
+
+    monkeypatch.setattr(lat, "latency_runner", runner)
+    monkeypatch.setattr(lat, "measure_ms", measure)
+    cost = gp.cost(model, X)
+    fitted = gp.fit_latency(model, X, samples=8)
+    plan = {g.id: max(1, g.size // 4) for g in groups}
+    fractions = {g: c / sizes[g] for g, c in plan.items()}
+    small = copy.deepcopy(model)
+    gp.ModelSpeedup(small, X, gp.group_masks(small, groups, {g: torch.arange(sizes[g]) < c for g, c in plan.items()})).speedup_model()
+    truth = Narrow(small, (X,)).ms
+    before = abs(float(fitted.latency(cost, fractions)) / truth - 1)
+    timed.clear()
+    refined = gp.refine_latency(model, X, fitted, [plan], rounds=2)
+    after = abs(float(refined.latency(cost, fractions)) / truth - 1)
+    assert len(timed) == 2 and timed[0] == pytest.approx(truth)  # one configuration, two passes
+    assert before > 0.05 and after < before / 3
+    assert (refined.backend, refined.threads, refined.batch, refined.dense_ms) == \
+        (fitted.backend, fitted.threads, fitted.batch, fitted.dense_ms)
+    assert refined.measured[:-1] == fitted.measured and refined.measured[-1] == (fractions, pytest.approx(truth))
+
+
+def test_refining_with_a_group_the_model_does_not_have_says_so(model, known_timer) -> None:
+    fitted = gp.fit_latency(model, X, samples=3)
+    with pytest.raises(gp.LatencyError, match=r"channel groups \[999\] that are not prunable groups of this model"):
+        gp.refine_latency(model, X, fitted, [{999: 4}])
+
+
+def test_the_configurations_mix_near_uniform_and_independent_draws(model) -> None:
+    sizes = {g.id: g.size for g in gp.channel_groups(model, X) if g.prunable}
+    configs = lat._configurations(sizes, 8, 9, 0)
+    assert configs[0] == sizes and len(configs) == 9
+    spreads = [max(c[g] / n for g, n in sizes.items()) - min(c[g] / n for g, n in sizes.items()) for c in configs[1:]]
+    # near-uniform draws stay within the +-30 % jitter of one scale; independent draws span more
+    assert max(spreads[0::2]) < min(spreads[1::2])
