@@ -17,10 +17,12 @@ __all__ = [
 
 from ._masks import masked_copy  # noqa: E402
 from .model_speedup import ModelSpeedup, SpeedupWarning  # noqa: E402
-from .modules import ExactStatsNorm, exact_stats_norm  # noqa: E402
+from .modules import ChannelsFirstNorm, ExactStatsNorm, KeptStatsNorm, exact_stats_norm, kept_stats_norm  # noqa: E402
+from .kept_norms import kept_stats_norms, plain_norm  # noqa: E402  (registers KeptStatsNorm, ChannelsFirstNorm)
 from .speedup import apply_keep  # noqa: E402
 
-__all__ += ["ExactStatsNorm", "ModelSpeedup", "SpeedupWarning", "apply_keep", "exact_stats_norm", "masked_copy"]
+__all__ += ["ChannelsFirstNorm", "ExactStatsNorm", "KeptStatsNorm", "ModelSpeedup", "SpeedupWarning", "apply_keep",
+            "exact_stats_norm", "kept_stats_norm", "kept_stats_norms", "masked_copy", "plain_norm"]
 from .cost import cost, count_flops, flop_counter  # noqa: E402
 
 __all__ += ["cost", "count_flops", "flop_counter"]

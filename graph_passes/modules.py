@@ -1,12 +1,17 @@
-"""Modules the speedup pass puts in place of norms whose statistics span removed channels."""
+"""Norms whose statistics span the channels, as pruning needs them: :class:`ExactStatsNorm`, what the
+speedup puts in place of such a norm whose channels went (it counts the removed ones as zeros);
+:class:`KeptStatsNorm`, what a masked model is fine-tuned with instead (statistics over the kept
+channels only), which the speedup turns into a plain norm of the kept width; :class:`ChannelsFirstNorm`,
+that plain norm for channels-first tensors (timm's ``LayerNorm2d``, ``RmsNorm2d``)."""
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ExactStatsNorm", "exact_stats_norm"]
+__all__ = ["ExactStatsNorm", "exact_stats_norm", "KeptStatsNorm", "kept_stats_norm", "ChannelsFirstNorm"]
 
 
 def exact_stats_norm(
@@ -76,3 +81,99 @@ class ExactStatsNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.kind}, channels={self.num_channels}/{self.original_channels}, axis={self.axis}, eps={self.eps}"
+
+
+def kept_stats_norm(
+    x: torch.Tensor,
+    kind: str,
+    axis: int,
+    reduce_all: bool,
+    keep: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float | None,
+) -> torch.Tensor:
+    """Normalise ``x`` with statistics over the channels ``keep`` (a bool vector along ``axis``) only,
+    as a norm of the kept width would: the removed channels neither count nor add to the sums.
+    ``kind``, ``reduce_all`` and the rest as in :func:`exact_stats_norm`; outputs of removed channels
+    are what the affine gives (their masked weight and bias make them zero)."""
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    axis = axis % x.dim()
+    dims = tuple(range(1, x.dim())) if reduce_all else (axis,)
+    shape = [1] * x.dim()
+    shape[axis] = x.shape[axis]
+    kept = keep.to(device=x.device, dtype=x.dtype).reshape(shape)
+    count = kept.sum() * (math.prod(x.shape[d] for d in dims) // x.shape[axis])
+    if kind == "rms":
+        y = x * torch.rsqrt((x * kept).pow(2).sum(dims, keepdim=True) / count + eps)
+    else:
+        centred = x - (x * kept).sum(dims, keepdim=True) / count
+        var = (centred * kept).pow(2).sum(dims, keepdim=True) / count
+        y = (centred if kind == "layer" else x) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+class KeptStatsNorm(nn.Module):
+    """A LayerNorm / RMSNorm / one-group GroupNorm (``kind``, ``axis``, ``reduce_all`` as in
+    :class:`ExactStatsNorm`) whose statistics cover only the channels ``keep`` says stay: the masked
+    model to fine-tune when those channels will be removed, since the speedup then emits a plain norm
+    of the kept width and the pruned model equals it exactly. ``keep`` is a non-persistent buffer,
+    so the state dict has the keys of the norm it replaces (``weight``, ``bias``; timm's norm+act
+    layers: their ``drop`` and ``act``, applied after it, as theirs). Built by
+    :func:`graph_passes.kept_stats_norms`."""
+
+    keep: torch.Tensor
+
+    def __init__(self, kind: str, axis: int, reduce_all: bool, keep: torch.Tensor, weight: torch.Tensor | None,
+                 bias: torch.Tensor | None, eps: float | None, drop: nn.Module | None = None,
+                 act: nn.Module | None = None) -> None:
+        super().__init__()
+        if kind not in ("layer", "rms", "simple"):
+            raise ValueError(f"kind must be 'layer', 'rms' or 'simple', got {kind!r}")
+        keep = torch.as_tensor(keep).bool().flatten()
+        if not keep.any():
+            raise ValueError("keep must keep at least one channel")
+        self.kind, self.axis, self.reduce_all, self.eps = kind, axis, reduce_all, None if eps is None else float(eps)
+        self.weight = weight if weight is None or isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+        self.register_buffer("keep", keep.to(weight.device if weight is not None else keep.device), persistent=False)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = kept_stats_norm(x, self.kind, self.axis, self.reduce_all, self.keep, self.weight, self.bias, self.eps)
+        return self.act(self.drop(y))
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, channels={int(self.keep.sum())}/{self.keep.numel()} kept, axis={self.axis}, eps={self.eps}"
+
+
+class ChannelsFirstNorm(nn.Module):
+    """A layer norm (``kind='layer'``) or RMS norm (``'rms'``) over axis 1 of an ``(N, C, ...)`` tensor,
+    as timm's ``LayerNorm2d`` computes it: channels moved last, ``F.layer_norm`` / ``F.rms_norm``,
+    moved back, so it exports as one ``LayerNormalization`` between two ``Transpose`` nodes."""
+
+    def __init__(self, kind: str, num_channels: int, eps: float | None, weight: torch.Tensor | None,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        if kind not in ("layer", "rms") or (kind == "rms" and bias is not None):
+            raise ValueError(f"a channels-first norm is a layer norm or a bias-free RMS norm, got {kind!r}")
+        self.kind, self.eps, self.normalized_shape = kind, None if eps is None else float(eps), (int(num_channels),)
+        self.weight = weight if weight is None or isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.movedim(1, -1)
+        if self.kind == "rms":
+            x = F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        else:
+            x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, 1e-5 if self.eps is None else self.eps)
+        return x.movedim(-1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, {self.normalized_shape[0]}, eps={self.eps}"
