@@ -45,7 +45,7 @@ CREATE_KWARGS = ("pretrained", "num_classes", "in_chans", "img_size")
 _META_FIELDS: dict[str, tuple[type, ...]] = {
     "format": (int,), "model": (str,), "num_classes": (int,), "in_chans": (int,), "image_size": (int,),
     "mean": (list,), "std": (list,), "dataset": (str, type(None)), "create_kwargs": (dict, type(None)),
-    "mode": (str,), "pruner": (str,), "state_dict": (str,), "plan": (str, type(None)),
+    "mode": (str,), "pruner": (str,), "state_dict": (str,), "plan": (str, type(None)), "norm_stats": (str,),
 }
 _META_REQUIRED = ("model", "num_classes", "in_chans", "image_size", "mean", "std")
 
@@ -140,6 +140,10 @@ def _check_meta(meta: Any, path: Path) -> dict[str, Any]:
         if key in meta and meta[key] not in allowed:
             raise LoadError(f"{path}: field {key!r} is {meta[key]!r}; a run folder names only "
                             f"{' or '.join(repr(a) for a in allowed)} there")
+    from .pipeline._config_checks import NORM_STATS
+
+    if meta.get("norm_stats", "exact") not in NORM_STATS:
+        raise LoadError(f"{path}: field 'norm_stats' is {meta['norm_stats']!r}, expected one of {', '.join(NORM_STATS)}")
     kwargs = meta.get("create_kwargs")
     if kwargs is not None:
         unknown = sorted(set(kwargs) - set(CREATE_KWARGS))
@@ -221,6 +225,9 @@ def load_pruned(model_name: str, out_dir: str | os.PathLike[str], map_location: 
     ``model_name`` is the timm name the run used (checked against the folder's metadata). For
     structured runs the saved ``plan.json`` shrinks the freshly built model to the pruned shapes
     before the weights are loaded; unstructured runs store the zeros in the state dict itself.
+    A run fine-tuned with kept-channel norm statistics (``norm_stats: kept`` in the metadata) has
+    its pruned layer norms swapped for those first (``graph_passes.kept_stats_norms``, with the
+    masks the plan gives), so the plan yields the plain norms the run's speedup gave.
     """
     out = Path(out_dir)
     meta = read_meta(out)
@@ -239,8 +246,22 @@ def load_pruned(model_name: str, out_dir: str | os.PathLike[str], map_location: 
             raise LoadError(f"{plan_path} not found (the metadata says the model was pruned structurally)")
         example = torch.zeros(1, meta["in_chans"], meta["image_size"], meta["image_size"])
         plan = graph_passes.PruningPlan.load(plan_path)
+        if meta.get("norm_stats") == "kept":
+            _kept_stats_norms(model, plan, example)
         model = plan.apply(model, (example,))
     weights = out / meta.get("state_dict", MODEL_FILE)
     load_weights(model, read_state(weights), source=str(weights))
     model.to(map_location)
     return model.eval()
+
+
+def _kept_stats_norms(model: nn.Module, plan: Any, example: torch.Tensor) -> None:
+    """Swap the layer norms whose channels ``plan`` removes for norms over the kept channels, as the
+    fine-tune stage did (``graph_passes.kept_stats_norms`` with the masks of the plan's keep vectors)."""
+    import copy
+
+    import graph_passes
+
+    analysis = graph_passes.analysis_for(copy.deepcopy(model).eval(), (example,))
+    masks = graph_passes.group_masks(analysis.gm, analysis.groups, plan.keep_vectors(analysis.groups))
+    graph_passes.kept_stats_norms(model, masks, analysis=analysis)

@@ -17,12 +17,15 @@ from ._settings import ConfigError, declared_default
 __all__ = [
     "MODES", "MODE_BUDGETS", "suggest_models", "check_model_name", "int_in", "float_in", "choice", "flag",
     "check_data", "check_measurement", "check_pruner", "check_latency", "harp_default", "datasets", "modes",
-    "pruners", "adv_losses", "allocations", "autoattack_versions", "latency_backends", "budgets",
+    "pruners", "adv_losses", "allocations", "autoattack_versions", "latency_backends", "budgets", "norm_stats",
+    "NORM_STATS",
 ]
 
 MODES = ("unstructured", "structured")
 #: What the pruning target counts, per mode (the first one is the mode's default).
 MODE_BUDGETS = {"unstructured": ("params",), "structured": ("flops", "latency")}
+#: What the fine-tuned model's layer norms normalise over where channels are pruned (the first: the default).
+NORM_STATS = ("kept", "exact")
 
 
 def suggest_models(name: str, n: int = 5) -> list[str]:
@@ -170,6 +173,10 @@ def allocations() -> tuple[str, ...]:
     from ..pruning._allocation import ALLOCATIONS
 
     return tuple(ALLOCATIONS)
+
+
+def norm_stats() -> tuple[str, ...]:
+    return NORM_STATS
 
 
 def budgets() -> tuple[str, ...]:

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 def setting(default: Any, help: str, *, choices: Callable[[], tuple[str, ...]] | None = None,
             metavar: str | None = None, group: str | None = "pruning target", resume: bool = True,
             flag: str | None = None, cli_default: Any = MISSING, hidden: bool = False,
-            older_runs_default: bool = False) -> Any:
+            older_runs_default: bool = False, older_runs: Any = MISSING) -> Any:
     """A dataclass field declared with what the command line, the NNI trial and the resume check
     need, so that they are derived from it and nothing is written twice.
 
@@ -41,11 +41,12 @@ def setting(default: Any, help: str, *, choices: Callable[[], tuple[str, ...]] |
     ``export_onnx=False``). ``cli_default``: the command line's default where it differs (the
     command then derives the value, e.g. ``output_dir``). ``hidden``: an option kept out of
     ``--help`` (testing knobs). ``older_runs_default``: a stored run whose record lacks the
-    setting (it came later) resumes as if it had the default.
+    setting (it came later) resumes as if it had the default; ``older_runs``: as if it had this
+    value instead (what nni-harp did before the setting existed, where the default changed that).
     """
     metadata = {"help": help, "choices": choices, "metavar": metavar, "group": group, "resume": resume,
                 "flag": flag, "cli_default": cli_default, "hidden": hidden,
-                "older_runs_default": older_runs_default}
+                "older_runs_default": older_runs_default, "older_runs": older_runs}
     return field(default=default, metadata=metadata)
 
 
@@ -99,7 +100,9 @@ def resume_keys(cls: type | None = None) -> tuple[str, ...]:
 
 def resume_defaults(cls: type | None = None) -> dict[str, Any]:
     """What a stored run whose record lacks a setting (it came later) counts as on resume."""
-    return {f.name: f.default for f in declared_settings(cls) if f.metadata["older_runs_default"]}
+    found = {f.name: f.default for f in declared_settings(cls) if f.metadata["older_runs_default"]}
+    return {**found, **{f.name: f.metadata["older_runs"] for f in declared_settings(cls)
+                        if f.metadata.get("older_runs", MISSING) is not MISSING}}
 
 
 def coerce_number(name: str, value: Any, kind: type) -> Any:

@@ -74,6 +74,15 @@ class PipelineConfig:
         8, "HARP's gamma grows every epoch until the target is met, then freezes (default: %(default)s)",
         group="schedule")
     finetune_epochs: int = setting(2, "default: %(default)s", group="schedule")
+    # #11: a norm of the kept width is one fused op; exact statistics export as ~23 element-wise ones
+    norm_stats: str = setting(
+        check.NORM_STATS[0],
+        "structured runs: what layer/RMS norms whose channels are pruned normalise over while fine-tuning. kept: "
+        "the kept channels only, so the pruned model holds plain norms of the kept width (one LayerNormalization "
+        "each in ONNX); exact: the removed channels too, as zeros, as the masked model does, so the pruned model "
+        "holds exact-statistics norms (element-wise, 2-3.5x slower). Without fine-tuning (--finetune-epochs 0) the "
+        "statistics stay exact: the masked model's function is not changed untrained (default: %(default)s)",
+        choices=check.norm_stats, group="schedule", older_runs="exact")
     batch_size: int = setting(
         64, "the global batch; under torchrun each of N processes takes 1/N of it (default: %(default)s)",
         group="schedule")
@@ -162,6 +171,7 @@ class PipelineConfig:
         check.int_in(self, "pretrain_epochs", 0, 100_000)
         check.int_in(self, "prune_epochs", 1, 100_000)
         check.int_in(self, "finetune_epochs", 0, 100_000)
+        check.choice(self, "norm_stats", check.norm_stats())
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise ConfigError("output_dir", f"must be a non-empty path, got {self.output_dir!r}")
         if self.checkpoint is not None and not Path(self.checkpoint).expanduser().exists():
@@ -216,6 +226,12 @@ class PipelineConfig:
         """The target as the report names it: ``sparsity``, ``flops_kept`` or ``latency_kept``."""
         kind = self.budget_kind
         return {"sparsity": self.sparsity} if kind == "params" else {f"{kind}_kept": self.target_keep}
+
+    @property
+    def kept_norm_stats(self) -> bool:
+        """Whether the fine-tuned model's pruned layer norms normalise over the kept channels only
+        (``norm_stats='kept'`` in a structured run that fine-tunes)."""
+        return self.norm_stats == "kept" and self.mode == "structured" and self.finetune_epochs > 0
 
     @property
     def out_path(self) -> Path:

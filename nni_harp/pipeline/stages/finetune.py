@@ -1,5 +1,8 @@
 """``finetune``: adversarial fine-tuning of the weights the masks keep, with the masks fixed; the
-masks are baked into the weights at the end."""
+masks are baked into the weights at the end. In a structured run (``norm_stats='kept'``) the layer
+norms whose channels are pruned first become ``graph_passes.KeptStatsNorm`` (statistics over the
+kept channels), so the weights adapt to them and the speedup emits plain norms of the kept width;
+a resumed run swaps them before loading the fine-tuned weights (the state dict keys are the same)."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -24,10 +27,13 @@ def stage_finetune(ctx: Context, model: nn.Module, masks: Mapping[str, Mapping[s
 
     cfg = ctx.config
     with stage(ctx, "finetune", reuse="the fine-tuned weights") as s:
+        swapped = _kept_stats_norms(ctx, model, masks) if cfg.kept_norm_stats else []
         if s.done:
             load_weights(model, s.load(FINETUNED_WEIGHTS), str(s.artefact(FINETUNED_WEIGHTS)))
             return
         result: dict[str, Any] = {"epochs": cfg.finetune_epochs}
+        if swapped:
+            result["kept_stats_norms"] = len(swapped)
         fix_masks(model, masks)
         try:
             if cfg.finetune_epochs > 0:
@@ -43,3 +49,10 @@ def stage_finetune(ctx: Context, model: nn.Module, masks: Mapping[str, Mapping[s
             ctx.checks["ranks_weights_max_abs_diff"] = hd.max_difference(weights)
         s.save(model.state_dict(), FINETUNED_WEIGHTS)
         s.result = result
+
+
+def _kept_stats_norms(ctx: Context, model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]]) -> list[str]:
+    """The pruned layer norms of ``model`` swapped for norms over the kept channels, in place."""
+    import graph_passes
+
+    return graph_passes.kept_stats_norms(model, masks, (ctx.example.to(next(model.parameters()).device),))

@@ -21,8 +21,10 @@ __all__ = ["stage_speedup", "model_meta"]
 logger = logging.getLogger(__name__)
 
 
-def model_meta(ctx: Context, plan: str | None) -> dict[str, Any]:
-    """``model_meta.json``: what :func:`nni_harp.load_pruned` needs to rebuild the model."""
+def model_meta(ctx: Context, plan: str | None, norm_stats: str = "exact") -> dict[str, Any]:
+    """``model_meta.json``: what :func:`nni_harp.load_pruned` needs to rebuild the model
+    (``norm_stats='kept'``: the plan is applied to a model whose pruned layer norms normalise over
+    the kept channels, as the fine-tuned one did; see :func:`nni_harp.loading.load_pruned`)."""
     info = ctx.info
     return {
         "model": ctx.config.model,
@@ -37,6 +39,7 @@ def model_meta(ctx: Context, plan: str | None) -> dict[str, Any]:
         "pruner": ctx.config.pruner,
         "state_dict": MODEL_FILE,
         "plan": plan,
+        "norm_stats": norm_stats,
     }
 
 
@@ -44,7 +47,10 @@ def stage_speedup(ctx: Context, model: nn.Module, masks: Mapping[str, Mapping[st
     """Structured: remove the masked channels and save the plan, checking the invariant that the
     shrunk model computes what the masked one does. Returns the model to export and evaluate."""
     with stage(ctx, "speedup", one_pass=True) as s:
+        import graph_passes
+
         plan_name: str | None = None
+        norm_stats = "kept" if any(isinstance(m, graph_passes.KeptStatsNorm) for m in model.modules()) else "exact"
         if ctx.config.mode == "structured":
             model, diff = _remove_channels(ctx, model, masks)
             plan_name = PLAN_FILE
@@ -52,7 +58,7 @@ def stage_speedup(ctx: Context, model: nn.Module, masks: Mapping[str, Mapping[st
         else:
             s.result = {"skipped": "unstructured: zeros are stored in the state dict"}
         atomic_save(model.state_dict(), ctx.out / MODEL_FILE)
-        write_meta(ctx.out, model_meta(ctx, plan_name))
+        write_meta(ctx.out, model_meta(ctx, plan_name, norm_stats))
         s.metrics = {k: v for k, v in s.result.items() if isinstance(v, float)}
     return model
 

@@ -130,7 +130,8 @@ def test_a_missing_gpu_is_named_for_the_cuda_backend(tmp_path, monkeypatch):
 
 
 def test_runs_of_an_older_version_resume_when_the_new_settings_keep_their_defaults(tmp_path):
-    config = _config(tmp_path, budget=None).to_dict()
+    # norm_stats: what older runs did (exact statistics), which is not its default
+    config = _config(tmp_path, budget=None, norm_stats=resume_defaults()["norm_stats"]).to_dict()
     older = {k: v for k, v in config.items() if k not in resume_defaults()}  # the settings that came later
     store = RunStore(tmp_path / "run")
     store.start(older, False, False, PipelineConfig.RESUME_KEYS)

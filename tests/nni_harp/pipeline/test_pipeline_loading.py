@@ -98,8 +98,9 @@ def _unstructured_folder(tmp_path, **meta_changes):
     ({"extra": 1}, ["unknown field 'extra'"]),
     ({"num_classes": "10"}, ["field 'num_classes' must be int, got '10'"]),
     ({"mean": [0.3]}, ["field 'mean' must hold 3 numbers"]),
+    ({"norm_stats": "fast"}, ["field 'norm_stats' is 'fast', expected one of kept, exact"]),
 ], ids=["checkpoint_path", "cfg-overlay", "pretrained", "num-classes", "state-dict-path", "plan-path", "unknown",
-        "type", "mean"])
+        "type", "mean", "norm-stats"])
 def test_tampered_model_meta_is_refused_naming_the_file_and_field(tmp_path, change, fragments):
     _unstructured_folder(tmp_path, **change)
     with pytest.raises(LoadError) as info:
