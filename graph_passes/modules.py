@@ -161,19 +161,20 @@ class ChannelsFirstNorm(nn.Module):
     def __init__(self, kind: str, num_channels: int, eps: float | None, weight: torch.Tensor | None,
                  bias: torch.Tensor | None) -> None:
         super().__init__()
-        if kind not in ("layer", "rms") or (kind == "rms" and bias is not None):
-            raise ValueError(f"a channels-first norm is a layer norm or a bias-free RMS norm, got {kind!r}")
+        if kind not in ("layer", "rms") or (kind == "rms" and bias is not None) or (kind == "layer" and eps is None):
+            raise ValueError(f"a channels-first norm is a layer norm (with an eps) or a bias-free RMS norm, got {kind!r}")
         self.kind, self.eps, self.normalized_shape = kind, None if eps is None else float(eps), (int(num_channels),)
         self.weight = weight if weight is None or isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.movedim(1, -1)
+        last = x.dim() - 1  # explicit permutations: the ONNX exporter writes movedim's negative axes as they are
+        x = x.permute(0, *range(2, last + 1), 1)
         if self.kind == "rms":
             x = F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
         else:
-            x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, 1e-5 if self.eps is None else self.eps)
-        return x.movedim(-1, 1)
+            x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, last, *range(1, last))
 
     def extra_repr(self) -> str:
         return f"{self.kind}, {self.normalized_shape[0]}, eps={self.eps}"

@@ -149,3 +149,14 @@ def test_timm_simple_norm_and_unmasked_norms_are_left_alone():
     assert "1" in masks and "3" not in masks  # the SimpleNorm's channels are masked; the output's are not
     assert gp.kept_stats_norms(model, masks, x) == []  # no fused op for a SimpleNorm: it stays exact
     assert type(model[1]) is SimpleNorm and type(model[3]) is nn.LayerNorm
+
+
+def test_channels_first_norm_exports_as_layer_normalization_between_transposes(tmp_path):
+    torch.manual_seed(0)
+    module = gp.ChannelsFirstNorm("layer", 6, 1e-6, torch.rand(6) + 0.5, torch.rand(6) - 0.5).eval()
+    x = torch.randn(2, 6, 5, 3)
+    path = gp.export_onnx(module, (x,), tmp_path / "cf.onnx")
+    assert [n.op_type for n in onnx.load(str(path)).graph.node] == ["Transpose", "LayerNormalization", "Transpose"]
+    (got,) = gp.run_onnx(path, (x,))
+    ref = nn.functional.layer_norm(x.permute(0, 2, 3, 1), (6,), module.weight, module.bias, 1e-6).permute(0, 3, 1, 2)
+    torch.testing.assert_close(torch.from_numpy(got), ref.detach(), atol=1e-5, rtol=1e-5)
