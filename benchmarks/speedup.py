@@ -13,6 +13,7 @@ group's highest-L2-norm channels. Dense and pruned are timed alternately
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import ctypes.util
 import platform
@@ -106,7 +107,13 @@ def dispatch_floor(model: torch.nn.Module, pruned: torch.nn.Module, reps: int) -
 
 
 def _prune(model: torch.nn.Module, x1: torch.Tensor, groups, keep) -> torch.nn.Module:
-    return gp.ModelSpeedup(model, x1, gp.group_masks(model, groups, keep)).speedup_model(inplace=False).eval()
+    """The model pruned as a fine-tuned structured run of the pipeline is (``--norm-stats kept``): layer
+    norms over the kept channels (``graph_passes.kept_stats_norms``), so the speedup emits plain norms
+    of the kept width."""
+    masks = gp.group_masks(model, groups, keep)
+    masked = copy.deepcopy(model)
+    gp.kept_stats_norms(masked, masks, x1)
+    return gp.ModelSpeedup(masked, x1, masks).speedup_model().eval()
 
 
 def _measure(model, pruned, sessions, batch: int, runtime: str, reps: int) -> dict:
@@ -130,7 +137,8 @@ def _fit_all(model, args, cache_dir) -> dict[tuple[int, str], tuple[gp.LatencyMo
         cm = gp.cost(analysis)
         for rt in RUNTIMES:
             lat = gp.fit_latency(analysis, xb, backend=BACKEND[rt], threads=args.threads, round_to=args.round_to,
-                                 samples=args.fit_samples, reps=_fit_reps(args, batch), cache_dir=cache_dir)
+                                 samples=args.fit_samples, reps=_fit_reps(args, batch), cache_dir=cache_dir,
+                                 norms="kept")
             print(f"  latency model b{batch} {rt}: dense {lat.dense_ms:.2f} ms, fit error "
                   f"{100 * lat.fit_error(cm):.1f} %", flush=True)
             fits[(batch, rt)] = (lat, cm, analysis)
@@ -141,22 +149,27 @@ def _fit_reps(args, batch: int) -> int:
     return args.fit_reps if batch == 1 else args.fit_reps_b32
 
 
-def latency_plan(fit: tuple[gp.LatencyModel, gp.CostModel, gp.Analysis], prunable, norms, target_of, args):
-    """The 'latency' plan of one row: groups reweighted by the latency model's ms per FLOP, bisected
-    to ``target_of(model)`` (a predicted latency fraction), then ``args.refine`` times: the plan
-    measured (``graph_passes.refine_latency``), the model fitted again with it, the plan chosen
-    anew. Returns (keep vectors, frac, the final latency model, target)."""
+def latency_plan(fit: tuple[gp.LatencyModel, gp.CostModel, gp.Analysis], prunable, norms, target_of, args,
+                 also_measure: dict[int, int] | None = None):
+    """The 'latency' plan of one row. Its shape comes from the fitted model: groups reweighted by
+    their predicted ms per FLOP (``latency_weights``, once). Its scale is bisected to
+    ``target_of(model)`` (a predicted latency fraction), then ``args.refine`` times: the plan is
+    measured (``graph_passes.refine_latency``; the first time with ``also_measure``, the counts a
+    target refers to), the model fitted again, the scale bisected anew. The plans all lie on one
+    path, so the last one sits between measured ones. Returns (keep vectors, frac, the last latency
+    model, target)."""
     lat, cm, analysis = fit
-    batch = lat.batch
-    xb = torch.randn(batch, 3, 224, 224)
+    xb = torch.randn(lat.batch, 3, 224, 224)
+    weight = latency_weights(lat, cm, prunable, args.gamma)
     for step in range(args.refine + 1):
         target = target_of(lat)
-        weight = latency_weights(lat, cm, prunable, args.gamma)
         keep, frac = plan_keep(prunable, norms, weight, lambda f, lat=lat: float(lat.fraction(cm, f)), target,
                                args.round_to)
         if step < args.refine:
-            counts = {gid: int(v.sum()) for gid, v in keep.items()}
-            lat = gp.refine_latency(analysis, xb, lat, [counts], reps=_fit_reps(args, batch))
+            configs = [{gid: int(v.sum()) for gid, v in keep.items()}]
+            if step == 0 and also_measure is not None:
+                configs.insert(0, also_measure)
+            lat = gp.refine_latency(analysis, xb, lat, configs, reps=_fit_reps(args, lat.batch))
     return keep, frac, lat, target
 
 
@@ -242,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
                     cm = fits[(batch, rt)][1]
                     targets = (("uniform's", lambda lat: float(lat.fraction(cm, fractions(uniform_keep)))),
                                (f"{TARGET:g}", lambda lat: TARGET))
+                    uniform_counts = {gid: int(v.sum()) for gid, v in uniform_keep.items()}
                     for label, target_of in targets:
-                        keep, frac, lat, target = latency_plan(fits[(batch, rt)], prunable, norms, target_of, args)
+                        keep, frac, lat, target = latency_plan(fits[(batch, rt)], prunable, norms, target_of, args,
+                                                               uniform_counts if label == "uniform's" else None)
                         pruned = _prune(model, x1, groups, keep)
                         sessions = (dense_session, ort_session(pruned, x1, tmp / f"{name}_lat.onnx", args.threads)
                                     if rt == "ort" else None)
@@ -306,9 +321,13 @@ def render(rows: list[dict], args) -> str:
         f"{args.fit_samples} channel configurations timed on the row's runtime, batch and threads, {args.fit_reps} "
         f"runs each at batch 1, {args.fit_reps_b32} at batch 32), and bisects to a *predicted latency* target: "
         "the uniform plan's predicted latency in that row ('at uniform's'), and half the dense latency "
-        f"('at {TARGET:g}'); then, {args.refine} time(s), the plan is measured, the latency model fitted again with "
-        "it (`graph_passes.refine_latency`: a measured plan weighs as much as all the samples) and the plan chosen "
-        "anew; the row's prediction is that last model's, for the last plan, which it has not measured. "
+        f"('at {TARGET:g}'); then, {args.refine} time(s), the plan is measured (the first time with the uniform "
+        "plan, for the row at uniform's), the latency model fitted again with it (`graph_passes.refine_latency`: a "
+        "measured plan weighs as much as all the samples) and the plan's scale bisected anew (its shape, the "
+        "per-group weights, stays the first model's); the row's prediction is that last model's, for the last "
+        "plan, which it has not measured. Pruned models are built as a fine-tuned structured run of the pipeline "
+        "builds them (`--norm-stats kept`: layer norms over the kept channels, plain norms after the speedup), and "
+        "the latency models time such models (`fit_latency(norms='kept')`). "
         "'acts kept' is the fraction of activation elements the pruned model still produces.",
         "",
         f"Latency: wall time of one batch, {args.threads} intra-op threads, dense and pruned timed alternately "

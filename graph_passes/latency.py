@@ -171,7 +171,8 @@ class LatencyModel:
 
     ``measured`` holds the fit's data, ``[(kept fractions by group id, measured ms)]``, the last
     ``refined`` of them added by :func:`refine_latency`, and ``dense_ms`` the dense model's
-    measured latency."""
+    measured latency; ``norms``: how the pruned configurations' layer norms were built (see
+    :func:`fit_latency`)."""
 
     backend: str
     threads: int
@@ -181,6 +182,7 @@ class LatencyModel:
     dense_ms: float
     measured: list[tuple[dict[int, float], float]]
     refined: int = 0
+    norms: str = "exact"
 
     def latency(self, cost: CostModel, keep: Mapping[int, Fraction] | None = None) -> Fraction:
         """Predicted milliseconds with kept fractions ``keep`` (differentiable when they are tensors)."""
@@ -262,7 +264,7 @@ def _configurations(sizes: Mapping[int, int], round_to: int, samples: int, seed:
 def fit_latency(
     model: Traceable, example_inputs: Any, *, backend: str = "eager", threads: int = 1, round_to: int = 8,
     samples: int = 16, reps: int = 20, rounds: int = 2, seed: int = 0, cache_dir: str | Path | None = None,
-    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None, norms: str = "exact",
 ) -> LatencyModel:
     """Measure ``model`` on ``backend`` dense and pruned to ``samples - 1`` configurations of its
     prunable channel groups, and fit a :class:`LatencyModel` (see the module docstring).
@@ -274,6 +276,11 @@ def fit_latency(
     from there when its key matches, else write it there (atomically). ``progress`` wraps the
     ``rounds * samples`` timing steps (e.g. ``tqdm``).
 
+    ``norms``: how the layer norms of a pruned configuration are built. ``'exact'`` (the speedup of
+    plain masks): :class:`~graph_passes.ExactStatsNorm`, element-wise ops over the kept channels;
+    ``'kept'``: the plain norms of the kept width that a model whose norms were swapped by
+    :func:`graph_passes.kept_stats_norms` (fine-tuned with kept-channel statistics) is pruned to.
+
     ``model`` may also be a traced ``GraphModule`` or its :class:`~graph_passes.Analysis` (see
     :func:`graph_passes.analysis_for`): it is traced once, and each configuration is removed from a
     copy of that trace (the model itself is left alone)."""
@@ -281,6 +288,7 @@ def fit_latency(
     from .dependency import analysis_for
 
     check_backend(backend)  # before tracing or measuring anything
+    _check_norms(norms)
     analysis = analysis_for(model, example_inputs)
     gm = analysis.gm
     cost = cost_of_analysis(gm, analysis)
@@ -289,19 +297,20 @@ def fit_latency(
         raise LatencyError("the model has no prunable channel group: its latency cannot change with pruning")
     if rounds < 1 or reps < 1:
         raise LatencyError(f"reps and rounds must be >= 1, got reps={reps!r}, rounds={rounds!r}")
-    grid = {"round_to": round_to, "samples": samples, "seed": seed, "reps": reps, "rounds": rounds, "design": _DESIGN}
+    grid = {"round_to": round_to, "samples": samples, "seed": seed, "reps": reps, "rounds": rounds, "design": _DESIGN,
+            "norms": norms}
     key = cache_key(gm, example_inputs, backend, threads, grid)
     cached = Path(cache_dir) / f"latency-{key}.json" if cache_dir is not None else None
     if cached is not None and cached.is_file():
         logger.info("latency model read from %s", cached)
         return LatencyModel.from_json(cached.read_text())
     configs = _configurations(sizes, round_to, samples, seed)
-    times = _measure(analysis, example_inputs, configs, backend, threads, reps, rounds, progress)
+    times = _measure(analysis, example_inputs, configs, backend, threads, reps, rounds, progress, norms)
     rows = [({g: c / sizes[g] for g, c in counts.items()}, ms) for counts, ms in zip(configs, times)]
     fitted = _fit(rows, cost)
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     result = LatencyModel(backend=backend, threads=threads, batch=int(inputs[0].shape[0]), intercept=fitted[0],
-                          coefficients=fitted[1], dense_ms=rows[0][1], measured=rows)
+                          coefficients=fitted[1], dense_ms=rows[0][1], measured=rows, norms=norms)
     logger.info("latency model on %s: dense %.3f ms, largest fit error %.1f %%", backend, result.dense_ms,
                 100 * result.fit_error(cost))
     if cached is not None:
@@ -310,11 +319,14 @@ def fit_latency(
 
 
 def _measure(analysis: Any, example_inputs: Any, configs: list[dict[int, int]], backend: str, threads: int,
-             reps: int, rounds: int, progress: Callable[[Iterable[Any]], Iterable[Any]] | None) -> list[float]:
+             reps: int, rounds: int, progress: Callable[[Iterable[Any]], Iterable[Any]] | None,
+             norms: str = "exact") -> list[float]:
     """Milliseconds of the model of ``analysis`` with each configuration's channel counts (an
     empty configuration or every group at its size: the model itself), timed in ``rounds`` passes
     over all of them, ``ceil(reps / rounds)`` runs each per pass; a configuration's latency is the
-    lowest of its per-pass medians."""
+    lowest of its per-pass medians. ``norms``: see :func:`fit_latency`."""
+    from .groups import group_masks
+    from .kept_norms import kept_stats_norms
     from .speedup import apply_keep
 
     sizes = {g.id: g.size for g in analysis.groups if g.prunable}
@@ -330,7 +342,10 @@ def _measure(analysis: Any, example_inputs: Any, configs: list[dict[int, int]], 
                     pruned = copy.deepcopy(analysis.gm)  # a copy: a GraphModule shares the model's modules
                 else:  # which channels go does not change the time
                     keep = {g: torch.arange(sizes[g]) < counts.get(g, sizes[g]) for g in sizes}
-                    pruned = apply_keep((fresh := analysis.copy()).gm, fresh, keep)
+                    fresh = analysis.copy()
+                    if norms == "kept":  # the plain norms a fine-tuned structured run ends with
+                        kept_stats_norms(fresh.gm, group_masks(fresh.gm, fresh.groups, keep), analysis=fresh)
+                    pruned = apply_keep(fresh.gm, fresh, keep)
                 work = Path(tmp) / str(i)
                 work.mkdir()
                 runners[i] = latency_runner(pruned, example_inputs, backend, threads, work)
@@ -349,7 +364,8 @@ def refine_latency(
     A plan chosen by minimising predicted latency lands where the fitted model errs most in its
     favour (its groups are reweighted by the model's own figures); measuring that plan and fitting
     again, a few times, corrects the model exactly where the plan lives. ``model`` as for
-    :func:`fit_latency` (the model ``latency`` was fitted on; nothing is cached)."""
+    :func:`fit_latency` (the model ``latency`` was fitted on, whose ``norms`` it uses; nothing is
+    cached)."""
     from .cost import cost_of_analysis
     from .dependency import analysis_for
 
@@ -361,12 +377,23 @@ def refine_latency(
                            f"(those are {sorted(sizes)})")
     if rounds < 1 or reps < 1:
         raise LatencyError(f"reps and rounds must be >= 1, got reps={reps!r}, rounds={rounds!r}")
-    times = _measure(analysis, example_inputs, configs, latency.backend, latency.threads, reps, rounds, progress)
+    times = _measure(analysis, example_inputs, configs, latency.backend, latency.threads, reps, rounds, progress,
+                     latency.norms)
     rows = latency.measured + [({g: c.get(g, n) / n for g, n in sizes.items()}, ms) for c, ms in zip(configs, times)]
     refined = latency.refined + len(configs)
     intercept, coefficients = _fit(rows, cost_of_analysis(analysis.gm, analysis), refined)
     return LatencyModel(backend=latency.backend, threads=latency.threads, batch=latency.batch, intercept=intercept,
-                        coefficients=coefficients, dense_ms=latency.dense_ms, measured=rows, refined=refined)
+                        coefficients=coefficients, dense_ms=latency.dense_ms, measured=rows, refined=refined,
+                        norms=latency.norms)
+
+
+#: Values of ``fit_latency(norms=...)``.
+NORMS = ("exact", "kept")
+
+
+def _check_norms(norms: str) -> None:
+    if norms not in NORMS:
+        raise LatencyError(f"norms must be one of {', '.join(map(repr, NORMS))}, got {norms!r}")
 
 
 def _fit(rows: list[tuple[dict[int, float], float]], cost: CostModel, refined: int = 0) -> tuple[float, dict[str, float]]:

@@ -94,7 +94,8 @@ def test_latency_plan_meets_its_predicted_target(bench, model_and_input):
 
 def test_latency_plan_refines_the_model_on_each_plan_and_plans_on_the_last(bench, model_and_input, monkeypatch):
     """With --refine 2 the plan is measured twice (here: a stand-in that makes conv time dearer
-    each time), and the plan returned is the one the last model chooses, at its target."""
+    each time; the first time with the counts the target refers to), and the plan returned has the
+    first model's shape (per-group weights) at the scale the last model puts at the target."""
     from types import SimpleNamespace
 
     model, x = model_and_input
@@ -103,21 +104,40 @@ def test_latency_plan_refines_the_model_on_each_plan_and_plans_on_the_last(bench
     prunable = [g for g in analysis.groups if g.prunable]
     norms = {g.id: gp.channel_norms(model, g) for g in prunable}
     first = _latency_model(0.05, conv=2e-7, linear=1e-7, activations=4e-6)
-    measured: list[dict[int, int]] = []
+    measured: list[list[dict[int, int]]] = []
 
     def refine(model_, example, latency, configs, reps=20, rounds=2, progress=None):
         assert model_ is analysis and latency.batch == example.shape[0]
-        measured.extend(configs)
+        measured.append(list(configs))
         return _latency_model(latency.intercept, conv=latency.coefficients["conv"] * 4,
                               linear=latency.coefficients["linear"], activations=latency.coefficients["activations"])
 
     monkeypatch.setattr(bench.gp, "refine_latency", refine)
     args = SimpleNamespace(refine=2, gamma=0.5, round_to=1, fit_reps=3, fit_reps_b32=1)
-    keep, _, last, target = bench.latency_plan((first, cm, analysis), prunable, norms, lambda lat: 0.6, args)
-    assert len(measured) == 2 and target == 0.6
+    uniform = {g.id: g.size // 2 for g in prunable}
+    keep, _, last, target = bench.latency_plan((first, cm, analysis), prunable, norms, lambda lat: 0.6, args, uniform)
+    assert [len(c) for c in measured] == [2, 1] and measured[0][0] == uniform and target == 0.6
     assert last.coefficients["conv"] == pytest.approx(2e-7 * 16)
     assert float(last.fraction(cm, bench.fractions(keep))) == pytest.approx(0.6, abs=0.02)
-    plain, _ = bench.plan_keep(prunable, norms, bench.latency_weights(first, cm, prunable, 0.5),
-                               lambda f: float(first.fraction(cm, f)), 0.6, 1)
-    assert measured[0] == {gid: int(v.sum()) for gid, v in plain.items()}  # the first plan measured is the unrefined one
-    assert any(int(keep[g].sum()) != int(plain[g].sum()) for g in keep)  # and the last plan differs from it
+    weight = bench.latency_weights(first, cm, prunable, 0.5)
+    plain, _ = bench.plan_keep(prunable, norms, weight, lambda f: float(first.fraction(cm, f)), 0.6, 1)
+    assert measured[0][1] == {gid: int(v.sum()) for gid, v in plain.items()}  # the first plan measured: unrefined
+    expected, _ = bench.plan_keep(prunable, norms, weight, lambda f: float(last.fraction(cm, f)), 0.6, 1)
+    assert all(torch.equal(keep[g], expected[g]) for g in expected)  # first shape, last scale
+    assert any(int(keep[g].sum()) != int(plain[g].sum()) for g in keep)  # which differs from the first plan
+
+
+def test_pruned_models_have_plain_norms_of_the_kept_width(bench):
+    """The benchmark prunes as a fine-tuned structured run does: no ExactStatsNorm is left in a
+    LayerNorm model, and the pruned model runs."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False).eval()
+    x = torch.randn(1, *model.pretrained_cfg["input_size"])
+    groups = gp.channel_groups(model, x)
+    keep = {g.id: torch.arange(g.size) < max(1, g.size // 2) for g in groups if g.prunable}
+    pruned = bench._prune(model, x, groups, keep)
+    kinds = {type(m).__name__ for m in pruned.modules()}
+    assert "LayerNorm" in kinds and "ExactStatsNorm" not in kinds
+    assert pruned(x).shape == model(x).shape

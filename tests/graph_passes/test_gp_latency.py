@@ -207,3 +207,36 @@ def test_the_configurations_mix_near_uniform_and_independent_draws(model) -> Non
     spreads = [max(c[g] / n for g, n in sizes.items()) - min(c[g] / n for g, n in sizes.items()) for c in configs[1:]]
     # near-uniform draws stay within the +-30 % jitter of one scale; independent draws span more
     assert max(spreads[0::2]) < min(spreads[1::2])
+
+
+def test_kept_norms_time_the_plain_norms_a_fine_tuned_run_is_pruned_to(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """norms='kept' times pruned configurations with plain LayerNorms of the kept width (what a
+    structured run fine-tuned with kept-channel statistics ends with); 'exact' with ExactStatsNorm.
+    The choice is part of the cache key and travels with the model into refine_latency."""
+    torch.manual_seed(0)
+    vit = timm.create_model("test_vit", num_classes=10).eval()
+    x = torch.rand(1, *vit.pretrained_cfg["input_size"])
+    seen: dict[str, list[torch.nn.Module]] = {}
+
+    def runner(model, example_inputs, backend, threads, work):
+        seen.setdefault(current, []).append(model)
+        return _Known(model, (example_inputs,))
+
+    monkeypatch.setattr(lat, "latency_runner", runner)
+    monkeypatch.setattr(lat, "measure_ms", lambda run, reps=20, warmup=3: run.ms)
+
+    def norm_types(models):
+        return {type(m).__name__ for model in models[1:] for m in model.modules() if "Norm" in type(m).__name__}
+
+    fits = {}
+    for current in ("exact", "kept"):
+        fits[current] = gp.fit_latency(vit, x, samples=3, rounds=1, norms=current, cache_dir=tmp_path)
+    assert "ExactStatsNorm" in norm_types(seen["exact"]) and "LayerNorm" not in norm_types(seen["exact"])
+    assert "LayerNorm" in norm_types(seen["kept"]) and "ExactStatsNorm" not in norm_types(seen["kept"])
+    assert len(list(tmp_path.glob("latency-*.json"))) == 2 and fits["kept"].norms == "kept"
+    current = "refined"
+    groups = {g.id: g.size for g in gp.channel_groups(vit, x) if g.prunable}
+    refined = gp.refine_latency(vit, x, fits["kept"], [{g: max(1, n // 2) for g, n in groups.items()}], rounds=1)
+    assert refined.norms == "kept" and "ExactStatsNorm" not in norm_types([None, *seen["refined"]])
+    with pytest.raises(gp.LatencyError, match="norms must be one of 'exact', 'kept', got 'fast'"):
+        gp.fit_latency(vit, x, norms="fast")
