@@ -34,7 +34,9 @@ def harp_options(config: Any) -> dict[str, Any]:
     if config.budget_kind != "latency":
         return {}
     return {"budget": "latency", "latency_backend": config.latency_backend, "latency_threads": config.latency_threads,
-            "latency_cache": str(_default_settings().latency_cache_dir())}
+            "latency_cache": str(_default_settings().latency_cache_dir()),
+            # the pruned model's norms: plain ones of the kept width where fine-tuning swaps them
+            "latency_norms": "kept" if config.kept_norm_stats else "exact"}
 
 
 def _default_settings(**options: Any) -> Any:
@@ -74,7 +76,8 @@ def fit_for_run(ctx: Any, model: nn.Module, example: torch.Tensor) -> Any:
             return progress(items)
 
         fitted = fit_latency(model, example, backend=settings.latency_backend, threads=settings.latency_threads,
-                             round_to=settings.round_to, cache_dir=settings.latency_cache, progress=tracked)
+                             round_to=settings.round_to, cache_dir=settings.latency_cache, progress=tracked,
+                             norms=settings.latency_norms)
         if measured:
             cb.on_stage_end(LATENCY_STAGE, {"seconds": time.perf_counter() - start, "backend": fitted.backend})
         else:

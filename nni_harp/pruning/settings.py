@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from graph_passes.latency import BACKENDS as LATENCY_BACKENDS
+from graph_passes.latency import NORMS as LATENCY_NORMS
 
 from ._allocation import ALLOCATIONS
 from .._checks import check_choice, check_flag, check_int, check_real, is_int
@@ -71,6 +72,11 @@ class HARPSettings:
         latency_threads: CPU threads the latency is measured with, an ``int >= 1``.
         latency_cache: folder where fitted latency models are kept, so a second run measures
             nothing; ``None``: ``$XDG_CACHE_HOME/nni_harp/latency`` (``~/.cache/...``).
+        latency_norms: how the latency model's pruned configurations build their layer norms
+            (``graph_passes.fit_latency(norms=...)``): ``'exact'`` (``ExactStatsNorm``, what plain
+            masks speed up to) or ``'kept'`` (plain norms of the kept width, what a model fine-tuned
+            with ``graph_passes.kept_stats_norms`` speeds up to: the pipeline's default for
+            structured runs that fine-tune). Models without layer norms time the same either way.
         init_allocation: where the per-unit kept fractions start, at an overall kept fraction of
             ``init_keep``: ``'uniform'`` (every unit the same fraction), ``'magnitude'`` (one global
             threshold on weight magnitudes; structured: on channels' RMS weight), ``'lamp'`` (one
@@ -196,6 +202,7 @@ class HARPSettings:
     latency_backend: str = "eager"
     latency_threads: int = 1
     latency_cache: str | None = None
+    latency_norms: Literal["exact", "kept"] = "exact"
     init_allocation: Literal["uniform", "dense", "magnitude", "lamp", "erk"] = "uniform"
     init_keep: float | None = None
     learn_rates: bool = True
@@ -236,6 +243,7 @@ class HARPSettings:
             _choice("budget", self.budget, BUDGETS)
         _choice("latency_backend", self.latency_backend, tuple(LATENCY_BACKENDS))
         _int("latency_threads", self.latency_threads, 1)
+        _choice("latency_norms", self.latency_norms, LATENCY_NORMS)
         if self.latency_cache is not None and not isinstance(self.latency_cache, str):
             raise SettingsError("latency_cache", self.latency_cache, "None or a folder path (str)")
         _choice("init_allocation", self.init_allocation, tuple(ALLOCATIONS))

@@ -45,6 +45,11 @@ def test_command_line_flags_reach_the_pruners_settings(monkeypatch, tmp_path):
     assert config.target_keep == 0.4 and config.target == {"latency_kept": 0.4}
     settings = HARPSettings(**harp_options(config))
     assert (settings.budget, settings.latency_backend, settings.latency_threads) == ("latency", "onnxruntime", 2)
+    # the latency model times the norms the pruned model will have: plain ones of the kept width
+    # where fine-tuning swaps them (--norm-stats kept, the default), exact ones otherwise
+    assert settings.latency_norms == "kept"
+    for changed in ({"norm_stats": "exact"}, {"finetune_epochs": 0}):
+        assert HARPSettings(**harp_options(_config(tmp_path, **changed))).latency_norms == "exact"
     assert "latency_target" in PipelineConfig.RESUME_KEYS and "latency_backend" in PipelineConfig.RESUME_KEYS
 
 
@@ -194,7 +199,7 @@ def test_measuring_reports_its_progress_and_a_second_run_reads_the_cache(tmp_pat
     # the pruner's own fit, with its settings: read from the cache, nothing measured
     settings = HARPSettings(**harp_options(ctx.config))
     again = gp.fit_latency(model, x, backend=settings.latency_backend, threads=settings.latency_threads,
-                           round_to=settings.round_to, cache_dir=settings.latency_cache)
+                           round_to=settings.round_to, cache_dir=settings.latency_cache, norms=settings.latency_norms)
     assert again == fitted and known_timer[0] == len(steps)
     rec.calls.clear()
     fit_for_run(ctx, model, x)

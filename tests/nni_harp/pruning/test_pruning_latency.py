@@ -61,6 +61,12 @@ def test_latency_hinge_reaches_the_rates_and_the_masks_meet_the_target(
     fractions = {g: float(k.float().mean()) for g, k in keep.items()}
     cost = gp.cost(pretrained(), x)
     assert float(pruner.latency_model.fraction(cost, fractions)) == pytest.approx(pruner.kept_fraction(), abs=1e-6)
+    assert pruner.latency_model.norms == "exact"
+    # latency_norms reaches the fit (a model fine-tuned with kept-channel norms is timed with plain norms)
+    model = pretrained()
+    kept = HARPPruner(model, CONFIG, make_evaluator(model, digits), dummy_input=x, budget="latency",
+                      latency_cache=str(tmp_path), latency_norms="kept")
+    assert kept.latency_model.norms == "kept" and len(list(tmp_path.glob("latency-*.json"))) == 2
 
 
 def test_latency_budget_misuse_is_refused(pretrained: Callable[[], nn.Sequential], digits: Digits) -> None:

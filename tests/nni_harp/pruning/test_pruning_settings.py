@@ -77,6 +77,7 @@ def test_settle_epoch(settle: int, epochs: int, epoch: int | None) -> None:
         ("settle_epochs", -1, "int >= 0"),
         ("settle_epochs", True, "int >= 0"),
         ("descent_glide", 1, "True or False"),
+        ("latency_norms", "fast", "'exact', 'kept'"),
     ],
 )
 def test_settings_errors_name_field_and_range(field: str, value: Any, allowed: str) -> None:
