@@ -20,6 +20,14 @@ import graph_passes as gp
 
 Masks = dict[str, dict[str, torch.Tensor]]
 MODES = ("unstructured", "structured")
+#: The latency setting's mode: structured pruning whose cell target is the fraction of the dense
+#: latency kept (see :class:`LatencyPlan`); only the methods registered for it run there.
+LATENCY = "latency"
+
+
+def removes_channels(mode: str) -> bool:
+    """Whether a mode's pruned models lose whole channels (and are physically pruned)."""
+    return mode in ("structured", LATENCY)
 
 
 class Context(Protocol):
@@ -33,6 +41,9 @@ class Context(Protocol):
     @property
     def structure(self) -> Structure: ...
 
+    @property
+    def latency_plan(self) -> LatencyPlan: ...
+
     def evaluator(self, model: nn.Module, lr: float) -> Any: ...
 
 
@@ -45,6 +56,8 @@ class Pruned:
     rates: dict[str, float] = field(default_factory=dict)  # HARP/HYDRA: kept fraction per unit
     history: list[dict[str, Any]] = field(default_factory=list)  # HARP/HYDRA: pruner.history
     frozen_at: int | None = None  # HARP: epoch at which gamma froze
+    budget_target: float | None = None  # latency setting: the kept fraction the pruner's budget was given
+    budget_kind: str | None = None  # ... of what: 'latency' or 'FLOPs'
 
 
 #: ``prune(ctx, model, mode, target, prune_epochs, prior_alloc) -> Pruned``; ``target`` is the
@@ -144,17 +157,19 @@ def _lamp(ctx: Context, model: nn.Module, mode: str, target: float, epochs: int,
 
 # ------------------------------------------------------------------- HARP, HYDRA and the ablation
 def _harp_like(ctx: Context, model: nn.Module, mode: str, target: float, epochs: int, hydra: bool,
-               settings: Any = None) -> Pruned:
+               settings: Any = None, example: torch.Tensor | None = None) -> Pruned:
     """HARPPruner / HydraPruner through the public API with their default settings (or
     ``settings``, a ``HARPSettings``), as a user would call them (README): one global budget over
-    every Conv2d/Linear, NNI TorchEvaluator."""
+    every Conv2d/Linear, NNI TorchEvaluator; ``example`` (default ``ctx.example``) is the dummy
+    input the pruner traces (and, with a latency budget, fits its latency model at)."""
     from nni_harp import HARPPruner, HydraPruner
 
     config: dict[str, Any] = {"op_types": ["Conv2d", "Linear"], "sparse_ratio": target, "global_group_id": "all"}
     if mode == "structured":
         config["granularity"] = "out_channel"
     cls = HydraPruner if hydra else HARPPruner
-    pruner = cls(model, [config], ctx.evaluator(model, lr=0.01), dummy_input=ctx.example, settings=settings)
+    pruner = cls(model, [config], ctx.evaluator(model, lr=0.01), dummy_input=ctx.example if example is None else example,
+                 settings=settings)
     _, masks = pruner.compress(max_steps=None, max_epochs=epochs)
     result = Pruned(masks=_plain_masks(masks), rates=dict(pruner.layer_rates()),
                     history=[_plain(h) for h in getattr(pruner, "history", [])])
@@ -174,6 +189,71 @@ def _harp(ctx: Context, model: nn.Module, mode: str, target: float, epochs: int,
 def _hydra(ctx: Context, model: nn.Module, mode: str, target: float, epochs: int,
            prior: dict[str, int] | None) -> Pruned:
     return _harp_like(ctx, model, mode, target, epochs, hydra=True)
+
+
+# ------------------------------------------------------- a latency budget against a FLOPs budget
+@dataclass(frozen=True)
+class LatencyPlan:
+    """What the latency setting plans with: the dense model's :class:`graph_passes.LatencyModel`
+    on the benchmark's backend, fitted (and measured) at one image ``example``, with the channel
+    groups and cost model of that same trace (the latency model's terms are absolute costs, so
+    its cost model must be at the batch it was fitted at)."""
+
+    example: torch.Tensor
+    settings: Any  # the HARPSettings of a latency budget (backend, threads, cache of the fit)
+    model: Any  # graph_passes.LatencyModel
+    groups: list[Any]
+    cost: Any  # graph_passes.CostModel
+
+    @property
+    def prunable(self) -> list[int]:
+        return [g.id for g in self.groups if g.prunable]
+
+    def predicted(self, masks: Masks) -> float:
+        """The latency model's fraction of the dense latency for the channels ``masks`` keep."""
+        keep = gp.keep_from_masks(self.groups, masks)
+        return float(self.model.fraction(self.cost, {g: float(keep[g].float().mean()) for g in self.prunable}))
+
+    def lowest(self, target: float) -> float:
+        """The lowest fraction HARP can reach at latency ``target`` per the latency model: every
+        prunable group at its floor (``alpha * target`` of its channels, at least one)."""
+        sizes = {g.id: g.size for g in self.groups if g.prunable}
+        return float(self.model.fraction(self.cost, {g: max(self.settings.alpha * target, 1 / n)
+                                                     for g, n in sizes.items()}))
+
+    def matched_flops(self, target: float) -> tuple[float, float]:
+        """The FLOPs budget aimed at latency ``target``: the channel fraction ``u`` which, kept in
+        every prunable group, the latency model predicts at ``target`` of the dense latency
+        (``nni_harp.pruning.budget.uniform_keep``), and that uniform plan's kept FLOPs."""
+        from nni_harp.pruning.budget import uniform_keep
+
+        u = uniform_keep(self.cost, self.prunable, target, self.model)
+        return u, float(self.cost.flops(dict.fromkeys(self.prunable, u))) / float(self.cost.total_flops)
+
+
+@register("harp-latency", "HARP, latency budget", (LATENCY,), learns=True,
+          why_not="a latency budget runs in the latency setting only (--latency-target)")
+def _harp_latency(ctx: Context, model: nn.Module, mode: str, target: float, epochs: int,
+                  prior: dict[str, int] | None) -> Pruned:
+    """HARP with default settings but ``budget='latency'``: it keeps ``target`` of the dense
+    latency the benchmark's latency model predicts (fitted at one image, read from its cache)."""
+    plan = ctx.latency_plan
+    pruned = _harp_like(ctx, model, "structured", 1 - target, epochs, hydra=False, settings=plan.settings,
+                        example=plan.example)
+    pruned.budget_target, pruned.budget_kind = target, "latency"
+    return pruned
+
+
+@register("harp-flops-matched", "HARP, FLOPs budget at the same latency", (LATENCY,), learns=True,
+          why_not="the FLOPs budget matched to a latency runs in the latency setting only (--latency-target)")
+def _harp_flops_matched(ctx: Context, model: nn.Module, mode: str, target: float, epochs: int,
+                        prior: dict[str, int] | None) -> Pruned:
+    """HARP with default settings (its FLOPs budget) at the FLOPs fraction of the uniform plan the
+    latency model predicts at ``target`` of the dense latency (:meth:`LatencyPlan.matched_flops`)."""
+    _, flops = ctx.latency_plan.matched_flops(target)
+    pruned = _harp_like(ctx, model, "structured", 1 - flops, epochs, hydra=False)
+    pruned.budget_target, pruned.budget_kind = flops, "FLOPs"
+    return pruned
 
 
 def allocation(masks: Masks, mode: str, structure: Structure) -> dict[str, int]:

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _robust_methods import METHODS
+from _robust_methods import LATENCY, METHODS
 
+from graph_passes.latency import BACKENDS as LATENCY_BACKENDS
 from nni_harp.adversarial import AUTOATTACK_VERSIONS
 
 #: The threat model (L-inf radius on [0, 1] images), picked from the dense models only: see
@@ -46,6 +47,16 @@ def _parse_eps(text: str) -> float:
         raise argparse.ArgumentTypeError(f"eps must be a number or a fraction like 8/255, got {text!r}") from exc
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"eps is a radius on images in [0, 1] (e.g. 0.07 or 8/255), got {text!r}")
+    return value
+
+
+def _parse_fraction(text: str) -> float | None:
+    """``none`` or a fraction in (0, 1)."""
+    if text.lower() in ("", "none"):
+        return None
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"a fraction in (0, 1) or 'none', got {text!r}")
     return value
 
 
@@ -107,6 +118,14 @@ class Options:
                                     "its robust accuracy by 10-26 points (std) in robust_pruning_structured_ft3.md)")
     unstructured: tuple[float, ...] = _opt((0.9, 0.95, 0.99), "sparsities, e.g. 0.9,0.95,0.99")
     structured: tuple[float, ...] = _opt((0.5, 0.75, 0.9), "fractions of FLOPs removed, e.g. 0.5,0.75,0.9")
+    latency_target: float | None = _opt(None, "fraction of the dense latency kept in the extra setting 'latency xT "
+                                              "(structured)' of --model: harp-latency (HARP, latency budget) against "
+                                              "harp-flops-matched (HARP, FLOPs budget aimed at the same latency); "
+                                              "none: no such setting", _parse_fraction)
+    latency_backend: str = _opt("onnxruntime", f"where that latency is fitted and measured: {', '.join(LATENCY_BACKENDS)}")
+    latency_threads: int = _opt(1, "its threads")
+    latency_reps: int = _opt(100, "runs per median when measuring a pruned model's latency against the dense one's "
+                                  "(3 alternating rounds, the lowest median of each kept)")
     methods: tuple[str, ...] = _opt(tuple(METHODS), f"subset of {','.join(METHODS)}")
     seeds: int = _opt(3, "seeds 0..N-1 (each redraws the split and retrains the dense model)")
     eval_samples: int | None = _opt(None, "clean/PGD-20 samples: N or 'all'")
@@ -126,6 +145,11 @@ class Options:
             "" if self.seeds >= 1 else f"seeds must be >= 1, got {self.seeds}",
             "" if self.finetune_repeats >= 1 else f"finetune_repeats must be >= 1, got {self.finetune_repeats}",
             "" if self.pretrain_optimizer in ("adam", "sgd") else "pretrain_optimizer must be adam or sgd",
+            "" if self.latency_target is None or 0 < self.latency_target < 1
+            else f"latency_target must lie in (0, 1), got {self.latency_target}",
+            "" if self.latency_backend in LATENCY_BACKENDS
+            else f"latency_backend must be one of {list(LATENCY_BACKENDS)}, got {self.latency_backend!r}",
+            "" if min(self.latency_threads, self.latency_reps) >= 1 else "latency_threads and latency_reps must be >= 1",
             "" if min(self.pretrain_epochs, self.finetune_epochs, self.short_prune_epochs, self.finetune_select_every) >= 0
             and self.prune_epochs >= 1
             else "epochs and finetune_select_every must be >= 0 (prune_epochs >= 1)",
@@ -143,7 +167,7 @@ class Options:
     def result_fields(self) -> dict[str, Any]:
         """The options that change a cell's result (not which cells run)."""
         skip = {"model", "image_size", "large_model", "large_image_size", "large_unstructured", "large_structured",
-                "large_seeds", "unstructured", "structured", "methods", "seeds", "short_target",
+                "large_seeds", "unstructured", "structured", "latency_target", "methods", "seeds", "short_target",
                 "prune_epochs", "short_prune_epochs", "device"}
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         out["device_type"] = torch.device(self.device).type
@@ -165,6 +189,7 @@ class Grid:
     unstructured: tuple[float, ...]
     structured: tuple[float, ...]
     short: bool  # also the short-schedule row
+    latency: float | None = None  # also the latency setting: the fraction of the dense latency kept
 
     @property
     def tag(self) -> str:
@@ -173,7 +198,7 @@ class Grid:
 
 def grids(opts: Options) -> list[Grid]:
     out = [Grid(opts.model, opts.image_size, tuple(range(opts.seeds)), opts.unstructured, opts.structured,
-                opts.short_prune_epochs > 0)]
+                opts.short_prune_epochs > 0, opts.latency_target)]
     if opts.large_model:
         n = opts.large_seeds if opts.large_seeds is not None else (1 if torch.device(opts.device).type == "cpu"
                                                                     else opts.seeds)
@@ -208,6 +233,8 @@ def cells(opts: Options) -> list[Cell]:
                                                             ("structured", grid.structured)) for t in ts]
         if grid.short:
             settings.append(("unstructured", opts.short_target, opts.short_prune_epochs))
+        if grid.latency is not None:
+            settings.append((LATENCY, grid.latency, opts.prune_epochs))
         for seed in grid.seeds:
             for mode, target, epochs in settings:
                 short = epochs != opts.prune_epochs

@@ -18,8 +18,8 @@ class Row:
     model: str
     image_size: int
     seed: int
-    mode: str  # dense | unstructured | structured
-    target: float | None  # sparsity (unstructured) or fraction of FLOPs removed (structured)
+    mode: str  # dense | unstructured | structured | latency
+    target: float | None  # sparsity (unstructured), fraction of FLOPs removed (structured), of latency kept (latency)
     method: str
     prune_epochs: int = 0
     clean: float | None = None
@@ -43,6 +43,12 @@ class Row:
     frozen_at: int | None = None  # HARP: pruner.schedule.frozen_at
     alloc: dict[str, int] = field(default_factory=dict)  # HARP: kept entries per layer / channel group
     repeats: list[dict[str, Any]] = field(default_factory=list)  # --finetune-repeats > 1: each fine-tuning's numbers
+    budget_target: float | None = None  # latency setting: the kept fraction the pruner's budget was given
+    budget_kind: str | None = None  # ... of what: 'latency' or 'FLOPs'
+    latency_predicted: float | None = None  # latency setting: the latency model's fraction for the final masks
+    latency_measured: float | None = None  # latency setting: pruned_ms / dense_ms, measured on the smaller model
+    dense_ms: float | None = None
+    pruned_ms: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -78,6 +84,7 @@ def setting_label(mode: str, target: float | None, prune_epochs: int = 0, defaul
     if mode == "dense":
         return "dense"
     text = (f"{100 * target:.0f} % sparse (unstructured)" if mode == "unstructured"
+            else f"latency x{target:g} (structured)" if mode == "latency"
             else f"{100 * target:.0f} % FLOPs removed (structured)")
     if prune_epochs and default_epochs and prune_epochs != default_epochs:
         text += f", {prune_epochs}-epoch pruning schedule"
@@ -133,7 +140,7 @@ def render(header: Sequence[str], rows: Sequence[Row], prune_epochs: int) -> str
     order = {name: i for i, name in enumerate(["dense", *METHODS])}
     for model, size in models:
         keys = [k for k in groups if (k[0], k[1]) == (model, size)]
-        keys.sort(key=lambda k: (k[2] != "dense", k[2] == "structured", k[3] or 0, k[5] != prune_epochs, k[5],
+        keys.sort(key=lambda k: (_MODE_ORDER.get(k[2], 9), k[3] or 0, k[5] != prune_epochs, k[5],
                                  order.get(k[4], 99)))
         seeds = sorted({r.seed for r in rows if (r.model, r.image_size) == (model, size)})
         lines += ["", (f"## `{model}` at {size} px ({len(seeds)} seed{'s' if len(seeds) != 1 else ''}: "
@@ -154,6 +161,7 @@ def render(header: Sequence[str], rows: Sequence[Row], prune_epochs: int) -> str
                 f"{mean_std(_column(done, 'kept_params'))} | {mean_std(_column(done, 'kept_flops'))} | "
                 f"{statistics.fmean(secs) if secs else 0:.0f} | {statistics.fmean(cpu) if cpu else 0:.0f} | {len(done)} | "
                 f"{'; '.join(notes)} |")
+        lines += _latency_table(model, [(k, groups[k]) for k in keys if k[2] == "latency"])
         harp_keys = [k for k in keys if k[4] == "harp" and any(r.rates for r in groups[k])]
         if harp_keys:
             lines += ["", f"### HARP's learned allocation (`{model}`)", "",
@@ -183,6 +191,39 @@ def render(header: Sequence[str], rows: Sequence[Row], prune_epochs: int) -> str
                 lines.append(f"| {setting_label(k[2], k[3], k[5], prune_epochs)} | {method_label(k[4])} | "
                              f"{'; '.join(' '.join(f'{x:.1f}' for x in run) for run in runs)} | {pooled_std(runs):.1f} |")
     return "\n".join(lines).rstrip() + "\n"
+
+
+_MODE_ORDER = {"dense": 0, "unstructured": 1, "structured": 2, "latency": 3}
+
+
+def _latency_table(model: str, settings: Sequence[tuple[Key, list[Row]]]) -> list[str]:
+    """The latency setting: what each pruner's budget was given, where it landed (measured and
+    predicted fraction of the dense latency) and its robustness, mean ± std over seeds."""
+    if not settings:
+        return []
+    lines = ["", f"### A latency budget against a FLOPs budget at the same latency (`{model}`)", "",
+             ("HARP with a latency budget (kept fraction of the dense latency the latency model predicts) against HARP "
+              "with its FLOPs budget at the FLOPs of the uniform plan that same latency model predicts at the target. "
+              "Measured: the physically pruned model's latency over the dense model's, timed alternately on the same "
+              "backend, threads and input (one image); predicted: the latency model's fraction for the final channel "
+              "counts; budget: the kept fraction each pruner was given (latency, or FLOPs). In %, mean ± std over "
+              "seeds."), "",
+             ("| setting | method | budget given | measured latency | predicted latency | kept FLOPs | clean | PGD-20 "
+              "| AutoAttack | robust | dense ms / pruned ms | seeds |"),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for k, group in settings:
+        done = [r for r in group if r.ok]
+        dense_ms, pruned_ms = _column(done, "dense_ms"), _column(done, "pruned_ms")
+        ms = (f"{statistics.fmean(dense_ms):.3g} / {statistics.fmean(pruned_ms):.3g}" if dense_ms and pruned_ms
+              else "—")
+        kind = " / ".join(sorted({r.budget_kind for r in done if r.budget_kind}))
+        lines.append(
+            f"| {setting_label(k[2], k[3])} | {method_label(k[4])} | {kind} {mean_std(_column(done, 'budget_target'))} | "
+            f"{mean_std(_column(done, 'latency_measured'))} | {mean_std(_column(done, 'latency_predicted'))} | "
+            f"{mean_std(_column(done, 'kept_flops'))} | {mean_std(_column(done, 'clean'))} | "
+            f"{mean_std(_column(done, 'pgd20'))} | {mean_std(_column(done, 'autoattack'))} | "
+            f"**{mean_std(_column(done, 'robust'))}** | {ms} | {len(done)} |")
+    return lines
 
 
 def pooled_std(groups: Sequence[Sequence[float]]) -> float:

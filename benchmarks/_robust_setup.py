@@ -16,7 +16,7 @@ from typing import Any
 import nni
 import timm
 import torch
-from _robust_methods import Structure
+from _robust_methods import LatencyPlan, Structure
 from _robust_options import Grid, Options
 from _robust_report import Row
 from torch import nn
@@ -36,6 +36,9 @@ from nni_harp.data.digits import build_digits
 _ROOT = Path(__file__).resolve().parent.parent
 #: Training images whose PGD-10 accuracy selects the dense model's checkpoint.
 SELECT_SAMPLES = 256
+#: Alternating rounds of timing the dense and the pruned model (``--latency-reps`` runs per median;
+#: each model's lowest median is kept: the one least disturbed by other work on the machine).
+LATENCY_ROUNDS = 3
 #: What cached cells depend on (the report's rendering is left out: re-rendering keeps the cache).
 # what a cell's result depends on: the packages the benchmark imports (not the pipeline, the command
 # line or the NNI trial, so work on those keeps the cached cells) and the benchmark itself
@@ -66,6 +69,7 @@ class Setup:
         self.step = training_step_for(make_adversarial_loss("pgd", self.train_attack))
         self._structure: Structure | None = None
         self._dense: nn.Module | None = None
+        self._latency: LatencyPlan | None = None
 
     def new_model(self) -> nn.Module:
         torch.manual_seed(self.seed)
@@ -223,6 +227,73 @@ class Setup:
                 raise RuntimeError("Setup.structure needs the dense model: call dense() first")
             self._structure = Structure(self._dense, self.example)
         return self._structure
+
+
+    # -- the latency setting
+    def latency(self, cache: Path) -> LatencyPlan:
+        """The latency model of this model on ``--latency-backend`` / ``--latency-threads`` at one
+        image (fitted once: cached under ``cache/latency``, where the latency-budget pruner reads
+        it), with the channel groups and cost model of that trace."""
+        if self._latency is None:
+            import graph_passes as gp
+            from graph_passes.latency import fit_latency
+            from nni_harp.pruning import HARPSettings
+
+            settings = HARPSettings(budget="latency", latency_backend=self.opts.latency_backend,
+                                    latency_threads=self.opts.latency_threads, latency_cache=str(cache / "latency"))
+            model = self._dense if self._dense is not None else self.new_model().eval()  # the weights do not matter
+            example = self.example[:1]
+            analysis = gp.analysis_for(model, (example,))
+            fitted = fit_latency(analysis, example, backend=settings.latency_backend,
+                                 threads=settings.latency_threads, round_to=settings.round_to,
+                                 cache_dir=settings.latency_cache_dir())
+            self._latency = LatencyPlan(example, settings, fitted, list(analysis.groups), gp.cost(analysis))
+        return self._latency
+
+    @property
+    def latency_plan(self) -> LatencyPlan:
+        if self._latency is None:
+            raise RuntimeError("Setup.latency_plan needs the latency model: call latency(cache) first")
+        return self._latency
+
+    def measure_latency(self, dense: nn.Module, pruned: nn.Module) -> tuple[float, float, float]:
+        """``(pruned / dense, dense ms, pruned ms)`` measured now on the latency model's backend,
+        threads and input: :data:`LATENCY_ROUNDS` alternating medians of ``--latency-reps`` runs
+        each, the lowest of each model's kept."""
+        from graph_passes.latency import time_ms
+
+        x = self.latency_plan.example.cpu()
+        models = {"dense": copy.deepcopy(dense).cpu().eval(), "pruned": copy.deepcopy(pruned).cpu().eval()}
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(LATENCY_ROUNDS):
+            for name, model in models.items():
+                times[name].append(time_ms(model, x, self.opts.latency_backend, self.opts.latency_threads,
+                                           self.opts.latency_reps))
+        dense_ms, pruned_ms = min(times["dense"]), min(times["pruned"])
+        return pruned_ms / dense_ms, dense_ms, pruned_ms
+
+
+class LatencyTargetError(ValueError):
+    """``--latency-target`` is below what HARP can reach on the backend, per the latency model."""
+
+
+def check_latency_target(opts: Options, grid: Grid, cache: Path) -> float:
+    """The lowest latency fraction HARP can reach on ``grid``'s model (:meth:`LatencyPlan.lowest`,
+    fitting the latency model if it is not cached); raises :class:`LatencyTargetError` naming
+    ``--latency-target`` when the target is below it, before anything trains."""
+    target = grid.latency
+    if target is None:
+        raise ValueError(f"grid {grid.tag} has no latency setting")
+    plan = Setup(opts, grid, grid.seeds[0]).latency(cache)
+    lowest = plan.lowest(target)
+    if lowest > target:
+        raise LatencyTargetError(
+            f"--latency-target {target:g} cannot be met by {grid.model} at {grid.image_size} px on "
+            f"{opts.latency_backend} with {opts.latency_threads} thread(s): the latency model predicts x{lowest:.3f} of "
+            "the dense latency with every prunable channel group at HARP's floor (the rest is time no channel removal "
+            f"saves: fixed cost per run and per op, unprunable layers); choose a --latency-target above {lowest:.2f}, "
+            "a larger --image-size, or another --latency-backend")
+    return lowest
 
 
 def _take(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], limit: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -91,10 +91,10 @@ import nni
 import timm
 import torch
 from _common import RESULTS, n_flops, n_params, write_atomic
-from _robust_methods import METHODS, Method, Pruned, allocation, prunable_layers
+from _robust_methods import LATENCY, METHODS, Method, Pruned, allocation, prunable_layers, removes_channels
 from _robust_options import _PARSERS, DEFAULT_CACHE_DIR, Cell, Grid, Options, cells, grids
 from _robust_report import Row, render
-from _robust_setup import Setup, source_fingerprint
+from _robust_setup import LATENCY_ROUNDS, LatencyTargetError, Setup, check_latency_target, source_fingerprint
 from torch import nn
 
 import graph_passes as gp
@@ -125,7 +125,7 @@ def finetune_and_evaluate(setup: Setup, dense: nn.Module, model: nn.Module, smal
         setup.finetune(model, row, repeat)
         release_masks(model)
         model.eval()
-        if cell.mode == "structured":
+        if removes_channels(cell.mode):
             small = gp.ModelSpeedup(copy.deepcopy(model), setup.example, masks).speedup_model()
             with torch.no_grad():
                 x = setup.test_batches[0][0][:16].to(setup.device)
@@ -138,7 +138,9 @@ def finetune_and_evaluate(setup: Setup, dense: nn.Module, model: nn.Module, smal
             small = model
     row.finetune_s = time.perf_counter() - start
     small.eval()
-    if cell.mode == "structured":
+    if cell.mode == LATENCY:
+        row.latency_measured, row.dense_ms, row.pruned_ms = setup.measure_latency(dense, small)
+    if removes_channels(cell.mode):
         row.kept_params = n_params(small) / n_params(dense)
         row.kept_flops = n_flops(small, setup.example) / n_flops(dense, setup.example)
     return setup.evaluate(small, row)
@@ -161,6 +163,8 @@ def run_cell(setup: Setup, cache: Path, cell: Cell, prior: Row | None) -> Row:
     method: Method = METHODS[cell.method]
     row = Row(cell.grid.model, cell.grid.image_size, cell.seed, cell.mode, cell.target, cell.method, cell.prune_epochs)
     dense = setup.dense(cache)
+    if cell.mode == LATENCY:
+        setup.latency(cache)  # fitted before the pruner, which reads it from the cache
     model = copy.deepcopy(dense)
     torch.manual_seed(cell.seed)
     start = time.perf_counter()
@@ -168,11 +172,14 @@ def run_cell(setup: Setup, cache: Path, cell: Cell, prior: Row | None) -> Row:
                                   None if prior is None else prior.alloc)
     row.prune_s = time.perf_counter() - start
     row.rates, row.history, row.frozen_at = pruned.rates, pruned.history, pruned.frozen_at
+    row.budget_target, row.budget_kind = pruned.budget_target, pruned.budget_kind
     masks = None
     if pruned.small is None:
         masks = {m: {p: t.to(setup.device) for p, t in d.items()} for m, d in (pruned.masks or {}).items()}
         if cell.method == "harp":
             row.alloc = allocation(masks, cell.mode, setup.structure)
+        if cell.mode == LATENCY:
+            row.latency_predicted = setup.latency_plan.predicted(masks)
     runs = [finetune_and_evaluate(setup, dense, model, pruned.small, masks, cell, replace(row), repeat)
             for repeat in range(setup.opts.finetune_repeats)]
     row = runs[0] if len(runs) == 1 else _mean_of(runs)
@@ -370,6 +377,10 @@ class Run:
             (f"Command: `{self.command}` ({o.device}, {self.jobs} process(es) x {self.threads} thread(s); "
             f"{(time.perf_counter() - self.begin) / 60:.1f} min in this invocation; cache fingerprint "
             f"`{self.fingerprint}`; torch {torch.__version__}, timm {timm.__version__}, nni {nni.__version__})."),
+            *(["", (f"Latency setting (`--latency-target {o.latency_target:g}`, structured, {o.prune_epochs} pruning "
+                   f"epochs): latency fitted and measured on {o.latency_backend} with {o.latency_threads} thread(s) at "
+                   f"one {o.image_size} px image; measured fractions: the lower of {LATENCY_ROUNDS} alternating medians "
+                   f"of {o.latency_reps} runs per model.")] if o.latency_target is not None else []),
             *(["", "**Partial results: the run had not finished when this was written.**"] if partial else []),
         ]
 
@@ -434,6 +445,14 @@ def main(argv: list[str] | None = None) -> int:
     opts, args = parse(argv)
     torch.set_num_threads(args.threads)
     _quiet_logging()
+    if not args.dense_only:
+        for grid in grids(opts):
+            if grid.latency is not None:
+                try:  # before anything trains, as the pipeline refuses an unreachable --latency-target
+                    check_latency_target(opts, grid, Path(args.cache_dir))
+                except LatencyTargetError as exc:
+                    print(f"robust_pruning.py: error: {exc}", file=sys.stderr)
+                    return 2
     given = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "benchmarks/robust_pruning.py", *given])
     run = Run(opts, Path(args.cache_dir), Path(args.out), command, max(1, args.jobs), args.threads, args.fresh)

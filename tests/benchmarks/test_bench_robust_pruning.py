@@ -146,3 +146,81 @@ def test_finetune_repeats_average_fine_tunings_whose_first_is_the_single_run(ben
     runs = [100 * r["robust"] for r in twice["repeats"]]
     assert spread == [f"| 90 % sparse (unstructured) | layer-wise magnitude | {runs[0]:.1f} {runs[1]:.1f} | "
                       f"{abs(runs[0] - runs[1]) / 2 ** 0.5:.1f} |"], text  # two values: std = |a - b| / sqrt 2
+
+
+# ------------------------------------------------------------------ the latency setting (#11)
+def _plan(methods, intercept: float, per_flop: float):
+    """A LatencyPlan of ``_net`` whose latency model is ``intercept + per_flop * FLOPs`` (conv and linear)."""
+    import graph_passes as gp
+    from graph_passes.latency import LatencyModel
+    from nni_harp.pruning import HARPSettings
+
+    example = torch.rand(1, 3, 8, 8)
+    analysis = gp.analysis_for(_net(), (example,))
+    cost = gp.cost(analysis)
+    fitted = LatencyModel(backend="eager", threads=1, batch=1, intercept=intercept,
+                          coefficients={"conv": per_flop, "linear": per_flop}, dense_ms=1.0, measured=[])
+    return methods.LatencyPlan(example, HARPSettings(budget="latency"), fitted, list(analysis.groups), cost)
+
+
+def test_matched_flops_is_the_uniform_plans_flops_at_the_latency_target(methods) -> None:
+    plan = _plan(methods, intercept=0.0, per_flop=1.0)
+    cost = plan.cost
+    assert sum(layer.flops for layer in cost.layers if layer.kind in ("conv", "linear")) == cost.total_flops
+    # latency proportional to the FLOPs: the FLOPs budget aimed at a latency is that latency
+    u, flops = plan.matched_flops(0.6)
+    assert flops == pytest.approx(0.6, abs=2e-3)
+    assert float(plan.model.fraction(cost, dict.fromkeys(plan.prunable, u))) == pytest.approx(0.6, abs=2e-3)
+    # half of the dense latency fixed: keeping 75 % of the latency keeps 50 % of the FLOPs, and the
+    # uniform keep is the one whose FLOPs those are
+    dense_flops = float(cost.total_flops)
+    plan = _plan(methods, intercept=dense_flops, per_flop=1.0)
+    u, flops = plan.matched_flops(0.75)
+    assert flops == pytest.approx(0.5, abs=2e-3)
+    assert float(cost.flops(dict.fromkeys(plan.prunable, u))) / dense_flops == pytest.approx(flops, abs=1e-9)
+    assert 0 < u < 1
+    # HARP's floor (alpha * target of every group): half the latency fixed cannot go below 0.5
+    assert 0.5 < plan.lowest(0.75) < 0.55
+
+
+def test_latency_setting_runs_both_methods_end_to_end(bench, tmp_path: Path) -> None:
+    args = [*TINY, "--seeds", "1", "--unstructured", "", "--image-size", "32", "--latency-target", "0.5",
+            "--latency-reps", "30", "--methods", "harp-latency,harp-flops-matched",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "lat")]
+    assert bench.main(args) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "lat.json").read_text())["rows"]}
+    assert set(rows) == {"dense", "harp-latency", "harp-flops-matched"}
+    for name in ("harp-latency", "harp-flops-matched"):
+        row = rows[name]
+        assert row["mode"] == "latency" and row["target"] == 0.5, row
+        assert 0 < row["latency_measured"] <= 1 and 0 < row["latency_predicted"] <= 1, row
+        assert row["pruned_ms"] == pytest.approx(row["latency_measured"] * row["dense_ms"])
+        assert 0 < row["kept_flops"] < 1 and 0 <= row["robust"] == min(row["pgd20"], row["autoattack"])
+    assert rows["harp-latency"]["budget_kind"] == "latency" and rows["harp-latency"]["budget_target"] == 0.5
+    assert rows["harp-latency"]["latency_predicted"] == pytest.approx(0.5, abs=0.05)  # the budget it was given
+    # the FLOPs budget is the uniform plan's FLOPs at the target under the run's (cached) latency model
+    from graph_passes.latency import LatencyModel
+    from nni_harp.pruning.budget import uniform_keep
+
+    fits = list((tmp_path / "cache" / "latency").glob("latency-*.json"))
+    assert len(fits) == 1  # the pruner read the benchmark's fit instead of measuring its own
+    setup = sys.modules["_robust_setup"]
+    opts = bench.parse(args)[0]
+    plan = setup.Setup(opts, bench.grids(opts)[0], 0).latency(tmp_path / "cache")
+    u = uniform_keep(plan.cost, plan.prunable, 0.5, LatencyModel.from_json(fits[0].read_text()))
+    flops = float(plan.cost.flops(dict.fromkeys(plan.prunable, u))) / float(plan.cost.total_flops)
+    assert rows["harp-flops-matched"]["budget_kind"] == "FLOPs"
+    assert rows["harp-flops-matched"]["budget_target"] == pytest.approx(flops, rel=1e-6)
+    text = (tmp_path / "lat.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("| latency x0.5 (structured)") and line.count("|") == 13]
+    assert [line.split(" | ")[1] for line in table] == ["HARP, latency budget", "HARP, FLOPs budget at the same latency"]
+    assert table[0].split(" | ")[2] == "latency 50.0 ± n/a" and table[1].split(" | ")[2].startswith("FLOPs ")
+
+
+def test_unreachable_latency_target_is_refused_before_training(bench, tmp_path: Path, capsys) -> None:
+    args = [*TINY, "--seeds", "1", "--unstructured", "", "--latency-target", "0.05", "--methods", "harp-latency",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "lat")]
+    assert bench.main(args) == 2
+    err = capsys.readouterr().err
+    assert "--latency-target 0.05 cannot be met by test_resnet at 16 px on onnxruntime" in err, err
+    assert not (tmp_path / "cache" / "dense").exists() and not (tmp_path / "lat.json").exists()
