@@ -14,6 +14,15 @@ from torch import nn
 __all__ = ["ExactStatsNorm", "exact_stats_norm", "KeptStatsNorm", "kept_stats_norm", "ChannelsFirstNorm"]
 
 
+def _affine(y: torch.Tensor, shape: list[int], weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """``y * weight + bias`` with the per-channel parameters reshaped to ``shape``."""
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
 def exact_stats_norm(
     x: torch.Tensor,
     kind: str,
@@ -48,11 +57,7 @@ def exact_stats_norm(
         y = (centred if kind == "layer" else x) * torch.rsqrt(var + eps)
     shape = [1] * x.dim()
     shape[axis] = kept
-    if weight is not None:
-        y = y * weight.reshape(shape)
-    if bias is not None:
-        y = y + bias.reshape(shape)
-    return y
+    return _affine(y, shape, weight, bias)
 
 
 class ExactStatsNorm(nn.Module):
@@ -111,11 +116,7 @@ def kept_stats_norm(
         centred = x - (x * kept).sum(dims, keepdim=True) / count
         var = (centred * kept).pow(2).sum(dims, keepdim=True) / count
         y = (centred if kind == "layer" else x) * torch.rsqrt(var + eps)
-    if weight is not None:
-        y = y * weight.reshape(shape)
-    if bias is not None:
-        y = y + bias.reshape(shape)
-    return y
+    return _affine(y, shape, weight, bias)
 
 
 class KeptStatsNorm(nn.Module):

@@ -36,13 +36,14 @@ class _Known:
         raise AssertionError("the known runner is never timed")
 
 
-@pytest.fixture
-def known_timer(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+def _patch_timer(monkeypatch: pytest.MonkeyPatch, known: type[_Known]) -> list[float]:
+    """Every runner is ``known(model, inputs)`` and measuring it returns its ``ms``; returns the list
+    of the times measured, in order."""
     calls: list[float] = []
 
     def runner(model, example_inputs, backend, threads, work):
         inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        return _Known(model, inputs)
+        return known(model, inputs)
 
     def measure(run, reps=20, warmup=3):
         calls.append(run.ms)
@@ -51,6 +52,11 @@ def known_timer(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     monkeypatch.setattr(lat, "latency_runner", runner)
     monkeypatch.setattr(lat, "measure_ms", measure)
     return calls
+
+
+@pytest.fixture
+def known_timer(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    return _patch_timer(monkeypatch, _Known)
 
 
 def test_a_burst_of_other_work_in_one_pass_does_not_reach_the_fit(model, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -164,18 +170,7 @@ def test_refining_on_a_plan_corrects_the_prediction_where_the_plan_lives(model, 
 
     groups = [g for g in gp.channel_groups(model, X) if g.prunable]
     sizes = {g.id: g.size for g in groups}
-    timed: list[float] = []
-
-    def runner(model, example_inputs, backend, threads, work):
-        inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        return Narrow(model, inputs)
-
-    def measure(run, reps=20, warmup=3):
-        timed.append(run.ms)
-        return run.ms
-
-    monkeypatch.setattr(lat, "latency_runner", runner)
-    monkeypatch.setattr(lat, "measure_ms", measure)
+    timed = _patch_timer(monkeypatch, Narrow)
     cost = gp.cost(model, X)
     fitted = gp.fit_latency(model, X, samples=8)
     plan = {g.id: max(1, g.size // 4) for g in groups}
