@@ -323,7 +323,7 @@ def render(rows: list[dict], args) -> str:
         "the uniform plan's predicted latency in that row ('at uniform's'), and half the dense latency "
         f"('at {TARGET:g}'); then, {args.refine} time(s), the plan is measured (the first time with the uniform "
         "plan, for the row at uniform's), the latency model fitted again with it (`graph_passes.refine_latency`: a "
-        "measured plan weighs as much as all the samples) and the plan's scale bisected anew (its shape, the "
+        "measured plan weighs 100x as much as all the samples) and the plan's scale bisected anew (its shape, the "
         "per-group weights, stays the first model's); the row's prediction is that last model's, for the last "
         "plan, which it has not measured. Pruned models are built as a fine-tuned structured run of the pipeline "
         "builds them (`--norm-stats kept`: layer norms over the kept channels, plain norms after the speedup), and "

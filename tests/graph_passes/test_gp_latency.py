@@ -160,7 +160,7 @@ def test_refining_on_a_plan_corrects_the_prediction_where_the_plan_lives(model, 
     """A 'backend' whose time has a part the model's terms cannot express (a fixed 0.4 ms per
     group cut below half its channels: a slow kernel for narrow layers). The fit errs on a plan
     that cuts every group that deep; measured there and fitted again, the model predicts it within
-    the noise-free residual, keeps its backend and data, and still recovers the smooth part."""
+    1 % (0.05 % here; 15 % with the plan weighing as one sample), and keeps its backend and data."""
 
     class Narrow(_Known):
         def __init__(self, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -183,7 +183,7 @@ def test_refining_on_a_plan_corrects_the_prediction_where_the_plan_lives(model, 
     refined = gp.refine_latency(model, X, fitted, [plan], rounds=2)
     after = abs(float(refined.latency(cost, fractions)) / truth - 1)
     assert len(timed) == 2 and timed[0] == pytest.approx(truth)  # one configuration, two passes
-    assert before > 0.05 and after < before / 3
+    assert before > 0.05 and after < 0.01  # the measured plan's weight pulls the fit through it
     assert (refined.backend, refined.threads, refined.batch, refined.dense_ms) == \
         (fitted.backend, fitted.threads, fitted.batch, fitted.dense_ms)
     assert refined.measured[:-1] == fitted.measured and refined.measured[-1] == (fractions, pytest.approx(truth))
