@@ -38,7 +38,20 @@ Methods (``_robust_methods.METHODS``): ``harp``, ``hydra``, ``global-mag``, ``la
 ``lamp`` (unstructured), ``harp-alloc-mag`` (the ablation: HARP's per-layer / per-group kept counts
 filled with the highest-magnitude weights / channels, so the value of the learned rates shows on
 its own), ``nni-movement`` (unstructured), ``nni-l1`` and ``nni-taylor`` (structured),
-``torch-pruning`` (structured).
+``torch-pruning`` (structured); ``harp-latency`` and ``harp-flops-matched`` (the latency setting only).
+
+Latency setting (``--latency-target T``, off by default): the extra structured setting "latency xT"
+of ``--model`` asks whether HARP's latency budget buys robustness over its FLOPs budget at the same
+speed. The dense model's ``graph_passes.LatencyModel`` is fitted on ``--latency-backend``
+(onnxruntime) with ``--latency-threads`` (1) at one image and cached under ``--cache-dir``/latency
+(a target below what HARP's floors can reach per that model is refused before anything trains).
+``harp-latency`` is HARP with default settings but ``budget='latency'`` keeping T of the predicted
+dense latency; ``harp-flops-matched`` is HARP with its FLOPs budget at the FLOPs of the uniform plan
+that same latency model predicts at T (``nni_harp.pruning.budget.uniform_keep``). Both fine-tune as
+every method; then the physically pruned model and the dense model are timed alternately on that
+backend (3 rounds of ``--latency-reps`` runs, each model's lowest median) and the table shows the
+measured and the predicted latency fraction next to the accuracies, so one sees whether the two
+landed at the same measured latency.
 
 Models: the full grid (90 / 95 / 99 % unstructured, 50 / 75 / 90 % of FLOPs removed) on
 ``--model`` (``test_resnet`` at 16 px); ``--large-model`` (``resnet18`` at 32 px) at 99 %
