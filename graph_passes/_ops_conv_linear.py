@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ._ops_common import arg, out_shape
-from ._ops_layers import _layer, _module
-from ._registry import register_function, register_module
+from ._ops_layers import _layer
+from ._registry import node_module, register_function, register_module
 from ._tracking import AnalysisState, TensorInfo
 
 __all__ = ["conv_module", "conv_function", "linear_module", "linear_function", "embedding",
@@ -146,7 +146,7 @@ def _shrink_embedding(module: nn.Module, old: nn.Module) -> None:
 
 @register_module(nn.Conv1d, nn.Conv2d, nn.Conv3d, shrink=shrink_conv)
 def conv_module(state: AnalysisState, node: fx.Node) -> Any:
-    m = _module(state, node)
+    m = node_module(state.gm, node)
     return _conv_like(state, node, str(node.target), m.in_channels, m.out_channels, m.groups,
                       math.prod(m.kernel_size), m.bias is not None, state.info(node.args[0]),
                       pointwise=_is_pointwise(m.kernel_size, m.stride, m.padding, m.dilation) and m.padding_mode == "zeros")
@@ -198,7 +198,7 @@ def _linear_like(state: AnalysisState, node: fx.Node, name: str | None, fin: int
 
 @register_module(nn.Linear, shrink=shrink_linear)
 def linear_module(state: AnalysisState, node: fx.Node) -> Any:
-    m = _module(state, node)
+    m = node_module(state.gm, node)
     return _linear_like(state, node, str(node.target), m.in_features, m.out_features, m.bias is not None, state.info(node.args[0]))
 
 
@@ -219,7 +219,7 @@ def linear_function(state: AnalysisState, node: fx.Node) -> Any:
 @register_module(nn.Embedding, shrink=_shrink_embedding)
 def embedding(state: AnalysisState, node: fx.Node) -> Any:
     out = TensorInfo(out_shape(node))
-    ids = state.fresh(_module(state, node).embedding_dim)
+    ids = state.fresh(node_module(state.gm, node).embedding_dim)
     state.member(str(node.target), "weight", 1, ids, "out")
     out.track[out.ndim - 1] = ids
     out.zero = frozenset({out.ndim - 1})  # masked weight columns

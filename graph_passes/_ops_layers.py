@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
 from ._ops_common import arg, combine_elementwise, out_shape, untracked_like, zero_axes
-from ._registry import Keeper, node_module, register_function, register_method
+from ._registry import Keeper, register_function, register_method
 from ._tracking import SCALE_KEPT, AnalysisState, LayerRecord, TensorInfo, tracked
 
 
@@ -23,10 +23,6 @@ def _layer(state: AnalysisState, node: fx.Node, kind: str, flops: int, contracti
     dims += [(ids, out.shape[a]) for a, ids in sorted(out.track.items())]
     module = str(node.target) if node.op == "call_module" else None
     state.layers.append(LayerRecord(node.name, kind, int(flops), 0, dims, [], module))
-
-
-def _module(state: AnalysisState, node: fx.Node) -> nn.Module:
-    return node_module(state.gm, node)
 
 
 def _contract(state: AnalysisState, node: fx.Node, a: Any, axis_a: int, b: Any, axis_b: int) -> np.ndarray | None:

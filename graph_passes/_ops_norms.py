@@ -20,10 +20,6 @@ from .tracing import register_leaf_function, register_leaf_type
 __all__ = ["norm", "BN_PARAMS", "shrink_batch_norm", "shrink_group_norm", "shrink_normalized_shape", "rewrite_exact_norm"]
 
 
-def _module(state: AnalysisState, node: fx.Node) -> nn.Module:
-    return node_module(state.gm, node)
-
-
 # --- speedup -------------------------------------------------------------------------------
 
 def shrink_batch_norm(module: nn.Module, old: nn.Module) -> None:
@@ -148,7 +144,7 @@ def norm(state: AnalysisState, node: fx.Node, axis: int, params: tuple[str, ...]
         grid = ids.reshape(groups, -1)
         for k in range(1, grid.shape[1]):
             state.unite(grid[:, 0], grid[:, k])
-    module = _module(state, node)
+    module = node_module(state.gm, node)
     for p in params:
         if isinstance(getattr(module, p, None), torch.Tensor):
             state.member(str(node.target), p, 0, ids, "norm")
@@ -172,7 +168,7 @@ def batch_norm(state: AnalysisState, node: fx.Node) -> Any:
 
 @register_module(nn.LayerNorm, nn.RMSNorm, rewrite=rewrite_exact_norm, shrink=shrink_normalized_shape)
 def layer_norm(state: AnalysisState, node: fx.Node) -> Any:
-    m = _module(state, node)
+    m = node_module(state.gm, node)
     if len(m.normalized_shape) != 1:
         x = state.info(node.args[0])
         state.pin_track(x, f"{node.name} normalises over several dims")
@@ -182,7 +178,7 @@ def layer_norm(state: AnalysisState, node: fx.Node) -> Any:
 
 @register_module(nn.GroupNorm, rewrite=rewrite_exact_norm, shrink=shrink_group_norm)
 def group_norm(state: AnalysisState, node: fx.Node) -> Any:
-    m = _module(state, node)
+    m = node_module(state.gm, node)
     return norm(state, node, 1, ("weight", "bias"), exact="group1" if m.num_groups == 1 else None, groups=m.num_groups)
 
 
@@ -191,7 +187,7 @@ def exact_norm_module(state: AnalysisState, node: fx.Node) -> Any:
     """The speedup's exact-statistics norm: per channel on ``axis`` (1 for the one-group GroupNorm
     form). It already counts every removed channel (``original_channels`` is fixed, the kept count
     comes from the input), so pruning it again only slices weight and bias: no exact swap."""
-    module = _module(state, node)
+    module = node_module(state.gm, node)
     return norm(state, node, module.axis, ("weight", "bias"), exact=None, counted=module.kind)
 
 
