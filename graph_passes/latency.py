@@ -359,7 +359,10 @@ def refine_latency(
     reps: int = 20, rounds: int = 2, progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
 ) -> LatencyModel:
     """``latency`` fitted again with ``configs`` (kept channel counts by group id; a group left out
-    keeps all its channels) measured on its backend, threads and input and added to its data.
+    keeps all its channels) measured on its backend, threads and input and added to its data. The
+    dense model is timed with them, in the same passes, and each plan's time is scaled by the
+    dense time of the fit over the dense time now (``dense_ms / dense now``), so a machine that
+    runs at another speed than during the fit does not bias them.
 
     A plan chosen by minimising predicted latency lands where the fitted model errs most in its
     favour (its groups are reweighted by the model's own figures); measuring that plan and fitting
@@ -377,9 +380,13 @@ def refine_latency(
                            f"(those are {sorted(sizes)})")
     if rounds < 1 or reps < 1:
         raise LatencyError(f"reps and rounds must be >= 1, got reps={reps!r}, rounds={rounds!r}")
-    times = _measure(analysis, example_inputs, configs, latency.backend, latency.threads, reps, rounds, progress,
-                     latency.norms)
-    rows = latency.measured + [({g: c.get(g, n) / n for g, n in sizes.items()}, ms) for c, ms in zip(configs, times)]
+    # the dense model is timed with the plans and scales them: the fit's data were measured at another
+    # time, and a machine that runs slower or faster now (other work, clocks) would bias every plan
+    dense_now, *times = _measure(analysis, example_inputs, [dict(sizes), *configs], latency.backend, latency.threads,
+                                 reps, rounds, progress, latency.norms)
+    scale = latency.dense_ms / dense_now
+    rows = latency.measured + [({g: c.get(g, n) / n for g, n in sizes.items()}, ms * scale)
+                               for c, ms in zip(configs, times)]
     refined = latency.refined + len(configs)
     intercept, coefficients = _fit(rows, cost_of_analysis(analysis.gm, analysis), refined)
     return LatencyModel(backend=latency.backend, threads=latency.threads, batch=latency.batch, intercept=intercept,

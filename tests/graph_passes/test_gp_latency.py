@@ -182,7 +182,8 @@ def test_refining_on_a_plan_corrects_the_prediction_where_the_plan_lives(model, 
     timed.clear()
     refined = gp.refine_latency(model, X, fitted, [plan], rounds=2)
     after = abs(float(refined.latency(cost, fractions)) / truth - 1)
-    assert len(timed) == 2 and timed[0] == pytest.approx(truth)  # one configuration, two passes
+    # two passes over the dense model and the plan
+    assert len(timed) == 4 and timed[1] == pytest.approx(truth) and timed[0] == pytest.approx(fitted.dense_ms)
     assert before > 0.05 and after < 0.01  # the measured plan's weight pulls the fit through it
     assert (refined.backend, refined.threads, refined.batch, refined.dense_ms) == \
         (fitted.backend, fitted.threads, fitted.batch, fitted.dense_ms)
@@ -235,3 +236,33 @@ def test_kept_norms_time_the_plain_norms_a_fine_tuned_run_is_pruned_to(monkeypat
     assert refined.norms == "kept" and "ExactStatsNorm" not in norm_types([None, *seen["refined"]])
     with pytest.raises(gp.LatencyError, match="norms must be one of 'exact', 'kept', got 'fast'"):
         gp.fit_latency(vit, x, norms="fast")
+
+
+def test_refining_on_a_machine_that_runs_slower_now_is_not_biased(model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fit was measured on an idle machine; the plan is measured while it runs 1.5x slower.
+    The dense model timed beside the plan scales it back to the fit's conditions."""
+    speed = [1.0]
+
+    class Drifting(_Known):
+        def __init__(self, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            super().__init__(model, inputs)
+            self.base = self.ms
+
+        @property
+        def ms(self) -> float:
+            return self.base * speed[0]
+
+        @ms.setter
+        def ms(self, value: float) -> None:
+            self.base = value
+
+    _patch_timer(monkeypatch, Drifting)
+    fitted = gp.fit_latency(model, X, samples=6)
+    groups = [g for g in gp.channel_groups(model, X) if g.prunable]
+    plan = {g.id: max(1, g.size // 2) for g in groups}
+    small = copy.deepcopy(model)
+    gp.ModelSpeedup(small, X, gp.group_masks(small, groups, {g.id: torch.arange(g.size) < plan[g.id] for g in groups})).speedup_model()
+    idle = _Known(small, (X,)).ms
+    speed[0] = 1.5
+    refined = gp.refine_latency(model, X, fitted, [plan])
+    assert refined.measured[-1][1] == pytest.approx(idle, rel=1e-9)
