@@ -266,3 +266,23 @@ def test_refining_on_a_machine_that_runs_slower_now_is_not_biased(model, monkeyp
     speed[0] = 1.5
     refined = gp.refine_latency(model, X, fitted, [plan])
     assert refined.measured[-1][1] == pytest.approx(idle, rel=1e-9)
+
+
+def test_a_latency_of_weight_traffic_is_fitted_and_predicted(model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small input's time follows the weights a pass reads more than its FLOPs: a law in the
+    parameter count alone is recovered and predicts a plan the fit never saw."""
+
+    class Weights(_Known):
+        def __init__(self, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            self.ms = 0.2 + 3e-5 * sum(p.numel() for p in model.parameters())
+
+    _patch_timer(monkeypatch, Weights)
+    fitted = gp.fit_latency(model, X, samples=8)
+    cost = gp.cost(model, X)
+    assert fitted.fit_error(cost) < 1e-3 and fitted.coefficients["params"] > 0
+    groups = [g for g in gp.channel_groups(model, X) if g.prunable]
+    keep = {g.id: torch.arange(g.size) < max(1, g.size // 3) for g in groups}
+    small = copy.deepcopy(model)
+    gp.ModelSpeedup(small, X, gp.group_masks(small, groups, keep)).speedup_model()
+    fractions = {g: float(k.float().mean()) for g, k in keep.items()}
+    assert float(fitted.latency(cost, fractions)) == pytest.approx(Weights(small, (X,)).ms, rel=1e-3)
