@@ -38,7 +38,8 @@ def exact_stats_norm(
     In the masked model a removed channel is exactly zero, yet LayerNorm/RMSNorm (and one-group
     GroupNorm) still count it in their mean and variance. Computing the statistics with the
     original count keeps the pruned model equal to the masked one. ``kind``: 'layer' (centre and
-    scale), 'rms' (scale by the root mean square), 'simple' (scale by the standard deviation).
+    scale), 'rms' (scale by the root mean square), 'simple' (scale by the standard deviation, the
+    unbiased one as timm's SimpleNorm takes it).
     """
     if eps is None:  # torch's RMSNorm default: the machine epsilon of the input's dtype
         eps = torch.finfo(x.dtype).eps
@@ -53,7 +54,8 @@ def exact_stats_norm(
     else:
         mean = x.sum(dims, keepdim=True) / total
         centred = x - mean
-        var = (centred.pow(2).sum(dims, keepdim=True) + missing * mean.pow(2)) / total
+        # timm's SimpleNorm ('simple') takes torch.var's unbiased variance: n - 1
+        var = (centred.pow(2).sum(dims, keepdim=True) + missing * mean.pow(2)) / (total - int(kind == "simple"))
         y = (centred if kind == "layer" else x) * torch.rsqrt(var + eps)
     shape = [1] * x.dim()
     shape[axis] = kept
@@ -114,7 +116,7 @@ def kept_stats_norm(
         y = x * torch.rsqrt((x * kept).pow(2).sum(dims, keepdim=True) / count + eps)
     else:
         centred = x - (x * kept).sum(dims, keepdim=True) / count
-        var = (centred * kept).pow(2).sum(dims, keepdim=True) / count
+        var = (centred * kept).pow(2).sum(dims, keepdim=True) / (count - int(kind == "simple"))  # as exact_stats_norm
         y = (centred if kind == "layer" else x) * torch.rsqrt(var + eps)
     return _affine(y, shape, weight, bias)
 

@@ -162,7 +162,14 @@ class TokenLN(nn.Module):
         return self.fc2(self.norm(self.fc1(x)))
 
 
-@pytest.mark.parametrize("norm", [nn.LayerNorm(10), nn.RMSNorm(10)], ids=["layernorm", "rmsnorm"])
+def _simple_norm() -> nn.Module:
+    import timm.layers
+
+    return timm.layers.SimpleNorm(10)  # x / std(x) * weight, torch.var's unbiased variance
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm(10), nn.RMSNorm(10), _simple_norm()],
+                         ids=["layernorm", "rmsnorm", "timm-simplenorm"])
 def test_layernorm_keeps_exact_statistics(norm):
     with torch.no_grad():
         norm.weight.normal_()
