@@ -21,7 +21,7 @@ structure, input shape, backend, threads, library versions, grid), so a second r
 :func:`refine_latency` measures given configurations (a plan chosen on the model's prediction)
 and fits again with them added, which corrects the model where that plan lives.
 
-Backends (:data:`BACKENDS`): ``eager`` (PyTorch on CPU), ``onnxruntime`` (CPU execution provider)
+Backends (:data:`BACKENDS`, in :mod:`._latency_backends`): ``eager`` (PyTorch on CPU), ``onnxruntime`` (CPU execution provider)
 and ``cuda`` (PyTorch on the GPU). A backend that is not installed or has no device raises
 :class:`LatencyError` saying so.
 """
@@ -43,9 +43,9 @@ import torch
 from torch import nn
 
 from ._atomic import atomic_write_text
+from ._latency_backends import BACKENDS, LatencyError, Runner, check_backend
 from .cost_model import CostModel, Fraction
 from .dependency import Traceable
-from .errors import GraphPassError
 
 __all__ = ["BACKENDS", "LatencyError", "LatencyModel", "check_backend", "fit_latency", "latency_runner", "measure_ms",
            "refine_latency", "time_ms"]
@@ -55,79 +55,6 @@ logger = logging.getLogger(__name__)
 #: The FLOPs terms of the model, by ``LayerCost.kind`` (attention's two matmuls are one term).
 _KIND_TERMS = {"conv": "conv", "linear": "linear", "attention_scores": "attention", "attention_values": "attention"}
 TERMS: tuple[str, ...] = ("conv", "linear", "attention", "activations", "params")
-
-
-class LatencyError(GraphPassError):
-    """A latency backend cannot run here, or a latency model does not fit the model it is used on."""
-
-
-Runner = Callable[[], Any]
-
-
-def _eager(model: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int, work: Path) -> Runner:
-    def run() -> Any:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with torch.inference_mode():
-                return model(*inputs)
-        finally:
-            torch.set_num_threads(previous)
-
-    return run
-
-
-def _require_onnxruntime() -> Any:
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise LatencyError("latency backend 'onnxruntime' needs the onnxruntime package, which is not installed here: "
-                           "pip install onnxruntime") from exc
-    return onnxruntime
-
-
-def _require_cuda() -> None:
-    if not torch.cuda.is_available():
-        raise LatencyError("latency backend 'cuda' needs a CUDA GPU, and torch sees none here; use 'eager' or "
-                           "'onnxruntime' (CPU)")
-
-
-def _onnxruntime(model: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int, work: Path) -> Runner:
-    _require_onnxruntime()
-    from .onnx_export import export_onnx, onnx_runner
-
-    return onnx_runner(export_onnx(model, inputs, work / "model.onnx"), inputs, threads=threads)
-
-
-def _cuda(model: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int, work: Path) -> Runner:
-    _require_cuda()
-    model = model.to("cuda")
-    on_gpu = tuple(t.to("cuda") for t in inputs)
-
-    def run() -> Any:
-        with torch.inference_mode():
-            out = model(*on_gpu)
-        torch.cuda.synchronize()
-        return out
-
-    return run
-
-
-#: Latency backends by name: ``(model, inputs, threads, work_dir) -> runner`` (one forward pass).
-BACKENDS: dict[str, Callable[[nn.Module, tuple[torch.Tensor, ...], int, Path], Runner]] = {
-    "eager": _eager, "onnxruntime": _onnxruntime, "cuda": _cuda,
-}
-
-#: What each backend needs that may be missing here (a package, a device): raises LatencyError.
-_REQUIREMENTS: dict[str, Callable[[], Any]] = {"onnxruntime": _require_onnxruntime, "cuda": _require_cuda}
-
-
-def check_backend(backend: str) -> None:
-    """Raise :class:`LatencyError` unless ``backend`` is a name of :data:`BACKENDS` that can run
-    here (its package installed, its device present); cheap: builds no model."""
-    if backend not in BACKENDS:
-        raise LatencyError(f"unknown latency backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    _REQUIREMENTS.get(backend, lambda: None)()
 
 
 def latency_runner(model: nn.Module, example_inputs: Any, backend: str, threads: int, work: Path) -> Runner:
