@@ -26,6 +26,18 @@ def apply_masks(model: torch.nn.Module, masks: dict[str, dict[str, torch.Tensor]
     return gp.masked_copy(model, masks)
 
 
+def prune_kept_norms(model: torch.nn.Module, x: torch.Tensor, groups, keep) -> torch.nn.Module:
+    """A pruned copy of ``model`` (``keep``: keep vectors by channel-group id), built as a fine-tuned
+    structured run of the pipeline builds it (``--norm-stats kept``): layer norms over the kept
+    channels (``graph_passes.kept_stats_norms``), so the speedup emits plain norms of the kept width."""
+    import copy
+
+    masks = gp.group_masks(model, groups, keep)
+    masked = copy.deepcopy(model)
+    gp.kept_stats_norms(masked, masks, x)
+    return gp.ModelSpeedup(masked, x, masks).speedup_model().eval()
+
+
 def calibrate_norms(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
     """Give BatchNorm layers the running statistics of one forward pass on ``x`` (returns the model
     in eval mode). Random weights with the default (0, 1) running statistics make some families

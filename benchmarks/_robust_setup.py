@@ -258,19 +258,14 @@ class Setup:
 
     def measure_latency(self, dense: nn.Module, pruned: nn.Module) -> tuple[float, float, float]:
         """``(pruned / dense, dense ms, pruned ms)`` measured now on the latency model's backend,
-        threads and input: :data:`LATENCY_ROUNDS` alternating medians of ``--latency-reps`` runs
-        each, the lowest of each model's kept."""
-        from graph_passes.latency import time_ms
+        threads and input, as the pipeline measures its latency budget
+        (``nni_harp.pipeline._latency.measure_budget``): :data:`LATENCY_ROUNDS` alternating medians of
+        ``--latency-reps`` runs each, the lowest of each model's kept."""
+        from nni_harp.pipeline._latency import measure_budget
 
-        x = self.latency_plan.example.cpu()
-        models = {"dense": copy.deepcopy(dense).cpu().eval(), "pruned": copy.deepcopy(pruned).cpu().eval()}
-        times: dict[str, list[float]] = {name: [] for name in models}
-        for _ in range(LATENCY_ROUNDS):
-            for name, model in models.items():
-                times[name].append(time_ms(model, x, self.opts.latency_backend, self.opts.latency_threads,
-                                           self.opts.latency_reps))
-        dense_ms, pruned_ms = min(times["dense"]), min(times["pruned"])
-        return pruned_ms / dense_ms, dense_ms, pruned_ms
+        got = measure_budget(dense, pruned, self.latency_plan.example, self.opts.latency_backend,
+                             self.opts.latency_threads, self.opts.latency_reps, rounds=LATENCY_ROUNDS)
+        return got["measured"], got["dense_ms"], got["pruned_ms"]
 
 
 class LatencyTargetError(ValueError):

@@ -32,7 +32,7 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 
 import graph_passes as gp  # noqa: E402
-from _common import RESULTS, alternate_timings, write_atomic  # noqa: E402
+from _common import RESULTS, alternate_timings, prune_kept_norms, write_atomic  # noqa: E402
 
 #: (label, tokens, channels): the LayerNorm inputs of convnext_tiny's stages and vit_small at 224 px.
 SHAPES = (("convnext_tiny stage 1", 56 * 56, 96), ("convnext_tiny stage 2", 28 * 28, 192),
@@ -52,17 +52,16 @@ def _exact(kept: int, original: int) -> torch.nn.Module:
 
 def _kept_route(kept: int, original: int) -> torch.nn.Module:
     """The norm the speedup emits for a LayerNorm fine-tuned with kept statistics: linear -> norm ->
-    linear, ``kept`` of the norm's channels kept (random), its norm swapped by ``gp.kept_stats_norms``,
-    pruned by ``gp.ModelSpeedup``; the pruned norm taken out."""
+    linear, ``kept`` of the norm's channels kept (random), pruned as the pipeline prunes such a model
+    (``_common.prune_kept_norms``); the pruned norm taken out."""
     gen = torch.Generator().manual_seed(original)
     model = torch.nn.Sequential(torch.nn.Linear(original, original), _plain(original), torch.nn.Linear(original, 8)).eval()
     x = torch.randn(1, 4, original, generator=gen)
     groups = gp.channel_groups(copy.deepcopy(model), x)
     keep = torch.zeros(original, dtype=torch.bool)
     keep[torch.randperm(original, generator=gen)[:kept]] = True
-    masks = gp.group_masks(model, groups, {g.id: keep for g in groups if g.prunable and "1" in {m.module for m in g.members}})
-    gp.kept_stats_norms(model, masks, x)
-    return gp.ModelSpeedup(model, x, masks).speedup_model(inplace=False).get_submodule("1").eval()
+    keep_by_group = {g.id: keep for g in groups if g.prunable and "1" in {m.module for m in g.members}}
+    return prune_kept_norms(model, x, groups, keep_by_group).get_submodule("1").eval()
 
 
 def _plain(width: int) -> torch.nn.Module:

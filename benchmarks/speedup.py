@@ -13,7 +13,6 @@ group's highest-L2-norm channels. Dense and pruned are timed alternately
 from __future__ import annotations
 
 import argparse
-import copy
 import ctypes
 import ctypes.util
 import platform
@@ -29,7 +28,8 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import graph_passes as gp  # noqa: E402
-from _common import RESULTS, alternate_timings, calibrate_norms, n_flops, n_params, write_atomic  # noqa: E402
+from _common import (RESULTS, alternate_timings, calibrate_norms, n_flops, n_params, prune_kept_norms,  # noqa: E402
+                     write_atomic)
 from _speedup_plans import fractions, keep_for_target, latency_weights, memory_weights, plan_keep  # noqa: E402,F401
 
 MODELS = ["resnet50", "mobilenetv3_large_100", "efficientnet_b0", "convnext_tiny", "vit_small_patch16_224"]
@@ -104,16 +104,6 @@ def dispatch_floor(model: torch.nn.Module, pruned: torch.nn.Module, reps: int) -
     except Exception:  # noqa: BLE001 - fixed-size models (ViT position embeddings) cannot run at 32 px
         return None
     return d, p
-
-
-def _prune(model: torch.nn.Module, x1: torch.Tensor, groups, keep) -> torch.nn.Module:
-    """The model pruned as a fine-tuned structured run of the pipeline is (``--norm-stats kept``): layer
-    norms over the kept channels (``graph_passes.kept_stats_norms``), so the speedup emits plain norms
-    of the kept width."""
-    masks = gp.group_masks(model, groups, keep)
-    masked = copy.deepcopy(model)
-    gp.kept_stats_norms(masked, masks, x1)
-    return gp.ModelSpeedup(masked, x1, masks).speedup_model().eval()
 
 
 def _measure(model, pruned, sessions, batch: int, runtime: str, reps: int) -> dict:
@@ -229,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             gamma = args.gamma if STATIC_PLANS[plan] is None else STATIC_PLANS[plan]
             groups, keep, frac, act_ratio = keep_for_target(model, x1, TARGET, args.round_to, gamma)
             uniform_keep = keep if plan == "uniform" else uniform_keep
-            pruned = _prune(model, x1, groups, keep)
+            pruned = prune_kept_norms(model, x1, groups, keep)
             base = {"model": name, "plan": plan, "frac": frac, "acts": act_ratio,
                     "flops": n_flops(pruned, x1) / n_flops(model, x1), "params": n_params(pruned) / n_params(model)}
             sessions = (dense_session, ort_session(pruned, x1, tmp / f"{name}_{plan}.onnx", args.threads))
@@ -259,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                     for label, target_of in targets:
                         keep, frac, lat, target = latency_plan(fits[(batch, rt)], prunable, norms, target_of, args,
                                                                uniform_counts if label == "uniform's" else None)
-                        pruned = _prune(model, x1, groups, keep)
+                        pruned = prune_kept_norms(model, x1, groups, keep)
                         sessions = (dense_session, ort_session(pruned, x1, tmp / f"{name}_lat.onnx", args.threads)
                                     if rt == "ort" else None)
                         row = {"model": name, "plan": f"{LATENCY_PLAN} at {label}", "frac": frac, "target": target,
