@@ -23,7 +23,7 @@ from ._registry import Keeper, module_handler, node_module, register_module
 from ._tracking import EXACT_STATS, AnalysisState, TensorInfo, tracked
 from .dependency import Analysis, analysis_for
 from .errors import GraphPassError, SpeedupError
-from .modules import ChannelsFirstNorm, ExactStatsNorm, KeptStatsNorm
+from .modules import ChannelsFirstNorm, ExactStatsNorm, KeptStatsNorm, _parameter
 from .tracing import register_leaf_type
 
 __all__ = ["kept_stats_norms", "plain_norm"]
@@ -51,7 +51,7 @@ def _same(module: nn.Module, weight: Any, bias: Any) -> nn.Module:
     """``module`` holding ``weight`` and ``bias`` (the sliced parameters)."""
     for name, value in (("weight", weight), ("bias", bias)):
         if getattr(module, name, None) is not None:
-            setattr(module, name, value if isinstance(value, nn.Parameter) else nn.Parameter(value))
+            setattr(module, name, _parameter(value))
     return module
 
 

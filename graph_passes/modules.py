@@ -14,6 +14,32 @@ from torch import nn
 __all__ = ["ExactStatsNorm", "exact_stats_norm", "KeptStatsNorm", "kept_stats_norm", "ChannelsFirstNorm"]
 
 
+#: What a norm whose statistics span the channels does with them: centre and scale ('layer'), scale
+#: by the root mean square ('rms'), scale by the (unbiased) standard deviation ('simple', timm's SimpleNorm).
+KINDS = ("layer", "rms", "simple")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+
+
+def _parameter(value: torch.Tensor | None) -> nn.Parameter | None:
+    """``value`` as a parameter (itself if it is one already; ``None`` stays ``None``)."""
+    return value if value is None or isinstance(value, nn.Parameter) else nn.Parameter(value)
+
+
+def _reduction(x: torch.Tensor, axis: int, reduce_all: bool, eps: float | None) -> tuple[int, tuple[int, ...], list[int], float]:
+    """The channel axis (non-negative), the axes the statistics reduce over, the shape of a per-channel
+    parameter broadcast against ``x``, and ``eps`` (``None``: the machine epsilon of ``x``'s dtype,
+    torch's RMSNorm default)."""
+    axis = axis % x.dim()
+    shape = [1] * x.dim()
+    shape[axis] = x.shape[axis]
+    return (axis, tuple(range(1, x.dim())) if reduce_all else (axis,), shape,
+            torch.finfo(x.dtype).eps if eps is None else eps)
+
+
 def _affine(y: torch.Tensor, shape: list[int], weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     """``y * weight + bias`` with the per-channel parameters reshaped to ``shape``."""
     if weight is not None:
@@ -41,10 +67,7 @@ def exact_stats_norm(
     scale), 'rms' (scale by the root mean square), 'simple' (scale by the standard deviation, the
     unbiased one as timm's SimpleNorm takes it).
     """
-    if eps is None:  # torch's RMSNorm default: the machine epsilon of the input's dtype
-        eps = torch.finfo(x.dtype).eps
-    axis = axis % x.dim()
-    dims = tuple(range(1, x.dim())) if reduce_all else (axis,)
+    axis, dims, shape, eps = _reduction(x, axis, reduce_all, eps)
     kept = x.shape[axis]
     per_channel = math.prod(x.shape[d] for d in dims) // kept
     total = float(per_channel * original)
@@ -57,8 +80,6 @@ def exact_stats_norm(
         # timm's SimpleNorm ('simple') takes torch.var's unbiased variance: n - 1
         var = (centred.pow(2).sum(dims, keepdim=True) + missing * mean.pow(2)) / (total - int(kind == "simple"))
         y = (centred if kind == "layer" else x) * torch.rsqrt(var + eps)
-    shape = [1] * x.dim()
-    shape[axis] = kept
     return _affine(y, shape, weight, bias)
 
 
@@ -69,8 +90,7 @@ class ExactStatsNorm(nn.Module):
     def __init__(self, kind: str, axis: int, reduce_all: bool, original_channels: int,
                  weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float | None) -> None:
         super().__init__()
-        if kind not in ("layer", "rms", "simple"):
-            raise ValueError(f"kind must be 'layer', 'rms' or 'simple', got {kind!r}")
+        _check_kind(kind)
         self.kind, self.axis, self.reduce_all, self.eps = kind, axis, reduce_all, None if eps is None else float(eps)
         self.original_channels = int(original_channels)
         self.weight = nn.Parameter(weight.detach().clone()) if weight is not None else None
@@ -104,12 +124,7 @@ def kept_stats_norm(
     as a norm of the kept width would: the removed channels neither count nor add to the sums.
     ``kind``, ``reduce_all`` and the rest as in :func:`exact_stats_norm`; outputs of removed channels
     are what the affine gives (their masked weight and bias make them zero)."""
-    if eps is None:
-        eps = torch.finfo(x.dtype).eps
-    axis = axis % x.dim()
-    dims = tuple(range(1, x.dim())) if reduce_all else (axis,)
-    shape = [1] * x.dim()
-    shape[axis] = x.shape[axis]
+    axis, dims, shape, eps = _reduction(x, axis, reduce_all, eps)
     kept = keep.to(device=x.device, dtype=x.dtype).reshape(shape)
     count = kept.sum() * (math.prod(x.shape[d] for d in dims) // x.shape[axis])
     if kind == "rms":
@@ -136,14 +151,12 @@ class KeptStatsNorm(nn.Module):
                  bias: torch.Tensor | None, eps: float | None, drop: nn.Module | None = None,
                  act: nn.Module | None = None) -> None:
         super().__init__()
-        if kind not in ("layer", "rms", "simple"):
-            raise ValueError(f"kind must be 'layer', 'rms' or 'simple', got {kind!r}")
+        _check_kind(kind)
         keep = torch.as_tensor(keep).bool().flatten()
         if not keep.any():
             raise ValueError("keep must keep at least one channel")
         self.kind, self.axis, self.reduce_all, self.eps = kind, axis, reduce_all, None if eps is None else float(eps)
-        self.weight = weight if weight is None or isinstance(weight, nn.Parameter) else nn.Parameter(weight)
-        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+        self.weight, self.bias = _parameter(weight), _parameter(bias)
         self.register_buffer("keep", keep.to(weight.device if weight is not None else keep.device), persistent=False)
         self.drop = drop if drop is not None else nn.Identity()
         self.act = act if act is not None else nn.Identity()
@@ -167,8 +180,7 @@ class ChannelsFirstNorm(nn.Module):
         if kind not in ("layer", "rms") or (kind == "rms" and bias is not None) or (kind == "layer" and eps is None):
             raise ValueError(f"a channels-first norm is a layer norm (with an eps) or a bias-free RMS norm, got {kind!r}")
         self.kind, self.eps, self.normalized_shape = kind, None if eps is None else float(eps), (int(num_channels),)
-        self.weight = weight if weight is None or isinstance(weight, nn.Parameter) else nn.Parameter(weight)
-        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+        self.weight, self.bias = _parameter(weight), _parameter(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = x.dim() - 1  # explicit permutations: the ONNX exporter writes movedim's negative axes as they are
