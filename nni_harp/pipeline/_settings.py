@@ -44,9 +44,10 @@ def setting(default: Any, help: str, *, choices: Callable[[], tuple[str, ...]] |
     setting (it came later) resumes as if it had the default; ``older_runs``: as if it had this
     value instead (what nni-harp did before the setting existed, where the default changed that).
     """
+    if older_runs_default:
+        older_runs = default
     metadata = {"help": help, "choices": choices, "metavar": metavar, "group": group, "resume": resume,
-                "flag": flag, "cli_default": cli_default, "hidden": hidden,
-                "older_runs_default": older_runs_default, "older_runs": older_runs}
+                "flag": flag, "cli_default": cli_default, "hidden": hidden, "older_runs": older_runs}
     return field(default=default, metadata=metadata)
 
 
@@ -100,9 +101,7 @@ def resume_keys(cls: type | None = None) -> tuple[str, ...]:
 
 def resume_defaults(cls: type | None = None) -> dict[str, Any]:
     """What a stored run whose record lacks a setting (it came later) counts as on resume."""
-    found = {f.name: f.default for f in declared_settings(cls) if f.metadata["older_runs_default"]}
-    return {**found, **{f.name: f.metadata["older_runs"] for f in declared_settings(cls)
-                        if f.metadata.get("older_runs", MISSING) is not MISSING}}
+    return {f.name: f.metadata["older_runs"] for f in declared_settings(cls) if f.metadata["older_runs"] is not MISSING}
 
 
 def coerce_number(name: str, value: Any, kind: type) -> Any:
