@@ -166,7 +166,7 @@ def cache_key(gm: nn.Module, example_inputs: Any, backend: str, threads: int, gr
 
 
 #: Version of the configurations :func:`_configurations` draws and of the terms fitted (part of the cache key).
-_DESIGN = 3
+_DESIGN = 4
 
 
 def _configurations(sizes: Mapping[int, int], round_to: int, samples: int, seed: int) -> list[dict[int, int]]:
@@ -287,13 +287,16 @@ def _measure(analysis: Any, example_inputs: Any, configs: list[dict[int, int]], 
 
 def refine_latency(
     model: Traceable, example_inputs: Any, latency: LatencyModel, configs: Iterable[Mapping[int, int]], *,
-    reps: int = 20, rounds: int = 2, progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+    reps: int = 20, rounds: int | None = None, progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
 ) -> LatencyModel:
     """``latency`` fitted again with ``configs`` (kept channel counts by group id; a group left out
     keeps all its channels) measured on its backend, threads and input and added to its data. The
     dense model is timed with them, in the same passes, and each plan's time is scaled by the
     dense time of the fit over the dense time now (``dense_ms / dense now``), so a machine that
-    runs at another speed than during the fit does not bias them.
+    runs at another speed than during the fit does not bias them. ``rounds`` defaults to ``reps``:
+    the dense model and the plans take turns run by run and each keeps its fastest run, so a slow
+    phase of the machine (seconds long on a shared 2-core VM: one convnext_tiny plan measured
+    x0.88 of dense in passes of 5 runs each and x0.62-0.66 run by run) cannot fall on one of them only.
 
     A plan chosen by minimising predicted latency lands where the fitted model errs most in its
     favour (its groups are reweighted by the model's own figures); measuring that plan and fitting
@@ -309,6 +312,7 @@ def refine_latency(
     if unknown := sorted({g for c in configs for g in c} - set(sizes)):
         raise LatencyError(f"configurations name channel groups {unknown} that are not prunable groups of this model "
                            f"(those are {sorted(sizes)})")
+    rounds = reps if rounds is None else rounds
     if rounds < 1 or reps < 1:
         raise LatencyError(f"reps and rounds must be >= 1, got reps={reps!r}, rounds={rounds!r}")
     # the dense model is timed with the plans and scales them: the fit's data were measured at another
@@ -325,7 +329,8 @@ def refine_latency(
                         norms=latency.norms)
 
 
-#: How much more a plan measured by :func:`refine_latency` weighs in the fit than all sampled rows.
+#: How much more an anchor of the fit (the dense model, a plan measured by :func:`refine_latency`)
+#: weighs than all sampled rows.
 #: A plan chosen on the model is where its prediction matters; with equal weight (1) the fit still
 #: missed such plans by 2-4 % (resnet50, onnxruntime and eager, 1 thread).
 REFINED_WEIGHT = 100.0
@@ -341,19 +346,22 @@ def _check_norms(norms: str) -> None:
 
 def _fit(rows: list[tuple[dict[int, float], float]], cost: CostModel, refined: int = 0) -> tuple[float, dict[str, float]]:
     """Non-negative least squares of measured ms on ``[1, terms...]``, relative errors weighted
-    alike (every row divided by its measurement), except that each of the last ``refined`` rows
-    (plans measured by :func:`refine_latency`) weighs :data:`REFINED_WEIGHT` times as much as all
-    the sampled rows together: the fit then passes through the plans where its terms allow, and
-    the samples set the slopes in the directions the plans leave free."""
+    alike (every row divided by its measurement), except for the anchors, each of which weighs
+    :data:`REFINED_WEIGHT` times as much as all the sampled rows together: the last ``refined``
+    rows (plans measured by :func:`refine_latency`) and the dense model (every group kept whole).
+    The fit then passes through them where its terms allow, and the samples set the slopes in the
+    directions they leave free. The dense model is an anchor because every plan is chosen on its
+    predicted *fraction* of the dense latency (:meth:`LatencyModel.fraction`): a plan's time
+    fitted exactly over a dense time missed by 7 % is a fraction missed by 7 %."""
     from scipy.optimize import nnls
 
     dense = _terms(cost, {})
     names = [n for n in TERMS if float(dense[n]) > 0]
     design = np.array([[1.0] + [float(_terms(cost, keep)[n]) for n in names] for keep, _ in rows])
     target = np.array([ms for _, ms in rows])
+    anchors = [i for i, (keep, _) in enumerate(rows) if i >= len(rows) - refined or all(f >= 1 for f in keep.values())]
     weight = np.ones_like(target)
-    if refined:
-        weight[len(rows) - refined:] = np.sqrt(REFINED_WEIGHT * (len(rows) - refined))  # squared in the fit
+    weight[anchors] = np.sqrt(REFINED_WEIGHT * max(1, len(rows) - len(anchors)))  # squared in the fit
     scale = design.max(axis=0)
     scale[scale == 0] = 1.0
     solution, _ = nnls(design / scale / target[:, None] * weight[:, None], weight)
