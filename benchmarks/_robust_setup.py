@@ -232,21 +232,20 @@ class Setup:
     # -- the latency setting
     def latency(self, cache: Path) -> LatencyPlan:
         """The latency model of this model on ``--latency-backend`` / ``--latency-threads`` at one
-        image (fitted once: cached under ``cache/latency``, where the latency-budget pruner reads
-        it), with the channel groups and cost model of that trace."""
+        image, refined for ``--latency-target`` as the latency-budget pruner refines it (fitted
+        once: cached under ``cache/latency``, where the pruner reads it), with the channel groups
+        and cost model of that trace."""
         if self._latency is None:
             import graph_passes as gp
-            from graph_passes.latency import fit_latency
             from nni_harp.pruning import HARPSettings
+            from nni_harp.pruning._latency import latency_for_target
 
             settings = HARPSettings(budget="latency", latency_backend=self.opts.latency_backend,
                                     latency_threads=self.opts.latency_threads, latency_cache=str(cache / "latency"))
             model = self._dense if self._dense is not None else self.new_model().eval()  # the weights do not matter
             example = self.example[:1]
             analysis = gp.analysis_for(model, (example,))
-            fitted = fit_latency(analysis, example, backend=settings.latency_backend,
-                                 threads=settings.latency_threads, round_to=settings.round_to,
-                                 cache_dir=settings.latency_cache_dir())
+            fitted = latency_for_target(analysis, example, settings, self.grid.latency)
             self._latency = LatencyPlan(example, settings, fitted, list(analysis.groups), gp.cost(analysis))
         return self._latency
 

@@ -103,7 +103,8 @@ class LatencyModel:
     ``measured`` holds the fit's data, ``[(kept fractions by group id, measured ms)]``, the last
     ``refined`` of them added by :func:`refine_latency`, and ``dense_ms`` the dense model's
     measured latency; ``norms``: how the pruned configurations' layer norms were built (see
-    :func:`fit_latency`)."""
+    :func:`fit_latency`); ``key``: the cache key of the fit (:func:`cache_key`), which a refined
+    model keeps, so that what is derived from it can be cached beside it."""
 
     backend: str
     threads: int
@@ -114,6 +115,7 @@ class LatencyModel:
     measured: list[tuple[dict[int, float], float]]
     refined: int = 0
     norms: str = "exact"
+    key: str = ""
 
     def latency(self, cost: CostModel, keep: Mapping[int, Fraction] | None = None) -> Fraction:
         """Predicted milliseconds with kept fractions ``keep`` (differentiable when they are tensors)."""
@@ -166,7 +168,7 @@ def cache_key(gm: nn.Module, example_inputs: Any, backend: str, threads: int, gr
 
 
 #: Version of the configurations :func:`_configurations` draws and of the terms fitted (part of the cache key).
-_DESIGN = 4
+_DESIGN = 5
 
 
 def _configurations(sizes: Mapping[int, int], round_to: int, samples: int, seed: int) -> list[dict[int, int]]:
@@ -241,7 +243,7 @@ def fit_latency(
     fitted = _fit(rows, cost)
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     result = LatencyModel(backend=backend, threads=threads, batch=int(inputs[0].shape[0]), intercept=fitted[0],
-                          coefficients=fitted[1], dense_ms=rows[0][1], measured=rows, norms=norms)
+                          coefficients=fitted[1], dense_ms=rows[0][1], measured=rows, norms=norms, key=key)
     logger.info("latency model on %s: dense %.3f ms, largest fit error %.1f %%", backend, result.dense_ms,
                 100 * result.fit_error(cost))
     if cached is not None:
@@ -287,16 +289,17 @@ def _measure(analysis: Any, example_inputs: Any, configs: list[dict[int, int]], 
 
 def refine_latency(
     model: Traceable, example_inputs: Any, latency: LatencyModel, configs: Iterable[Mapping[int, int]], *,
-    reps: int = 20, rounds: int | None = None, progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+    reps: int = 20, rounds: int = 2, progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
 ) -> LatencyModel:
     """``latency`` fitted again with ``configs`` (kept channel counts by group id; a group left out
     keeps all its channels) measured on its backend, threads and input and added to its data. The
     dense model is timed with them, in the same passes, and each plan's time is scaled by the
     dense time of the fit over the dense time now (``dense_ms / dense now``), so a machine that
-    runs at another speed than during the fit does not bias them. ``rounds`` defaults to ``reps``:
-    the dense model and the plans take turns run by run and each keeps its fastest run, so a slow
-    phase of the machine (seconds long on a shared 2-core VM: one convnext_tiny plan measured
-    x0.88 of dense in passes of 5 runs each and x0.62-0.66 run by run) cannot fall on one of them only.
+    runs at another speed than during the fit does not bias them. Each model runs ``reps / rounds``
+    times in a row per pass, as in the fit: run by run in turn, a small plan's weights no longer
+    stay in the CPU caches (resnet18 at 32 px, onnxruntime, a plan keeping 56 % of the channels:
+    x0.25-0.28 of dense in runs of 10, x0.31-0.41 alternating run by run), so its time would not be
+    the time the fit's samples were measured at.
 
     A plan chosen by minimising predicted latency lands where the fitted model errs most in its
     favour (its groups are reweighted by the model's own figures); measuring that plan and fitting
@@ -312,7 +315,6 @@ def refine_latency(
     if unknown := sorted({g for c in configs for g in c} - set(sizes)):
         raise LatencyError(f"configurations name channel groups {unknown} that are not prunable groups of this model "
                            f"(those are {sorted(sizes)})")
-    rounds = reps if rounds is None else rounds
     if rounds < 1 or reps < 1:
         raise LatencyError(f"reps and rounds must be >= 1, got reps={reps!r}, rounds={rounds!r}")
     # the dense model is timed with the plans and scales them: the fit's data were measured at another
@@ -326,7 +328,7 @@ def refine_latency(
     intercept, coefficients = _fit(rows, cost_of_analysis(analysis.gm, analysis), refined)
     return LatencyModel(backend=latency.backend, threads=latency.threads, batch=latency.batch, intercept=intercept,
                         coefficients=coefficients, dense_ms=latency.dense_ms, measured=rows, refined=refined,
-                        norms=latency.norms)
+                        norms=latency.norms, key=latency.key)
 
 
 #: How much more an anchor of the fit (the dense model, a plan measured by :func:`refine_latency`)
@@ -334,6 +336,11 @@ def refine_latency(
 #: A plan chosen on the model is where its prediction matters; with equal weight (1) the fit still
 #: missed such plans by 2-4 % (resnet50, onnxruntime and eager, 1 thread).
 REFINED_WEIGHT = 100.0
+
+#: The FLOPs terms of :data:`TERMS`, and the share of the model's FLOPs below which one of them is
+#: fitted at the per-FLOP cost of the largest (see :func:`_fit`).
+_FLOPS_TERMS = tuple(dict.fromkeys(_KIND_TERMS.values()))
+MIN_FLOPS_SHARE = 0.05
 
 #: Values of ``fit_latency(norms=...)``.
 NORMS = ("exact", "kept")
@@ -357,7 +364,19 @@ def _fit(rows: list[tuple[dict[int, float], float]], cost: CostModel, refined: i
 
     dense = _terms(cost, {})
     names = [n for n in TERMS if float(dense[n]) > 0]
-    design = np.array([[1.0] + [float(_terms(cost, keep)[n]) for n in names] for keep, _ in rows])
+    # a FLOPs term with a tiny share of the FLOPs (resnet18's classifier: 0.01 %) has a slope the
+    # noise sets, and a large one makes its few channels look like the cheapest latency to cut:
+    # such terms count at the per-FLOP cost of the largest FLOPs term instead
+    flops_terms = [n for n in names if n in _FLOPS_TERMS]
+    total = sum(float(dense[n]) for n in flops_terms)
+    major = max(flops_terms, key=lambda n: float(dense[n]), default=None)
+    minor = [n for n in flops_terms if n != major and float(dense[n]) < MIN_FLOPS_SHARE * total]
+    names = [n for n in names if n not in minor]
+
+    def column(terms: dict[str, Fraction], name: str) -> float:
+        return float(terms[name]) + (sum(float(terms[n]) for n in minor) if name == major else 0.0)
+
+    design = np.array([[1.0] + [column(_terms(cost, keep), n) for n in names] for keep, _ in rows])
     target = np.array([ms for _, ms in rows])
     anchors = [i for i, (keep, _) in enumerate(rows) if i >= len(rows) - refined or all(f >= 1 for f in keep.values())]
     weight = np.ones_like(target)
@@ -366,4 +385,5 @@ def _fit(rows: list[tuple[dict[int, float], float]], cost: CostModel, refined: i
     scale[scale == 0] = 1.0
     solution, _ = nnls(design / scale / target[:, None] * weight[:, None], weight)
     solution = solution / scale
-    return float(solution[0]), {n: float(c) for n, c in zip(names, solution[1:])}
+    coefficients = {n: float(c) for n, c in zip(names, solution[1:])}
+    return float(solution[0]), coefficients | {n: coefficients[major] for n in minor}

@@ -37,8 +37,8 @@ from .pipeline.callbacks import PipelineCallback
 __all__ = ["main", "build_parser", "TqdmProgress", "guarded", "resume_command",
            "EXIT_USER_ERROR", "EXIT_NONFINITE", "EXIT_INTERRUPTED"]
 
-#: What one step of a stage is, where it is not a batch (``measure-latency``: one configuration timed once).
-_UNITS = {"measure-latency": "timing"}
+#: What one step of a stage is, where it is not a batch (the latency stages: one configuration timed once).
+_UNITS = {"measure-latency": "timing", "refine-latency": "timing"}
 
 
 class TqdmProgress(PipelineCallback):

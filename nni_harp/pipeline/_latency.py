@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -22,11 +22,13 @@ from .. import distributed as hd
 from ..pruning._plan import channel_structure
 from ..pruning.budget import uniform_keep
 
-__all__ = ["LATENCY_STAGE", "harp_options", "fit_for_run", "prepare_latency", "lowest_fraction",
+__all__ = ["LATENCY_STAGE", "REFINE_STAGE", "harp_options", "fit_for_run", "prepare_latency", "lowest_fraction",
            "plan_latency", "measure_budget"]
 
-#: The callbacks' stage name of the latency measuring (one step per model timed).
+#: The callbacks' stage names of the latency measuring and of its refinement for the target (one
+#: step per model timed; each refinement one epoch).
 LATENCY_STAGE = "measure-latency"
+REFINE_STAGE = "refine-latency"
 
 
 def harp_options(config: Any) -> dict[str, Any]:
@@ -50,37 +52,41 @@ def _settings(config: Any) -> Any:
 
 
 def fit_for_run(ctx: Any, model: nn.Module, example: torch.Tensor) -> Any:
-    """The :class:`graph_passes.LatencyModel` of ``model`` on the run's backend, measured with the
-    arguments the pruner's own fit uses (so that one reads it from the cache), its progress sent
-    to the callbacks as the ``measure-latency`` stage (or a message when the cache had it)."""
-    from graph_passes.latency import LatencyModel, fit_latency
+    """The :class:`graph_passes.LatencyModel` of ``model`` on the run's backend, refined for
+    ``--latency-target`` (:func:`nni_harp.pruning._latency.latency_for_target`, with the settings
+    the pruner uses, so that its own call reads the cache), its progress sent to the callbacks as
+    the ``measure-latency`` and ``refine-latency`` stages (or a message when the cache had it)."""
+    from graph_passes.latency import LatencyModel
+
+    from ..pruning._latency import REFINE_PLANS, latency_for_target
 
     cfg, cb = ctx.config, ctx.cb
     settings = _settings(cfg)
+    measured: list[str] = []  # the stages that timed something, in order
 
-    def progress(items: Iterable[Any]) -> Iterator[Any]:
-        items = list(items)
-        cb.on_stage_start(LATENCY_STAGE, 1, 0, len(items))
-        cb.on_epoch_start(LATENCY_STAGE, 0, len(items))
-        for step, item in enumerate(items):
-            yield item  # fit_latency times this configuration before asking for the next one
-            cb.on_step(LATENCY_STAGE, 0, step, {})
-        cb.on_epoch_end(LATENCY_STAGE, 0, {})
+    def progress(stage: str) -> Callable[[Iterable[Any]], Iterator[Any]]:
+        epochs = [0]  # the fit is one epoch of its stage; each refinement one of the other
+
+        def wrap(items: Iterable[Any]) -> Iterator[Any]:
+            items, epoch = list(items), epochs[0]
+            if stage not in measured:
+                measured.append(stage)
+                cb.on_stage_start(stage, REFINE_PLANS if stage == REFINE_STAGE else 1, 0, len(items))
+            cb.on_epoch_start(stage, epoch, len(items))
+            for step, item in enumerate(items):
+                yield item  # the configuration is timed before the next one is asked for
+                cb.on_step(stage, epoch, step, {})
+            cb.on_epoch_end(stage, epoch, {})
+            epochs[0] += 1
+        return wrap
 
     def fit() -> str:
         start = time.perf_counter()
-        measured: list[bool] = []
-
-        def tracked(items: Iterable[Any]) -> Iterator[Any]:
-            measured.append(True)
-            return progress(items)
-
-        fitted = fit_latency(model, example, backend=settings.latency_backend, threads=settings.latency_threads,
-                             round_to=settings.round_to, cache_dir=settings.latency_cache, progress=tracked,
-                             norms=settings.latency_norms)
-        if measured:
-            cb.on_stage_end(LATENCY_STAGE, {"seconds": time.perf_counter() - start, "backend": fitted.backend})
-        else:
+        fitted = latency_for_target(model, example, settings, cfg.latency_target, progress=progress(LATENCY_STAGE),
+                                    refine_progress=progress(REFINE_STAGE))
+        for stage in measured:
+            cb.on_stage_end(stage, {"seconds": time.perf_counter() - start, "backend": fitted.backend})
+        if not measured:
             cb.on_message(f"{LATENCY_STAGE}: the {fitted.backend} latency model of this model was measured before "
                           f"(cache in {settings.latency_cache})")
         return fitted.to_json()

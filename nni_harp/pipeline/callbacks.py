@@ -12,8 +12,9 @@ __all__ = ["PipelineCallback", "CallbackList"]
 class PipelineCallback:
     """Subclass and override what you need. ``stage`` is one of ``pretrain``, ``evaluate-dense``,
     ``prune``, ``finetune``, ``speedup``, ``export``, ``evaluate-pruned`` (``evaluate`` for the
-    evaluate command), and ``measure-latency`` before ``prune`` with ``--budget latency`` (one step
-    per model timed for the latency model; not sent when the cache had it). Epochs count from 0;
+    evaluate command), and ``measure-latency`` then ``refine-latency`` before ``prune`` with
+    ``--budget latency`` (one step per model timed for the latency model, and for each of its
+    refinements at the target, one epoch each; not sent when the cache had it). Epochs count from 0;
     ``total`` is the number of steps in one epoch."""
 
     def on_stage_start(self, stage: str, epochs: int, start_epoch: int, total: int | None) -> None:

@@ -186,11 +186,9 @@ def plan_structured(
         ))
     latency = None
     if budget_kind == "latency":
-        from graph_passes.latency import fit_latency
+        from ._latency import latency_for_target
 
-        latency = fit_latency(inner, dummy_input, backend=settings.latency_backend, threads=settings.latency_threads,
-                              round_to=settings.round_to, cache_dir=settings.latency_cache_dir(),
-                              norms=settings.latency_norms)
+        latency = latency_for_target(inner, dummy_input, settings, target)
     budget = CostBudget(cost_model, {i: g.id for i, g in enumerate(chosen)}, target, metric=budget_kind, latency=latency)
     lowest = float(budget.kept(floors))
     if lowest > target + 1e-9:

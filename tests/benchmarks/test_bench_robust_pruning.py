@@ -202,8 +202,9 @@ def test_latency_setting_runs_both_methods_end_to_end(bench, tmp_path: Path) -> 
     from graph_passes.latency import LatencyModel
     from nni_harp.pruning.budget import uniform_keep
 
-    fits = list((tmp_path / "cache" / "latency").glob("latency-*.json"))
-    assert len(fits) == 1  # the pruner read the benchmark's fit instead of measuring its own
+    fits = list((tmp_path / "cache" / "latency").glob("latency-*-target0.500000.json"))
+    assert len(fits) == 1  # the pruner read the benchmark's fit (refined at the target) instead of measuring its own
+    assert len(list((tmp_path / "cache" / "latency").glob("latency-*.json"))) == 2  # the fit and its refinement
     setup = sys.modules["_robust_setup"]
     opts = bench.parse(args)[0]
     plan = setup.Setup(opts, bench.grids(opts)[0], 0).latency(tmp_path / "cache")

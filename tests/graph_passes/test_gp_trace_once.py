@@ -121,7 +121,9 @@ def test_fit_latency_traces_the_model_once(model, traces, monkeypatch, tmp_path)
         model.eval()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     del traces[:]
-    assert gp.fit_latency(gp.analysis_for(gp.trace(model, X)), X, samples=4, cache_dir=tmp_path) == fitted
+    monkeypatch.setattr(lat, "measure_ms", lambda run, reps=20, warmup=3: pytest.fail("measured again"))
+    # (the same reps: they are part of the cache key; with the default 20 this fit was measured anew)
+    assert gp.fit_latency(gp.analysis_for(gp.trace(model, X)), X, samples=4, reps=1, cache_dir=tmp_path) == fitted
     assert len(traces) == 1  # the trace handed in; the fit came from the cache
 
 

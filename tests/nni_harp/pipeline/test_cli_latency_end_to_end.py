@@ -16,9 +16,11 @@ from test_cli_end_to_end import FAST, _table_rows  # the end-to-end tests' argv 
 
 
 def _argv(out, *extra: str) -> list[str]:
+    """64 px: at 32 px test_resnet runs in 0.07 ms on onnxruntime, mostly fixed cost, and measured
+    plans showed half its latency out of reach (the smallest plan on the channel grid: x0.66)."""
     loud = [a for a in FAST if a != "--quiet"]
     return ["prune", "test_resnet", "--mode", "structured", "--budget", "latency", "--latency-target", "0.5",
-            "--output-dir", str(out), "--pretrain-epochs", "1", "--prune-epochs", "2", "--finetune-epochs", "1",
+            "--image-size", "64", "--output-dir", str(out), "--pretrain-epochs", "1", "--prune-epochs", "2", "--finetune-epochs", "1",
             *loud, "--latency-runs", "10", "--autoattack", "off", *extra]
 
 

@@ -16,13 +16,14 @@ import graph_passes as gp
 from graph_passes import latency as lat
 from nni_harp.cli import build_parser, main
 from nni_harp.pipeline import PipelineConfig
-from nni_harp.pipeline._latency import LATENCY_STAGE, fit_for_run, harp_options, plan_latency
+from nni_harp.pipeline._latency import LATENCY_STAGE, REFINE_STAGE, fit_for_run, harp_options, plan_latency
 from nni_harp.pipeline.callbacks import CallbackList, PipelineCallback
 from nni_harp.pipeline.checkpoint import ResumeError, RunStore
 from nni_harp.pipeline.config import ConfigError, declared_settings, resume_defaults
 from nni_harp.pipeline.plots import plot_layer_rates
 from nni_harp.pipeline.report import Report
 from nni_harp.pruning import HARPSettings
+from nni_harp.pruning._latency import latency_for_target
 from nni_harp.trial import DEFAULTS, config_for, resolve_params
 
 LATENCY = ["--mode", "structured", "--budget", "latency"]
@@ -192,14 +193,18 @@ def test_measuring_reports_its_progress_and_a_second_run_reads_the_cache(tmp_pat
     ctx = SimpleNamespace(config=_config(tmp_path, latency_backend="eager"), cb=CallbackList([rec]))
     fitted = fit_for_run(ctx, model, x)
     steps = [c for c in rec.calls if c[0] == "step"]
-    # one step per timing: two passes (fit_latency's rounds) over the configurations
-    assert rec.calls[0] == ("start", LATENCY_STAGE, 2 * len(fitted.measured))
-    assert len(steps) == 2 * len(fitted.measured) == known_timer[0] > 2
-    assert rec.calls[-1] == ("end", LATENCY_STAGE)
-    # the pruner's own fit, with its settings: read from the cache, nothing measured
+    sampled = len(fitted.measured) - fitted.refined
+    # one step per timing: two passes (fit_latency's rounds) over the configurations; then the
+    # uniform plan at the target, timed beside the dense model in two passes. This 'backend' is
+    # exact in the model's terms, so the first refinement lands on the target.
+    assert rec.calls[0] == ("start", LATENCY_STAGE, 2 * sampled)
+    assert ("start", REFINE_STAGE, 2 * 2) in rec.calls and fitted.refined == 1
+    assert fitted.measured[-1][1] / fitted.dense_ms == pytest.approx(ctx.config.latency_target, rel=0.1)
+    assert len(steps) == 2 * sampled + 2 * 2 == known_timer[0] and sampled > 2
+    assert rec.calls[-2:] == [("end", LATENCY_STAGE), ("end", REFINE_STAGE)]
+    # the pruner's own call, with its settings: read from the cache, nothing measured
     settings = HARPSettings(**harp_options(ctx.config))
-    again = gp.fit_latency(model, x, backend=settings.latency_backend, threads=settings.latency_threads,
-                           round_to=settings.round_to, cache_dir=settings.latency_cache, norms=settings.latency_norms)
+    again = latency_for_target(model, x, settings, ctx.config.latency_target)
     assert again == fitted and known_timer[0] == len(steps)
     rec.calls.clear()
     fit_for_run(ctx, model, x)

@@ -66,7 +66,47 @@ def test_latency_hinge_reaches_the_rates_and_the_masks_meet_the_target(
     model = pretrained()
     kept = HARPPruner(model, CONFIG, make_evaluator(model, digits), dummy_input=x, budget="latency",
                       latency_cache=str(tmp_path), latency_norms="kept")
-    assert kept.latency_model.norms == "kept" and len(list(tmp_path.glob("latency-*.json"))) == 2
+    assert kept.latency_model.norms == "kept" and len(list(tmp_path.glob("latency-*.json"))) == 4
+    assert len(list(tmp_path.glob("latency-*-target0.500000.json"))) == 2  # each fit refined for the target
+
+
+def test_the_fit_is_refined_at_the_target_once(pretrained: Callable[[], nn.Sequential], digits: Digits,
+                                                monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A 'backend' with a part the model's terms cannot express (a fixed cost per channel group
+    that grows with the square root of its width: kernels whose overhead shrinks slower than their
+    work): the uniform plan at the target is measured and the fit refined until a measured plan
+    lies within 10 % of the target; the refined model is cached per target, so asking again
+    measures nothing; another target is refined on its own."""
+    from nni_harp.pruning._latency import REFINE_PLANS, latency_for_target
+
+    model = pretrained()
+    x = digits.x_train[:1]
+
+    class Narrow:
+        def __init__(self, m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            cost = gp.cost(copy.deepcopy(m), inputs)
+            widths = [g.size for g in gp.channel_groups(copy.deepcopy(m), inputs) if g.prunable]
+            self.ms = 0.2 + 1e-5 * cost.total_flops + 1e-4 * cost.total_activations + 0.2 * sum(w ** 0.5 for w in widths)
+
+    timed: list[float] = []
+    monkeypatch.setattr(lat, "latency_runner", lambda m, xs, backend, threads, work: Narrow(m, (xs,)))
+    monkeypatch.setattr(lat, "measure_ms", lambda run, reps=20, warmup=3: timed.append(run.ms) or run.ms)
+    settings = HARPSettings(budget="latency", latency_cache=str(tmp_path))
+    plain = gp.fit_latency(model, x, backend="eager", threads=1, round_to=settings.round_to, cache_dir=tmp_path)
+    refined = latency_for_target(model, x, settings, 0.5)
+    assert 1 <= refined.refined <= REFINE_PLANS and refined.measured[:len(plain.measured)] == plain.measured
+    assert refined.measured[-1][1] / refined.dense_ms == pytest.approx(0.5, rel=0.1)
+    timed.clear()
+    assert latency_for_target(model, x, settings, 0.5) == refined and timed == []
+    other = latency_for_target(model, x, settings, 0.8)
+    assert other.refined >= 1 and other.measured[-1][1] / other.dense_ms == pytest.approx(0.8, rel=0.1)
+    # 0.3 lies below the smallest plan on the channel grid (8 of 12, 24, 24 channels, x0.43):
+    # that plan is measured once, not again for nothing
+    low = latency_for_target(model, x, settings, 0.3)
+    assert low.refined == 1 and low.measured[-1][1] / low.dense_ms > 0.4
+    # a target below what the backend allows is left to the caller to refuse: nothing is measured for it
+    timed.clear()
+    assert latency_for_target(model, x, settings, 0.01).refined == 0 and timed == []
 
 
 def test_latency_budget_misuse_is_refused(pretrained: Callable[[], nn.Sequential], digits: Digits) -> None:

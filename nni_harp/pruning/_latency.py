@@ -1,0 +1,77 @@
+"""The latency model a latency budget prunes against: fitted on the backend, then checked and
+refined where the run's target puts the plan.
+
+A model fitted on random channel configurations errs most where a plan chosen on it lands (the
+plan follows the model's own figures): README's latency command (resnet18, 32 px, onnxruntime, 1
+thread) learned a plan predicted at x0.500 of the dense latency that measured x0.358. So before
+anything trains, the uniform plan the fitted model predicts at the target is timed and the model
+fitted again with it (:func:`graph_passes.refine_latency`), until a measured plan lies within
+:data:`REFINE_TOLERANCE` of the target, :data:`REFINE_PLANS` plans were measured, or the plan
+asked for was measured before (the ``round_to`` channel grid has no closer one). The result is
+cached beside the fit, per target, so the pruner's own call after the pipeline's, and a second run,
+measure nothing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from graph_passes._atomic import atomic_write_text
+from graph_passes.latency import LatencyModel
+
+from .budget import CostBudget, round_to_counts, uniform_keep
+from .settings import HARPSettings
+
+__all__ = ["REFINE_PLANS", "REFINE_TOLERANCE", "latency_for_target"]
+
+#: At most this many plans are measured to refine a fit for one target.
+REFINE_PLANS = 2
+#: Refining stops once a measured plan's latency fraction is within this (relative) of the target.
+REFINE_TOLERANCE = 0.10
+
+Progress = Callable[[Iterable[Any]], Iterable[Any]]
+
+
+def _checked(latency: LatencyModel, target: float) -> bool:
+    """Whether a plan measured by a refinement lies within :data:`REFINE_TOLERANCE` of ``target``."""
+    plans = latency.measured[len(latency.measured) - latency.refined:] if latency.refined else []
+    return any(abs(ms / latency.dense_ms / target - 1) <= REFINE_TOLERANCE for _, ms in plans)
+
+
+def _refined_path(settings: HARPSettings, latency: LatencyModel, target: float) -> Path | None:
+    return settings.latency_cache_dir() / f"latency-{latency.key}-target{target:.6f}.json" if latency.key else None
+
+
+def latency_for_target(model: Any, example_inputs: Any, settings: HARPSettings, target: float, *,
+                       progress: Progress | None = None, refine_progress: Progress | None = None) -> LatencyModel:
+    """The latency model of ``model`` on ``settings``' backend (``latency_backend``,
+    ``latency_threads``, ``round_to``, ``latency_norms``, cached in ``latency_cache_dir()``),
+    refined for a kept latency fraction ``target`` (see the module docstring). ``progress`` wraps
+    the fit's timing steps, ``refine_progress`` each refinement's (e.g. ``tqdm``); neither is
+    called when the cache has what is asked. ``model``: a module, ``GraphModule`` or
+    :class:`graph_passes.Analysis`."""
+    from graph_passes import analysis_for, cost
+    from graph_passes.latency import fit_latency, refine_latency
+
+    cache = settings.latency_cache_dir()
+    latency = fit_latency(model, example_inputs, backend=settings.latency_backend, threads=settings.latency_threads,
+                          round_to=settings.round_to, cache_dir=cache, progress=progress, norms=settings.latency_norms)
+    path = _refined_path(settings, latency, target)
+    if path is not None and path.is_file():
+        return LatencyModel.from_json(path.read_text())
+    analysis = analysis_for(model, example_inputs)
+    cost_model = cost(analysis)
+    sizes = {g.id: g.size for g in analysis.groups if g.prunable}
+    for _ in range(REFINE_PLANS):
+        budget = CostBudget(cost_model, {g: g for g in sizes}, target, metric="latency", latency=latency)
+        if _checked(latency, target) or float(budget.kept({g: 1 / n for g, n in sizes.items()})) > target:
+            break  # close enough, or a target the backend cannot reach (the caller says so)
+        fraction = uniform_keep(cost_model, list(sizes), target, latency)
+        counts = round_to_counts(budget, dict.fromkeys(sizes, fraction), sizes, dict.fromkeys(sizes, 1), sizes,
+                                 dict.fromkeys(sizes, settings.round_to))
+        if {g: c / sizes[g] for g, c in counts.items()} in [keep for keep, _ in latency.measured]:
+            break  # the model already passes through this plan (the channel grid allows no closer one)
+        latency = refine_latency(analysis, example_inputs, latency, [counts], progress=refine_progress)
+    if path is not None:
+        atomic_write_text(path, latency.to_json())
+    return latency
