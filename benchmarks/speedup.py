@@ -5,7 +5,7 @@ Each model is pruned by channel plans (``_speedup_plans.py``): to half its FLOPs
 activation elements per FLOP pruned harder); and, per batch and runtime, by 'latency' (groups
 that cost much predicted latency per FLOP pruned harder, to a latency a fitted
 ``graph_passes.LatencyModel`` predicts: the uniform plan's, and half the dense), keeping each
-group's highest-L2-norm channels. Dense and pruned are timed alternately
+group's highest-L2-norm channels. Dense and pruned are timed alternately, in blocks of runs
 (eager PyTorch and ONNX Runtime, CPU, batch 1 and 32 at 224 px). Writes ``results/speedup.md``.
 
     python benchmarks/speedup.py [--models resnet50,...] [--plans uniform,memory,latency] [--reps N] [--threads T] [--cache-dir DIR]
@@ -54,14 +54,20 @@ def keep_heap() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
+#: Timed runs in a row per model when dense and pruned alternate (``_common.alternate_timings``);
+#: at most reps // 4, so that each model runs in at least 4 blocks.
+BLOCK = 5
+
+
 def paired_latency(dense, pruned, reps: int, warmup: int = 2) -> tuple[float, float, float, float, float]:
-    """Time ``dense`` and ``pruned`` alternately (dense first on even repetitions, pruned first on
-    odd ones) so that a slow phase of a shared machine hits both alike.
+    """Time ``dense`` and ``pruned`` alternately, in blocks of up to :data:`BLOCK` runs in a row
+    (dense first on even blocks, pruned first on odd ones), so that a slow phase of a shared
+    machine hits both alike and each runs as it does on its own.
 
     Returns (dense min, pruned min, dense median, pruned median, median of the per-repetition
     dense / pruned ratios). The minima are the figures least disturbed by other processes; the
     median paired ratio shows how stable the speedup was."""
-    times = alternate_timings(dense, pruned, reps, warmup)
+    times = alternate_timings(dense, pruned, reps, warmup, block=max(1, min(BLOCK, reps // 4)))
     td, tp = times["a"], times["b"]
     ratios = [d / p for d, p in zip(td, tp)]
     return min(td), min(tp), statistics.median(td), statistics.median(tp), statistics.median(ratios)
@@ -321,7 +327,9 @@ def render(rows: list[dict], args) -> str:
         "'acts kept' is the fraction of activation elements the pruned model still produces.",
         "",
         f"Latency: wall time of one batch, {args.threads} intra-op threads, dense and pruned timed alternately "
-        f"after two warm-up runs each; {args.reps} repetitions at batch 1, {args.reps_b32} at batch 32; **min** "
+        f"after two warm-up runs each, in blocks of runs in a row (up to {BLOCK}, each after one untimed run: run by "
+        "run, two ONNX Runtime sessions' thread pools spin against each other and a small model's weights leave "
+        f"the caches); {args.reps} repetitions at batch 1, {args.reps_b32} at batch 32; **min** "
         "over the repetitions (least disturbed by other processes), medians and the median of the per-repetition "
         "dense/pruned ratios alongside. glibc malloc keeps freed memory "
         f"({'applied' if args.kept_heap else 'NOT applied on this machine'}; see `keep_heap`), so activations "

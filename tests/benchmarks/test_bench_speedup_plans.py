@@ -141,3 +141,16 @@ def test_pruned_models_have_plain_norms_of_the_kept_width(bench):
     kinds = {type(m).__name__ for m in pruned.modules()}
     assert "LayerNorm" in kinds and "ExactStatsNorm" not in kinds
     assert pruned(x).shape == model(x).shape
+
+
+def test_dense_and_pruned_alternate_in_blocks_of_runs(bench) -> None:
+    """paired_latency times each model in blocks of runs in a row (each after one untimed run),
+    the order of the two swapped block by block; reps too few for 4 blocks go run by run."""
+    calls: list[str] = []
+    bench.paired_latency(lambda: calls.append("d"), lambda: calls.append("p"), reps=10, warmup=1)
+    # blocks of 10 // 4 = 2 timed runs, each after an untimed one: 5 blocks per model
+    blocks = [[first] * 3 + [second] * 3 for first, second in [("d", "p"), ("p", "d")] * 2 + [("d", "p")]]
+    assert calls == ["d", "p"] + [c for block in blocks for c in block]
+    calls.clear()
+    bench.paired_latency(lambda: calls.append("d"), lambda: calls.append("p"), reps=3, warmup=0)
+    assert calls == ["d", "p", "p", "d", "d", "p"]
