@@ -217,9 +217,9 @@ class LatencyPlan:
     def lowest(self, target: float) -> float:
         """The lowest fraction HARP can reach at latency ``target`` per the latency model: every
         prunable group at its floor (``alpha * target`` of its channels, at least one)."""
-        sizes = {g.id: g.size for g in self.groups if g.prunable}
-        return float(self.model.fraction(self.cost, {g: max(self.settings.alpha * target, 1 / n)
-                                                     for g, n in sizes.items()}))
+        from nni_harp.pruning.budget import lowest_latency
+
+        return lowest_latency(self.cost, self.groups, self.model, self.settings.alpha * target)
 
     def matched_flops(self, target: float) -> tuple[float, float]:
         """The FLOPs budget aimed at latency ``target``: the channel fraction ``u`` which, kept in

@@ -133,7 +133,8 @@ def _fit_all(model, args, cache_dir) -> dict[tuple[int, str], tuple[gp.LatencyMo
         cm = gp.cost(analysis)
         for rt in RUNTIMES:
             lat = gp.fit_latency(analysis, xb, backend=BACKEND[rt], threads=args.threads, round_to=args.round_to,
-                                 samples=args.fit_samples, reps=_fit_reps(args, batch), cache_dir=cache_dir,
+                                 samples=args.fit_samples, reps=_fit_reps(args, batch), rounds=_fit_rounds(args, batch),
+                                 cache_dir=cache_dir,
                                  norms="kept")
             print(f"  latency model b{batch} {rt}: dense {lat.dense_ms:.2f} ms, fit error "
                   f"{100 * lat.fit_error(cm):.1f} %", flush=True)
@@ -143,6 +144,11 @@ def _fit_all(model, args, cache_dir) -> dict[tuple[int, str], tuple[gp.LatencyMo
 
 def _fit_reps(args, batch: int) -> int:
     return args.fit_reps if batch == 1 else args.fit_reps_b32
+
+
+def _fit_rounds(args, batch: int) -> int:
+    """Passes over the configurations of a fit or refinement: ``--fit-rounds``, at most one per run."""
+    return max(1, min(args.fit_rounds, _fit_reps(args, batch)))
 
 
 def latency_plan(fit: tuple[gp.LatencyModel, gp.CostModel, gp.Analysis], prunable, norms, target_of, args,
@@ -165,7 +171,8 @@ def latency_plan(fit: tuple[gp.LatencyModel, gp.CostModel, gp.Analysis], prunabl
             configs = [{gid: int(v.sum()) for gid, v in keep.items()}]
             if step == 0 and also_measure is not None:
                 configs.insert(0, also_measure)
-            lat = gp.refine_latency(analysis, xb, lat, configs, reps=_fit_reps(args, lat.batch))
+            lat = gp.refine_latency(analysis, xb, lat, configs, reps=_fit_reps(args, lat.batch),
+                                    rounds=_fit_rounds(args, lat.batch))
     return keep, frac, lat, target
 
 
@@ -190,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit-samples", type=int, default=16, help="configurations a latency model is fitted on")
     ap.add_argument("--fit-reps", type=int, default=20, help="timed runs per configuration of a batch-1 fit")
     ap.add_argument("--fit-reps-b32", type=int, default=3, help="timed runs per configuration of a batch-32 fit")
+    ap.add_argument("--fit-rounds", type=int, default=5,
+                    help="passes over the configurations of a fit (each configuration's lowest per-pass median "
+                         "counts: a slow phase of the machine, seconds long on a shared VM, spoils one pass, not the "
+                         "dense model every prediction is a fraction of)")
     ap.add_argument("--refine", type=int, default=2,
                     help="times a latency plan is measured and the latency model fitted again with it (0: never)")
     ap.add_argument("--cache-dir", type=Path, default=None, help="where latency models are cached (default: none)")
@@ -315,7 +326,8 @@ def render(rows: list[dict], args) -> str:
         "(depthwise convs, norms, activations, SE gates) go first. **latency** uses the same reweighting with rho_g "
         "= the *predicted latency* per FLOP of one channel, from a latency model (`graph_passes.fit_latency`: "
         f"{args.fit_samples} channel configurations timed on the row's runtime, batch and threads, {args.fit_reps} "
-        f"runs each at batch 1, {args.fit_reps_b32} at batch 32), and bisects to a *predicted latency* target: "
+        f"runs each at batch 1, {args.fit_reps_b32} at batch 32, in {args.fit_rounds} passes, each configuration's "
+        "lowest per-pass median kept), and bisects to a *predicted latency* target: "
         "the uniform plan's predicted latency in that row ('at uniform's'), and half the dense latency "
         f"('at {TARGET:g}'); then, {args.refine} time(s), the plan is measured (the first time with the uniform "
         "plan, for the row at uniform's), the latency model fitted again with it (`graph_passes.refine_latency`: a "
@@ -350,6 +362,7 @@ def render(rows: list[dict], args) -> str:
         f"--gamma {args.gamma} --reps {args.reps} --reps-b32 {args.reps_b32} --threads {args.threads} "
         f"--round-to {args.round_to}"
         + (f" --fit-samples {args.fit_samples} --fit-reps {args.fit_reps} --fit-reps-b32 {args.fit_reps_b32}"
+           f" --fit-rounds {args.fit_rounds}"
            f" --refine {args.refine}" if LATENCY_PLAN in args.plans.split(",") else "") + "`",
         "",
         f"**Totals:** {totals}.",

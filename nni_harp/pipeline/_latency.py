@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import distributed as hd
 from ..pruning._plan import channel_structure
-from ..pruning.budget import uniform_keep
+from ..pruning.budget import lowest_latency, uniform_keep
 
 __all__ = ["LATENCY_STAGE", "REFINE_STAGE", "harp_options", "fit_for_run", "prepare_latency", "lowest_fraction",
            "plan_latency", "measure_budget"]
@@ -103,7 +103,7 @@ def lowest_fraction(model: nn.Module, example: torch.Tensor, latency: Any, confi
 
     groups, cost = channel_structure(model, (example,))
     floor = _settings(config).alpha * config.latency_target if get_pruner(config.pruner).learns_scores else 0.0
-    return float(latency.fraction(cost, {g.id: max(floor, 1.0 / g.size) for g in groups if g.prunable}))
+    return lowest_latency(cost, groups, latency, floor)
 
 
 def prepare_latency(ctx: Any, model: nn.Module) -> Any:

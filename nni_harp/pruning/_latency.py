@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 from graph_passes._atomic import atomic_write_text
 from graph_passes.latency import LatencyModel
 
-from .budget import CostBudget, round_to_counts, uniform_keep
+from .budget import CostBudget, lowest_latency, round_to_counts, uniform_keep
 from .settings import HARPSettings
 
 __all__ = ["REFINE_PLANS", "REFINE_TOLERANCE", "latency_for_target"]
@@ -64,7 +64,7 @@ def latency_for_target(model: Any, example_inputs: Any, settings: HARPSettings, 
     sizes = {g.id: g.size for g in analysis.groups if g.prunable}
     for _ in range(REFINE_PLANS):
         budget = CostBudget(cost_model, {g: g for g in sizes}, target, metric="latency", latency=latency)
-        if _checked(latency, target) or float(budget.kept({g: 1 / n for g, n in sizes.items()})) > target:
+        if _checked(latency, target) or lowest_latency(cost_model, analysis.groups, latency) > target:
             break  # close enough, or a target the backend cannot reach (the caller says so)
         fraction = uniform_keep(cost_model, list(sizes), target, latency)
         counts = round_to_counts(budget, dict.fromkeys(sizes, fraction), sizes, dict.fromkeys(sizes, 1), sizes,

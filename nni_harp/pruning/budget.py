@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol, Sequence, Union
+from typing import Callable, Iterable, Mapping, Protocol, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from graph_passes.cost_model import CostModel
+from graph_passes.groups import ChannelGroup
 from graph_passes.latency import LatencyModel
 
 __all__ = [
@@ -185,6 +186,14 @@ def uniform_keep(cost: CostModel, groups: Sequence[int], target: float, latency:
                         latency=latency)
     keep = project_keep(budget, dict.fromkeys(groups, 1.0), dict.fromkeys(groups, 0.0), dict.fromkeys(groups, 1.0))
     return float(keep[groups[0]])
+
+
+def lowest_latency(cost: CostModel, groups: Iterable[ChannelGroup], latency: LatencyModel, floor: float = 0.0) -> float:
+    """The latency fraction ``latency`` predicts with every prunable group of ``groups`` at its floor,
+    ``floor`` of its channels (HARP's ``alpha * target``) and at least one: what stays is the
+    latency no channel removal touches (a backend's fixed cost per run and per op, unprunable
+    layers); a latency target below it cannot be met."""
+    return float(latency.fraction(cost, {g.id: max(floor, 1.0 / g.size) for g in groups if g.prunable}))
 
 
 def round_to_counts(

@@ -108,12 +108,13 @@ def test_latency_plan_refines_the_model_on_each_plan_and_plans_on_the_last(bench
 
     def refine(model_, example, latency, configs, reps=20, rounds=2, progress=None):
         assert model_ is analysis and latency.batch == example.shape[0]
+        assert (reps, rounds) == (3, 3)  # --fit-rounds 5, at most one pass per run
         measured.append(list(configs))
         return _latency_model(latency.intercept, conv=latency.coefficients["conv"] * 4,
                               linear=latency.coefficients["linear"], activations=latency.coefficients["activations"])
 
     monkeypatch.setattr(bench.gp, "refine_latency", refine)
-    args = SimpleNamespace(refine=2, gamma=0.5, round_to=1, fit_reps=3, fit_reps_b32=1)
+    args = SimpleNamespace(refine=2, gamma=0.5, round_to=1, fit_reps=3, fit_reps_b32=1, fit_rounds=5)
     uniform = {g.id: g.size // 2 for g in prunable}
     keep, _, last, target = bench.latency_plan((first, cm, analysis), prunable, norms, lambda lat: 0.6, args, uniform)
     assert [len(c) for c in measured] == [2, 1] and measured[0][0] == uniform and target == 0.6
