@@ -38,8 +38,8 @@ def _checked(latency: LatencyModel, target: float) -> bool:
     return any(abs(ms / latency.dense_ms / target - 1) <= REFINE_TOLERANCE for _, ms in plans)
 
 
-def _refined_path(settings: HARPSettings, latency: LatencyModel, target: float) -> Path | None:
-    return settings.latency_cache_dir() / f"latency-{latency.key}-target{target:.6f}.json" if latency.key else None
+def _refined_path(cache: Path, latency: LatencyModel, target: float) -> Path | None:
+    return cache / f"latency-{latency.key}-target{target:.6f}.json" if latency.key else None
 
 
 def latency_for_target(model: Any, example_inputs: Any, settings: HARPSettings, target: float, *,
@@ -54,12 +54,12 @@ def latency_for_target(model: Any, example_inputs: Any, settings: HARPSettings, 
     from graph_passes.latency import fit_latency, refine_latency
 
     cache = settings.latency_cache_dir()
-    latency = fit_latency(model, example_inputs, backend=settings.latency_backend, threads=settings.latency_threads,
+    analysis = analysis_for(model, example_inputs)  # one trace for the fit and the refinements
+    latency = fit_latency(analysis, example_inputs, backend=settings.latency_backend, threads=settings.latency_threads,
                           round_to=settings.round_to, cache_dir=cache, progress=progress, norms=settings.latency_norms)
-    path = _refined_path(settings, latency, target)
+    path = _refined_path(cache, latency, target)
     if path is not None and path.is_file():
         return LatencyModel.from_json(path.read_text())
-    analysis = analysis_for(model, example_inputs)
     cost_model = cost(analysis)
     sizes = {g.id: g.size for g in analysis.groups if g.prunable}
     for _ in range(REFINE_PLANS):

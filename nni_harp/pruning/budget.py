@@ -34,6 +34,7 @@ __all__ = [
     "project_keep",
     "project_budgets",
     "uniform_keep",
+    "lowest_latency",
     "bisect_increasing",
     "round_to_counts",
     "final_counts",

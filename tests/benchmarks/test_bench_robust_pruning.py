@@ -184,9 +184,10 @@ def test_matched_flops_is_the_uniform_plans_flops_at_the_latency_target(methods)
 
 
 def test_latency_setting_runs_both_methods_end_to_end(bench, tmp_path: Path) -> None:
-    # 64 px: at 32 px test_resnet's onnxruntime time is mostly fixed cost; measured plans at the
-    # target (the refinement) showed half of it out of reach (smallest plan on the grid x0.66)
-    args = [*TINY, "--seeds", "1", "--unstructured", "", "--image-size", "64", "--latency-target", "0.5",
+    # 96 px: at 32 px test_resnet's onnxruntime time is mostly fixed cost; measured plans at the
+    # target (the refinement) showed half of it out of reach (smallest plan on the grid x0.66), and
+    # at 64 px a noisy measurement sometimes did (as in the pipeline's latency test)
+    args = [*TINY, "--seeds", "1", "--unstructured", "", "--image-size", "96", "--latency-target", "0.5",
             "--latency-reps", "30", "--methods", "harp-latency,harp-flops-matched",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "lat")]
     assert bench.main(args) == 0

@@ -82,14 +82,14 @@ def test_the_fit_is_refined_at_the_target_once(pretrained: Callable[[], nn.Seque
     model = pretrained()
     x = digits.x_train[:1]
 
-    class Narrow:
+    class SqrtWidth:
         def __init__(self, m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             cost = gp.cost(copy.deepcopy(m), inputs)
             widths = [g.size for g in gp.channel_groups(copy.deepcopy(m), inputs) if g.prunable]
             self.ms = 0.2 + 1e-5 * cost.total_flops + 1e-4 * cost.total_activations + 0.2 * sum(w ** 0.5 for w in widths)
 
     timed: list[float] = []
-    monkeypatch.setattr(lat, "latency_runner", lambda m, xs, backend, threads, work: Narrow(m, (xs,)))
+    monkeypatch.setattr(lat, "latency_runner", lambda m, xs, backend, threads, work: SqrtWidth(m, (xs,)))
     monkeypatch.setattr(lat, "measure_ms", lambda run, reps=20, warmup=3: timed.append(run.ms) or run.ms)
     settings = HARPSettings(budget="latency", latency_cache=str(tmp_path))
     plain = gp.fit_latency(model, x, backend="eager", threads=1, round_to=settings.round_to, cache_dir=tmp_path)
