@@ -213,70 +213,71 @@ def main(argv: list[str] | None = None) -> int:
     args.kept_heap = keep_heap()
     torch.set_num_threads(args.threads)
     rows: list[dict] = []
-    tmp = Path(tempfile.mkdtemp(prefix="gp_speedup_"))
-    for name in args.models.split(","):
-        torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False)
-        # Realistic activation scales: random weights with default BatchNorm statistics blow
-        # activations up by orders of magnitude per block, which is not what a trained model runs.
-        calibrate_norms(model, torch.randn(8, 3, 224, 224))
-        x1 = torch.randn(1, 3, 224, 224)
-        dense_session = ort_session(model, x1, tmp / f"{name}_dense.onnx", args.threads)
-        fits = _fit_all(model, args, args.cache_dir) if LATENCY_PLAN in plans else {}
+    with tempfile.TemporaryDirectory(prefix="gp_speedup_") as tmp_dir:  # ONNX files, removed at the end
+        tmp = Path(tmp_dir)
+        for name in args.models.split(","):
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=False)
+            # Realistic activation scales: random weights with default BatchNorm statistics blow
+            # activations up by orders of magnitude per block, which is not what a trained model runs.
+            calibrate_norms(model, torch.randn(8, 3, 224, 224))
+            x1 = torch.randn(1, 3, 224, 224)
+            dense_session = ort_session(model, x1, tmp / f"{name}_dense.onnx", args.threads)
+            fits = _fit_all(model, args, args.cache_dir) if LATENCY_PLAN in plans else {}
 
-        def predicted(keep, batch: int, rt: str, lat: gp.LatencyModel | None = None) -> dict:
-            if (batch, rt) not in fits:
-                return {}
-            fitted, cm, _ = fits[(batch, rt)]
-            lat = lat or fitted
-            return {"predicted": float(lat.fraction(cm, fractions(keep))), "fit_error": lat.fit_error(cm)}
+            def predicted(keep, batch: int, rt: str, lat: gp.LatencyModel | None = None) -> dict:
+                if (batch, rt) not in fits:
+                    return {}
+                fitted, cm, _ = fits[(batch, rt)]
+                lat = lat or fitted
+                return {"predicted": float(lat.fraction(cm, fractions(keep))), "fit_error": lat.fit_error(cm)}
 
-        uniform_keep = None
-        for plan in [p for p in plans if p in STATIC_PLANS]:
-            gamma = args.gamma if STATIC_PLANS[plan] is None else STATIC_PLANS[plan]
-            groups, keep, frac, act_ratio = keep_for_target(model, x1, TARGET, args.round_to, gamma)
-            uniform_keep = keep if plan == "uniform" else uniform_keep
-            pruned = prune_kept_norms(model, x1, groups, keep)
-            base = {"model": name, "plan": plan, "frac": frac, "acts": act_ratio,
-                    "flops": n_flops(pruned, x1) / n_flops(model, x1), "params": n_params(pruned) / n_params(model)}
-            sessions = (dense_session, ort_session(pruned, x1, tmp / f"{name}_{plan}.onnx", args.threads))
-            floor = dispatch_floor(model, pruned, args.reps)
-            for batch in (1, 32):
-                for rt in RUNTIMES:
-                    row = {**base, **_measure(model, pruned, sessions, batch, rt, _reps(args, batch)),
-                           **predicted(keep, batch, rt)}
-                    if rt == "eager" and batch == 1 and floor is not None:
-                        # If everything above the floor shrank with the FLOPs, this is the speedup.
-                        row["bound"] = row["dense"] / (floor[1] + (row["dense"] - floor[0]) * row["flops"])
-                        row["floor"] = floor
-                    rows.append(_finish(row))
-            write_atomic(args.output, render(rows, args))
-        if LATENCY_PLAN in plans:
-            groups = gp.channel_groups(model, x1)
-            prunable = [g for g in groups if g.prunable]
-            norms = {g.id: gp.channel_norms(model, g) for g in prunable}
-            if uniform_keep is None:
-                _, uniform_keep, _, _ = keep_for_target(model, x1, TARGET, args.round_to, 0.0)
-            for batch in (1, 32):
-                for rt in RUNTIMES:
-                    cm = fits[(batch, rt)][1]
-                    targets = (("uniform's", lambda lat: float(lat.fraction(cm, fractions(uniform_keep)))),
-                               (f"{TARGET:g}", lambda lat: TARGET))
-                    uniform_counts = {gid: int(v.sum()) for gid, v in uniform_keep.items()}
-                    for label, target_of in targets:
-                        keep, frac, lat, target = latency_plan(fits[(batch, rt)], prunable, norms, target_of, args,
-                                                               uniform_counts if label == "uniform's" else None)
-                        pruned = prune_kept_norms(model, x1, groups, keep)
-                        sessions = (dense_session, ort_session(pruned, x1, tmp / f"{name}_lat.onnx", args.threads)
-                                    if rt == "ort" else None)
-                        row = {"model": name, "plan": f"{LATENCY_PLAN} at {label}", "frac": frac, "target": target,
-                               "acts": float(cm.activations(fractions(keep))) / float(cm.total_activations),
-                               "flops": n_flops(pruned, x1) / n_flops(model, x1),
-                               "params": n_params(pruned) / n_params(model),
-                               **_measure(model, pruned, sessions, batch, rt, _reps(args, batch)),
-                               **predicted(keep, batch, rt, lat)}
+            uniform_keep = None
+            for plan in [p for p in plans if p in STATIC_PLANS]:
+                gamma = args.gamma if STATIC_PLANS[plan] is None else STATIC_PLANS[plan]
+                groups, keep, frac, act_ratio = keep_for_target(model, x1, TARGET, args.round_to, gamma)
+                uniform_keep = keep if plan == "uniform" else uniform_keep
+                pruned = prune_kept_norms(model, x1, groups, keep)
+                base = {"model": name, "plan": plan, "frac": frac, "acts": act_ratio,
+                        "flops": n_flops(pruned, x1) / n_flops(model, x1), "params": n_params(pruned) / n_params(model)}
+                sessions = (dense_session, ort_session(pruned, x1, tmp / f"{name}_{plan}.onnx", args.threads))
+                floor = dispatch_floor(model, pruned, args.reps)
+                for batch in (1, 32):
+                    for rt in RUNTIMES:
+                        row = {**base, **_measure(model, pruned, sessions, batch, rt, _reps(args, batch)),
+                               **predicted(keep, batch, rt)}
+                        if rt == "eager" and batch == 1 and floor is not None:
+                            # If everything above the floor shrank with the FLOPs, this is the speedup.
+                            row["bound"] = row["dense"] / (floor[1] + (row["dense"] - floor[0]) * row["flops"])
+                            row["floor"] = floor
                         rows.append(_finish(row))
-                        write_atomic(args.output, render(rows, args))
+                write_atomic(args.output, render(rows, args))
+            if LATENCY_PLAN in plans:
+                groups = gp.channel_groups(model, x1)
+                prunable = [g for g in groups if g.prunable]
+                norms = {g.id: gp.channel_norms(model, g) for g in prunable}
+                if uniform_keep is None:
+                    _, uniform_keep, _, _ = keep_for_target(model, x1, TARGET, args.round_to, 0.0)
+                for batch in (1, 32):
+                    for rt in RUNTIMES:
+                        cm = fits[(batch, rt)][1]
+                        targets = (("uniform's", lambda lat: float(lat.fraction(cm, fractions(uniform_keep)))),
+                                   (f"{TARGET:g}", lambda lat: TARGET))
+                        uniform_counts = {gid: int(v.sum()) for gid, v in uniform_keep.items()}
+                        for label, target_of in targets:
+                            keep, frac, lat, target = latency_plan(fits[(batch, rt)], prunable, norms, target_of, args,
+                                                                   uniform_counts if label == "uniform's" else None)
+                            pruned = prune_kept_norms(model, x1, groups, keep)
+                            sessions = (dense_session, ort_session(pruned, x1, tmp / f"{name}_lat.onnx", args.threads)
+                                        if rt == "ort" else None)
+                            row = {"model": name, "plan": f"{LATENCY_PLAN} at {label}", "frac": frac, "target": target,
+                                   "acts": float(cm.activations(fractions(keep))) / float(cm.total_activations),
+                                   "flops": n_flops(pruned, x1) / n_flops(model, x1),
+                                   "params": n_params(pruned) / n_params(model),
+                                   **_measure(model, pruned, sessions, batch, rt, _reps(args, batch)),
+                                   **predicted(keep, batch, rt, lat)}
+                            rows.append(_finish(row))
+                            write_atomic(args.output, render(rows, args))
     for plan in dict.fromkeys(r["plan"] for r in rows):
         print(_total(plan, [r for r in rows if r["plan"] == plan]))
     return 0
