@@ -269,8 +269,10 @@ def final_counts(
     max_counts: Mapping[int, int],
     multiples: Mapping[int, int] | None = None,
 ) -> dict[int, int]:
-    """Whole entry counts per unit that meet every budget: the learned fractions ``keep`` projected
-    onto each budget (:func:`project_keep`: their ratios kept) and rounded (:func:`round_to_counts`)."""
+    """Whole entry counts per unit for every budget: the learned fractions ``keep`` projected onto
+    each budget (:func:`project_keep`: their ratios kept) and rounded (:func:`round_to_counts`), so
+    each budget's kept fraction is as close to its target as whole counts on the unit's grid get:
+    a part of one count's (or one ``multiples`` step's) worth on either side of it."""
     projected = project_budgets(budgets, keep, floors, ceilings)
     counts: dict[int, int] = {}
     for budget in budgets:

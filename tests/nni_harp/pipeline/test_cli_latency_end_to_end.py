@@ -57,7 +57,10 @@ def test_latency_budget_prune_end_to_end(tmp_path, capsys, monkeypatch):
     assert report["target"] == {"latency_kept": 0.5}
     budget = report["latency_budget"]
     assert budget["target"] == 0.5 and budget["backend"] == "onnxruntime" and budget["threads"] == 1
-    assert 0.4 <= budget["predicted"] <= 0.5 + 1e-3  # HARP's final masks meet the predicted target
+    # HARP's final masks: the whole channel counts on the round_to grid closest to the target
+    # (budget.round_to_counts), which may lie a fraction of a grid step on either side of it; within
+    # one point, as the FLOPs budget's tests hold the kept FLOPs
+    assert abs(budget["predicted"] - 0.5) <= 0.01
     assert 0.05 < budget["measured"] < 1.5  # wall time on a shared machine: only its range is checked
     assert budget["measured"] == pytest.approx(budget["pruned_ms"] / budget["dense_ms"])
     assert 0 < budget["flops_kept"] < 1 and 0 < budget["uniform"] < 1
