@@ -8,6 +8,6 @@ from __future__ import annotations
 from ._info import DatasetInfo
 from .build import DATASETS, build_datasets
 from .errors import DatasetError
-from .loaders import build_loaders
+from .loaders import build_loaders, drops_last_batch
 
-__all__ = ["DATASETS", "DatasetInfo", "DatasetError", "build_datasets", "build_loaders"]
+__all__ = ["DATASETS", "DatasetInfo", "DatasetError", "build_datasets", "build_loaders", "drops_last_batch"]

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .. import distributed as hd
+from ..data import drops_last_batch
 from .callbacks import PipelineCallback
 from .checkpoint import RunStore
 
@@ -64,12 +65,12 @@ def epoch_loader(
     """A shuffled loader whose order depends only on (seed, stage, epoch).
 
     ``batch_size`` is the global batch; with ``world > 1`` this rank gets ``batch_size // world``
-    of each (see the module docstring). A last batch of a single sample is dropped: BatchNorm
-    cannot train on it when the spatial size has shrunk to 1x1 (a ResNet at 32 px).
+    of each (see the module docstring). The last, partial batch is left out
+    (:func:`nni_harp.data.drops_last_batch`).
     """
     stage_seed = _stage_seed(seed, stage, epoch)
     size, per_rank = _shard(len(dataset), batch_size, world)  # type: ignore[arg-type]
-    drop_last = size % per_rank == 1 and size > 1
+    drop_last = drops_last_batch(size, per_rank)
     # one permutation per (seed, stage, epoch), dealt out over the ranks (world 1: all of it).
     # The loader's own generator only seeds its workers, so it draws nothing from the global RNG
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=stage_seed)
@@ -121,7 +122,7 @@ class EpochLoop:
 
     def steps_per_epoch(self) -> int:
         size, batch = _shard(len(self.dataset), self.batch_size, self.world)  # type: ignore[arg-type]
-        n = size // batch + (size % batch > 1 or (size % batch == 1 and size == 1))
+        n = size // batch + (size % batch > 0 and not drops_last_batch(size, batch))
         return min(n, self.max_batches) if self.max_batches else n
 
     def run(

@@ -36,3 +36,20 @@ def test_global_batch_must_divide_over_the_processes(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="global batch 32 must be divisible by the 3 processes"):
         run(config)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("size, batch, world, sizes", [
+    (100, 20, 1, [20] * 5),  # no partial batch
+    (103, 20, 1, [20] * 5),  # the partial last batch (3) is left out
+    (101, 20, 1, [20] * 5),
+    (7, 20, 1, [7]),  # fewer samples than one batch: the one batch there is
+    (103, 20, 2, [10] * 5),  # per rank: 52 samples (padded), batches of 10
+])
+def test_an_epoch_leaves_out_its_partial_last_batch_and_counts_its_steps_alike(size, batch, world, sizes):
+    from nni_harp.pipeline._loop import EpochLoop
+
+    data = TensorDataset(torch.zeros(size, 1), torch.arange(size))
+    loader = epoch_loader(data, batch, seed=0, stage="prune", epoch=0, rank=0, world=world)
+    assert [len(labels) for labels in _labels(loader)] == sizes
+    loop = EpochLoop("prune", data, batch, 0, store=None, callbacks=None, world=world)  # type: ignore[arg-type]
+    assert loop.steps_per_epoch() == len(sizes)
