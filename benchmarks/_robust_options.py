@@ -71,12 +71,20 @@ def _parse_count(text: str) -> int | str | None:
     return int(text)
 
 
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("yes", "true", "1"):
+        return True
+    if text.lower() in ("no", "false", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"yes or no, got {text!r}")
+
+
 def _parse_name(text: str) -> str | None:
     return None if text.lower() == "none" else text
 
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
-    "int": int, "float": float, "str": str, "str | None": _parse_name, "int | None": _parse_count,
+    "int": int, "float": float, "str": str, "bool": _parse_bool, "str | None": _parse_name, "int | None": _parse_count,
     "int | str | None": _parse_count, "tuple[float, ...]": _parse_floats, "tuple[str, ...]": _parse_names,
 }
 
@@ -97,6 +105,10 @@ class Options:
     data_dir: str | None = _opt(None, "dataset folder (cifar10/svhn/imagefolder)")
     test_fraction: float = _opt(0.5, "digits: the held-out share of every seed's split")
     batch_size: int = _opt(32, "training batch size (pretraining, pruning, fine-tuning)")
+    keep_last_batch: bool = _opt(False, "yes: also train on every epoch's last, partial batch (3 images of digits' "
+                                        "899), as the runs before 2026-12-02 did; its BatchNorm statistics at 1x1 "
+                                        "spatial size made PGD-AT collapse at random epoch ends "
+                                        "(nni_harp.data.drops_last_batch)")
     eval_batch_size: int = _opt(256, "evaluation batch size")
     eps: float = _opt(EPS, "L-inf radius on [0, 1] images, e.g. 0.07 or 8/255", _parse_eps)
     train_attack_steps: int = _opt(5, "PGD steps of adversarial training (step 2.5 eps / steps)")
@@ -114,8 +126,9 @@ class Options:
     finetune_select_every: int = _opt(1, "keep the best of the pruned model before fine-tuning and the fine-tuning "
                                          "checkpoints of every N epochs (PGD-10 on 256 training images); 0: the last")
     finetune_repeats: int = _opt(1, "fine-tune every pruned model N times, each with its own attack randomness and "
-                                    "batch order, and report the means (fine-tuning the same pruned model again moved "
-                                    "its robust accuracy by 10-26 points (std) in robust_pruning_structured_ft3.md)")
+                                    "batch order, and report the means (with the last partial batch trained on, fine-tuning "
+                                    "the same pruned model again moved its robust accuracy by 10-26 points (std) in "
+                                    "robust_pruning_structured_ft3.md)")
     unstructured: tuple[float, ...] = _opt((0.9, 0.95, 0.99), "sparsities, e.g. 0.9,0.95,0.99")
     structured: tuple[float, ...] = _opt((0.5, 0.75, 0.9), "fractions of FLOPs removed, e.g. 0.5,0.75,0.9")
     latency_target: float | None = _opt(None, "fraction of the dense latency kept in the extra setting 'latency xT "
@@ -174,7 +187,7 @@ class Options:
         return out
 
     def dense_fields(self) -> dict[str, Any]:
-        keys = ("dataset", "data_dir", "test_fraction", "batch_size", "eps", "train_attack_steps", "pretrain_epochs",
+        keys = ("dataset", "data_dir", "test_fraction", "batch_size", "keep_last_batch", "eps", "train_attack_steps", "pretrain_epochs",
                 "pretrain_optimizer", "pretrain_lr", "pretrain_eps_ramp", "pretrain_select_every")
         return {k: getattr(self, k) for k in keys} | {"device_type": torch.device(self.device).type}
 

@@ -30,7 +30,7 @@ from nni_harp.adversarial import (
     training_step_for,
     with_normalization,
 )
-from nni_harp.data import build_datasets
+from nni_harp.data import build_datasets, drops_last_batch
 from nni_harp.data.digits import build_digits
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -77,10 +77,12 @@ class Setup:
         return with_normalization(net, self.info.mean, self.info.std).to(self.device)
 
     def train_loader(self, order: int | None = None) -> DataLoader:
-        """A fresh loader: the same batch order for every method of this seed (``order``: another one)."""
+        """A fresh loader: the same batch order for every method of this seed (``order``: another one);
+        the last, partial batch left out as the pipeline leaves it out (``--keep-last-batch``)."""
         seed = self.seed if order is None else order
         sampler = RandomSampler(self.train_set, generator=torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
-        return DataLoader(self.train_set, batch_size=self.opts.batch_size, sampler=sampler)
+        drop = not self.opts.keep_last_batch and drops_last_batch(len(self.train_set), self.opts.batch_size)  # type: ignore[arg-type]
+        return DataLoader(self.train_set, batch_size=self.opts.batch_size, sampler=sampler, drop_last=drop)
 
     def training_func(self, order: int | None = None) -> Callable[..., None]:
         """A TorchEvaluator training function: passes over a fresh train loader (batch order
@@ -122,11 +124,10 @@ class Setup:
         """PGD-AT: SGD (momentum 0.9) or Adam, weight decay 5e-4, cosine over ``epochs``. For training from scratch,
         eps grows linearly over the first ``ramp`` of the epochs, and with ``select_every > 0`` the
         model's PGD-10 accuracy on the first :data:`SELECT_SAMPLES` training images is measured every
-        ``select_every`` epochs after the ramp (and at the end) and the best checkpoint is kept: at
-        these radii, on this little data, PGD-AT from scratch sometimes collapses for a few epochs
-        (clean accuracy near 60 %, robust near 5 %) depending on the seed, and may end in such a dip.
-        ``keep_start`` also makes the model as it came in a candidate (fine-tuning after pruning can
-        fall into the same dip). ``order``: the batch order (:meth:`train_loader`). Returns the number
+        ``select_every`` epochs after the ramp (and at the end) and the best checkpoint is kept: a
+        guard against epochs that end in a dip (training on the last, partial batch of 3 images,
+        ``--keep-last-batch yes``, made such dips common: see :meth:`train_loader`). ``keep_start``
+        also makes the model as it came in a candidate. ``order``: the batch order (:meth:`train_loader`). Returns the number
         of epochs the kept model was trained for."""
         if epochs < 1:
             return 0
