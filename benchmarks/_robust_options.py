@@ -17,7 +17,7 @@ from nni_harp.adversarial import AUTOATTACK_VERSIONS
 
 #: The threat model (L-inf radius on [0, 1] images), picked from the dense models only: see
 #: robust_pruning.py's docstring for the measurement.
-EPS = 0.07
+EPS = 0.12
 #: Default ``--cache-dir``: finished cells and the dense models of every seed.
 DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / "nni_harp_bench"
 #: AutoAttack samples per model on CPU by default (Square's 5,000 queries per robust sample
