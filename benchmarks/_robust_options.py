@@ -84,8 +84,9 @@ def _parse_name(text: str) -> str | None:
 
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
-    "int": int, "float": float, "str": str, "bool": _parse_bool, "str | None": _parse_name, "int | None": _parse_count,
-    "int | str | None": _parse_count, "tuple[float, ...]": _parse_floats, "tuple[str, ...]": _parse_names,
+    "int": int, "float": float, "str": str, "bool": _parse_bool, "str | None": _parse_name,
+    "int | None": _parse_count, "int | str | None": _parse_count, "tuple[float, ...]": _parse_floats,
+    "tuple[str, ...]": _parse_names,
 }
 
 
@@ -126,9 +127,9 @@ class Options:
     finetune_select_every: int = _opt(1, "keep the best of the pruned model before fine-tuning and the fine-tuning "
                                          "checkpoints of every N epochs (PGD-10 on 256 training images); 0: the last")
     finetune_repeats: int = _opt(1, "fine-tune every pruned model N times, each with its own attack randomness and "
-                                    "batch order, and report the means (with the last partial batch trained on, fine-tuning "
-                                    "the same pruned model again moved its robust accuracy by 10-26 points (std) in "
-                                    "robust_pruning_structured_ft3.md)")
+                                    "batch order, and report the means (with the last partial batch trained on, "
+                                    "fine-tuning the same pruned model again moved its robust accuracy by 10-26 "
+                                    "points (std) in robust_pruning_structured_ft3.md)")
     unstructured: tuple[float, ...] = _opt((0.9, 0.95, 0.99), "sparsities, e.g. 0.9,0.95,0.99")
     structured: tuple[float, ...] = _opt((0.5, 0.75, 0.9), "fractions of FLOPs removed, e.g. 0.5,0.75,0.9")
     latency_target: float | None = _opt(None, "fraction of the dense latency kept in the extra setting 'latency xT "
@@ -187,8 +188,8 @@ class Options:
         return out
 
     def dense_fields(self) -> dict[str, Any]:
-        keys = ("dataset", "data_dir", "test_fraction", "batch_size", "keep_last_batch", "eps", "train_attack_steps", "pretrain_epochs",
-                "pretrain_optimizer", "pretrain_lr", "pretrain_eps_ramp", "pretrain_select_every")
+        keys = ("dataset", "data_dir", "test_fraction", "batch_size", "keep_last_batch", "eps", "train_attack_steps",
+                "pretrain_epochs", "pretrain_optimizer", "pretrain_lr", "pretrain_eps_ramp", "pretrain_select_every")
         return {k: getattr(self, k) for k in keys} | {"device_type": torch.device(self.device).type}
 
 

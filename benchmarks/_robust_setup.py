@@ -81,7 +81,8 @@ class Setup:
         the last, partial batch left out as the pipeline leaves it out (``--keep-last-batch``)."""
         seed = self.seed if order is None else order
         sampler = RandomSampler(self.train_set, generator=torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
-        drop = not self.opts.keep_last_batch and drops_last_batch(len(self.train_set), self.opts.batch_size)  # type: ignore[arg-type]
+        size = len(self.train_set)  # type: ignore[arg-type]
+        drop = not self.opts.keep_last_batch and drops_last_batch(size, self.opts.batch_size)
         return DataLoader(self.train_set, batch_size=self.opts.batch_size, sampler=sampler, drop_last=drop)
 
     def training_func(self, order: int | None = None) -> Callable[..., None]:
@@ -127,8 +128,8 @@ class Setup:
         ``select_every`` epochs after the ramp (and at the end) and the best checkpoint is kept: a
         guard against epochs that end in a dip (training on the last, partial batch of 3 images,
         ``--keep-last-batch yes``, made such dips common: see :meth:`train_loader`). ``keep_start``
-        also makes the model as it came in a candidate. ``order``: the batch order (:meth:`train_loader`). Returns the number
-        of epochs the kept model was trained for."""
+        also makes the model as it came in a candidate. ``order``: the batch order
+        (:meth:`train_loader`). Returns the number of epochs the kept model was trained for."""
         if epochs < 1:
             return 0
         params = [p for p in model.parameters() if p.requires_grad]
