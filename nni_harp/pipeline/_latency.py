@@ -63,6 +63,13 @@ def fit_for_run(ctx: Any, model: nn.Module, example: torch.Tensor) -> Any:
     cfg, cb = ctx.config, ctx.cb
     settings = _settings(cfg)
     measured: list[str] = []  # the stages that timed something, in order
+    started: dict[str, float] = {}  # stages not ended yet: when each started
+    backend = [settings.latency_backend]
+
+    def end_stages() -> None:  # a stage ends when the next one starts, or with the fit
+        for stage, start in list(started.items()):
+            cb.on_stage_end(stage, {"seconds": time.perf_counter() - start, "backend": backend[0]})
+            del started[stage]
 
     def progress(stage: str) -> Callable[[Iterable[Any]], Iterator[Any]]:
         epochs = [0]  # the fit is one epoch of its stage; each refinement one of the other
@@ -70,7 +77,9 @@ def fit_for_run(ctx: Any, model: nn.Module, example: torch.Tensor) -> Any:
         def wrap(items: Iterable[Any]) -> Iterator[Any]:
             items, epoch = list(items), epochs[0]
             if stage not in measured:
+                end_stages()
                 measured.append(stage)
+                started[stage] = time.perf_counter()
                 cb.on_stage_start(stage, REFINE_PLANS if stage == REFINE_STAGE else 1, 0, len(items))
             cb.on_epoch_start(stage, epoch, len(items))
             for step, item in enumerate(items):
@@ -81,11 +90,10 @@ def fit_for_run(ctx: Any, model: nn.Module, example: torch.Tensor) -> Any:
         return wrap
 
     def fit() -> str:
-        start = time.perf_counter()
         fitted = latency_for_target(model, example, settings, cfg.latency_target, progress=progress(LATENCY_STAGE),
                                     refine_progress=progress(REFINE_STAGE))
-        for stage in measured:
-            cb.on_stage_end(stage, {"seconds": time.perf_counter() - start, "backend": fitted.backend})
+        backend[0] = fitted.backend
+        end_stages()
         if not measured:
             cb.on_message(f"{LATENCY_STAGE}: the {fitted.backend} latency model of this model was measured before "
                           f"(cache in {settings.latency_cache})")
