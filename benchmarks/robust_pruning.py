@@ -371,7 +371,9 @@ class Run:
             "",
             (f"Threat model: L-inf eps = {_eps_text(o.eps)} on images in [0, 1]. Data: {split}. Dense model per seed: "
             f"PGD-AT (PGD-{o.train_attack_steps}, step 2.5 eps / {o.train_attack_steps}) for {o.pretrain_epochs} epochs "
-            f"(batch {o.batch_size}, lr {o.pretrain_lr}, cosine). Every method fine-tunes adversarially for "
+            f"(batch {o.batch_size}, lr {o.pretrain_lr}, cosine; "
+            + ("every epoch also trains on its last, partial batch" if o.keep_last_batch
+               else "every epoch leaves out its last, partial batch") + "). Every method fine-tunes adversarially for "
             f"{o.finetune_epochs} epochs after pruning (lr {o.finetune_lr}"
             + (f"; the best of the pruned model and the checkpoints of every {o.finetune_select_every} epoch(s) by "
                f"PGD-10 on 256 training images is kept: 'FT epoch kept', 0 = the pruned model" if o.finetune_select_every
