@@ -16,7 +16,8 @@ from nni_harp.data import DATASETS, DatasetError, DatasetInfo, build_datasets, b
 
 def test_public_api() -> None:
     assert DATASETS == ("digits", "cifar10", "svhn", "imagefolder")
-    assert set(data.__all__) == {"DATASETS", "DatasetInfo", "DatasetError", "build_datasets", "build_loaders"}
+    assert set(data.__all__) == {"DATASETS", "DatasetInfo", "DatasetError", "build_datasets", "build_loaders",
+                                "drops_last_batch"}
     assert issubclass(DatasetError, ValueError)
 
 

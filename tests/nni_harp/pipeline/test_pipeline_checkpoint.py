@@ -76,7 +76,7 @@ class Recorder(PipelineCallback):
         self.events.append(("epoch", epoch, dict(metrics)))
 
 
-def _setup(tmp_path, n=40):
+def _setup(tmp_path, n=48):  # three full batches of 16 (an epoch leaves out a partial last batch)
     torch.manual_seed(0)
     x = torch.randn(n, 4)
     y = (x[:, 0] > 0).long()
