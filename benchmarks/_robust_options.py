@@ -106,8 +106,8 @@ class Options:
     data_dir: str | None = _opt(None, "dataset folder (cifar10/svhn/imagefolder)")
     test_fraction: float = _opt(0.5, "digits: the held-out share of every seed's split")
     batch_size: int = _opt(32, "training batch size (pretraining, pruning, fine-tuning)")
-    keep_last_batch: bool = _opt(False, "yes: also train on every epoch's last, partial batch (3 images of digits' "
-                                        "899), as the runs before 2026-12-02 did; its BatchNorm statistics at 1x1 "
+    keep_last_batch: bool = _opt(False, "yes: also train on every epoch's last, partial batch (2 images of digits' "
+                                        "898), as the runs before 2026-12-02 did; its BatchNorm statistics at 1x1 "
                                         "spatial size made PGD-AT collapse at random epoch ends "
                                         "(nni_harp.data.drops_last_batch)")
     eval_batch_size: int = _opt(256, "evaluation batch size")

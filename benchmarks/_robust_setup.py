@@ -126,7 +126,7 @@ class Setup:
         eps grows linearly over the first ``ramp`` of the epochs, and with ``select_every > 0`` the
         model's PGD-10 accuracy on the first :data:`SELECT_SAMPLES` training images is measured every
         ``select_every`` epochs after the ramp (and at the end) and the best checkpoint is kept: a
-        guard against epochs that end in a dip (training on the last, partial batch of 3 images,
+        guard against epochs that end in a dip (training on the last, partial batch of 2 images,
         ``--keep-last-batch yes``, made such dips common: see :meth:`train_loader`). ``keep_start``
         also makes the model as it came in a candidate. ``order``: the batch order
         (:meth:`train_loader`). Returns the number of epochs the kept model was trained for."""

@@ -19,7 +19,7 @@ a copy of it to each setting and fine-tunes the remaining weights with the same 
 (``--finetune-epochs``, SGD lr 0.01, cosine; masked fine-tuning, or fine-tuning of Torch-Pruning's
 physically smaller model), keeping the best of the pruned model itself and the fine-tuning
 checkpoints by PGD-10 on 256 training images, as the dense models' pretraining does. Every epoch
-leaves out its last, partial batch (3 images), as the pipeline does (``nni_harp.data.drops_last_batch``):
+leaves out its last, partial batch (2 images), as the pipeline does (``nni_harp.data.drops_last_batch``):
 trained on, its BatchNorm statistics at 1x1 spatial size made PGD-AT collapse at random epoch ends
 (up to 65 points of PGD-20; runs before 2026-12-02, ``--keep-last-batch yes``). The pruned model's
 clean and PGD-20 accuracy before fine-tuning is reported too, so a collapse can be placed in the

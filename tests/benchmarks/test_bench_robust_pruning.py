@@ -228,3 +228,16 @@ def test_unreachable_latency_target_is_refused_before_training(bench, tmp_path: 
     err = capsys.readouterr().err
     assert "--latency-target 0.05 cannot be met by test_resnet at 16 px on onnxruntime" in err, err
     assert not (tmp_path / "cache" / "dense").exists() and not (tmp_path / "lat.json").exists()
+
+
+@pytest.mark.parametrize("keep_last, last", [("no", []), ("yes", [898 % 32])])
+def test_training_epochs_leave_out_the_partial_last_batch_unless_asked(bench, keep_last: str, last: list[int]) -> None:
+    setup = sys.modules["_robust_setup"]
+    opts = bench.parse(["--keep-last-batch", keep_last])[0]
+    s = setup.Setup(opts, bench.grids(opts)[0], 0)
+    assert len(s.train_set) == 898  # digits' training half at the default split (899 held out)
+    sizes = [len(y) for _, y in s.train_loader()]
+    assert sizes == [32] * (898 // 32) + last
+    # the dense model of the other setting is another one: the rule is part of what trains it
+    other = bench.parse(["--keep-last-batch", "yes" if keep_last == "no" else "no"])[0]
+    assert s.dense_path(Path("c")) != setup.Setup(other, bench.grids(other)[0], 0).dense_path(Path("c"))
