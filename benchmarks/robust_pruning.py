@@ -21,7 +21,7 @@ physically smaller model), keeping the best of the pruned model itself and the f
 checkpoints by PGD-10 on 256 training images, as the dense models' pretraining does. Every epoch
 leaves out its last, partial batch (2 images), as the pipeline does (``nni_harp.data.drops_last_batch``):
 trained on, its BatchNorm statistics at 1x1 spatial size made PGD-AT collapse at random epoch ends
-(up to 65 points of PGD-20; runs before 2026-12-02, ``--keep-last-batch yes``). The pruned model's
+(``benchmarks/finetune_stability.py``; runs before 2026-12-02, ``--keep-last-batch yes``). The pruned model's
 clean and PGD-20 accuracy before fine-tuning is reported too, so a collapse can be placed in the
 pruning or in the fine-tuning. HARP and HYDRA are used through the public API (``nni_harp.HARPPruner``
 / ``HydraPruner``, NNI ``TorchEvaluator``) with their *default* settings: they learn scores (HARP
