@@ -63,13 +63,12 @@ def fit_for_run(ctx: Any, model: nn.Module, example: torch.Tensor) -> Any:
     cfg, cb = ctx.config, ctx.cb
     settings = _settings(cfg)
     measured: list[str] = []  # the stages that timed something, in order
-    started: dict[str, float] = {}  # stages not ended yet: when each started
-    backend = [settings.latency_backend]
+    started: dict[str, float] = {}  # the stage not ended yet: when it started
 
     def end_stages() -> None:  # a stage ends when the next one starts, or with the fit
-        for stage, start in list(started.items()):
-            cb.on_stage_end(stage, {"seconds": time.perf_counter() - start, "backend": backend[0]})
-            del started[stage]
+        while started:
+            stage, start = started.popitem()
+            cb.on_stage_end(stage, {"seconds": time.perf_counter() - start, "backend": settings.latency_backend})
 
     def progress(stage: str) -> Callable[[Iterable[Any]], Iterator[Any]]:
         epochs = [0]  # the fit is one epoch of its stage; each refinement one of the other
@@ -92,7 +91,6 @@ def fit_for_run(ctx: Any, model: nn.Module, example: torch.Tensor) -> Any:
     def fit() -> str:
         fitted = latency_for_target(model, example, settings, cfg.latency_target, progress=progress(LATENCY_STAGE),
                                     refine_progress=progress(REFINE_STAGE))
-        backend[0] = fitted.backend
         end_stages()
         if not measured:
             cb.on_message(f"{LATENCY_STAGE}: the {fitted.backend} latency model of this model was measured before "
