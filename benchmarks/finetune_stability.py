@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from _common import RESULTS, write_atomic  # noqa: E402
 from _robust_methods import METHODS  # noqa: E402
-from _robust_options import DEFAULT_CACHE_DIR, Options, grids  # noqa: E402
+from _robust_options import DEFAULT_CACHE_DIR, Options, _parse_bool, _parse_eps, grids  # noqa: E402
 from _robust_report import Row  # noqa: E402
 from _robust_setup import Setup  # noqa: E402
 
@@ -44,15 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--finetune-epochs", type=int, default=20)
-    ap.add_argument("--keep-last-batch", choices=("yes", "no"), default="no")
-    ap.add_argument("--eps", type=float, default=Options.eps)
+    ap.add_argument("--keep-last-batch", type=_parse_bool, default=False, help="yes: train on the partial last batch")
+    ap.add_argument("--eps", type=_parse_eps, default=Options.eps, help="e.g. 0.12 or 8/255")
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--output", type=Path, default=RESULTS / "finetune_stability.md")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
-    opts = Options(eps=args.eps, finetune_epochs=args.finetune_epochs, keep_last_batch=args.keep_last_batch == "yes")
+    opts = Options(eps=args.eps, finetune_epochs=args.finetune_epochs, keep_last_batch=args.keep_last_batch)
     grid = grids(opts)[0]
     setup = Setup(opts, grid, args.seed)
     model = copy.deepcopy(setup.dense(args.cache_dir))
