@@ -5,13 +5,13 @@ from __future__ import annotations
 from .cost_model import CostModel, Factor, LayerCost, TensorCost
 from .dependency import Analysis, Traceable, analysis_for, analysis_of, analyze, channel_groups
 from .errors import GraphPassError, MissingAnalysisError, PlanError, SpeedupError, TraceError
-from .groups import ChannelGroup, Member, channel_norms, group_masks, keep_from_masks, random_keep
+from .groups import ChannelGroup, Member, channel_norms, grid_step, group_masks, keep_from_masks, random_keep
 from .tracing import HarpTracer, register_leaf_function, register_leaf_type, trace, trace_once
 
 __all__ = [
     "Analysis", "ChannelGroup", "CostModel", "Factor", "GraphPassError", "HarpTracer", "LayerCost", "Member", "TensorCost",
     "MissingAnalysisError", "PlanError", "SpeedupError", "TraceError", "Traceable", "analysis_for", "analysis_of", "analyze",
-    "channel_groups", "channel_norms", "group_masks", "keep_from_masks", "random_keep", "register_leaf_function",
+    "channel_groups", "channel_norms", "grid_step", "group_masks", "keep_from_masks", "random_keep", "register_leaf_function",
     "register_leaf_type", "trace", "trace_once",
 ]
 

@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-__all__ = ["Member", "ChannelGroup", "group_masks", "keep_from_masks", "channel_norms"]
+__all__ = ["Member", "ChannelGroup", "group_masks", "keep_from_masks", "channel_norms", "grid_step"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,13 @@ class ChannelGroup:
 
 
 UNMASKED = ("running_mean", "running_var", "num_batches_tracked")  # members group_masks leaves alone
+
+
+def grid_step(size: int, round_to: int) -> int:
+    """The step in which a group of ``size`` channels is counted under ``round_to``: ``round_to``
+    for groups of at least ``4 * round_to`` channels, else 1 (whole blocks of ``round_to`` would be
+    too coarse a grid for a narrow group: a quarter of it or more per step)."""
+    return round_to if size >= 4 * round_to else 1
 
 
 def _param(model: nn.Module, module: str, name: str) -> torch.Tensor:

@@ -46,6 +46,7 @@ from ._atomic import atomic_write_text
 from ._latency_backends import BACKENDS, LatencyError, Runner, check_backend
 from .cost_model import CostModel, Fraction
 from .dependency import Traceable
+from .groups import grid_step
 
 __all__ = ["BACKENDS", "LatencyError", "LatencyModel", "check_backend", "fit_latency", "latency_runner", "measure_ms",
            "refine_latency", "time_ms"]
@@ -180,7 +181,7 @@ def _configurations(sizes: Mapping[int, int], round_to: int, samples: int, seed:
     rng = np.random.default_rng(seed)
 
     def on_grid(size: int, fraction: float) -> int:
-        step = round_to if size >= 4 * round_to else 1
+        step = grid_step(size, round_to)
         return int(min(size, max(step, step * round(fraction * size / step))))
 
     configs = [dict(sizes)]

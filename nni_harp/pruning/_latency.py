@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from graph_passes._atomic import atomic_write_text
+from graph_passes.groups import grid_step
 from graph_passes.latency import LatencyModel
 
 from .budget import CostBudget, lowest_latency, round_to_counts, uniform_keep
@@ -68,7 +69,7 @@ def latency_for_target(model: Any, example_inputs: Any, settings: HARPSettings, 
             break  # close enough, or a target the backend cannot reach (the caller says so)
         fraction = uniform_keep(cost_model, list(sizes), target, latency)
         counts = round_to_counts(budget, dict.fromkeys(sizes, fraction), sizes, dict.fromkeys(sizes, 1), sizes,
-                                 dict.fromkeys(sizes, settings.round_to))
+                                 {g: grid_step(n, settings.round_to) for g, n in sizes.items()})
         if {g: c / sizes[g] for g, c in counts.items()} in [keep for keep, _ in latency.measured]:
             break  # the model already passes through this plan (the channel grid allows no closer one)
         latency = refine_latency(analysis, example_inputs, latency, [counts], progress=refine_progress)

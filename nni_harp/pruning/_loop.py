@@ -147,12 +147,11 @@ def _apply_final_counts(pruner: HARPPruner) -> dict[int, int]:
     """Set every unit's hard mask to its final count (the rates projected onto every budget,
     rounded); returns the counts."""
     units = dict(enumerate(pruner._units))
-    step = pruner.settings.round_to if pruner.structured else 1
     counts = final_counts(
         pruner._budgets, {i: u.keep_value() for i, u in units.items()}, {i: u.floor for i, u in units.items()},
         {i: u.ceiling for i, u in units.items()}, {i: u.size for i, u in units.items()},
         {i: u.min_count for i, u in units.items()}, {i: u.max_count for i, u in units.items()},
-        {i: step if u.size >= 4 * step else 1 for i, u in units.items()},
+        {i: u.multiple for i, u in units.items()},
     )
     for i, unit in units.items():
         unit.refresh(counts[i])

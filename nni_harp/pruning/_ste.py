@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["keep_from_rate", "rate_for_keep", "keep_count", "straight_through_mask", "masked_straight_through",
+__all__ = ["keep_from_rate", "rate_for_keep", "keep_count", "count_grid", "nearest_count", "straight_through_mask", "masked_straight_through",
            "given_product"]
 
 _EPS = 1e-6
@@ -46,6 +46,24 @@ def keep_count(keep: float, n: int) -> int:
     if n < 1:
         raise ValueError(f"a unit needs at least one entry, got n={n}")
     return int(min(n, max(1, round(float(keep) * n))))
+
+
+def count_grid(low: int, high: int, multiple: int) -> tuple[int, ...] | None:
+    """The counts a unit bounded by ``[low, high]`` may keep when restricted to multiples of
+    ``multiple``: those multiples, and ``high`` (a unit can always stay whole); ``None`` (any count)
+    for ``multiple <= 1`` or bounds that hold fewer than two such counts."""
+    if multiple <= 1:
+        return None
+    grid = tuple(sorted(set(range(multiple * -(-low // multiple), high + 1, multiple)) | {high}))
+    return grid if len(grid) > 1 else None
+
+
+def nearest_count(value: float, low: int, high: int, grid: tuple[int, ...] | None) -> int:
+    """The allowed count nearest to ``value`` (the lower one on a tie): on ``grid`` (:func:`count_grid`)
+    when there is one, else ``round(value)`` within ``[low, high]``."""
+    if grid is not None:
+        return min(grid, key=lambda c: (abs(c - value), c))
+    return int(min(high, max(low, round(value))))
 
 
 class _TopKStraightThrough(torch.autograd.Function):

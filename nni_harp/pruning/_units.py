@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._ste import START_MARGIN, keep_count, keep_from_rate, rate_for_keep, straight_through_mask
+from graph_passes.groups import grid_step
+
+from ._ste import START_MARGIN, count_grid, keep_count, keep_from_rate, nearest_count, rate_for_keep, straight_through_mask
 from ._topk import CutTracker, fill_topk
 
 __all__ = ["ScoreUnit", "hydra_scores"]
@@ -36,6 +38,7 @@ class ScoreUnit:
         ceiling: float,
         init_keep: float,
         learn_rate: bool,
+        round_to: int = 1,
     ) -> None:
         if not 0.0 <= floor <= ceiling <= 1.0:
             raise ValueError(f"unit {name}: need 0 <= floor <= ceiling <= 1, got floor={floor}, ceiling={ceiling}")
@@ -47,6 +50,10 @@ class ScoreUnit:
         self.size = int(init_scores.numel())
         self.min_count = keep_count(self.floor, self.size)
         self.max_count = max(self.min_count, keep_count(self.ceiling, self.size))
+        # the counts the unit may keep (channel groups: multiples of round_to, graph_passes.grid_step);
+        # the hard mask keeps one of them while learning, as the final masks will
+        self.multiple = grid_step(self.size, round_to)
+        self.grid = count_grid(self.min_count, self.max_count, self.multiple)
         device = next(iter(owner.parameters()), None)
         if device is None:
             device = next(iter(owner.buffers()), None)
@@ -82,8 +89,8 @@ class ScoreUnit:
         return float(self.keep().detach())
 
     def target_count(self) -> int:
-        """How many entries the current rate keeps."""
-        return min(self.max_count, max(self.min_count, keep_count(self.keep_value(), self.size)))
+        """How many entries the current rate keeps: the allowed count nearest to ``keep * size``."""
+        return nearest_count(self.keep_value() * self.size, self.min_count, self.max_count, self.grid)
 
     def count(self) -> int:
         """How many entries the current hard mask keeps."""

@@ -26,6 +26,8 @@ from graph_passes.cost_model import CostModel
 from graph_passes.groups import ChannelGroup
 from graph_passes.latency import LatencyModel
 
+from ._ste import count_grid, nearest_count
+
 __all__ = [
     "Budget",
     "WeightedBudget",
@@ -214,26 +216,16 @@ def round_to_counts(
     (default 1) restricts unit ``u`` to multiples of it within its bounds (its maximum count is
     always allowed); a unit whose bounds hold no such multiple is counted one by one.
     """
-    grids: dict[int, list[int]] = {}  # units restricted to multiples: their allowed counts
-    for u in keep:
-        m = (multiples or {}).get(u, 1)
-        lo, hi = min_counts[u], max_counts[u]
-        grid = sorted(set(range(m * -(-lo // m), hi + 1, m)) | {hi}) if m > 1 else []
-        if len(grid) > 1:
-            grids[u] = grid
-
-    def nearest(u: int, value: float) -> int:
-        if u in grids:
-            return min(grids[u], key=lambda c: (abs(c - value), c))
-        return min(max_counts[u], max(min_counts[u], round(value)))
+    grids = {u: count_grid(min_counts[u], max_counts[u], (multiples or {}).get(u, 1)) for u in keep}
 
     def neighbour(u: int, count: int, step: int) -> int | None:
-        if u in grids:
-            i = grids[u].index(count) + step
-            return grids[u][i] if 0 <= i < len(grids[u]) else None
+        grid = grids[u]
+        if grid is not None:
+            i = grid.index(count) + step
+            return grid[i] if 0 <= i < len(grid) else None
         return count + step if min_counts[u] <= count + step <= max_counts[u] else None
 
-    counts = {u: nearest(u, keep[u] * sizes[u]) for u in keep}
+    counts = {u: nearest_count(keep[u] * sizes[u], min_counts[u], max_counts[u], grids[u]) for u in keep}
 
     def measure(state: Mapping[int, int]) -> float:
         return _as_float(budget.kept({u: c / sizes[u] for u, c in state.items()}))

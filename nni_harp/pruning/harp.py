@@ -161,6 +161,7 @@ class HARPPruner(Pruner):
             self._units.append(ScoreUnit(
                 unit_plan.name, wrapper, unit_plan.attr, unit_plan.init_scores, unit_plan.floor, unit_plan.ceiling,
                 unit_plan.init_keep, learn_rate=self.settings.learn_rates,
+                round_to=self.settings.round_to if self.structured else 1,
             ))
         self._budgets = plan.budgets
         self._overall = plan.overall

@@ -4,6 +4,7 @@ pruned model (wall-clock accuracy is benchmarks/speedup.py's business)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -100,10 +101,12 @@ def test_the_fit_is_refined_at_the_target_once(pretrained: Callable[[], nn.Seque
     assert latency_for_target(model, x, settings, 0.5) == refined and timed == []
     other = latency_for_target(model, x, settings, 0.8)
     assert other.refined >= 1 and other.measured[-1][1] / other.dense_ms == pytest.approx(0.8, rel=0.1)
-    # 0.3 lies below the smallest plan on the channel grid (8 of 12, 24, 24 channels, x0.43):
-    # that plan is measured once, not again for nothing
-    low = latency_for_target(model, x, settings, 0.3)
-    assert low.refined == 1 and low.measured[-1][1] / low.dense_ms > 0.4
+    # on a coarser grid (round_to=6: the 24-channel groups in steps of 6, the 12-channel one channel
+    # by channel, graph_passes.grid_step), 0.14 lies below the smallest plan (1, 6, 6 channels: x0.156)
+    # and above the floors: that plan is measured once, not again for nothing
+    low = latency_for_target(model, x, dataclasses.replace(settings, round_to=6), 0.14)
+    assert low.refined == 1 and low.measured[-1][0] == {0: 1 / 12, 1: 6 / 24, 2: 6 / 24}
+    assert low.measured[-1][1] / low.dense_ms > 0.15
     # a target below what the backend allows is left to the caller to refuse: nothing is measured for it
     timed.clear()
     assert latency_for_target(model, x, settings, 0.01).refined == 0 and timed == []

@@ -111,3 +111,20 @@ def test_score_unit_on_an_owner_module_starts_at_its_target_and_floors_extreme_r
     assert unit.count() == 1 == unit.min_count  # floor 0.01 of 80 rounds to 1: never zero
     unit.detach()
     assert not any("harp" in n for n, _ in owner.named_parameters())
+
+
+def test_a_channel_group_keeps_a_count_on_the_round_to_grid_while_it_learns() -> None:
+    """The hard mask of a unit counted in blocks (``round_to``) keeps the grid count nearest to
+    ``keep * size`` at every refresh, as the final masks will (budget.round_to_counts), so the
+    structure HARP learns on is the one it keeps; a unit too narrow for the grid (graph_passes.grid_step)
+    is counted channel by channel."""
+    wide = ScoreUnit("wide", nn.Linear(4, 48), "group", torch.rand(48), floor=0.01, ceiling=1.0, init_keep=0.3,
+                     learn_rate=True, round_to=8)
+    assert (wide.multiple, wide.count()) == (8, 16)  # 0.3 * 48 = 14.4: 16 on the grid, 14 without it
+    for keep, count in ((0.24, 8), (0.26, 16), (0.99, 48), (0.001, 8)):  # 8: the lowest multiple above the floor
+        wide.set_keep(keep)
+        wide.refresh()
+        assert wide.count() == count == wide.target_count(), keep
+    narrow = ScoreUnit("narrow", nn.Linear(4, 16), "group", torch.rand(16), floor=0.01, ceiling=1.0, init_keep=0.3,
+                       learn_rate=True, round_to=8)
+    assert (narrow.multiple, narrow.count()) == (1, 5)
