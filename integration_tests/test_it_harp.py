@@ -210,7 +210,11 @@ def _assert_three_phase_schedule(pruner: HARPPruner, epochs: int) -> None:
     history = pruner.history
     target = pruner.target_fraction
     assert [h["epoch"] for h in history] == list(range(epochs))
-    assert history[0]["kept_start"] >= math.sqrt(target) - 0.02  # started above the target (default: sqrt)
+    # started above the target, at the default sqrt(target); a structured unit's hard count sits on
+    # its round_to grid (HARPSettings.round_to), up to half a step (4 of 8 channels) off its share,
+    # so there the hard start only has to be clearly above the target: half-way to sqrt(target) or more
+    start = math.sqrt(target)
+    assert history[0]["kept_start"] >= (start - 0.02 if not pruner.structured else target + 0.5 * (start - target))
     frozen = pruner.frozen_at
     assert frozen is not None and frozen < epochs - 1, [(h["kept_fraction"], h["gamma"]) for h in history]
     assert frozen == next(h["epoch"] for h in history if h["target_met"])
