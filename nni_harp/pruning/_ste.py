@@ -1,7 +1,8 @@
 """Straight-through gradients of top-k masks (the masks themselves: ``_topk``), and the rate parametrisation that feeds them.
 
 A unit (a layer's weight, or a channel group) of ``n`` entries keeps the ``round(k * n)`` entries
-with the largest ``|s|`` (never fewer than one). The rate is ``k = floor + (ceiling - floor) *
+with the largest ``|s|`` (never fewer than one; a channel group counted in blocks of ``round_to``
+keeps the count of :func:`count_grid` nearest to ``k * n``). The rate is ``k = floor + (ceiling - floor) *
 sigmoid(r)``, so ``k`` can never leave ``[floor, ceiling]`` whatever ``r`` is.
 
 Backward pass (HYDRA / HARP): the mask's gradient goes unchanged to ``|s|`` (so ``s`` gets
@@ -15,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["keep_from_rate", "rate_for_keep", "keep_count", "count_grid", "nearest_count", "straight_through_mask", "masked_straight_through",
-           "given_product"]
+__all__ = ["keep_from_rate", "rate_for_keep", "keep_count", "count_grid", "nearest_count", "straight_through_mask",
+           "masked_straight_through", "given_product"]
 
 _EPS = 1e-6
 

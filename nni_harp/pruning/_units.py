@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from graph_passes.groups import grid_step
 
-from ._ste import START_MARGIN, count_grid, keep_count, keep_from_rate, nearest_count, rate_for_keep, straight_through_mask
+from ._ste import (START_MARGIN, count_grid, keep_count, keep_from_rate, nearest_count, rate_for_keep,
+                   straight_through_mask)
 from ._topk import CutTracker, fill_topk
 
 __all__ = ["ScoreUnit", "hydra_scores"]
