@@ -122,7 +122,7 @@ class EpochLoop:
 
     def steps_per_epoch(self) -> int:
         size, batch = _shard(len(self.dataset), self.batch_size, self.world)  # type: ignore[arg-type]
-        n = size // batch + (size % batch > 0 and not drops_last_batch(size, batch))
+        n = size // batch if drops_last_batch(size, batch) else -(-size // batch)  # the partial batch left out, or not
         return min(n, self.max_batches) if self.max_batches else n
 
     def run(
