@@ -87,11 +87,9 @@ def time_ms(model: nn.Module, example_inputs: Any, backend: str, threads: int, r
 
 
 def _terms(cost: CostModel, keep: Mapping[int, Fraction]) -> dict[str, Fraction]:
-    values: dict[str, Fraction] = {name: 0.0 for name in TERMS}
-    for layer in cost.layers:
-        term = _KIND_TERMS.get(layer.kind)
-        if term is not None:
-            values[term] = values[term] + layer.scaled_flops(keep)
+    values: dict[str, Fraction] = {
+        term: cost.flops(keep, kinds=[kind for kind, t in _KIND_TERMS.items() if t == term])
+        for term in dict.fromkeys(_KIND_TERMS.values())}
     values["activations"] = cost.activations(keep)
     values["params"] = cost.params(keep)
     return values

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Iterable, Mapping, Protocol, Sequence, Union
 
 import torch
@@ -100,7 +101,7 @@ class CostBudget:
             raise ValueError(f"metric must be 'flops', 'params' or 'latency', got {self.metric!r}")
         if self.metric == "latency" and self.latency is None:
             raise ValueError("a latency budget needs a fitted graph_passes.LatencyModel")
-        if self._total() <= 0:
+        if self._total <= 0:
             raise ValueError(f"the cost model counts no {self.metric}")
 
     @property
@@ -114,12 +115,13 @@ class CostBudget:
             return self.cost.params(by_group)
         return self.latency.latency(self.cost, by_group)  # type: ignore[union-attr]
 
+    @cached_property
     def _total(self) -> float:
         return float(self._value({}))
 
     def kept(self, keep: Mapping[int, Fraction]) -> Fraction:
         by_group = {self.group_of[u]: k for u, k in keep.items() if u in self.group_of}
-        return self._value(by_group) / self._total()
+        return self._value(by_group) / self._total
 
 
 def hinge(kept: Fraction, target: float) -> Fraction:

@@ -91,6 +91,37 @@ def test_cost_on_timm_test_model(name):
     assert float(cm.activations(frac)) == pytest.approx(gp.cost(r.pruned, x).total_activations, rel=1e-9)
 
 
+@pytest.mark.parametrize("name", ["test_vit", "test_efficientnet", "test_resnet", "test_convnext"])
+def test_cost_with_tensor_fractions_equals_the_float_sums_and_their_derivatives(name):
+    """Tensor fractions take the vectorised sums: the same values as the floats' Python sums, the
+    dtype of the fractions, and gradients equal to central differences of the float sums."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(1, *model.pretrained_cfg["input_size"])
+    cm = gp.cost(model, x)
+    ids = [g.id for g in gp.channel_groups(model, x) if g.prunable]
+    floats = {g: 0.2 + 0.7 * i / len(ids) for i, g in enumerate(ids)}
+    kinds = sorted({layer.kind for layer in cm.layers})
+    for what in ("flops", "params", "activations"):
+        f = getattr(cm, what)
+        for dtype in (torch.float32, torch.float64):
+            tensors = {g: torch.tensor(v, dtype=dtype, requires_grad=True) for g, v in floats.items()}
+            value = f(tensors)
+            assert value.dtype == dtype
+            assert float(value.detach()) == pytest.approx(f(floats), rel=1e-6 if dtype == torch.float32 else 1e-12)
+        value.backward()
+        h = 1e-4
+        for g in ids:
+            up, down = {**floats, g: floats[g] + h}, {**floats, g: floats[g] - h}
+            slope = (f(up) - f(down)) / (2 * h)
+            assert float(tensors[g].grad) == pytest.approx(slope, rel=1e-6, abs=1e-6 * abs(f(floats)))
+    assert len(kinds) > 1
+    by_kind = [cm.flops({g: torch.tensor(v) for g, v in floats.items()}, kinds=[k]) for k in kinds]
+    assert float(sum(by_kind)) == pytest.approx(cm.flops(floats), rel=1e-6)
+    assert cm.flops(floats, kinds=kinds[:1]) == pytest.approx(float(by_kind[0]), rel=1e-6)
+
+
 class _Sdpa(nn.Module):
     def forward(self, q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
