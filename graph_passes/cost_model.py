@@ -107,7 +107,10 @@ def _tensor_dtype(keep: Mapping[int, Fraction]) -> tuple[torch.device, torch.dty
     tensors = [v for v in keep.values() if isinstance(v, torch.Tensor)]
     if not tensors or any(t.numel() != 1 for t in tensors):
         return None
-    return tensors[0].device, reduce(torch.promote_types, (t.dtype for t in tensors))
+    dtype = reduce(torch.promote_types, (t.dtype for t in tensors))
+    if not dtype.is_floating_point:  # as a float times an integer tensor: the default float dtype
+        dtype = torch.promote_types(dtype, torch.get_default_dtype())
+    return tensors[0].device, dtype
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,9 @@ def test_cost_with_tensor_fractions_equals_the_float_sums_and_their_derivatives(
             up, down = {**floats, g: floats[g] + h}, {**floats, g: floats[g] - h}
             slope = (f(up) - f(down)) / (2 * h)
             assert float(tensors[g].grad) == pytest.approx(slope, rel=1e-6, abs=1e-6 * abs(f(floats)))
+    whole = {g: torch.tensor(i % 2) for i, g in enumerate(ids)}  # integer fractions: a float result
+    assert cm.flops(whole).dtype == torch.get_default_dtype()
+    assert float(cm.flops(whole)) == pytest.approx(cm.flops({g: float(v) for g, v in whole.items()}), rel=1e-6)
     assert len(kinds) > 1
     by_kind = [cm.flops({g: torch.tensor(v) for g, v in floats.items()}, kinds=[k]) for k in kinds]
     assert float(sum(by_kind)) == pytest.approx(cm.flops(floats), rel=1e-6)
