@@ -55,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 #: The FLOPs terms of the model, by ``LayerCost.kind`` (attention's two matmuls are one term).
 _KIND_TERMS = {"conv": "conv", "linear": "linear", "attention_scores": "attention", "attention_values": "attention"}
+#: The layer kinds whose FLOPs make up each FLOPs term, in term order.
+_TERM_KINDS = {term: tuple(k for k, t in _KIND_TERMS.items() if t == term)
+               for term in dict.fromkeys(_KIND_TERMS.values())}
 TERMS: tuple[str, ...] = ("conv", "linear", "attention", "activations", "params")
 
 
@@ -87,9 +90,7 @@ def time_ms(model: nn.Module, example_inputs: Any, backend: str, threads: int, r
 
 
 def _terms(cost: CostModel, keep: Mapping[int, Fraction]) -> dict[str, Fraction]:
-    values: dict[str, Fraction] = {
-        term: cost.flops(keep, kinds=[kind for kind, t in _KIND_TERMS.items() if t == term])
-        for term in dict.fromkeys(_KIND_TERMS.values())}
+    values: dict[str, Fraction] = {term: cost.flops(keep, kinds=kinds) for term, kinds in _TERM_KINDS.items()}
     values["activations"] = cost.activations(keep)
     values["params"] = cost.params(keep)
     return values
@@ -338,7 +339,7 @@ REFINED_WEIGHT = 100.0
 
 #: The FLOPs terms of :data:`TERMS`, and the share of the model's FLOPs below which one of them is
 #: fitted at the per-FLOP cost of the largest (see :func:`_fit`).
-_FLOPS_TERMS = tuple(dict.fromkeys(_KIND_TERMS.values()))
+_FLOPS_TERMS = tuple(_TERM_KINDS)
 MIN_FLOPS_SHARE = 0.05
 
 #: Values of ``fit_latency(norms=...)``.
