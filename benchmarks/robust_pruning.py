@@ -63,9 +63,11 @@ Models: the full grid (90 / 95 / 99 % unstructured, 50 / 75 / 90 % of FLOPs remo
 unstructured and 75 % FLOPs removed.
 
 Cost (CPU seconds on this project's machine, one thread): a test_resnet PGD-5 epoch ~4.5, PGD-20 on
-the 899 held-out images ~10, AutoAttack ~0.1-0.2 per sample (a dense model: 13 s on 100 samples,
-110-140 s on all 899; pruned models 40-180 s for PGD-20 and AutoAttack on all 899, two processes
-side by side, in ``results/robust_pruning_structured_aa_all.json``'s ``eval_s``); resnet18 at 32 px
+the 899 held-out images ~10, AutoAttack ~0.1-0.2 per sample (evaluation, i.e. clean, PGD-20 on
+all 899 and AutoAttack, per model in the results' ``eval_s``: 17 s median with AutoAttack on 100
+samples in ``results/robust_pruning_structured.json``, 102 s on all 899 in
+``results/robust_pruning_structured_aa_all.json``, whose dense models took 152-218 s; two
+processes side by side); resnet18 at 32 px
 is ~13x that (a PGD-5 epoch ~60, PGD-20 ~120). So the CPU default (``--device cpu``: 2 worker
 processes) runs the test_resnet grid with 3 seeds and AutoAttack on the first ``CPU_AA_SAMPLES``
 held-out images of each model, and leaves resnet18 out (``--large-model resnet18`` adds it, one
@@ -73,9 +75,9 @@ seed); ``--device cuda`` runs both models, every seed, AutoAttack on every held-
 samples AutoAttack's sampling error (about 5 points) hides the differences between the leading
 methods: the dense models' AutoAttack accuracy was 60.3 +- 5.0 % over the 3 seeds on 100 samples
 and 60.8 +- 0.2 % on all 899, and at 75 % of the FLOPs removed HYDRA led HARP by 0.7 on 100
-samples and trailed it by 0.2 on all 899 (same pruned models). ``--aa-samples all`` (about 1.5
-minutes more per test_resnet model; the structured grid in 82 instead of 24 minutes) is what the
-reported structured tables use.
+samples and trailed it by 0.2 on all 899 (same pruned models). ``--aa-samples all`` (85 s more per
+test_resnet model, median over the same 72 pruned models; the structured grid in 82 instead of 24
+minutes) is what the reported structured tables use.
 
 Finished cells are cached under ``--cache-dir`` (one folder per fingerprint of the options that
 change results and of the source of nni_harp, graph_passes and this benchmark), so re-running the
