@@ -182,6 +182,10 @@ class Report:
             lines.append(f"- latency budget ({lb['backend']}, {lb.get('threads', '?')} thread(s)): target {lb['target']:.3g}, "
                          f"predicted {lb['predicted']:.3g}, measured {lb['measured']:.3g} of the dense latency "
                          f"({lb.get('pruned_ms', float('nan')):.3f} / {lb.get('dense_ms', float('nan')):.3f} ms)")
+            if lb.get("checks"):  # the pruner's measured checks of its final plan (HARPSettings.latency_checks)
+                lines.append("- final plan measured while pruning (a plan off the target by more than 10 % is counted "
+                             "again with the model refitted on it): "
+                             + "; ".join(f"x{c['measured']:.3f} (predicted x{c['predicted']:.3f})" for c in lb["checks"]))
         if self.stage_seconds:
             lines.append("- stage wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items()))
         heads = self.headers()

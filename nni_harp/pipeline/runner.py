@@ -174,7 +174,7 @@ def _latency_budget(ctx: Any, model: torch.nn.Module, planned: dict[str, Any] | 
         "target": planned["target"], "predicted": planned["predicted"], "measured": measured["measured"],
         "backend": planned["backend"], "threads": planned["threads"], "dense_ms": measured["dense_ms"],
         "pruned_ms": measured["pruned_ms"], "flops_kept": planned["flops_kept"], "uniform": planned["uniform"],
-        "fit_error": planned["fit_error"],
+        "fit_error": planned["fit_error"], "checks": list(planned.get("checks", [])),
     }
 
 

@@ -10,11 +10,18 @@ fitted again with it (:func:`graph_passes.refine_latency`), until a measured pla
 asked for was measured before (the ``round_to`` channel grid has no closer one). The result is
 cached beside the fit, per target, so the pruner's own call after the pipeline's, and a second run,
 measure nothing.
+
+HARP's learned plan is not the uniform one: it moves channels to the groups whose predicted cost
+per unit of robustness is lowest, i.e. where the model errs in its favour. So when a latency run
+fixes its masks, :class:`FinalPlanCheck` measures the plan itself, fits the model again with it and
+takes the final counts again under the refitted model, ``HARPSettings.latency_checks`` times or
+until a plan measures within :data:`REFINE_TOLERANCE` of the target: that plan is kept as measured.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from graph_passes._atomic import atomic_write_text
 from graph_passes.groups import grid_step
@@ -23,7 +30,7 @@ from graph_passes.latency import LatencyModel
 from .budget import CostBudget, lowest_latency, round_to_counts, uniform_keep
 from .settings import HARPSettings
 
-__all__ = ["REFINE_PLANS", "REFINE_TOLERANCE", "latency_for_target"]
+__all__ = ["REFINE_PLANS", "REFINE_TOLERANCE", "latency_for_target", "FinalPlanCheck"]
 
 #: At most this many plans are measured to refine a fit for one target.
 REFINE_PLANS = 2
@@ -76,3 +83,66 @@ def latency_for_target(model: Any, example_inputs: Any, settings: HARPSettings, 
     if path is not None:
         atomic_write_text(path, latency.to_json())
     return latency
+
+
+@dataclass
+class FinalPlanCheck:
+    """The measured check of a latency budget's final plan (see the module docstring).
+
+    ``analysis``: a channel analysis of the model as it was planned on (a copy, untouched by NNI's
+    wrappers); ``records``: per measurement the plan's ``predicted`` latency fraction (by the model
+    before the refit) and the ``measured`` one; ``counts``: the final counts by unit, once done."""
+
+    analysis: Any
+    example_inputs: Any
+    checks: int
+    records: list[dict[str, Any]] = field(default_factory=list)
+    counts: dict[int, int] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.counts is not None
+
+    def run(self, budget: CostBudget, counts: Mapping[int, int], sizes: Mapping[int, int],
+            recount: Callable[[CostBudget], dict[int, int]]) -> tuple[CostBudget, dict[int, int]]:
+        """``budget`` with its latency model refitted on the measured plans, and the final counts
+        (by unit) under it; ``recount(budget)`` gives the final counts under a budget."""
+        from graph_passes.latency import refine_latency
+
+        from .. import distributed as hd
+
+        counts, measured_plans = dict(counts), []
+        for _ in range(self.checks):
+            if counts in measured_plans:
+                break  # the refitted model counts a plan measured before: the grid has no closer one
+            measured_plans.append(dict(counts))
+            predicted = float(budget.kept({u: c / sizes[u] for u, c in counts.items()}))
+            plan = {budget.group_of[u]: c for u, c in counts.items()}
+
+            def measure(latency: Any = budget.latency, plan: dict[int, int] = plan) -> str:
+                return refine_latency(self.analysis, self.example_inputs, latency, [plan]).to_json()
+
+            # rank 0 measures, every rank takes its model (so the ranks keep the same masks)
+            refined = LatencyModel.from_json(hd.broadcast_object(hd.on_main(measure)))
+            measured = refined.measured[-1][1] / refined.dense_ms
+            self.records.append({"predicted": predicted, "measured": measured})
+            budget = replace(budget, latency=refined)
+            if abs(measured / budget.target - 1) <= REFINE_TOLERANCE:
+                break  # a measured plan close to the target beats an unmeasured one predicted at it
+            counts = recount(budget)
+        self.counts = counts
+        return budget, dict(counts)
+
+    def state_dict(self, budget: CostBudget) -> dict[str, Any]:
+        """What a resumed run needs: the records and, once done, the final counts and the refitted
+        model (as JSON)."""
+        done = self.counts is not None
+        return {"records": [dict(r) for r in self.records], "counts": None if not done else dict(self.counts),
+                "latency": budget.latency.to_json() if done and budget.latency is not None else None}
+
+    def load_state_dict(self, state: Mapping[str, Any], budget: CostBudget) -> CostBudget:
+        """Take ``state`` (of :meth:`state_dict`); returns ``budget`` with the stored model."""
+        self.records = [dict(r) for r in state["records"]]
+        counts = state.get("counts")
+        self.counts = None if counts is None else {int(u): int(c) for u, c in counts.items()}
+        return replace(budget, latency=LatencyModel.from_json(state["latency"])) if state.get("latency") else budget

@@ -143,16 +143,36 @@ def force_target(pruner: HARPPruner, budgets: Sequence[Budget] | None = None, wh
                  pruner.kept_fraction())
 
 
-def _apply_final_counts(pruner: HARPPruner) -> dict[int, int]:
-    """Set every unit's hard mask to its final count (the rates projected onto every budget,
-    rounded); returns the counts."""
+def _final_counts(pruner: HARPPruner, budgets: Sequence[Budget]) -> dict[int, int]:
+    """The units' final counts: the rates projected onto every one of ``budgets``, rounded."""
     units = dict(enumerate(pruner._units))
-    counts = final_counts(
-        pruner._budgets, {i: u.keep_value() for i, u in units.items()}, {i: u.floor for i, u in units.items()},
+    return final_counts(
+        budgets, {i: u.keep_value() for i, u in units.items()}, {i: u.floor for i, u in units.items()},
         {i: u.ceiling for i, u in units.items()}, {i: u.size for i, u in units.items()},
         {i: u.min_count for i, u in units.items()}, {i: u.max_count for i, u in units.items()},
         {i: u.multiple for i, u in units.items()},
     )
+
+
+def _apply_final_counts(pruner: HARPPruner) -> dict[int, int]:
+    """Set every unit's hard mask to its final count (the rates projected onto every budget,
+    rounded; a latency budget's plan measured and counted again under the refitted model the first
+    time, :class:`~nni_harp.pruning._latency.FinalPlanCheck`); returns the counts."""
+    units = dict(enumerate(pruner._units))
+    check = pruner._latency_check
+    counts = dict(check.counts) if check is not None and check.done else _final_counts(pruner, pruner._budgets)
+    if check is not None and not check.done:
+        old = pruner._overall
+
+        def with_budget(budget: Budget) -> list[Budget]:
+            return [budget if b is old else b for b in pruner._budgets]
+
+        overall, counts = check.run(old, counts, {i: u.size for i, u in units.items()},
+                                    lambda budget: _final_counts(pruner, with_budget(budget)))
+        pruner._budgets, pruner._overall = with_budget(overall), overall
+        for record in check.records:
+            _logger.info("%s: final plan measured on %s: latency x%.3f of dense (x%.3f predicted)",
+                         type(pruner).__name__, overall.latency.backend, record["measured"], record["predicted"])
     for i, unit in units.items():
         unit.refresh(counts[i])
     return counts
@@ -197,7 +217,8 @@ def finalize(pruner: HARPPruner) -> None:
             "balance phase run more epochs or raise gamma_0 (now %g)", type(pruner).__name__, len(pruner.history),
             kind, float(last["kept_fraction"]), target, pruner.settings.gamma_0,
         )
-    if abs(kept - target) > 0.01:
+    checked = pruner._latency_check is not None and pruner._latency_check.done  # kept: the refitted prediction
+    if abs(kept - target) > 0.01 and not checked:
         _logger.warning(
             "kept %s fraction %.4f is %.2f pp off the target %.4f: the units are too coarse (or floors/ceilings "
             "too tight) to get closer", kind, kept, 100 * abs(kept - target), target,

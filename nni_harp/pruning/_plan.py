@@ -46,6 +46,8 @@ class Plan:
     overall: Budget
     groups: list[ChannelGroup] = field(default_factory=list)
     factors: dict[str, dict[str, list[MaskFactor]]] = field(default_factory=dict)
+    #: a latency budget's measured check of the final plan (``HARPSettings.latency_checks``)
+    latency_check: Any = None
 
 
 def _strip(name: str, prefix: str) -> str:
@@ -184,11 +186,16 @@ def plan_structured(
             name=names[i], module=prefix + owner, attr=f"harp_group{group.id}",
             init_scores=group_init_scores(inner, group), floor=floors[i], ceiling=ceilings[i], init_keep=1.0,
         ))
-    latency = None
+    latency = check = None
     if budget_kind == "latency":
-        from ._latency import latency_for_target
+        from graph_passes import analysis_for
 
-        latency = latency_for_target(inner, dummy_input, settings, target)
+        from ._latency import FinalPlanCheck, latency_for_target
+
+        analysis = analysis_for(inner, dummy_input)
+        latency = latency_for_target(analysis, dummy_input, settings, target)
+        if settings.latency_checks:  # on a copy: NNI's wrappers will patch the model's modules
+            check = FinalPlanCheck(analysis.copy(), dummy_input, settings.latency_checks)
     budget = CostBudget(cost_model, {i: g.id for i, g in enumerate(chosen)}, target, metric=budget_kind, latency=latency)
     lowest = float(budget.kept(floors))
     if lowest > target + 1e-9:
@@ -204,4 +211,5 @@ def plan_structured(
         for name in extras:
             ensure_nni_setting(inner.get_submodule(_strip(name, prefix)))
         config_list.append({"op_names": extras, "granularity": "out_channel"})
-    return Plan(config_list=config_list, units=units, budgets=[budget], overall=budget, groups=list(chosen), factors=factors)
+    return Plan(config_list=config_list, units=units, budgets=[budget], overall=budget, groups=list(chosen), factors=factors,
+                latency_check=check)

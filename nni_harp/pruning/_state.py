@@ -55,6 +55,8 @@ def pruner_state(pruner: HARPPruner) -> dict[str, Any]:
             for u in pruner._units
         ],
         "optimizer": None if pruner._optimizer is None else pruner._optimizer.state_dict(),
+        # a latency budget's measured final plan (once the masks are fixed): resumed, it is not measured again
+        "latency_check": None if pruner._latency_check is None else pruner._latency_check.state_dict(pruner._overall),
     }
 
 
@@ -71,6 +73,8 @@ def restore_pruner(pruner: HARPPruner, state: Mapping[str, Any]) -> None:
     saved = dict(state.get("settings", {}))
     for f in fields(pruner.settings):
         mine = _plain_setting(getattr(pruner.settings, f.name))
+        if f.name not in saved and mine == _plain_setting(f.default):
+            continue  # a setting added after the state was written, left at its default here: the run takes it
         if f.name not in saved or saved[f.name] != mine:
             raise PruningError(
                 f"the stored pruning run used HARPSettings.{f.name}={saved.get(f.name, '<missing>')!r}, "
@@ -98,4 +102,9 @@ def restore_pruner(pruner: HARPPruner, state: Mapping[str, Any]) -> None:
     total = state.get("total_epochs")
     pruner._total_epochs = None if total is None else int(total)
     pruner._pending_optimizer_state = state.get("optimizer")
+    check, stored_check = pruner._latency_check, state.get("latency_check")
+    if check is not None and stored_check is not None:
+        old = pruner._overall
+        pruner._overall = check.load_state_dict(stored_check, old)
+        pruner._budgets = [pruner._overall if b is old else b for b in pruner._budgets]
     _logger.info("%s resumes after %d pruning epoch(s)", type(pruner).__name__, len(history))

@@ -165,6 +165,7 @@ class HARPPruner(Pruner):
             ))
         self._budgets = plan.budgets
         self._overall = plan.overall
+        self._latency_check = plan.latency_check
         self._groups = plan.groups
         self._masking: Masking = (StructuredMasking(self._units, plan.factors) if self.structured
                                   else UnstructuredMasking(self._units, [u.module for u in plan.units]))
@@ -195,8 +196,18 @@ class HARPPruner(Pruner):
 
     @property
     def latency_model(self) -> LatencyModel | None:
-        """The fitted latency model of a ``budget='latency'`` run (``None`` for other budgets)."""
+        """The fitted latency model of a ``budget='latency'`` run (``None`` for other budgets);
+        once the masks are fixed, refitted on the measured final plans (``latency_checks``)."""
         return getattr(self._overall, "latency", None)
+
+    @property
+    def latency_checks(self) -> list[dict[str, Any]]:
+        """The measured checks of a latency budget's final plan, per check the plan's
+        ``predicted`` and ``measured`` latency fraction (a plan more than 10 % off the target was
+        counted again under the model refitted on it); empty before the masks are fixed, for
+        other budgets, or with ``latency_checks=0``."""
+        check = self._latency_check
+        return [dict(r) for r in check.records] if check is not None else []
 
     def _counts(self) -> dict[int, int]:
         if self._final_counts is not None:

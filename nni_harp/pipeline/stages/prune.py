@@ -153,7 +153,10 @@ def _compute_masks(s: StageRun, spec: Any, model: nn.Module) -> Masks:
     if latency is not None and ctx.is_main:
         from .._latency import plan_latency
 
-        s.result["latency"] = plan_latency(model, example, masks, latency, rates, cfg)
+        # the pruner's model refitted on its measured final plan (HARPSettings.latency_checks), where it has one
+        s.result["latency"] = plan_latency(model, example, masks, getattr(pruner, "latency_model", None) or latency,
+                                           rates, cfg)
+        s.result["latency"]["checks"] = list(getattr(pruner, "latency_checks", []))
     return masks
 
 

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 from collections.abc import Callable
+from typing import Any
 
+import nni
 import pytest
 import torch
+from nni.compression import TorchEvaluator
 from torch import nn
 
 import graph_passes as gp
 from graph_passes import latency as lat
 from nni_harp.pruning import HARPPruner, HARPSettings, SettingsError
 
-from _pruning_helpers import Digits, make_evaluator
+from _pruning_helpers import Digits, ce_step, make_evaluator
 
 CONFIG = [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": 0.5, "granularity": "out_channel"}]
 
@@ -110,6 +114,91 @@ def test_the_fit_is_refined_at_the_target_once(pretrained: Callable[[], nn.Seque
     # a target below what the backend allows is left to the caller to refuse: nothing is measured for it
     timed.clear()
     assert latency_for_target(model, x, settings, 0.01).refined == 0 and timed == []
+
+
+class Backend:
+    """'Time' = 0.2 ms + 1e-5 ms per FLOP + ``per_activation`` ms per activation element of the
+    pruned model; ``per_activation`` can change after the latency model was fitted."""
+
+    per_activation = 1e-4
+
+    def __init__(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        cost = gp.cost(copy.deepcopy(model), inputs)
+        self.ms = 0.2 + 1e-5 * cost.total_flops + type(self).per_activation * cost.total_activations
+
+
+def _measured(model: nn.Module, x: torch.Tensor, masks: dict) -> float:
+    """The pruned model's time (:class:`Backend`) as a fraction of the dense one's."""
+    analysis = gp.analysis_for(model, x)
+    pruned = analysis.copy()
+    keep = {g: k for g, k in gp.keep_from_masks(analysis.groups, masks).items()
+            if any(g == group.id and group.prunable for group in analysis.groups)}
+    return Backend(gp.apply_keep(pruned.gm, pruned, keep), (x,)).ms / Backend(model, (x,)).ms
+
+
+def test_the_final_plan_is_measured_and_counted_again(pretrained: Callable[[], nn.Sequential], digits: Digits,
+                                                       monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """The fitted model is wrong about where the learned plan's time goes (simulated: once it is
+    fitted and refined, activations cost 8x as much): unchecked, the final plan measures more
+    than 10 % off its prediction; checked (the default), it is measured when the masks are fixed,
+    counted again under the model refitted on it, and ends within 10 % of the target, predicted as
+    measured. A run resumed after the check measures nothing again and ends with the same masks."""
+    timed: list[float] = []
+    monkeypatch.setattr(Backend, "per_activation", 1e-4)
+    monkeypatch.setattr(lat, "latency_runner", lambda m, xs, backend, threads, work: Backend(m, (xs,)))
+    monkeypatch.setattr(lat, "measure_ms", lambda run, reps=20, warmup=3: timed.append(run.ms) or run.ms)
+    x = digits.x_train[:1]
+    holder: dict[str, Any] = {}
+
+    def evaluator(model: nn.Module) -> TorchEvaluator:
+        def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
+            pruner = holder["pruner"]
+            if len(pruner.history) == 2 and holder.pop("save", False):  # the settle epoch starts: the check has run
+                buffer = io.BytesIO()
+                torch.save(pruner.state_dict(), buffer)
+                holder["state"] = buffer.getvalue()
+            model.train()
+            for batch in digits.batches(seed=len(pruner.history)):
+                optimizers.zero_grad()
+                training_step(batch, model).backward()
+                optimizers.step()
+
+        optimizer = nni.trace(torch.optim.SGD)(model.parameters(), lr=0.01, momentum=0.9)
+        return TorchEvaluator(training_func, optimizer, ce_step, dummy_input=x)
+
+    def prune(checks: int | None, state: bytes | None = None) -> tuple[HARPPruner, dict]:
+        torch.manual_seed(0)
+        model = pretrained()
+        options = {} if checks is None else {"latency_checks": checks}
+        monkeypatch.setattr(Backend, "per_activation", 1e-4)  # as when the model was fitted (or read from the cache)
+        pruner = holder["pruner"] = HARPPruner(model, CONFIG, evaluator(model), dummy_input=x, budget="latency",
+                                               latency_cache=str(tmp_path), **options)
+        monkeypatch.setattr(Backend, "per_activation", 8e-4)
+        if state is not None:
+            pruner.load_state_dict(torch.load(io.BytesIO(state), weights_only=True))
+        return pruner, pruner.compress(max_epochs=3)[1]
+
+    unchecked, masks = prune(0)
+    predicted, measured = unchecked.kept_fraction(), _measured(pretrained(), x, masks)
+    assert predicted == pytest.approx(0.5, abs=0.02) and abs(measured / predicted - 1) > 0.1
+    assert unchecked.latency_checks == []
+
+    assert HARPSettings().latency_checks == 2
+    holder["save"] = True
+    checked, masks = prune(None)
+    records = checked.latency_checks
+    assert 1 <= len(records) <= 2
+    assert records[0]["predicted"] == pytest.approx(predicted, abs=0.02)
+    assert abs(records[0]["measured"] / records[0]["predicted"] - 1) > 0.1  # the plan HARP learned, measured
+    measured = _measured(pretrained(), x, masks)
+    assert measured == pytest.approx(0.5, rel=0.1)
+    assert checked.kept_fraction() == pytest.approx(measured, rel=0.01)  # the refitted model knows the plan
+
+    timed.clear()
+    resumed, resumed_masks = prune(None, holder.pop("state"))
+    assert timed == []  # the fit and its refinement came from the cache, the check from the state
+    assert resumed.latency_checks == records
+    assert all(torch.equal(resumed_masks[m][t], masks[m][t]) for m in masks for t in masks[m])
 
 
 def test_latency_budget_misuse_is_refused(pretrained: Callable[[], nn.Sequential], digits: Digits) -> None:

@@ -150,6 +150,15 @@ def test_state_dict_misuse_errors(pretrained: Callable[[], nn.Sequential], digit
     with pytest.raises(PruningError, match="learn_rates"):
         hydra.load_state_dict(state)
 
+    # a state written before a setting existed (here: latency_checks) resumes where the pruner has
+    # that setting at its default, and is refused where it was set otherwise
+    older = dict(state, settings={k: v for k, v in state["settings"].items() if k != "latency_checks"})
+    model = pretrained()
+    HARPPruner(model, CONFIG, _evaluator(model, digits, {}), **SETTINGS).load_state_dict(older)
+    model = pretrained()
+    with pytest.raises(PruningError, match=r"HARPSettings.latency_checks='<missing>'.*0"):
+        HARPPruner(model, CONFIG, _evaluator(model, digits, {}), latency_checks=0, **SETTINGS).load_state_dict(older)
+
     # after compress() the scores and rates are gone; a finished pruner cannot be loaded into either
     done, _, _ = _prune(pretrained(), digits, epochs=1)
     with pytest.raises(PruningError, match="finished pruning"):
