@@ -58,13 +58,15 @@ def test_latency_budget_prune_end_to_end(tmp_path, capsys, monkeypatch):
     budget = report["latency_budget"]
     assert budget["target"] == 0.5 and budget["backend"] == "onnxruntime" and budget["threads"] == 1
     # HARP's final plan was measured (HARPSettings.latency_checks): a plan within 10 % of the target
-    # is kept as measured, and the model refitted on it predicts about what was measured; a plan
-    # further off was counted again, on the round_to grid closest to the target under the refitted
-    # model (budget.round_to_counts: within one point, as the FLOPs budget's tests hold the kept FLOPs)
+    # is kept as measured, and the model refitted on it (one anchor among several: near it, not
+    # through it) predicts it closer to what was measured than before (or within a point); a plan further off was counted
+    # again, on the round_to grid closest to the target under the refitted model
+    # (budget.round_to_counts: within one point, as the FLOPs budget's tests hold the kept FLOPs)
     checks = budget["checks"]
     assert 1 <= len(checks) <= 2 and all(0 < c["measured"] < 1.5 for c in checks)
-    if abs(checks[-1]["measured"] / 0.5 - 1) <= 0.1:
-        assert budget["predicted"] == pytest.approx(checks[-1]["measured"], rel=0.03)
+    last = checks[-1]
+    if abs(last["measured"] / 0.5 - 1) <= 0.1:
+        assert abs(budget["predicted"] - last["measured"]) <= max(abs(last["predicted"] - last["measured"]), 0.01)
     else:
         assert abs(budget["predicted"] - 0.5) <= 0.01
     assert "final plan measured while pruning" in (out / "report.md").read_text()
