@@ -183,7 +183,7 @@ class Report:
                          f"predicted {lb['predicted']:.3g}, measured {lb['measured']:.3g} of the dense latency "
                          f"({lb.get('pruned_ms', float('nan')):.3f} / {lb.get('dense_ms', float('nan')):.3f} ms)")
             if lb.get("checks"):  # the pruner's measured checks of its final plan (HARPSettings.latency_checks)
-                lines.append("- final plan measured while pruning (a plan off the target by more than 10 % is counted "
+                lines.append("- final plan measured while pruning (a plan more than 10 % over the target is counted "
                              "again with the model refitted on it): "
                              + "; ".join(f"x{c['measured']:.3f} (predicted x{c['predicted']:.3f})" for c in lb["checks"]))
         if self.stage_seconds:

@@ -203,7 +203,7 @@ class HARPPruner(Pruner):
     @property
     def latency_checks(self) -> list[dict[str, Any]]:
         """The measured checks of a latency budget's final plan, per check the plan's
-        ``predicted`` and ``measured`` latency fraction (a plan more than 10 % off the target was
+        ``predicted`` and ``measured`` latency fraction (a plan more than 10 % over the target was
         counted again under the model refitted on it); empty before the masks are fixed, for
         other budgets, or with ``latency_checks=0``."""
         check = self._latency_check

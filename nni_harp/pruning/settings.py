@@ -79,11 +79,11 @@ class HARPSettings:
             structured runs that fine-tune). Models without layer norms time the same either way.
         latency_checks: how many times the final plan of a latency budget is measured on the
             backend when the masks are fixed, an ``int >= 0``: after each measurement the latency
-            model is fitted again with it (``graph_passes.refine_latency``) and, unless the plan
-            measured within 10 % of the target, the final counts are taken again under the refitted
-            model. The model is fitted on random plans and refined at the uniform plan before
-            pruning; HARP's learned plan is neither (README's latency command: predicted x0.500,
-            measured x0.37-0.44 without the check). ``0``: the plan follows the model as fitted.
+            model is fitted again with it (``graph_passes.refine_latency``) and, if the plan
+            measured more than 10 % over the target, the final counts are taken again under the
+            refitted model (a plan under the target is kept: the target is a limit). The model is
+            fitted on random plans and refined at the uniform plan before pruning; HARP's learned
+            plan is neither. ``0``: the plan follows the model as fitted.
         init_allocation: where the per-unit kept fractions start, at an overall kept fraction of
             ``init_keep``: ``'uniform'`` (every unit the same fraction), ``'magnitude'`` (one global
             threshold on weight magnitudes; structured: on channels' RMS weight), ``'lamp'`` (one

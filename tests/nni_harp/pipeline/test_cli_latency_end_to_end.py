@@ -57,15 +57,15 @@ def test_latency_budget_prune_end_to_end(tmp_path, capsys, monkeypatch):
     assert report["target"] == {"latency_kept": 0.5}
     budget = report["latency_budget"]
     assert budget["target"] == 0.5 and budget["backend"] == "onnxruntime" and budget["threads"] == 1
-    # HARP's final plan was measured (HARPSettings.latency_checks): a plan within 10 % of the target
-    # is kept as measured, and the model refitted on it (one anchor among several: near it, not
-    # through it) predicts it closer to what was measured than before (or within a point); a plan further off was counted
-    # again, on the round_to grid closest to the target under the refitted model
-    # (budget.round_to_counts: within one point, as the FLOPs budget's tests hold the kept FLOPs)
+    # HARP's final plan was measured (HARPSettings.latency_checks): a plan at most 10 % over the
+    # target is kept as measured, and the model refitted on it (one anchor among several: near it,
+    # not through it) predicts it closer to what was measured than before (or within a point); a
+    # plan further over was counted again, on the round_to grid closest to the target under the
+    # refitted model (budget.round_to_counts: within one point, as the FLOPs budget's tests hold the kept FLOPs)
     checks = budget["checks"]
     assert 1 <= len(checks) <= 2 and all(0 < c["measured"] < 1.5 for c in checks)
     last = checks[-1]
-    if abs(last["measured"] / 0.5 - 1) <= 0.1:
+    if last["measured"] <= 0.5 * 1.1:
         assert abs(budget["predicted"] - last["measured"]) <= max(abs(last["predicted"] - last["measured"]), 0.01)
     else:
         assert abs(budget["predicted"] - 0.5) <= 0.01
