@@ -13,7 +13,7 @@ measure nothing.
 
 HARP's learned plan is not the uniform one: it moves channels to the groups whose predicted cost
 per unit of robustness is lowest, i.e. where the model errs in its favour. So when a latency run
-fixes its masks, :class:`FinalPlanCheck` measures the plan itself, fits the model again with it and
+fixes its masks, :class:`FinalPlanCheck` measures the plan itself, fits the model again with it
 and, where the plan measured more than :data:`REFINE_TOLERANCE` over the target, takes the final
 counts again under the refitted model (``HARPSettings.latency_checks`` measurements at most). A plan
 measured at or under that is kept as it is: the target is a limit, and a loosened plan could only

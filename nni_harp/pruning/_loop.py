@@ -169,7 +169,7 @@ def _apply_final_counts(pruner: HARPPruner) -> dict[int, int]:
 
         overall, counts = check.run(old, counts, {i: u.size for i, u in units.items()},
                                     lambda budget: _final_counts(pruner, with_budget(budget)))
-        pruner._budgets, pruner._overall = with_budget(overall), overall
+        pruner._set_overall(overall)
         for record in check.records:
             _logger.info("%s: final plan measured on %s: latency x%.3f of dense (x%.3f predicted)",
                          type(pruner).__name__, overall.latency.backend, record["measured"], record["predicted"])
@@ -217,7 +217,8 @@ def finalize(pruner: HARPPruner) -> None:
             "balance phase run more epochs or raise gamma_0 (now %g)", type(pruner).__name__, len(pruner.history),
             kind, float(last["kept_fraction"]), target, pruner.settings.gamma_0,
         )
-    checked = pruner._latency_check is not None and pruner._latency_check.done  # kept: the refitted prediction
+    # a measured latency plan under the target is kept as it is (the target is a limit)
+    checked = pruner._latency_check is not None and pruner._latency_check.done
     if abs(kept - target) > 0.01 and not checked:
         _logger.warning(
             "kept %s fraction %.4f is %.2f pp off the target %.4f: the units are too coarse (or floors/ceilings "

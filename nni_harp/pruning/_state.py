@@ -104,7 +104,5 @@ def restore_pruner(pruner: HARPPruner, state: Mapping[str, Any]) -> None:
     pruner._pending_optimizer_state = state.get("optimizer")
     check, stored_check = pruner._latency_check, state.get("latency_check")
     if check is not None and stored_check is not None:
-        old = pruner._overall
-        pruner._overall = check.load_state_dict(stored_check, old)
-        pruner._budgets = [pruner._overall if b is old else b for b in pruner._budgets]
+        pruner._set_overall(check.load_state_dict(stored_check, pruner._overall))
     _logger.info("%s resumes after %d pruning epoch(s)", type(pruner).__name__, len(history))

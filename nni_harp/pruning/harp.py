@@ -209,6 +209,11 @@ class HARPPruner(Pruner):
         check = self._latency_check
         return [dict(r) for r in check.records] if check is not None else []
 
+    def _set_overall(self, budget: Any) -> None:
+        """Put ``budget`` in the place of the overall budget (a latency model refitted by the check)."""
+        self._budgets = [budget if b is self._overall else b for b in self._budgets]
+        self._overall = budget
+
     def _counts(self) -> dict[int, int]:
         if self._final_counts is not None:
             return dict(self._final_counts)
