@@ -36,7 +36,7 @@ def harp_options(config: Any) -> dict[str, Any]:
     if config.budget_kind != "latency":
         return {}
     return {"budget": "latency", "latency_backend": config.latency_backend, "latency_threads": config.latency_threads,
-            "latency_cache": str(_default_settings().latency_cache_dir()),
+            "latency_checks": config.latency_checks, "latency_cache": str(_default_settings().latency_cache_dir()),
             # the pruned model's norms: plain ones of the kept width where fine-tuning swaps them
             "latency_norms": "kept" if config.kept_norm_stats else "exact"}
 

@@ -150,6 +150,11 @@ class PipelineConfig:
         "with --budget latency: where the latency is measured: eager (PyTorch CPU), onnxruntime (CPU) or cuda; "
         "the fit is cached, a second run measures nothing (default: %(default)s)", choices=check.latency_backends,
         older_runs_default=True)
+    latency_checks: int = setting(
+        check.harp_default("latency_checks"),
+        "with --budget latency: times HARP's learned plan is measured when its masks are fixed; a plan more than "
+        "10 %% over the target is counted again under the latency model refitted on it (0: never) "
+        "(default: %(default)s)", metavar="N", older_runs_default=True)
     latency_threads: int = setting(
         check.harp_default("latency_threads"),
         "CPU threads every latency is measured with: the report's PyTorch and onnxruntime latency and, with "

@@ -39,13 +39,15 @@ def test_command_line_flags_reach_the_pruners_settings(monkeypatch, tmp_path):
     monkeypatch.setattr("nni_harp.pipeline.run", lambda config, callbacks=None: seen.append(config) or _stop())
     with pytest.raises(_Stop):
         main(["prune", "test_resnet", *LATENCY, "--latency-target", "0.4", "--latency-backend", "onnxruntime",
-              "--latency-threads", "2", "--output-dir", str(tmp_path / "out")])
+              "--latency-threads", "2", "--latency-checks", "0", "--output-dir", str(tmp_path / "out")])
     (config,) = seen
-    assert (config.budget_kind, config.latency_target, config.latency_backend, config.latency_threads) == (
-        "latency", 0.4, "onnxruntime", 2)
+    assert (config.budget_kind, config.latency_target, config.latency_backend, config.latency_threads,
+            config.latency_checks) == ("latency", 0.4, "onnxruntime", 2, 0)
     assert config.target_keep == 0.4 and config.target == {"latency_kept": 0.4}
     settings = HARPSettings(**harp_options(config))
-    assert (settings.budget, settings.latency_backend, settings.latency_threads) == ("latency", "onnxruntime", 2)
+    assert (settings.budget, settings.latency_backend, settings.latency_threads, settings.latency_checks) == (
+        "latency", "onnxruntime", 2, 0)
+    assert HARPSettings(**harp_options(_config(tmp_path))).latency_checks == HARPSettings().latency_checks == 2
     # the latency model times the norms the pruned model will have: plain ones of the kept width
     # where fine-tuning swaps them (--norm-stats kept, the default), exact ones otherwise
     assert settings.latency_norms == "kept"
