@@ -203,7 +203,11 @@ def check_latency(cfg: Any) -> None:
     except ConfigError as exc:
         raise ConfigError("latency_target", f"--latency-target {str(exc).split(': ', 1)[1]} (the fraction of the "
                                             "dense model's latency to keep, e.g. 0.5)") from None
-    int_in(cfg, "latency_checks", 0, 100)
+    try:
+        int_in(cfg, "latency_checks", 0, 100)
+    except ConfigError as exc:
+        raise ConfigError("latency_checks", f"--latency-checks {str(exc).split(': ', 1)[1]} (measurements of the "
+                                            "final plan; 0 turns the check off)") from None
     backends = latency_backends()
     if cfg.latency_backend not in backends:
         raise ConfigError("latency_backend", f"unknown --latency-backend {cfg.latency_backend!r}; choose one of "

@@ -107,6 +107,8 @@ def test_nni_trial_parameters_reach_the_config(tmp_path):
         ([*LATENCY, "--latency-target", "1.5"], ["--latency-target must be in (0, 1), got 1.5", "e.g. 0.5"]),
         ([*LATENCY, "--latency-target", "0"], ["--latency-target must be in (0, 1), got 0"]),
         ([*LATENCY, "--latency-threads", "0"], ["--latency-threads must be an integer in [1, 1024], got 0"]),
+        ([*LATENCY, "--latency-checks", "-1"], ["--latency-checks must be an integer in [0, 100], got -1",
+                                                "0 turns the check off"]),
     ],
 )
 def test_bad_latency_requests_exit_2_in_one_line_before_any_work(tmp_path, capsys, args, fragments):
