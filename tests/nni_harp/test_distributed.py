@@ -99,3 +99,24 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
     flips = sum(int((masks_ddp[m][p] != masks_single[m][p]).sum()) for m in masks_ddp for p in masks_ddp[m])
     total = sum(t.numel() for d in masks_ddp.values() for t in d.values())
     assert flips / total <= MASK_FLIP_TOL, (flips, total)
+
+
+def test_a_latency_budget_under_torchrun_is_checked_on_rank_0_and_the_ranks_keep_one_plan(tmp_path):
+    """The final plan of a latency budget is measured by rank 0 (HARPSettings.latency_checks) and
+    its refitted model broadcast: every rank fixes the same masks, and the run ends normally."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    out = tmp_path / "ddp-latency"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={_free_port()}"]
+    cmd = [*torchrun, "-m", "nni_harp", "prune", "test_resnet", "--mode", "structured", "--budget", "latency",
+           "--latency-target", "0.8", "--latency-backend", "eager", "--image-size", "64", "--batch-size", "32",
+           "--max-train-batches", "3", "--attack-steps", "1", "--pretrain-epochs", "1", "--prune-epochs", "2",
+           "--finetune-epochs", "1", "--eval-samples", "16", "--eval-attack-steps", "2", "--autoattack", "off",
+           "--latency-runs", "2", "--no-onnx", "--output-dir", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    report = _report(out)
+    assert report["checks"]["world_size"] == 2.0
+    assert 1 <= len(report["latency_budget"]["checks"]) <= 2
+    assert report["checks"]["ranks_masks_max_abs_diff"] == 0.0
+    assert report["checks"]["ranks_rates_max_abs_diff"] == 0.0
