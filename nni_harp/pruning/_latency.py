@@ -102,7 +102,9 @@ class FinalPlanCheck:
 
     ``analysis``: a channel analysis of the model as it was planned on (a copy, untouched by NNI's
     wrappers); ``records``: per measurement the plan's ``predicted`` latency fraction (by the model
-    before the refit) and the ``measured`` one; ``counts``: the final counts by unit, once done."""
+    before the refit), the ``measured`` one and whether that is ``within_limit`` (at most
+    :data:`REFINE_TOLERANCE` over the target: the plan is kept); ``counts``: the final counts by
+    unit, once done."""
 
     analysis: Any
     example_inputs: Any
@@ -113,6 +115,11 @@ class FinalPlanCheck:
     @property
     def done(self) -> bool:
         return self.counts is not None
+
+    @property
+    def kept_as_measured(self) -> bool:
+        """Whether the final counts are the last measured plan, kept for measuring within the limit."""
+        return self.done and bool(self.records) and self.records[-1]["within_limit"]
 
     def run(self, budget: CostBudget, counts: Mapping[int, int], sizes: Mapping[int, int],
             recount: Callable[[CostBudget], dict[int, int]]) -> tuple[CostBudget, dict[int, int]]:
@@ -138,10 +145,11 @@ class FinalPlanCheck:
             # rank 0 measures, every rank takes its model (so the ranks keep the same masks)
             refined = LatencyModel.from_json(hd.broadcast_object(hd.on_main(measure)))
             measured = refined.measured[-1][1] / refined.dense_ms
-            self.records.append({"predicted": predicted, "measured": measured})
+            within = measured <= budget.target * (1 + REFINE_TOLERANCE)
+            self.records.append({"predicted": predicted, "measured": measured, "within_limit": within})
             budget = replace(budget, latency=refined)
-            if measured <= budget.target * (1 + REFINE_TOLERANCE):
-                break  # within the limit: a measured plan beats an unmeasured one predicted at the target
+            if within:
+                break  # a measured plan beats an unmeasured one predicted at the target
             counts = recount(budget)
         self.counts = counts
         return budget, dict(counts)

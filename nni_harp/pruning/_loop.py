@@ -162,13 +162,8 @@ def _apply_final_counts(pruner: HARPPruner) -> dict[int, int]:
     check = pruner._latency_check
     counts = dict(check.counts) if check is not None and check.done else _final_counts(pruner, pruner._budgets)
     if check is not None and not check.done:
-        old = pruner._overall
-
-        def with_budget(budget: Budget) -> list[Budget]:
-            return [budget if b is old else b for b in pruner._budgets]
-
-        overall, counts = check.run(old, counts, {i: u.size for i, u in units.items()},
-                                    lambda budget: _final_counts(pruner, with_budget(budget)))
+        overall, counts = check.run(pruner._overall, counts, {i: u.size for i, u in units.items()},
+                                    lambda budget: _final_counts(pruner, pruner._budgets_with(budget)))
         pruner._set_overall(overall)
         for record in check.records:
             _logger.info("%s: final plan measured on %s: latency x%.3f of dense (x%.3f predicted)",
@@ -217,9 +212,9 @@ def finalize(pruner: HARPPruner) -> None:
             "balance phase run more epochs or raise gamma_0 (now %g)", type(pruner).__name__, len(pruner.history),
             kind, float(last["kept_fraction"]), target, pruner.settings.gamma_0,
         )
-    # a measured latency plan under the target is kept as it is (the target is a limit)
-    checked = pruner._latency_check is not None and pruner._latency_check.done
-    if abs(kept - target) > 0.01 and not checked:
+    # a latency plan measured within the limit is kept as measured, wherever under the target it lies
+    check = pruner._latency_check
+    if abs(kept - target) > 0.01 and not (check is not None and check.kept_as_measured):
         _logger.warning(
             "kept %s fraction %.4f is %.2f pp off the target %.4f: the units are too coarse (or floors/ceilings "
             "too tight) to get closer", kind, kept, 100 * abs(kept - target), target,

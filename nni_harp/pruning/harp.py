@@ -203,16 +203,19 @@ class HARPPruner(Pruner):
     @property
     def latency_checks(self) -> list[dict[str, Any]]:
         """The measured checks of a latency budget's final plan, per check the plan's
-        ``predicted`` and ``measured`` latency fraction (a plan more than 10 % over the target was
-        counted again under the model refitted on it); empty before the masks are fixed, for
-        other budgets, or with ``latency_checks=0``."""
+        ``predicted`` and ``measured`` latency fraction and whether it was ``within_limit`` (kept;
+        a plan more than 10 % over the target was counted again under the model refitted on it);
+        empty before the masks are fixed, for other budgets, or with ``latency_checks=0``."""
         check = self._latency_check
         return [dict(r) for r in check.records] if check is not None else []
 
+    def _budgets_with(self, budget: Any) -> list[Any]:
+        """The pruner's budgets with ``budget`` in the place of the overall one."""
+        return [budget if b is self._overall else b for b in self._budgets]
+
     def _set_overall(self, budget: Any) -> None:
         """Put ``budget`` in the place of the overall budget (a latency model refitted by the check)."""
-        self._budgets = [budget if b is self._overall else b for b in self._budgets]
-        self._overall = budget
+        self._budgets, self._overall = self._budgets_with(budget), budget
 
     def _counts(self) -> dict[int, int]:
         if self._final_counts is not None:
