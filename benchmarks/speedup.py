@@ -13,9 +13,6 @@ group's highest-L2-norm channels. Dense and pruned are timed alternately, in blo
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,26 +29,10 @@ from _common import (RESULTS, alternate_timings, calibrate_norms, n_flops, n_par
                      write_atomic)
 from _speedup_plans import fractions, keep_for_target, latency_weights, memory_weights, plan_keep  # noqa: E402,F401
 
+from nni_harp._heap import keep_freed_memory  # noqa: E402
+
 MODELS = ["resnet50", "mobilenetv3_large_100", "efficientnet_b0", "convnext_tiny", "vit_small_patch16_224"]
 TARGET = 0.5
-
-
-def keep_heap() -> bool:
-    """Ask glibc's malloc to keep freed memory instead of handing it back to the kernel.
-
-    By default, buffers above a few hundred KiB are ``mmap``-ed and ``munmap``-ed on every
-    allocation, so each forward pass page-faults its activations in again: on the 2-core reference
-    machine that kernel time was most of a batch-32 forward pass (efficientnet_b0: 6.7 M minor
-    faults and 17 s of system time in 14 passes). Raising the mmap and trim thresholds makes freed
-    buffers reusable, which is what jemalloc / tcmalloc (PyTorch's CPU tuning guide) achieve.
-    Dense and pruned models run in the same process, so both get it. Returns whether it applied."""
-    if platform.system() != "Linux" or not ctypes.util.find_library("c"):
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    if not hasattr(libc, "mallopt"):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
 #: Timed runs in a row per model when dense and pruned alternate (``_common.alternate_timings``);
@@ -210,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := [p for p in plans if p not in PLANS]:
         ap.error(f"unknown plan(s) {unknown}: choose from {', '.join(PLANS)}")
     warnings.simplefilter("ignore")
-    args.kept_heap = keep_heap()
+    args.kept_heap = keep_freed_memory()
     torch.set_num_threads(args.threads)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="gp_speedup_") as tmp_dir:  # ONNX files, removed at the end
@@ -345,7 +326,7 @@ def render(rows: list[dict], args) -> str:
         f"the caches); {args.reps} repetitions at batch 1, {args.reps_b32} at batch 32; **min** "
         "over the repetitions (least disturbed by other processes), medians and the median of the per-repetition "
         "dense/pruned ratios alongside. glibc malloc keeps freed memory "
-        f"({'applied' if args.kept_heap else 'NOT applied on this machine'}; see `keep_heap`), so activations "
+        f"({'applied' if args.kept_heap else 'NOT applied on this machine'}; see `nni_harp._heap`), so activations "
         "are not page-faulted in again on every pass. ONNX: `graph_passes.export_onnx`, ONNX Runtime CPU "
         "execution provider, default graph optimisations. 'speedup' = dense / pruned min latency; goal: "
         "speedup >= 0.8 x (dense FLOPs / pruned FLOPs). 'measured' = pruned / dense min latency; 'predicted' = "

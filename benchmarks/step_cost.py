@@ -38,8 +38,8 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from _common import RESULTS, alternate_timings, write_atomic  # noqa: E402
-from speedup import keep_heap  # noqa: E402
 
+from nni_harp._heap import keep_freed_memory  # noqa: E402
 from nni_harp.loading import create_model  # noqa: E402
 from nni_harp.pipeline.config import PipelineConfig  # noqa: E402
 from nni_harp.pipeline.stages._pruning import pruner_config_list  # noqa: E402
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     logging.getLogger("nni_harp").setLevel(logging.ERROR)  # one pruning epoch never meets the target: no news
-    args.kept_heap = keep_heap()
+    args.kept_heap = keep_freed_memory()
     torch.set_num_threads(args.threads)
     steps, dgs = [], []
     for name in filter(None, args.models.split(",")):

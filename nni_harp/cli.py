@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from ._cli_args import build_parser, settings_of
 from ._cli_guard import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_USER_ERROR, fail, guarded, resume_command
+from ._heap import keep_freed_memory
 from .distributed import env_rank
 from .pipeline.callbacks import PipelineCallback
 
@@ -189,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
+    keep_freed_memory()  # this process's allocator: see nni_harp._heap
     commands = {"prune": _cmd_prune, "evaluate": _cmd_evaluate, "list-models": _cmd_list_models}
     resume = resume_command("nni-harp", argv) if args.command == "prune" else None
     return guarded(lambda: commands[args.command](args), resume=resume, model=getattr(args, "model", None))

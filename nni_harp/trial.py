@@ -230,6 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stdout)
     from ._cli_guard import guarded, resume_command
+    from ._heap import keep_freed_memory
+
+    keep_freed_memory()  # this process's allocator: see nni_harp._heap
 
     def trial() -> int:
         import warnings
