@@ -7,9 +7,9 @@ buffers stay in the heap for reuse, which is what jemalloc / tcmalloc give (PyTo
 guide). Measured on the project's 2-core machine: efficientnet_b0's batch-32 forward passes spent
 most of their time in the kernel (6.7 M minor faults, 17 s of system time in 14 passes,
 ``benchmarks/speedup.py``); README's main command (``nni-harp prune resnet18 --mode structured``)
-ran 106.4 / 114.0 s without and 101.5 / 107.6 s with the same thresholds set through glibc's
-environment variables (two pairs, each order once; the pruning stage 39.8 / 43.8 against 38.4 /
-40.3 s). The price is a process that keeps its peak heap.
+took 101.5-110.5 s (mean 106.6; system time 3.8-4.6 s) in four runs with these thresholds (two set
+through glibc's environment variables, two by this function) against 106.4-114.0 s (mean 110.4;
+5.1-6.8 s) in three without. The price is a process that keeps its peak heap.
 
 The command lines (``nni-harp``, ``python -m nni_harp.trial``) call it at start; the library never
 does (a process-wide choice is the application's). A user who sets glibc's thresholds through the
