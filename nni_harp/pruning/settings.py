@@ -211,8 +211,8 @@ class HARPSettings:
             structured HARP models of the robust-pruning benchmark had 29 % clean accuracy in eval
             mode before fine-tuning, mean of 3 seeds ("before FT" in
             ``benchmarks/results/robust_pruning_01384ec.md``). ``0`` disables it. The settling
-            epochs' adversarial loss (``history``, the report's pruning history) reads higher than
-            the epochs before: this package's attacks craft their examples in eval mode, on the
+            epochs' adversarial loss (``history``, the report's pruning history) can read higher
+            than the epochs before: this package's attacks craft their examples in eval mode, on the
             running statistics, which fit the model's structure only once it stops changing, so
             the training attack reaches its full strength there (structured, 75 % of the FLOPs
             removed, benchmark seed 0: 0.83 in the epoch before, 1.55 in the settling one, rising
