@@ -215,11 +215,11 @@ class HARPSettings:
             than the epochs before: this package's attacks craft their examples in eval mode, on the
             running statistics, which fit the model's structure only once it stops changing, so
             the training attack reaches its full strength there (structured, 75 % of the FLOPs
-            removed, benchmark seed 0: 0.83 in the epoch before, 1.55 in the settling one, rising
-            from 1.07 to about 2 over its steps while only the norms changed). Crafting the training
-            attack on batch statistics while pruning instead (an ad-hoc A/B, not kept; 3 seeds, 75 %)
-            read 1.3-1.8 through the whole run and gave PGD-20 after fine-tuning 63.4 against
-            62.7 %: no gain, so the attacks stay as they are.
+            removed, benchmark seed 0: 0.83 in the epoch before, 1.55 in the settling one, about
+            1.1 in its first steps and 1.4-2.1 in its second half while only the norms changed).
+            Crafting the training attack on batch statistics while pruning instead (an ad-hoc A/B,
+            not kept; 3 seeds, 75 %) read 0.8-1.8 through the run and gave PGD-20 after
+            fine-tuning 63.4 against 62.7 %: no gain, so the attacks stay as they are.
     """
 
     gamma_0: float = 0.01
