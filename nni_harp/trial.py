@@ -26,6 +26,7 @@ model's FLOPs (non-zero weights) over the dense model's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -188,8 +189,15 @@ def run_trial(params: Mapping[str, Any], report: Any = None, output_dir: str | o
     from .pipeline import run
 
     start = time.perf_counter()
+    made = output_dir is None and not os.environ.get("NNI_OUTPUT_DIR")  # a fresh temp dir, made just now
     out = Path(output_dir) if output_dir is not None else _default_output_dir()
-    config = config_for(params, out, resume=resume, overwrite=overwrite)
+    try:
+        config = config_for(params, out, resume=resume, overwrite=overwrite)
+    except BaseException:
+        if made:  # rejected parameters: leave no empty folder behind (rmdir removes only an empty one)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     main_rank = hd.env_rank() == 0
     reporter = NNIReporter(report if main_rank else None)
     result_report = run(config, callbacks=[reporter])

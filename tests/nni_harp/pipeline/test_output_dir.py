@@ -134,6 +134,19 @@ def test_trial_bad_parameters_are_one_line_and_exit_2(tmp_path, param, fragment)
     assert "Traceback" not in proc.stderr
 
 
+def test_a_rejected_trial_leaves_no_temp_folder(tmp_path):
+    """Without --output-dir (and outside an experiment) a trial makes a fresh temp folder; a trial
+    whose parameters are rejected removes it again (it was empty: nothing of the user's)."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NNI_")} | {"TMPDIR": str(temp)}
+    proc = subprocess.run([sys.executable, "-m", "nni_harp.trial", "--param", "sparsity=1.5"], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "sparsity: must be in (0, 1)" in proc.stderr
+    assert list(temp.iterdir()) == []
+
+
 def test_trial_refuses_a_folder_that_holds_a_run_and_changes_nothing(tmp_path):
     out = tmp_path / "trial"
     _fake_run(out)
