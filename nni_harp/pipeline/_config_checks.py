@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .._checks import check_choice, check_flag, check_int, check_real
 from ._settings import ConfigError, declared_default
@@ -81,6 +81,15 @@ def flag(cfg: Any, name: str) -> None:
     check_flag(value, lambda: ConfigError(name, f"must be True or False, got {value!r}"))
 
 
+def naming_flag(name: str, flag: str, hint: str, check: Callable[[], None]) -> None:
+    """Run ``check`` of field ``name``; its error is raised again naming the command-line ``flag``
+    and ending with ``hint`` (what the value means)."""
+    try:
+        check()
+    except ConfigError as exc:
+        raise ConfigError(name, f"{flag} {str(exc).split(': ', 1)[1]} ({hint})") from None
+
+
 def check_data(cfg: Any, optional: bool = False) -> None:
     """``dataset``, ``data_dir`` and ``image_size`` (``optional``: the dataset and the image size
     may be ``None``, left to the saved run)."""
@@ -107,11 +116,8 @@ def check_measurement(cfg: Any) -> None:
     int_in(cfg, "batch_size", 1, 65_536)
     int_in(cfg, "seed", 0, 2**32 - 1)
     int_in(cfg, "latency_runs", 1, 100_000)
-    try:
-        int_in(cfg, "latency_threads", 1, 1024)
-    except ConfigError as exc:
-        raise ConfigError("latency_threads", f"--latency-threads {str(exc).split(': ', 1)[1]} (CPU threads, "
-                                             "e.g. 1 or the number of cores)") from None
+    naming_flag("latency_threads", "--latency-threads", "CPU threads, e.g. 1 or the number of cores",
+                lambda: int_in(cfg, "latency_threads", 1, 1024))
     flag(cfg, "export_onnx")
 
 
@@ -198,16 +204,10 @@ def check_latency(cfg: Any) -> None:
                                         "kernels faster; only removed channels do)")
         raise ConfigError("budget", f"--budget must be one of {', '.join(allowed)} with --mode {cfg.mode}; "
                                     f"got {cfg.budget!r}")
-    try:
-        float_in(cfg, "latency_target", 0.0, 1.0, low_open=True, high_open=True)
-    except ConfigError as exc:
-        raise ConfigError("latency_target", f"--latency-target {str(exc).split(': ', 1)[1]} (the fraction of the "
-                                            "dense model's latency to keep, e.g. 0.5)") from None
-    try:
-        int_in(cfg, "latency_checks", 0, 100)
-    except ConfigError as exc:
-        raise ConfigError("latency_checks", f"--latency-checks {str(exc).split(': ', 1)[1]} (measurements of the "
-                                            "final plan; 0 turns the check off)") from None
+    naming_flag("latency_target", "--latency-target", "the fraction of the dense model's latency to keep, e.g. 0.5",
+                lambda: float_in(cfg, "latency_target", 0.0, 1.0, low_open=True, high_open=True))
+    naming_flag("latency_checks", "--latency-checks", "measurements of the final plan; 0 turns the check off",
+                lambda: int_in(cfg, "latency_checks", 0, 100))
     backends = latency_backends()
     if cfg.latency_backend not in backends:
         raise ConfigError("latency_backend", f"unknown --latency-backend {cfg.latency_backend!r}; choose one of "
