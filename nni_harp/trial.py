@@ -169,14 +169,15 @@ def final_result(report: Any, params: Mapping[str, Any], seconds: float) -> dict
     }
 
 
-def _default_output_dir() -> Path:
-    """The trial's own folder: NNI's ``NNI_OUTPUT_DIR`` in an experiment, else a fresh temp dir."""
+def _default_output_dir() -> tuple[Path, bool]:
+    """The trial's own folder: NNI's ``NNI_OUTPUT_DIR`` in an experiment, else a fresh temp dir;
+    and whether it was made just now (the temp dir: empty, nothing of the user's)."""
     base = os.environ.get("NNI_OUTPUT_DIR")
     if base:
-        return Path(base) / "nni-harp"
+        return Path(base) / "nni-harp", False
     import tempfile
 
-    return Path(tempfile.mkdtemp(prefix="nni-harp-trial-"))
+    return Path(tempfile.mkdtemp(prefix="nni-harp-trial-")), True
 
 
 def run_trial(params: Mapping[str, Any], report: Any = None, output_dir: str | os.PathLike[str] | None = None,
@@ -189,8 +190,7 @@ def run_trial(params: Mapping[str, Any], report: Any = None, output_dir: str | o
     from .pipeline import run
 
     start = time.perf_counter()
-    made = output_dir is None and not os.environ.get("NNI_OUTPUT_DIR")  # a fresh temp dir, made just now
-    out = Path(output_dir) if output_dir is not None else _default_output_dir()
+    out, made = (Path(output_dir), False) if output_dir is not None else _default_output_dir()
     try:
         config = config_for(params, out, resume=resume, overwrite=overwrite)
     except BaseException:
