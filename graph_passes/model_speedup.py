@@ -50,7 +50,8 @@ class ModelSpeedup:
     forward is then checked against the masked model on ``dummy_input``; where it cannot follow
     (a size written into its Python code), a :class:`SpeedupError` names the module, the model is
     left unchanged, and ``speedup_model(inplace=False)`` gives the pruned ``torch.fx.GraphModule``
-    instead (``model`` untouched).
+    instead (``model`` untouched); ``speedup_model(fallback_to_graph=True)`` returns that
+    GraphModule itself in that case, with the reason in :attr:`inplace_error`.
 
     ``masks_or_file``: NNI's ``{module_name: {'weight': mask, 'bias': mask or None}}`` (any
     parameter or buffer name), or the path of one saved with ``torch.save``. ``None`` masks are
@@ -115,11 +116,15 @@ class ModelSpeedup:
         self.groups: list[ChannelGroup] | None = None
         self.plan: PruningPlan | None = None
         self.applied_masks: Masks | None = None
+        self.inplace_error: str | None = None
 
-    def speedup_model(self, inplace: bool = True) -> nn.Module:
+    def speedup_model(self, inplace: bool = True, fallback_to_graph: bool = False) -> nn.Module:
         """Remove the masked channels. ``inplace`` (NNI's behaviour): ``model`` is pruned and
         returned; otherwise a pruned ``torch.fx.GraphModule`` is returned and ``model`` is left
-        alone (nor is ``graph_module`` changed)."""
+        alone (nor is ``graph_module`` changed). ``fallback_to_graph`` (with ``inplace``): where
+        the model's own forward cannot follow the pruning, the model is left alone and the pruned
+        GraphModule returned instead of raising the :class:`SpeedupError`, whose message is kept
+        in :attr:`inplace_error` (None after an in-place speedup)."""
         model, inputs = self.model, self.dummy_input
         was_training = model.training
         source = copy.deepcopy(self.graph_module if self.graph_module is not None else model).eval()
@@ -145,9 +150,18 @@ class ModelSpeedup:
             changed.setdefault(module, set()).update(targets)
         ops = transfer_ops(gm, changed)
         work = source if self.graph_module is None else copy.deepcopy(model).eval()
-        apply_ops(work, ops)
-        ops += eager_ops(work)
-        check_eager(work, gm, inputs, expected)
+        try:
+            apply_ops(work, ops)
+            ops += eager_ops(work)
+            check_eager(work, gm, inputs, expected)
+        except SpeedupError as exc:
+            if not fallback_to_graph:
+                raise
+            self.inplace_error = str(exc)
+            self.logger.info("%s; the pruned GraphModule is returned instead", exc)
+            gm.train(was_training)
+            return gm
+        self.inplace_error = None
         if self.graph_module is not None:
             apply_ops(self.graph_module, ops, missing_ok=True)
             self.graph_module.graph = gm.graph

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from ._atomic import atomic_write_text
 from .dependency import Analysis, Traceable, analysis_for
 from .errors import PlanError
-from .groups import ChannelGroup, keep_from_masks
+from .groups import ChannelGroup, group_masks, keep_from_masks
 from ._masks import bake, masked_copy, normalize_masks
 from .speedup import apply_keep
 from .tracing import as_tuple
@@ -148,12 +148,25 @@ class PruningPlan:
             if masks:
                 bake(analysis.gm, normalize_masks(analysis.gm, masks))
         else:  # a copy of the module with the masks baked in, traced
-            if example_inputs is None:
-                if not self.input_shapes:
-                    raise PlanError("the plan stores no input shape: pass example_inputs")
-                example_inputs = tuple(torch.randn(*s) for s in self.input_shapes)
-            analysis = analysis_for((masked_copy(model, masks) if masks else copy.deepcopy(model)).eval(), example_inputs)
+            analysis = analysis_for((masked_copy(model, masks) if masks else copy.deepcopy(model)).eval(),
+                                    self._inputs(example_inputs))
         return apply_keep(analysis.gm, analysis, self.keep_vectors(analysis.groups))
+
+    def masks(self, model: nn.Module, example_inputs: Any = None) -> dict[str, dict[str, torch.Tensor]]:
+        """NNI-format masks (module path -> tensor name -> 0/1 mask) of the planned channels on every
+        member of their groups in ``model`` (traced on an eval-mode copy). With them
+        ``ModelSpeedup(model, x, plan.masks(model, x)).speedup_model()`` prunes ``model`` itself, in
+        place, where :meth:`apply` returns a new ``GraphModule``."""
+        analysis = analysis_for(copy.deepcopy(model).eval(), self._inputs(example_inputs))
+        return group_masks(analysis.gm, analysis.groups, self.keep_vectors(analysis.groups))
+
+    def _inputs(self, example_inputs: Any) -> Any:
+        """``example_inputs``, or random inputs of the shapes the plan stores."""
+        if example_inputs is not None:
+            return example_inputs
+        if not self.input_shapes:
+            raise PlanError("the plan stores no input shape: pass example_inputs")
+        return tuple(torch.randn(*s) for s in self.input_shapes)
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "kept": {str(k): v for k, v in sorted(self.kept.items())},

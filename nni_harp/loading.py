@@ -22,6 +22,7 @@ __all__ = [
     "META_FILE",
     "MODEL_FILE",
     "PLAN_FILE",
+    "PRUNED_FORMS",
     "LoadError",
     "create_model",
     "load_pruned",
@@ -46,7 +47,12 @@ _META_FIELDS: dict[str, tuple[type, ...]] = {
     "format": (int,), "model": (str,), "num_classes": (int,), "in_chans": (int,), "image_size": (int,),
     "mean": (list,), "std": (list,), "dataset": (str, type(None)), "create_kwargs": (dict, type(None)),
     "mode": (str,), "pruner": (str,), "state_dict": (str,), "plan": (str, type(None)), "norm_stats": (str,),
+    "pruned_form": (str,),
 }
+#: ``pruned_form`` of a structured run: ``module``, the timm model pruned in place (its own class and
+#: forward); ``graph``, the pruned ``torch.fx.GraphModule`` (where the model's own forward cannot
+#: follow the pruning). A folder without the field (older runs) holds the graph form.
+PRUNED_FORMS = ("module", "graph")
 _META_REQUIRED = ("model", "num_classes", "in_chans", "image_size", "mean", "std")
 
 
@@ -142,8 +148,9 @@ def _check_meta(meta: Any, path: Path) -> dict[str, Any]:
                             f"{' or '.join(repr(a) for a in allowed)} there")
     from .pipeline._config_checks import NORM_STATS
 
-    if meta.get("norm_stats", "exact") not in NORM_STATS:
-        raise LoadError(f"{path}: field 'norm_stats' is {meta['norm_stats']!r}, expected one of {', '.join(NORM_STATS)}")
+    for key, allowed, default in (("norm_stats", NORM_STATS, "exact"), ("pruned_form", PRUNED_FORMS, "graph")):
+        if meta.get(key, default) not in allowed:
+            raise LoadError(f"{path}: field {key!r} is {meta[key]!r}, expected one of {', '.join(allowed)}")
     kwargs = meta.get("create_kwargs")
     if kwargs is not None:
         unknown = sorted(set(kwargs) - set(CREATE_KWARGS))
@@ -224,9 +231,11 @@ def load_pruned(model_name: str, out_dir: str | os.PathLike[str], map_location: 
 
     ``model_name`` is the timm name the run used (checked against the folder's metadata). For
     structured runs the saved ``plan.json`` shrinks the freshly built model to the pruned shapes
-    before the weights are loaded; unstructured runs store the zeros in the state dict itself.
-    A run fine-tuned with kept-channel norm statistics (``norm_stats: kept`` in the metadata) has
-    its pruned layer norms swapped for those first (``graph_passes.kept_stats_norms``, with the
+    before the weights are loaded, in the form the run's speedup gave (``pruned_form`` in the
+    metadata): the timm model itself, pruned in place, or a ``torch.fx.GraphModule`` where the
+    model's own forward could not follow the pruning; unstructured runs store the zeros in the
+    state dict itself. A run fine-tuned with kept-channel norm statistics (``norm_stats: kept``)
+    has its pruned layer norms swapped for those first (``graph_passes.kept_stats_norms``, with the
     masks the plan gives), so the plan yields the plain norms the run's speedup gave.
     """
     out = Path(out_dir)
@@ -244,24 +253,22 @@ def load_pruned(model_name: str, out_dir: str | os.PathLike[str], map_location: 
         plan_path = out / plan_name
         if not plan_path.is_file():
             raise LoadError(f"{plan_path} not found (the metadata says the model was pruned structurally)")
-        example = torch.zeros(1, meta["in_chans"], meta["image_size"], meta["image_size"])
+        example = (torch.zeros(1, meta["in_chans"], meta["image_size"], meta["image_size"]),)
         plan = graph_passes.PruningPlan.load(plan_path)
+        in_place = meta.get("pruned_form", "graph") == "module"
+        masks = plan.masks(model, example) if in_place or meta.get("norm_stats") == "kept" else None
         if meta.get("norm_stats") == "kept":
-            _kept_stats_norms(model, plan, example)
-        model = plan.apply(model, (example,))
+            graph_passes.kept_stats_norms(model, masks, example)
+        if not in_place:
+            model = plan.apply(model, example)
+        else:
+            try:
+                model = graph_passes.ModelSpeedup(model, example, masks).speedup_model()
+            except graph_passes.SpeedupError as exc:
+                raise LoadError(f"{plan_path} cannot be applied to {model_name} in place as the run did ({exc}); "
+                                "was the folder written with another version of timm?") from exc
     weights = out / meta.get("state_dict", MODEL_FILE)
     load_weights(model, read_state(weights), source=str(weights))
     model.to(map_location)
     return model.eval()
 
-
-def _kept_stats_norms(model: nn.Module, plan: Any, example: torch.Tensor) -> None:
-    """Swap the layer norms whose channels ``plan`` removes for norms over the kept channels, as the
-    fine-tune stage did (``graph_passes.kept_stats_norms`` with the masks of the plan's keep vectors)."""
-    import copy
-
-    import graph_passes
-
-    analysis = graph_passes.analysis_for(copy.deepcopy(model).eval(), (example,))
-    masks = graph_passes.group_masks(analysis.gm, analysis.groups, plan.keep_vectors(analysis.groups))
-    graph_passes.kept_stats_norms(model, masks, analysis=analysis)

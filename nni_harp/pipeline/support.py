@@ -3,8 +3,9 @@
 The check builds the model with random weights, wrapped the way the pipeline wraps it, and runs
 the structured path at a small input: one trace and its channel analysis
 (``graph_passes.analysis_for``), then the removal of half the channels of every prunable group
-with ``graph_passes.ModelSpeedup`` on that trace, then a comparison of the shrunk model's outputs
-with the masked model's and a FLOP count of the shrunk model. Unstructured pruning needs none of
+with ``graph_passes.ModelSpeedup`` on that trace (in place where the model's own forward follows,
+as a run's speedup stage does, else as a ``torch.fx.GraphModule``: the check says which), then a
+comparison of the shrunk model's outputs with the masked model's and a FLOP count of the shrunk model. Unstructured pruning needs none of
 this, so a model that fails here can still be pruned with ``--mode unstructured``.
 """
 from __future__ import annotations
@@ -26,10 +27,12 @@ class ModelSupport:
     prunable_groups: int
     groups: int
     reason: str | None = None  # why not (None with ok=False: no prunable group)
+    in_place: bool | None = None  # ok: the model itself was pruned (else the pruned GraphModule stands in)
 
     def describe(self) -> str:
         if self.ok:
-            return f"ok ({self.prunable_groups}/{self.groups} channel groups prunable)"
+            form = "pruned in place" if self.in_place else "pruned as a torch.fx.GraphModule"
+            return f"ok ({self.prunable_groups}/{self.groups} channel groups prunable; {form})"
         if self.reason is None:
             return "unstructured only (no prunable channel group)"
         return f"unsupported: {self.reason}"
@@ -64,7 +67,7 @@ def check_model(name: str, image_size: int = 32, num_classes: int = 10) -> Model
         masks = graph_passes.group_masks(model, groups, keep)
         masked = graph_passes.masked_copy(model, masks)
         speedup = graph_passes.ModelSpeedup(model, x[:1], masks, graph_module=analysis)
-        small = speedup.speedup_model(inplace=False).eval()
+        small = speedup.speedup_model(fallback_to_graph=True).eval()
         step = "compare outputs"
         with torch.no_grad():
             ref, got = masked(x), small(x)
@@ -78,4 +81,4 @@ def check_model(name: str, image_size: int = 32, num_classes: int = 10) -> Model
         reason = _short(step, exc)
         logger.info("%s: %s", name, reason)
         return ModelSupport(name, False, 0, 0, reason)
-    return ModelSupport(name, True, len(prunable), len(groups))
+    return ModelSupport(name, True, len(prunable), len(groups), in_place=speedup.inplace_error is None)

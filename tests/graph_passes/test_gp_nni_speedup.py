@@ -180,6 +180,27 @@ def test_a_forward_that_bakes_in_a_size_raises_naming_the_module_and_leaves_the_
     assert_same(outputs(pruned, x), outputs(gp.masked_copy(model, masks), x))
 
 
+def test_fallback_to_graph_returns_the_pruned_graph_where_the_forward_cannot_follow_and_the_model_where_it_can():
+    torch.manual_seed(0)
+    model, x = Baked().eval(), torch.randn(2, 3, 4, 4)
+    before = copy.deepcopy(model.state_dict())
+    masks = {"body.conv": {"weight": _first_rows(model.body.conv.weight, 3), "bias": _first_rows(model.body.conv.bias, 3)}}
+    speedup = gp.ModelSpeedup(model, x, masks)
+    pruned = speedup.speedup_model(fallback_to_graph=True)
+    assert isinstance(pruned, fx.GraphModule) and pruned.body.conv.out_channels == 5
+    assert "module 'body' (Body) computes differently" in speedup.inplace_error
+    assert model.body.conv.out_channels == 8 and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_same(outputs(pruned, x), outputs(gp.masked_copy(model, masks), x))
+
+    plain = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()
+    masks = {"0": {"weight": _first_rows(plain[0].weight, 3), "bias": _first_rows(plain[0].bias, 3)}}
+    expected = outputs(gp.masked_copy(plain, masks), x)
+    speedup = gp.ModelSpeedup(plain, x, masks)
+    assert speedup.speedup_model(fallback_to_graph=True) is plain and speedup.inplace_error is None
+    assert plain[0].out_channels == 5 and plain[2].in_channels == 5
+    assert_same(outputs(plain, x), expected)
+
+
 class OwnNorm(nn.Module):
     """A layer norm written with F.layer_norm: the graph gets exact statistics, this forward not."""
 

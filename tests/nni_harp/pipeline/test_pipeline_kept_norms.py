@@ -58,6 +58,7 @@ def test_a_kept_statistics_run_ends_with_plain_layer_norms_equal_to_the_fine_tun
     assert report["checks"]["speedup_max_abs_diff"] < 1e-4
     assert read_meta(kept)["norm_stats"] == "kept"
     pruned = load_pruned("test_vit", kept)
+    assert read_meta(kept)["pruned_form"] == "module" and type(pruned.model).__name__ == "VisionTransformer"
     norms = _norms(pruned)
     assert norms and set(norms.values()) == {nn.LayerNorm}, norms
     width = pruned.get_submodule("model.blocks.0.norm1").normalized_shape[0]

@@ -1,6 +1,8 @@
 """load_pruned rebuilds a pruned model from its timm name and an output folder."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -46,19 +48,44 @@ def test_unstructured_round_trip(tmp_path):
     assert not loaded.training
 
 
-def test_structured_round_trip_through_plan(tmp_path):
+def _structured(tmp_path):
+    """test_resnet, a batch, masks removing every third channel of each prunable group, and their
+    plan saved in ``tmp_path``."""
     model, _ = _model()
     x = torch.rand(4, 3, 32, 32)
     groups = graph_passes.channel_groups(model, (x[:1],))
     keep = {g.id: torch.arange(g.size) % 3 != 0 for g in groups if g.prunable}
     masks = graph_passes.group_masks(model, groups, keep)
+    plan = graph_passes.PruningPlan.from_masks(model, (x[:1],), masks)
+    plan.save(tmp_path / "plan.json")
+    return model, x, masks, plan
+
+
+def test_structured_round_trip_through_plan(tmp_path):
+    model, x, masks, _ = _structured(tmp_path)
     small = graph_passes.ModelSpeedup(model, x[:1], masks).speedup_model(inplace=False).eval()
-    graph_passes.PruningPlan.from_masks(model, (x[:1],), masks).save(tmp_path / "plan.json")
     atomic_save(small.state_dict(), tmp_path / "model.pt")
     write_meta(tmp_path, _meta("plan.json"))
     loaded = load_pruned("test_resnet", tmp_path)
     assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in model.parameters())
     torch.testing.assert_close(loaded(x), small(x))
+    assert isinstance(loaded, torch.fx.GraphModule)  # a folder without 'pruned_form' (older runs): the graph form
+
+
+def test_structured_round_trip_in_place_gives_the_timm_model_back(tmp_path):
+    model, x, masks, plan = _structured(tmp_path)
+    small = graph_passes.ModelSpeedup(model, x[:1], masks).speedup_model().eval()  # `model` itself, pruned
+    assert small is model
+    atomic_save(small.state_dict(), tmp_path / "model.pt")
+    write_meta(tmp_path, {**_meta("plan.json"), "pruned_form": "module"})
+    loaded = load_pruned("test_resnet", tmp_path)
+    assert type(loaded.model) is type(small.model) and not isinstance(loaded, torch.fx.GraphModule)
+    assert [tuple(p.shape) for p in loaded.parameters()] == [tuple(p.shape) for p in small.parameters()]
+    torch.testing.assert_close(loaded(x), small(x))
+    # the plan's masks cover every member of each group: the same channels as the masks it was made from
+    fresh, _ = _model()
+    again = graph_passes.ModelSpeedup(fresh, x[:1], plan.masks(fresh, (x[:1],))).speedup_model()
+    assert [tuple(p.shape) for p in again.parameters()] == [tuple(p.shape) for p in small.parameters()]
 
 
 def test_wrong_name_or_folder_is_a_clear_error(tmp_path):
@@ -99,8 +126,9 @@ def _unstructured_folder(tmp_path, **meta_changes):
     ({"num_classes": "10"}, ["field 'num_classes' must be int, got '10'"]),
     ({"mean": [0.3]}, ["field 'mean' must hold 3 numbers"]),
     ({"norm_stats": "fast"}, ["field 'norm_stats' is 'fast', expected one of kept, exact"]),
+    ({"pruned_form": "pickle"}, ["field 'pruned_form' is 'pickle', expected one of module, graph"]),
 ], ids=["checkpoint_path", "cfg-overlay", "pretrained", "num-classes", "state-dict-path", "plan-path", "unknown",
-        "type", "mean", "norm-stats"])
+        "type", "mean", "norm-stats", "pruned-form"])
 def test_tampered_model_meta_is_refused_naming_the_file_and_field(tmp_path, change, fragments):
     _unstructured_folder(tmp_path, **change)
     with pytest.raises(LoadError) as info:
@@ -149,3 +177,23 @@ def test_evaluate_on_a_tampered_plan_names_plan_json_and_exits_2(tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert f"{plan}" in err and "field 'kept' names group '-2', which does not exist" in err
+
+
+def test_a_model_whose_forward_cannot_be_pruned_in_place_is_saved_and_loaded_as_the_pruned_graph(tmp_path, monkeypatch):
+    import graph_passes.model_speedup as speedup_module
+    from nni_harp.pipeline import PipelineConfig, run
+
+    def refuse(work, gm, inputs, expected):  # what check_eager raises for a forward that keeps a size in Python
+        raise graph_passes.SpeedupError("cannot prune ResNet in place: module 'fc' (Linear) fails")
+
+    monkeypatch.setattr(speedup_module, "check_eager", refuse)
+    out = tmp_path / "run"
+    run(PipelineConfig(model="test_resnet", mode="structured", flops_target=0.5, output_dir=str(out), pretrain_epochs=1,
+                       prune_epochs=1, finetune_epochs=1, batch_size=16, max_train_batches=2, attack_steps=1,
+                       eval_samples=4, eval_attack_steps=1, autoattack="off", latency_runs=1, export_onnx=False, seed=0))
+    assert read_meta(out)["pruned_form"] == "graph"
+    monkeypatch.undo()
+    loaded = load_pruned("test_resnet", out)
+    assert isinstance(loaded, torch.fx.GraphModule)
+    report = json.loads((out / "report.json").read_text())
+    assert sum(p.numel() for p in loaded.parameters()) == report["pruned"]["params"] < report["dense"]["params"]

@@ -10,8 +10,20 @@ from nni_harp.pipeline.support import check_model
 
 def test_supported_model_is_ok():
     status = check_model("test_resnet")
-    assert status.ok and 0 < status.prunable_groups <= status.groups
-    assert status.describe().startswith("ok (")
+    assert status.ok and 0 < status.prunable_groups <= status.groups and status.in_place
+    assert status.describe() == f"ok ({status.prunable_groups}/{status.groups} channel groups prunable; pruned in place)"
+
+
+def test_a_model_pruned_as_a_graph_says_so(monkeypatch):
+    import graph_passes.model_speedup as speedup_module
+
+    def refuse(work, gm, inputs, expected):  # what check_eager raises for a forward that keeps a size in Python
+        raise graph_passes.SpeedupError("cannot prune ResNet in place: module 'fc' (Linear) fails")
+
+    monkeypatch.setattr(speedup_module, "check_eager", refuse)
+    status = check_model("test_resnet")
+    assert status.ok and status.in_place is False
+    assert status.describe().endswith("; pruned as a torch.fx.GraphModule)")
 
 
 def test_failing_speedup_is_marked_with_its_reason(monkeypatch):
