@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_write_text, safe_load
+from ._shrink import shrink
 
 __all__ = [
     "META_FILE",
@@ -263,7 +264,7 @@ def load_pruned(model_name: str, out_dir: str | os.PathLike[str], map_location: 
             model = plan.apply(model, example)
         else:
             try:
-                model = graph_passes.ModelSpeedup(model, example, masks).speedup_model()
+                model = shrink(model, example, masks)[0]
             except graph_passes.SpeedupError as exc:
                 raise LoadError(f"{plan_path} cannot be applied to {model_name} in place as the run did ({exc}); "
                                 "was the folder written with another version of timm?") from exc

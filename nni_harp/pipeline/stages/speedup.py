@@ -4,9 +4,9 @@ the pruned weights and ``model_meta.json`` are written, so that :func:`nni_harp.
 rebuild the model.
 
 The model is pruned in place where its own forward follows the pruning (checked against the
-pruned graph): it stays the timm model, with its class, methods and Python forward, which at
-small inputs also runs faster than a ``torch.fx.GraphModule`` of the same layers (interpreted
-node by node). Where it cannot, the pruned GraphModule is used (``pruned_form`` in the metadata
+pruned graph): it stays the timm model, with its class, methods (its width attributes follow the
+pruning: :mod:`nni_harp._shrink`) and Python forward, which at small inputs also runs faster than a
+``torch.fx.GraphModule`` of the same layers (interpreted node by node). Where it cannot, the pruned GraphModule is used (``pruned_form`` in the metadata
 and the stage's result say which)."""
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..._io import atomic_save
+from ..._shrink import shrink
 from ...loading import MODEL_FILE, PLAN_FILE, write_meta
 from ..context import Context, stage
 
@@ -76,12 +77,10 @@ def _remove_channels(ctx: Context, model: nn.Module,
     """The shrunk model on the run's device (``model`` itself, pruned in place, or the pruned
     GraphModule), the largest difference of its outputs from the masked model's on the first test
     images, and its form (``'module'`` or ``'graph'``); ``plan.json`` written."""
-    import graph_passes
-
     model = model.cpu().eval()
     masked = copy.deepcopy(model)
-    speedup = graph_passes.ModelSpeedup(model, ctx.example, _plain_masks(masks))
-    small = speedup.speedup_model(fallback_to_graph=True).eval()
+    small, speedup = shrink(model, ctx.example, _plain_masks(masks), fallback_to_graph=True)
+    small.eval()
     form = "graph" if speedup.inplace_error else "module"
     if speedup.inplace_error:
         logger.info("the pruned model is a torch.fx.GraphModule: %s", speedup.inplace_error)

@@ -186,7 +186,8 @@ def test_structured_prune_end_to_end(tmp_path, capsys):
     # pruned in place: the timm model itself (its class and methods), as the run's speedup left it
     assert json.loads((out / "model_meta.json").read_text())["pruned_form"] == "module"
     assert type(model.model).__name__ == "ResNet" and not isinstance(model, torch.fx.GraphModule)
-    assert model.model.forward_features(torch.rand(1, 3, 32, 32)).shape[1] == model.model.fc.in_features
+    assert model.model.forward_features(torch.rand(1, 3, 32, 32)).shape[1] == model.model.fc.in_features \
+        == model.model.num_features  # the width attribute reset_classifier reads follows the pruning
     x = torch.rand(2, 3, 32, 32)
     import onnxruntime as ort
 
