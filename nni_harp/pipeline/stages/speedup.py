@@ -5,9 +5,10 @@ rebuild the model.
 
 The model is pruned in place where its own forward follows the pruning (checked against the
 pruned graph): it stays the timm model, with its class, methods (its width attributes follow the
-pruning: :mod:`nni_harp._shrink`) and Python forward, which at small inputs also runs faster than a
-``torch.fx.GraphModule`` of the same layers (interpreted node by node). Where it cannot, the pruned GraphModule is used (``pruned_form`` in the metadata
-and the stage's result say which)."""
+pruning: :mod:`nni_harp._shrink`) and Python forward, which at small inputs also runs faster than
+a ``torch.fx.GraphModule`` of the same layers (interpreted node by node). Where it cannot, the
+pruned GraphModule is used (``pruned_form`` in the metadata and the stage's result say which; the
+reason is logged by ``graph_passes``)."""
 from __future__ import annotations
 
 import copy
@@ -34,8 +35,7 @@ def model_meta(ctx: Context, plan: str | None, norm_stats: str = "exact", form: 
     the kept channels, as the fine-tuned one did; ``form``: ``pruned_form``, for a plan; see
     :func:`nni_harp.loading.load_pruned`)."""
     info = ctx.info
-    form_field = {} if form is None else {"pruned_form": form}
-    return {**form_field,
+    meta = {
         "model": ctx.config.model,
         "num_classes": info.num_classes,
         "in_chans": info.in_chans,
@@ -50,6 +50,9 @@ def model_meta(ctx: Context, plan: str | None, norm_stats: str = "exact", form: 
         "plan": plan,
         "norm_stats": norm_stats,
     }
+    if form is not None:
+        meta["pruned_form"] = form
+    return meta
 
 
 def stage_speedup(ctx: Context, model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]]) -> nn.Module:
@@ -82,8 +85,6 @@ def _remove_channels(ctx: Context, model: nn.Module,
     small, speedup = shrink(model, ctx.example, _plain_masks(masks), fallback_to_graph=True)
     small.eval()
     form = "graph" if speedup.inplace_error else "module"
-    if speedup.inplace_error:
-        logger.info("the pruned model is a torch.fx.GraphModule: %s", speedup.inplace_error)
     batch = torch.stack([ctx.test_ds[i][0] for i in range(min(16, len(ctx.test_ds)))])  # type: ignore[arg-type]
     with torch.no_grad():
         ref, got = masked(batch), small(batch)
