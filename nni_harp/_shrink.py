@@ -64,7 +64,9 @@ def _widths(net: nn.Module, example: Any) -> dict[str, Any]:
 
 
 def _feature_dims(net: nn.Module, example: Any, width: int | None) -> tuple[int, ...] | None:
-    """The shape of ``forward_features``' output (eval mode, no gradient), or None where it is not one tensor."""
+    """The shape of ``forward_features``' output (eval mode, no gradient), or None where it is not one
+    tensor or cannot be computed on ``example`` (the widths are then left as they are: the speedup
+    itself does not depend on them)."""
     if not hasattr(net, "forward_features") or width is None:
         return None
     was_training = net.training
@@ -72,6 +74,8 @@ def _feature_dims(net: nn.Module, example: Any, width: int | None) -> tuple[int,
     try:
         with torch.no_grad():
             out = net.forward_features(*(example if isinstance(example, tuple) else (example,)))
+    except Exception:  # noqa: BLE001 - a forward_features that needs other inputs: no feature width to follow
+        return None
     finally:
         net.train(was_training)
     return tuple(out.shape) if isinstance(out, torch.Tensor) else None

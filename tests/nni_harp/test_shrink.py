@@ -67,3 +67,22 @@ def test_attributes_that_do_not_name_the_width_are_left_alone():
     assert pruned is net and net.fc.in_features == 5
     assert net.num_features == 7  # it never named the width of 8
     assert net.head_hidden_size == 5  # the classifier's input width, followed
+
+
+class _OddFeatures(_Net):
+    def forward_features(self, x, extra):  # timm's name, another signature: no width to read
+        return self.conv(x) + extra
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_a_forward_features_that_cannot_run_leaves_the_feature_widths_and_still_prunes():
+    torch.manual_seed(0)
+    net, x = _OddFeatures().eval(), torch.rand(1, 3, 4, 4)
+    net.num_features = 8
+    mask = torch.ones(8)
+    mask[:3] = 0
+    pruned, speedup = shrink(net, x, {"conv": {"weight": mask.view(8, 1, 1, 1).expand(8, 3, 1, 1), "bias": mask}})
+    assert pruned is net and speedup.inplace_error is None and net.fc.in_features == 5
+    assert net.num_features == 8 and net.head_hidden_size == 5
