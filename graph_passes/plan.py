@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from ._atomic import atomic_write_text
 from .dependency import Analysis, Traceable, analysis_for
@@ -152,12 +152,14 @@ class PruningPlan:
                                     self._inputs(example_inputs))
         return apply_keep(analysis.gm, analysis, self.keep_vectors(analysis.groups))
 
-    def masks(self, model: nn.Module, example_inputs: Any = None) -> dict[str, dict[str, torch.Tensor]]:
+    def masks(self, model: Traceable, example_inputs: Any = None) -> dict[str, dict[str, torch.Tensor]]:
         """NNI-format masks (module path -> tensor name -> 0/1 mask) of the planned channels on every
-        member of their groups in ``model`` (traced on an eval-mode copy). With them
+        member of their groups in ``model`` (a module, traced on an eval-mode copy, or a traced
+        ``GraphModule`` or its :class:`~graph_passes.Analysis`, used as they are). With them
         ``ModelSpeedup(model, x, plan.masks(model, x)).speedup_model()`` prunes ``model`` itself, in
         place, where :meth:`apply` returns a new ``GraphModule``."""
-        analysis = analysis_for(copy.deepcopy(model).eval(), self._inputs(example_inputs))
+        analysis = analysis_for(model) if _given_trace(model) else \
+            analysis_for(copy.deepcopy(model).eval(), self._inputs(example_inputs))
         return group_masks(analysis.gm, analysis.groups, self.keep_vectors(analysis.groups))
 
     def _inputs(self, example_inputs: Any) -> Any:

@@ -7,6 +7,7 @@ the weights: no pickled modules are ever read.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -256,10 +257,12 @@ def load_pruned(model_name: str, out_dir: str | os.PathLike[str], map_location: 
             raise LoadError(f"{plan_path} not found (the metadata says the model was pruned structurally)")
         example = (torch.zeros(1, meta["in_chans"], meta["image_size"], meta["image_size"]),)
         plan = graph_passes.PruningPlan.load(plan_path)
-        in_place = meta.get("pruned_form", "graph") == "module"
-        masks = plan.masks(model, example) if in_place or meta.get("norm_stats") == "kept" else None
-        if meta.get("norm_stats") == "kept":
-            graph_passes.kept_stats_norms(model, masks, example)
+        in_place, kept = meta.get("pruned_form", "graph") == "module", meta.get("norm_stats") == "kept"
+        if in_place or kept:  # one trace serves the plan's masks and the norms' swap
+            analysis = graph_passes.analysis_for(copy.deepcopy(model).eval(), example)
+            masks = plan.masks(analysis)
+            if kept:
+                graph_passes.kept_stats_norms(model, masks, analysis=analysis)
         if not in_place:
             model = plan.apply(model, example)
         else:
